@@ -1,0 +1,281 @@
+"""apply: carry out a Plan. The only stage that writes files, talks to a CA or runs commands.
+
+It executes the plan it is given and never re-decides it. One certificate's failure
+never stops the others; every failure is recorded and makes the pass exit 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from reconciler.atomic import make_parents, sweep_temporaries, write_atomic
+from reconciler.diff import CHMOD, CHOWN, RENEW, RUN_HOOK
+from reconciler.hooks import HookOutcome, run_hook
+from reconciler.issuers import IssueRequest, Issuer, IssuerError
+from reconciler.model import DesiredCert
+from reconciler.plan import CertPlan, Plan
+from reconciler.sans import ordered
+from reconciler.status import StatusStore
+
+log = logging.getLogger("reconciler.apply")
+
+
+@dataclass
+class CertResult:
+    name: str
+    actions: tuple[str, ...]
+    ok: bool
+    error: str | None = None
+    content_changed: bool = False
+    transient: bool = False
+
+
+@dataclass
+class Result:
+    certificates: list[CertResult] = field(default_factory=list)
+    hooks: list[HookOutcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.certificates) and all(h.ok for h in self.hooks)
+
+    @property
+    def changed(self) -> bool:
+        return any(c.actions for c in self.certificates if c.ok)
+
+    def failures(self) -> list[str]:
+        out = [f"{c.name}: {c.error}" for c in self.certificates if not c.ok]
+        out += [f"hook {h.command!r} for {', '.join(h.certificates)} {h.describe()}" for h in self.hooks if not h.ok]
+        return out
+
+
+class DeployError(Exception):
+    pass
+
+
+def _os_error(exc: OSError, what: str, path: Path) -> str:
+    import errno
+
+    hints = {
+        errno.ENOSPC: "the filesystem is full; the old files were left as they were. Free space and run again",
+        errno.EDQUOT: "a disk quota is exhausted; the old files were left as they were",
+        errno.EACCES: "permission denied; run as root or give the reconciler write access to the folder",
+        errno.EPERM: "operation not permitted; run as root (chown needs it)",
+        errno.EROFS: "the filesystem is read-only",
+    }
+    return f"cannot {what} {path}: {exc.strerror or exc}" + (f" ({hints[exc.errno]})" if exc.errno in hints else "")
+
+
+def sweep(plan: Plan) -> list[Path]:
+    """Remove temporary files earlier, killed passes left beside managed files."""
+    folders = {p.cert.cert_path.parent for p in plan.certificates} | {p.cert.key_path.parent for p in plan.certificates}
+    removed: list[Path] = []
+    for folder in sorted(folders):
+        removed += sweep_temporaries(folder)
+    return removed
+
+
+def _request(cert: DesiredCert) -> IssueRequest:
+    return IssueRequest(cert.name, cert.common_name, ordered(cert.sans), cert.duration, cert.cert_type, cert.key)
+
+
+def _current_key(cert: DesiredCert):
+    from reconciler.crypto import load_key
+
+    try:
+        return load_key(cert.key_path.read_bytes())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _check_issued(cert: DesiredCert, key, leaf_pem: bytes) -> None:
+    """Never deploy what we did not ask for: the CA's answer must carry our key and our names."""
+    from cryptography import x509
+
+    from reconciler.crypto import same_public_key
+    from reconciler.observe import Trust, parse_cert
+    from reconciler.sans import renormalise
+
+    try:
+        leaf = x509.load_pem_x509_certificates(leaf_pem)[0]
+    except ValueError:
+        raise IssuerError("the CA returned something that is not a PEM certificate", hint="check the CA's logs") from None
+    if not same_public_key(leaf, key):
+        raise IssuerError("the CA returned a certificate for another key than the one requested", hint="check the CA's logs")
+    facts, err = parse_cert(leaf_pem, Trust.of([], False))
+    if facts is None or renormalise(facts.sans) != cert.sans:
+        got = ", ".join(sorted(facts.sans)) if facts else err
+        raise IssuerError(f"the CA returned a certificate for other SANs ({got}) than requested", hint="check the CA's policy for this provisioner")
+
+
+def deploy(cert_plan: CertPlan, issuer: Issuer) -> CertResult:
+    cert = cert_plan.cert
+    action = cert_plan.content_action
+    names = tuple(a.action for a in cert_plan.actions)
+    try:
+        if action is not None:
+            _deploy_content(cert, action.action, issuer)
+            return CertResult(cert.name, names, True, content_changed=True)
+        for a in cert_plan.actions:
+            if a.action == CHOWN:
+                for path in (cert.cert_path, cert.key_path):
+                    try:
+                        os.chown(path, -1 if cert.uid is None else cert.uid, -1 if cert.gid is None else cert.gid, follow_symlinks=False)
+                    except OSError as exc:
+                        raise DeployError(_os_error(exc, "change the owner of", path)) from None
+            elif a.action == CHMOD:
+                for path, mode in ((cert.cert_path, cert.cert_mode), (cert.key_path, cert.key_mode)):
+                    try:
+                        os.chmod(path, mode)
+                    except OSError as exc:
+                        raise DeployError(_os_error(exc, "change the mode of", path)) from None
+        return CertResult(cert.name, names, True)
+    except IssuerError as exc:
+        return CertResult(cert.name, names, False, str(exc), transient=exc.transient)
+    except DeployError as exc:
+        return CertResult(cert.name, names, False, str(exc))
+
+
+def _deploy_content(cert: DesiredCert, action: str, issuer: Issuer) -> None:
+    from reconciler.crypto import generate_key, key_to_pem
+    from reconciler.observe import key_type_of
+
+    current = _current_key(cert) if (cert.key.rotation == "never" or action == RENEW) else None
+    reuse = cert.key.rotation == "never" and current is not None and key_type_of(current.public_key()) == cert.key.describe()
+    key = current if reuse else generate_key(cert.key)
+    request = _request(cert)
+    if action == RENEW and current is not None:
+        issued = issuer.renew(request, key, cert.cert_path.read_bytes(), current)
+    else:
+        issued = issuer.issue(request, key)
+    _check_issued(cert, key, issued.leaf_pem)
+    body = issued.leaf_pem.rstrip(b"\n") + b"\n"
+    if cert.include_ca and issued.chain_pem:
+        body += issued.chain_pem.rstrip(b"\n") + b"\n"
+    uid, gid = cert.uid, cert.gid
+    # key first, then certificate: a crash in between shows as a key mismatch next pass
+    targets = [] if reuse else [(cert.key_path, key_to_pem(key), cert.key_mode)]
+    targets.append((cert.cert_path, body, cert.cert_mode))
+    if cert.ca_path is not None and issued.root_pem:
+        targets.append((cert.ca_path, issued.root_pem, 0o644))
+    for path, data, mode in targets:
+        try:
+            make_parents(path.parent)
+            write_atomic(path, data, mode, uid, gid)
+        except OSError as exc:
+            raise DeployError(_os_error(exc, "write", path)) from None
+
+
+def apply(
+    plan: Plan,
+    issuer: Issuer,
+    status: StatusStore,
+    workers: int = 4,
+    progress: bool | None = None,
+    after_files: Callable[[], None] | None = None,
+    now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    cwd: Path | None = None,
+) -> Result:
+    result = Result()
+    todo = [p for p in plan.certificates if p.actions and not p.error]
+    for p in plan.errors:
+        result.certificates.append(CertResult(p.cert.name, (), False, p.error))
+    bar = _Progress(len([p for p in todo if p.content_action]), progress)
+    outcomes: dict[str, CertResult] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for res in pool.map(lambda p: (deploy(p, issuer), bar.tick())[0], todo):
+            outcomes[res.name] = res
+            result.certificates.append(res)
+    bar.done()
+    stamp = now().isoformat()
+    for p in todo:
+        res = outcomes[p.cert.name]
+        entry = status.cert(p.cert.name)
+        if res.ok:
+            entry.pop("last_error", None)
+            entry.pop("last_error_at", None)
+            entry["failures"] = 0
+            if res.content_changed:
+                entry["last_issued"] = stamp
+                entry["last_action"] = p.content_action.action
+                entry["hook_pending"] = bool(p.cert.post_renewal_command)
+            log.info("%s: %s (%s)", p.cert.name, ", ".join(res.actions), "; ".join(a.reason for a in p.actions))
+        else:
+            entry["last_error"] = res.error
+            entry["last_error_at"] = stamp
+            entry["failures"] = int(entry.get("failures", 0) or 0) + 1
+            log.error("%s: %s failed: %s", p.cert.name, ", ".join(res.actions), res.error)
+    for p in plan.errors:
+        entry = status.cert(p.cert.name)
+        entry["last_error"], entry["last_error_at"] = p.error, stamp
+        log.error("%s: %s", p.cert.name, p.error)
+    # record "deployed, hook pending" before running anything, so a crash cannot forget it
+    if after_files:
+        after_files()
+
+    by_name = {p.cert.name: p for p in plan.certificates}
+    for hook in plan.hooks:
+        ready = [n for n in hook.certificates if outcomes.get(n) is not None and outcomes[n].ok]
+        if not ready:
+            continue
+        certs = [by_name[n].cert for n in ready]
+        actions = {n: (by_name[n].content_action or by_name[n].actions[0]).action for n in ready}
+        timeout = max(c.hook_timeout for c in certs).total_seconds()
+        outcome = run_hook(hook.command, certs, actions, timeout, cwd)
+        result.hooks.append(outcome)
+        for n in ready:
+            entry = status.cert(n)
+            entry["hook"] = {
+                "command": hook.command,
+                "result": "ok" if outcome.ok else ("timeout" if outcome.timed_out else "failed"),
+                "returncode": outcome.returncode,
+                "at": now().isoformat(),
+                "output_tail": list(outcome.output_tail),
+            }
+            entry["hook_pending"] = not outcome.ok
+            if not outcome.ok:
+                entry["hook_failures"] = int(entry.get("hook_failures", 0) or 0) + 1
+        if outcome.ok:
+            log.info("hook %r for %s succeeded in %.1fs", hook.command, ", ".join(ready), outcome.seconds)
+        else:
+            log.error(
+                "hook %r for %s %s; it will run again on the next pass. Last output: %s",
+                hook.command,
+                ", ".join(ready),
+                outcome.describe(),
+                " | ".join(outcome.output_tail[-3:]) or "(none)",
+            )
+    return result
+
+
+class _Progress:
+    """A one-line progress bar on a TTY when a pass issues many certificates."""
+
+    def __init__(self, total: int, enabled: bool | None):
+        self.total = total
+        self.count = 0
+        self.enabled = (sys.stderr.isatty() if enabled is None else enabled) and total >= 20
+        self._lock = threading.Lock()
+
+    def tick(self) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            self.count += 1
+            if self.count % 10 == 0 or self.count == self.total:
+                width = 30
+                filled = int(width * min(self.count, self.total) / self.total)
+                sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {min(self.count, self.total)}/{self.total} certificates")
+                sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")

@@ -1,0 +1,226 @@
+"""The `reconcile` command line: argument parsing, output and exit codes. No certificate logic."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+SUBCOMMANDS = ("validate", "status", "doctor")
+
+DESCRIPTION = """\
+Make the TLS certificates on this host match certificate-manifest.json.
+
+  reconcile -m MANIFEST            converge once: issue, renew, fix owner/mode, run hooks
+  reconcile -m MANIFEST --plan     show what would change, change nothing
+  reconcile -m MANIFEST --watch    keep converging: on manifest saves, damaged files, deadlines
+  reconcile validate -m MANIFEST   check the manifest only
+  reconcile status -m MANIFEST     one row per certificate: state, expiry, last hook
+  reconcile doctor -m MANIFEST     check the manifest, state folder, CA and targets
+
+Exit codes: 0 success; 1 error (invalid manifest, a failed issuance or hook, after doing
+everything else that could be done); with --detailed-exitcode, 2 = success and changes
+planned (with --plan) or made."""
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
+
+
+def setup_logging(fmt: str, verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger("reconciler")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose or fmt == "json" else logging.WARNING)
+    root.propagate = False
+
+
+def common_options() -> argparse.ArgumentParser:
+    from reconciler.passes import default_state_dir
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("common options")
+    g.add_argument(
+        "-m",
+        "--manifest",
+        default=os.environ.get("RECONCILER_MANIFEST", "certificate-manifest.json"),
+        help="the manifest to reconcile (env RECONCILER_MANIFEST; default ./certificate-manifest.json)",
+    )
+    g.add_argument(
+        "--state-dir",
+        default=os.environ.get("RECONCILER_STATE_DIR") or str(default_state_dir()),
+        help="where the embedded CA, the status store and the lock live (env RECONCILER_STATE_DIR; "
+        "default /var/lib/reconciler as root, $XDG_STATE_HOME/reconciler otherwise; now %(default)s)",
+    )
+    g.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines on stderr as text or JSON")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="log each action (-vv: debug)")
+    s = p.add_argument_group("step-ca issuer (for bare-array manifests; object manifests use their \"issuer\")")
+    env = os.environ.get
+    s.add_argument("--ca-url", default=env("RECONCILER_CA_URL"), help="step-ca URL, e.g. https://ca.internal:9000 (env RECONCILER_CA_URL; falls back to $STEPPATH/config/defaults.json)")
+    s.add_argument("--root", default=env("RECONCILER_ROOT"), help="the CA's root certificate file (env RECONCILER_ROOT)")
+    s.add_argument("--fingerprint", default=env("RECONCILER_FINGERPRINT"), help="SHA-256 fingerprint of the CA's root, instead of --root (env RECONCILER_FINGERPRINT)")
+    s.add_argument("--provisioner", default=env("RECONCILER_PROVISIONER"), help="JWK provisioner name (env RECONCILER_PROVISIONER)")
+    s.add_argument("--password-file", default=env("RECONCILER_PASSWORD_FILE"), help="file holding the provisioner password (env RECONCILER_PASSWORD_FILE)")
+    return p
+
+
+def build_parser(sub: str | None) -> argparse.ArgumentParser:
+    common = common_options()
+    if sub == "validate":
+        return argparse.ArgumentParser(prog="reconcile validate", parents=[common], description="Check the manifest; print `ok: N certificates` or every error. Exit 0 / 1.")
+    if sub == "status":
+        p = argparse.ArgumentParser(prog="reconcile status", parents=[common], description="One row per certificate: state, expiry, SANs, owner/mode, last issued, last hook.")
+        p.add_argument("--output", choices=("text", "json"), default="text")
+        return p
+    if sub == "doctor":
+        return argparse.ArgumentParser(prog="reconcile doctor", parents=[common], description="Check everything a pass needs, one line per check with a hint. Exit 1 if any fails.")
+    p = argparse.ArgumentParser(prog="reconcile", parents=[common], description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", action="store_true", help="print the plan and change nothing (never contacts a CA)")
+    p.add_argument("--output", choices=("text", "json"), default="text", help="plan output format (format_version 1)")
+    p.add_argument("--detailed-exitcode", action="store_true", help="exit 2 when changes were planned (--plan) or made")
+    p.add_argument("--lock-timeout", type=float, default=60.0, metavar="SECONDS", help="wait this long for another pass to finish (default 60)")
+    p.add_argument("--workers", type=int, default=4, help="certificates issued concurrently (default 4)")
+    p.add_argument("--watch", action="store_true", help="keep running: reconcile on manifest saves, damaged files, renewal deadlines")
+    p.add_argument("--resync", default="10m", help="with --watch: full pass at least this often (default 10m)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT", help="with --watch: serve Prometheus metrics on /metrics")
+    p.add_argument("--metrics-file", metavar="PATH", help="write Prometheus textfile-collector metrics after every pass")
+    return p
+
+
+def settings_from(args):
+    from reconciler.passes import IssuerOptions, Settings
+
+    return Settings(
+        manifest=Path(args.manifest),
+        state_dir=Path(args.state_dir),
+        issuer_options=IssuerOptions(args.ca_url, args.root, args.fingerprint, args.provisioner, args.password_file),
+        lock_timeout=getattr(args, "lock_timeout", 60.0),
+        workers=getattr(args, "workers", 4),
+    )
+
+
+def print_manifest_errors(exc) -> None:
+    print(f"error: {exc.manifest} is invalid ({len(exc.issues)} error{'s' if len(exc.issues) != 1 else ''}); nothing was changed:", file=sys.stderr)
+    for issue in exc.issues:
+        print(f"  {issue}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sub = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    args = build_parser(sub).parse_args(argv[1:] if sub else argv)
+    setup_logging(args.log_format, args.verbose)
+    from reconciler.issuers import IssuerError
+    from reconciler.lock import LockTimeout
+    from reconciler.manifest import ManifestError
+
+    try:
+        if sub == "validate":
+            return cmd_validate(args)
+        if sub == "status":
+            return cmd_status(args)
+        if sub == "doctor":
+            from reconciler.doctor import run_doctor
+
+            return run_doctor(settings_from(args))
+        if args.watch:
+            if args.plan:
+                print("error: --plan and --watch do not go together; --plan shows one pass and exits", file=sys.stderr)
+                return EXIT_ERROR
+            from reconciler.loop import run_watch
+
+            return run_watch(settings_from(args), args)
+        return cmd_plan(args) if args.plan else cmd_apply(args)
+    except ManifestError as exc:
+        print_manifest_errors(exc)
+        return EXIT_ERROR
+    except LockTimeout as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except IssuerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_validate(args) -> int:
+    from reconciler.manifest import load
+
+    desired = load(Path(args.manifest))
+    n = len(desired.certificates)
+    print(f"ok: {n} certificate{'s' if n != 1 else ''}")
+    return EXIT_OK
+
+
+def cmd_plan(args) -> int:
+    from reconciler.passes import load_desired, snapshot
+    from reconciler.render import dumps, plan_json, plan_text, use_colour
+    from reconciler.status import read_only
+
+    settings = settings_from(args)
+    desired = load_desired(settings)
+    snap = snapshot(settings, desired, read_only(settings.state_dir).hooks_pending())
+    if args.output == "json":
+        sys.stdout.write(dumps(plan_json(snap.plan)))
+    else:
+        sys.stdout.write(plan_text(snap.plan, use_colour()))
+    if snap.plan.errors:
+        return EXIT_ERROR
+    return EXIT_CHANGES if args.detailed_exitcode and snap.plan.changes else EXIT_OK
+
+
+def cmd_apply(args) -> int:
+    from reconciler.passes import run_pass
+    from reconciler.render import dumps, plan_json, plan_text
+
+    settings = settings_from(args)
+    snap, result = run_pass(settings)
+    if args.output == "json":
+        data = plan_json(snap.plan)
+        data["result"] = {
+            "ok": result.ok,
+            "failures": result.failures(),
+            "hooks": [{"command": h.command, "certificates": list(h.certificates), "ok": h.ok, "result": h.describe()} for h in result.hooks],
+        }
+        sys.stdout.write(dumps(data))
+    elif snap.plan.changes or snap.plan.errors:
+        sys.stdout.write(plan_text(snap.plan).replace("Plan:", "Applied:", 1).replace("Hooks that would run:", "Hooks:", 1))
+    else:
+        sys.stdout.write(plan_text(snap.plan))
+    failures = result.failures()
+    if failures:
+        print(f"error: {len(failures)} of {len(snap.plan.certificates)} certificates or hooks failed; everything else was done:", file=sys.stderr)
+        for line in failures:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_CHANGES if args.detailed_exitcode and result.changed else EXIT_OK
+
+
+def cmd_status(args) -> int:
+    from reconciler.report import status_json, status_rows, status_text
+
+    settings = settings_from(args)
+    rows, manifest_note = status_rows(settings)
+    if args.output == "json":
+        sys.stdout.write(json.dumps(status_json(rows, manifest_note), indent=2) + "\n")
+    else:
+        sys.stdout.write(status_text(rows, manifest_note))
+    return EXIT_OK if manifest_note is None else EXIT_ERROR

@@ -1,0 +1,68 @@
+"""Keys and CSRs: the small amount of cryptography both issuers and `apply` share."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from reconciler.model import KeySpec
+
+CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1}
+
+
+def generate_key(spec: KeySpec):
+    if spec.type == "EC":
+        return ec.generate_private_key(CURVES[spec.curve or "P-256"]())
+    if spec.type == "RSA":
+        return rsa.generate_private_key(public_exponent=65537, key_size=spec.size or 2048)
+    if spec.type == "Ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    raise ValueError(f"unknown key type {spec.type!r}")
+
+
+def key_to_pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def load_key(data: bytes):
+    return serialization.load_pem_private_key(data, password=None)
+
+
+def signing_hash(key):
+    return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+
+
+def general_names(sans) -> list[x509.GeneralName]:
+    """`sans` as plain strings (DNS names and IP addresses) → x509 GeneralNames."""
+    out: list[x509.GeneralName] = []
+    for s in sans:
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(s)))
+        except ValueError:
+            out.append(x509.DNSName(s))
+    return out
+
+
+def extended_key_usage(cert_type: str) -> x509.ExtendedKeyUsage:
+    return x509.ExtendedKeyUsage(
+        [ExtendedKeyUsageOID.CLIENT_AUTH if cert_type == "client" else ExtendedKeyUsageOID.SERVER_AUTH]
+    )
+
+
+def build_csr(common_name: str, sans, key) -> bytes:
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .add_extension(x509.SubjectAlternativeName(general_names(sans)), critical=False)
+        .sign(key, signing_hash(key))
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def same_public_key(a, b) -> bool:
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return a.public_key().public_bytes(*fmt) == b.public_key().public_bytes(*fmt)

@@ -1,0 +1,48 @@
+"""The one duration parser: "90s", "90m", "12h", "2d", "1w", "1h30m"."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_PART = re.compile(r"(\d+)([smhdw])")
+_WHOLE = re.compile(r"^(?:\d+[smhdw])+$")
+
+
+class DurationError(ValueError):
+    pass
+
+
+def parse_duration(text: str) -> timedelta:
+    if not isinstance(text, str) or not _WHOLE.match(text):
+        raise DurationError(
+            f"{text!r} is not a duration; write a number and a unit, e.g. \"90m\", \"12h\", \"2d\" or \"1h30m\""
+        )
+    seconds = sum(int(n) * _UNITS[u] for n, u in _PART.findall(text))
+    if seconds <= 0:
+        raise DurationError(f"{text!r} is zero; a duration must be longer than that")
+    return timedelta(seconds=seconds)
+
+
+def parse_share(text: str) -> float:
+    """"33%" → 0.33; a share of a certificate's lifetime, strictly between 0 and 100 %."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)%", text) if isinstance(text, str) else None
+    if not m or not 0 < float(m.group(1)) < 100:
+        raise DurationError(f"{text!r} is not a share of the lifetime; write e.g. \"33%\" (between 0 and 100)")
+    return float(m.group(1)) / 100
+
+
+def format_duration(delta: timedelta) -> str:
+    """Compact, two most significant units: 3h12m, 2d4h, 45s; negatives get a minus."""
+    total = int(delta.total_seconds())
+    sign = "-" if total < 0 else ""
+    total = abs(total)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if total >= size or (unit == "s" and not parts):
+            parts.append(f"{total // size}{unit}")
+            total %= size
+        if len(parts) == 2:
+            break
+    return sign + "".join(parts)

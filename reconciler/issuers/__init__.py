@@ -1,0 +1,95 @@
+"""The issuer boundary: everything that talks to a CA sits behind `Issuer`.
+
+The planner never imports this package's implementations; `apply` (and `doctor`)
+get an `Issuer` from `make_issuer` and hand it `IssueRequest`s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+
+    from reconciler.model import IssuerSpec, KeySpec
+
+
+class IssuerError(Exception):
+    """A CA could not give us a certificate.
+
+    `str(err)` is one line saying what failed and where; `hint` says what to do.
+    `transient` errors (timeouts, 5xx, connection refused) are worth retrying
+    with backoff; the others need an operator.
+    """
+
+    def __init__(self, message: str, hint: str = "", transient: bool = False):
+        super().__init__(message)
+        self.hint = hint
+        self.transient = transient
+
+    def __str__(self) -> str:  # one line, hint appended
+        base = super().__str__()
+        return f"{base} (hint: {self.hint})" if self.hint else base
+
+
+@dataclass(frozen=True)
+class IssueRequest:
+    """What to ask the CA for. `sans` are normalised and include the common name."""
+
+    name: str
+    common_name: str
+    sans: tuple[str, ...]
+    duration: timedelta
+    cert_type: str  # "server" | "client"
+    key: "KeySpec"
+
+
+@dataclass(frozen=True)
+class Issued:
+    """PEM bytes as the CA returned them: the leaf, the intermediates, the root."""
+
+    leaf_pem: bytes
+    chain_pem: bytes
+    root_pem: bytes
+
+
+class Issuer(Protocol):
+    def issue(self, request: IssueRequest, key: "CertificateIssuerPrivateKeyTypes") -> Issued:
+        """Sign a new certificate for `key` (the CSR is built from request + key)."""
+
+    def renew(
+        self,
+        request: IssueRequest,
+        key: "CertificateIssuerPrivateKeyTypes",
+        current_cert_pem: bytes,
+        current_key: "CertificateIssuerPrivateKeyTypes",
+    ) -> Issued:
+        """Renew a still-valid certificate with unchanged identity.
+
+        May use the current certificate as credentials (step-ca mTLS); falls back
+        to `issue` when the CA refuses. `key` is the key the new certificate
+        must carry (equal to `current_key` when rotation is off)."""
+
+    def trust_roots(self) -> "list[x509.Certificate]":
+        """Roots (and known intermediates) that certificates of this issuer chain to.
+
+        Reads local files only: never creates a CA, never touches the network.
+        An empty list means no certificate can chain to it yet."""
+
+    def close(self) -> None: ...
+
+
+def make_issuer(spec: "IssuerSpec", state_dir: Path) -> Issuer:
+    if spec.type == "local":
+        from reconciler.issuers.local import LocalCA
+
+        return LocalCA(spec.dir if spec.dir else state_dir / "ca")
+    if spec.type == "step-ca":
+        from reconciler.issuers.stepca import StepCA
+
+        return StepCA(spec, state_dir)
+    raise ValueError(f"unknown issuer type {spec.type!r}")

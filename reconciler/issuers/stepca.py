@@ -1,0 +1,1140 @@
+"""Smallstep step-ca as an `Issuer`: JWK provisioner one-time tokens, mTLS renew/rekey.
+
+Everything that crosses the network is here, and every answer is checked before it is
+believed: a certificate must carry the key we asked for, the names we asked for, and
+chain to the root we trust. TLS to the CA is always verified; the only unverified
+request is the one-off `/root/<fingerprint>` download of fingerprint-only bootstrap,
+whose answer is accepted only when its sha256 matches the configured fingerprint.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+from urllib.parse import quote, urlsplit
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from reconciler import sans as sanlib
+from reconciler.issuers import IssueRequest, Issued, IssuerError
+from reconciler.model import IssuerSpec
+
+log = logging.getLogger("reconciler.issuers.stepca")
+
+# step-ca (go.step.sm/crypto) encrypts provisioner keys with 100,000 PBKDF2 rounds;
+# jwcrypto refuses more than 16,384 by default. We lift its cap to exactly what the
+# key needs, never above this, and only while decrypting.
+STEP_PBKDF2_ITERATIONS = 100_000
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 30.0
+TOKEN_LIFETIME = timedelta(minutes=5)
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+_MAX_PROVISIONER_PAGES = 1000
+
+_ENV_OPTIONS = {
+    "url": "RECONCILER_CA_URL",
+    "root": "RECONCILER_ROOT",
+    "fingerprint": "RECONCILER_FINGERPRINT",
+    "provisioner": "RECONCILER_PROVISIONER",
+    "password_file": "RECONCILER_PASSWORD_FILE",
+}
+# keys of $STEPPATH/config/defaults.json, as `step ca bootstrap` writes them
+_DEFAULTS_KEYS = {
+    "url": "ca-url",
+    "root": "root",
+    "fingerprint": "fingerprint",
+    "provisioner": "provisioner",
+    "password_file": "password-file",
+}
+
+# serialises changes to jwcrypto's process-wide PBKDF2 cap
+_PBKDF2_CAP_LOCK = threading.Lock()
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def steppath(env: Mapping[str, str] = os.environ) -> Path:
+    """`$STEPPATH`, or `~/.step` like the step CLI."""
+    if env.get("STEPPATH"):
+        return Path(env["STEPPATH"]).expanduser()
+    home = env.get("HOME")
+    return (Path(home) if home else Path.home()) / ".step"
+
+
+def read_step_defaults(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """`$STEPPATH/config/defaults.json` as a dict; {} when it is absent or unreadable."""
+    path = steppath(env) / "config" / "defaults.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _defaults_value(defaults: Mapping[str, Any], field: str) -> Any:
+    value = defaults.get(_DEFAULTS_KEYS[field])
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = value.strip()
+    if field in ("root", "password_file"):
+        return Path(value).expanduser()
+    return value
+
+
+def resolve_spec(spec: IssuerSpec, env: Mapping[str, str] = os.environ) -> IssuerSpec:
+    """Fill what a step-ca issuer block leaves out from `$STEPPATH/config/defaults.json`.
+
+    The URL comes from `ca-url` when unset. Trust (`root`, `fingerprint`) is taken as a
+    pair, and only when the spec names neither, so a manifest's root is never mixed with
+    the fingerprint of whatever CA `step ca bootstrap` last pointed at. `provisioner` and
+    `password-file` are filled when the file has them (step accepts any flag there).
+    """
+    if spec.type != "step-ca":
+        return spec
+    defaults = read_step_defaults(env)
+    if not defaults:
+        return spec
+    changes: dict[str, Any] = {}
+    if spec.url is None and _defaults_value(defaults, "url"):
+        changes["url"] = _defaults_value(defaults, "url")
+    if spec.root is None and spec.fingerprint is None:
+        for field in ("root", "fingerprint"):
+            if _defaults_value(defaults, field):
+                changes[field] = _defaults_value(defaults, field)
+    for field in ("provisioner", "password_file"):
+        if getattr(spec, field) is None and _defaults_value(defaults, field):
+            changes[field] = _defaults_value(defaults, field)
+    return replace(spec, **changes) if changes else spec
+
+
+def spec_from_options(
+    url: str | None,
+    root: str | Path | None,
+    fingerprint: str | None,
+    provisioner: str | None,
+    password_file: str | Path | None,
+    env: Mapping[str, str] = os.environ,
+) -> IssuerSpec:
+    """The step-ca issuer of a bare-array manifest: flags > `RECONCILER_*` env > defaults.json."""
+    flags = {
+        "url": url,
+        "root": root,
+        "fingerprint": fingerprint,
+        "provisioner": provisioner,
+        "password_file": password_file,
+    }
+    values: dict[str, Any] = {}
+    for field, flag in flags.items():
+        value: Any = flag if flag not in ("", None) else env.get(_ENV_OPTIONS[field]) or None
+        if value is not None and field in ("root", "password_file"):
+            value = Path(value).expanduser()
+        values[field] = value
+    return resolve_spec(IssuerSpec(type="step-ca", **values), env)
+
+
+def normalise_fingerprint(fingerprint: str) -> str:
+    """sha256 hex, lower case, colons and spaces dropped (step prints it both ways)."""
+    fp = fingerprint.strip().lower().replace(":", "").replace(" ", "")
+    if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+        raise IssuerError(
+            f"step-ca root fingerprint {fingerprint!r} is not a sha256 hex digest",
+            hint="copy it from `step certificate fingerprint root_ca.crt` (64 hex digits)",
+        )
+    return fp
+
+
+def fingerprint_of(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _load_pem_certs(data: bytes) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(data)
+
+
+def _spki(public_key) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _same_key(a, b) -> bool:
+    return _spki(a.public_key()) == _spki(b.public_key())
+
+
+def _split_sans(values) -> tuple[list[str], list[str]]:
+    """(DNS names, IP strings); accepts normalised ("IP:10.0.0.1") and plain IP forms."""
+    dns: list[str] = []
+    ips: list[str] = []
+    for value in values:
+        text = value[3:] if value.startswith("IP:") else value
+        try:
+            ips.append(str(ipaddress.ip_address(text.strip("[]"))))
+        except ValueError:
+            dns.append(text)
+    return dns, ips
+
+
+def _normalised_set(values) -> frozenset[str]:
+    dns, ips = _split_sans(values)
+    return frozenset([sanlib.normalise(d) for d in dns] + ["IP:" + i for i in ips])
+
+
+def _cert_sans(cert: x509.Certificate) -> frozenset[str]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return frozenset()
+    names = [n.lower().rstrip(".") for n in ext.get_values_for_type(x509.DNSName)]
+    ips = ["IP:" + str(ip) for ip in ext.get_values_for_type(x509.IPAddress)]
+    return frozenset(names + ips)
+
+
+def _signing_hash(key):
+    if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
+        return None
+    return hashes.SHA256()
+
+
+def _request_names(request: IssueRequest) -> tuple[list[str], list[str]]:
+    """(DNS names, IP strings) of a request, the common name counted in.
+
+    The token's `sans` and the CSR's SANs come from this one list: step-ca insists they
+    match one to one.
+    """
+    dns, ips = _split_sans(request.sans)
+    if _normalised_set([request.common_name]) - _normalised_set(dns + ips):
+        cn_dns, cn_ips = _split_sans([request.common_name])
+        dns, ips = cn_dns + dns, cn_ips + ips
+    return dns, ips
+
+
+def build_csr(request: IssueRequest, key) -> bytes:
+    """PEM CSR: subject CN = common name, SANs = the request's DNS and IP names.
+
+    step-ca takes the names from the token's `sans` claim, not from here; the CSR carries
+    them anyway so that it describes what we ask for.
+    """
+    dns, ips = _request_names(request)
+    names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, request.common_name)])
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    csr = builder.sign(key, _signing_hash(key))
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _walk_causes(exc: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+class _Refused(IssuerError):
+    """The CA answered and said no (4xx, or it rejected our client certificate)."""
+
+
+def _refusal_hint(message: str, status: int) -> str:
+    text = message.lower()
+    if "duration" in text:
+        return "shorten the certificate's duration in the manifest, or raise the provisioner's maxTLSCertDuration in ca.json"
+    if "not allowed" in text or "policy" in text or "san" in text or "dns name" in text or "ip address" in text:
+        return "the provisioner's policy does not allow these names; change the names or the policy in ca.json"
+    if status == 401:
+        return "the CA did not accept the one-time token: check the provisioner, the host's clock, and the CA's log"
+    return "see the step-ca log for the reason"
+
+
+# --------------------------------------------------------------------------- the issuer
+
+
+class StepCA:
+    """One pass's connection to a step-ca. Thread-safe; create one per pass."""
+
+    def __init__(
+        self,
+        spec: IssuerSpec,
+        state_dir: Path,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        max_connections: int = 8,
+    ):
+        self.spec = spec
+        self.state_dir = Path(state_dir)
+        self.cache_dir = self.state_dir / "step-ca"
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        self.url = (spec.url or "").rstrip("/")
+        self._lock = threading.Lock()
+        self._key_lock = threading.Lock()
+        self._root: tuple[x509.Certificate, bytes, Path] | None = None
+        self._client: httpx.Client | None = None
+        self._root_lock = threading.Lock()
+        self._jwk = None  # the decrypted provisioner key (jwcrypto JWK), memory only
+        self._kid: str | None = None
+        self._alg: str | None = None
+        self._seen_intermediates: set[str] = set()
+        parts = urlsplit(self.url) if self.url else None
+        self.host = (parts.hostname or "") if parts else ""
+        self.port = (parts.port or (443 if parts.scheme == "https" else 80)) if parts else 0
+
+    # ---- protocol ---------------------------------------------------------------------------
+
+    def issue(self, request: IssueRequest, key) -> Issued:
+        self._check_configured()
+        root_cert, root_pem, _ = self._trust_root()
+        jwk = self._provisioner_key()
+        token = self._token(jwk, request, root_cert)
+        body = {
+            "csr": build_csr(request, key).decode("ascii"),
+            "ott": token,
+            "notAfter": _rfc3339(datetime.now(timezone.utc) + request.duration),
+        }
+        status, data = self._call("POST", "/1.0/sign", json_body=body, what=f"signing {request.name}")
+        return self._issued(data, request, key, root_cert, root_pem, "POST /1.0/sign")
+
+    def renew(self, request: IssueRequest, key, current_cert_pem: bytes, current_key) -> Issued:
+        self._check_configured()
+        try:
+            return self._renew_mtls(request, key, current_cert_pem, current_key)
+        except _Refused as exc:
+            log.info(
+                "step-ca would not renew %s over mTLS (%s); issuing it with a one-time token instead",
+                request.name,
+                exc.args[0],
+            )
+        return self.issue(request, key)
+
+    def trust_roots(self) -> list[x509.Certificate]:
+        roots: list[x509.Certificate] = []
+        candidates: list[Path] = []
+        if self.spec.root is not None:
+            candidates.append(Path(self.spec.root))
+        elif self.spec.fingerprint:
+            with contextlib.suppress(IssuerError):
+                candidates.append(self._cached_root_path(normalise_fingerprint(self.spec.fingerprint)))
+        for path in candidates:
+            try:
+                certs = _load_pem_certs(path.read_bytes())
+            except (OSError, ValueError):
+                continue
+            if self.spec.fingerprint and self.spec.root is None:
+                want = normalise_fingerprint(self.spec.fingerprint)
+                certs = [c for c in certs if fingerprint_of(c) == want]
+            roots.extend(certs[:1])
+        if not roots:
+            return []
+        known = list(roots)
+        pending = self._cached_intermediates()
+        # keep only intermediates that chain to a root we return: a stale cache from
+        # another CA must not make foreign certificates look like ours
+        progress = True
+        while pending and progress:
+            progress = False
+            for cert in list(pending):
+                if any(_issued_by(cert, parent) for parent in known):
+                    known.append(cert)
+                    pending.remove(cert)
+                    progress = True
+        return known
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+        self._jwk = None
+
+    def __enter__(self) -> "StepCA":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- configuration and trust --------------------------------------------------------------
+
+    @property
+    def hostport(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _check_configured(self) -> None:
+        if not self.url:
+            raise IssuerError(
+                "step-ca issuer has no URL",
+                hint='set issuer.url (e.g. "https://ca.internal:9000"), --ca-url, RECONCILER_CA_URL, or run `step ca bootstrap`',
+            )
+        if urlsplit(self.url).scheme != "https":
+            raise IssuerError(
+                f"step-ca URL {self.url} is not https",
+                hint="step-ca only speaks HTTPS; write the URL as https://host:port",
+            )
+        if not self.spec.provisioner:
+            raise IssuerError(
+                f"no provisioner set for step-ca at {self.url}",
+                hint="set issuer.provisioner (--provisioner, RECONCILER_PROVISIONER) to the name of a JWK provisioner",
+            )
+
+    def _cached_root_path(self, fp: str) -> Path:
+        return self.cache_dir / f"root-{fp}.crt"
+
+    def _root_description(self) -> str:
+        if self.spec.root is not None:
+            return str(self.spec.root)
+        if self.spec.fingerprint:
+            with contextlib.suppress(IssuerError):
+                return str(self._cached_root_path(normalise_fingerprint(self.spec.fingerprint)))
+        return "(none)"
+
+    def _trust_root(self) -> tuple[x509.Certificate, bytes, Path]:
+        with self._root_lock:
+            if self._root is None:
+                self._root = self._load_trust_root()
+            return self._root
+
+    def _load_trust_root(self) -> tuple[x509.Certificate, bytes, Path]:
+        want = normalise_fingerprint(self.spec.fingerprint) if self.spec.fingerprint else None
+        if self.spec.root is not None:
+            path = Path(self.spec.root)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise IssuerError(
+                    f"step-ca root certificate {path} cannot be read: {exc.strerror or exc}",
+                    hint="fetch it with `step ca root " + str(path) + "` or fix issuer.root",
+                ) from None
+            try:
+                cert = _load_pem_certs(data)[0]
+            except (ValueError, IndexError):
+                raise IssuerError(
+                    f"step-ca root certificate {path} is not a PEM certificate",
+                    hint="it should start with -----BEGIN CERTIFICATE-----; fetch it with `step ca root`",
+                ) from None
+            if want and fingerprint_of(cert) != want:
+                raise IssuerError(
+                    f"step-ca root certificate {path} has fingerprint {fingerprint_of(cert)}, not the configured {want}",
+                    hint="the root file and the fingerprint belong to different CAs; fix one of them",
+                )
+            return cert, cert.public_bytes(serialization.Encoding.PEM), path
+        if want:
+            return self._bootstrap_root(want)
+        raise IssuerError(
+            f"no trust configured for step-ca at {self.url}: neither a root file nor a fingerprint",
+            hint="set issuer.root to the CA's root certificate, or issuer.fingerprint to its sha256 "
+            "(`step certificate fingerprint root_ca.crt`)",
+        )
+
+    def _bootstrap_root(self, fp: str) -> tuple[x509.Certificate, bytes, Path]:
+        path = self._cached_root_path(fp)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            cert = _load_pem_certs(path.read_bytes())[0]
+            if fingerprint_of(cert) == fp:
+                return cert, cert.public_bytes(serialization.Encoding.PEM), path
+        # The one request that is not verified: what it returns is only believed when its
+        # sha256 is the fingerprint the operator gave us (what `step ca bootstrap` does).
+        url = f"{self.url}/root/{fp}"
+        with httpx.Client(verify=False, timeout=self._timeout(), trust_env=False) as client:
+            status, data = self._call("GET", f"/root/{fp}", client=client, what="downloading the root")
+        pem = data.get("ca") if isinstance(data, dict) else None
+        try:
+            cert = _load_pem_certs(pem.encode("ascii"))[0]  # type: ignore[union-attr]
+        except (AttributeError, ValueError, IndexError, UnicodeEncodeError):
+            raise IssuerError(
+                f"step-ca at {url} did not return a root certificate",
+                hint="check that issuer.url points at step-ca",
+            ) from None
+        got = fingerprint_of(cert)
+        if got != fp:
+            raise IssuerError(
+                f"root downloaded from {url} has fingerprint {got}, not the configured {fp}",
+                hint="the fingerprint does not belong to this CA (or someone is in the middle); "
+                "check issuer.fingerprint against `step certificate fingerprint root_ca.crt` on the CA",
+            )
+        pem_bytes = cert.public_bytes(serialization.Encoding.PEM)
+        try:
+            _atomic_write(path, pem_bytes, 0o644)
+        except OSError as exc:
+            log.warning("could not cache the step-ca root in %s: %s", path, exc)
+        log.info("bootstrapped trust in step-ca at %s: root %s saved to %s", self.url, fp, path)
+        return cert, pem_bytes, path
+
+    def _ssl_context(self, client_chain: tuple[bytes, bytes] | None = None) -> ssl.SSLContext:
+        _, root_pem, _ = self._trust_root()
+        ctx = ssl.create_default_context(cadata=root_pem.decode("ascii"))
+        if client_chain is not None:
+            cert_pem, key_pem = client_chain
+            # ssl only loads client credentials from files: a private 0700 folder, a 0600
+            # file, deleted as soon as OpenSSL has read it
+            tmpdir = tempfile.mkdtemp(prefix="reconciler-mtls-")
+            try:
+                cred = Path(tmpdir) / "client.pem"
+                fd = os.open(cred, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(key_pem + b"\n" + cert_pem)
+                ctx.load_cert_chain(str(cred))
+            finally:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+        return ctx
+
+    def _timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(
+            connect=self.connect_timeout, read=self.read_timeout, write=self.read_timeout, pool=self.read_timeout
+        )
+
+    def _http(self) -> httpx.Client:
+        if self._client is not None:
+            return self._client
+        ctx = self._ssl_context()
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client(
+                    verify=ctx,
+                    timeout=self._timeout(),
+                    limits=httpx.Limits(max_connections=self.max_connections),
+                    trust_env=False,
+                )
+            return self._client
+
+    # ---- HTTP -------------------------------------------------------------------------------
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: dict | None = None,
+        client: httpx.Client | None = None,
+        what: str,
+    ) -> tuple[int, Any]:
+        """One request with a total deadline; returns (status, parsed JSON) for 2xx."""
+        client = client or self._http()
+        label = f"{method} {path}"
+        deadline = time.monotonic() + self.connect_timeout + self.read_timeout
+        try:
+            with client.stream(method, self.url + path, json=json_body, params=params) as resp:
+                chunks: list[bytes] = []
+                size = 0
+                for chunk in resp.iter_bytes():
+                    size += len(chunk)
+                    if size > MAX_RESPONSE_BYTES:
+                        raise IssuerError(
+                            f"step-ca at {self.url} sent more than {MAX_RESPONSE_BYTES} bytes for {label}",
+                            hint="check that issuer.url points at step-ca",
+                        )
+                    if time.monotonic() > deadline:
+                        raise httpx.ReadTimeout("total deadline passed")
+                    chunks.append(chunk)
+                status = resp.status_code
+                raw = b"".join(chunks)
+        except IssuerError:
+            raise
+        except httpx.HTTPError as exc:
+            raise self._network_error(exc, label, what) from None
+        if status >= 500:
+            raise IssuerError(
+                f"step-ca at {self.url} failed while {what} ({label}: HTTP {status}): {_ca_message(raw)}",
+                hint="a CA-side error; it is retried with backoff; see the step-ca log if it persists",
+                transient=True,
+            )
+        if status >= 400:
+            message = _ca_message(raw)
+            raise _Refused(
+                f"step-ca refused {what} ({label}: HTTP {status}): {message}",
+                hint=_refusal_hint(message, status),
+            )
+        if status >= 300:
+            raise IssuerError(
+                f"step-ca at {self.url} redirected {label} (HTTP {status})",
+                hint="set issuer.url to the CA's own address, not one that redirects",
+            )
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise IssuerError(
+                f"step-ca at {self.url} sent an unreadable answer to {label} (not complete JSON, {len(raw)} bytes)",
+                hint="check that issuer.url points at step-ca and nothing in between rewrites its answers",
+            ) from None
+        return status, data
+
+    def _network_error(self, exc: httpx.HTTPError, label: str, what: str) -> IssuerError:
+        chain = list(_walk_causes(exc))
+        verify = next((e for e in chain if isinstance(e, ssl.SSLCertVerificationError)), None)
+        if verify is not None:
+            reason = getattr(verify, "verify_message", None) or str(verify)
+            return IssuerError(
+                f"TLS verification of step-ca at {self.hostport} failed against root {self._root_description()}: {reason}",
+                hint="that root (or fingerprint) is not this CA's: fetch the right one with `step ca root`, "
+                "or check issuer.url points at the CA you meant",
+            )
+        tls = next((e for e in chain if isinstance(e, ssl.SSLError)), None)
+        if tls is not None:
+            reason = getattr(tls, "reason", None) or str(tls)
+            return _Refused(
+                f"step-ca at {self.hostport} broke off the TLS handshake while {what}: {reason}",
+                hint="the CA did not accept the client certificate (expired, or not issued by it), "
+                "or the port does not speak TLS",
+            )
+        if isinstance(exc, httpx.ConnectTimeout):
+            return IssuerError(
+                f"step-ca at {self.hostport} is unreachable: no connection within {self.connect_timeout:g}s",
+                hint=f"check the CA container/service is running and the firewall allows port {self.port}",
+                transient=True,
+            )
+        if isinstance(exc, httpx.TimeoutException):
+            return IssuerError(
+                f"step-ca at {self.hostport} did not answer {label} within {self.read_timeout:g}s",
+                hint="the CA is overloaded or stuck; this is retried with backoff",
+                transient=True,
+            )
+        if any(isinstance(e, socket.gaierror) for e in chain):
+            return IssuerError(
+                f"step-ca host {self.host} cannot be resolved ({self.hostport})",
+                hint="check the host name in issuer.url and this host's DNS",
+                transient=True,
+            )
+        if any(isinstance(e, ConnectionRefusedError) for e in chain):
+            return IssuerError(
+                f"step-ca at {self.hostport} is unreachable: connection refused",
+                hint=f"check the CA container/service is running and the firewall allows port {self.port}",
+                transient=True,
+            )
+        if isinstance(exc, httpx.ConnectError):
+            return IssuerError(
+                f"step-ca at {self.hostport} is unreachable: {exc}",
+                hint=f"check the CA container/service is running and the firewall allows port {self.port}",
+                transient=True,
+            )
+        return IssuerError(
+            f"connection to step-ca at {self.hostport} broke off during {label}: {exc or type(exc).__name__}",
+            hint="a network or CA hiccup; this is retried with backoff",
+            transient=True,
+        )
+
+    # ---- provisioner key ----------------------------------------------------------------------
+
+    def _provisioners(self) -> list[dict]:
+        found: list[dict] = []
+        cursor = ""
+        seen: set[str] = set()
+        for _ in range(_MAX_PROVISIONER_PAGES):
+            params = {"cursor": cursor} if cursor else None
+            _, data = self._call("GET", "/provisioners", params=params, what="listing provisioners")
+            page = data.get("provisioners") if isinstance(data, dict) else None
+            if not isinstance(page, list):
+                raise IssuerError(
+                    f"step-ca at {self.url} sent a provisioner list without a 'provisioners' array",
+                    hint="check that issuer.url points at step-ca",
+                )
+            found.extend(p for p in page if isinstance(p, dict))
+            cursor = data.get("nextCursor") or ""
+            if not cursor or cursor in seen:
+                break
+            seen.add(cursor)
+        return found
+
+    def _find_provisioner(self) -> dict:
+        name = self.spec.provisioner
+        everything = self._provisioners()
+        named = [p for p in everything if p.get("name") == name]
+        jwk = [p for p in named if p.get("type") == "JWK"]
+        if jwk:
+            return jwk[0]
+        if named:
+            raise IssuerError(
+                f"provisioner '{name}' at {self.url} is of type {named[0].get('type')}, not JWK",
+                hint="the reconciler signs with JWK provisioners; add one with `step ca provisioner add NAME --create`",
+            )
+        listing = ", ".join(f"{p.get('name')} ({p.get('type')})" for p in everything) or "none"
+        raise IssuerError(
+            f"provisioner '{name}' not found at {self.url}; it has: {listing}",
+            hint="set issuer.provisioner to one of those (a JWK one)",
+        )
+
+    def _read_password(self) -> bytes:
+        path = self.spec.password_file
+        if path is None:
+            raise IssuerError(
+                f"no password file set for provisioner '{self.spec.provisioner}'",
+                hint="set issuer.password_file (--password-file, RECONCILER_PASSWORD_FILE) to a 0600 file "
+                "holding the provisioner password",
+            )
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise IssuerError(
+                f"password file {path} cannot be read: {exc.strerror or exc}",
+                hint="create it with the provisioner's password (mode 0600, readable by the reconciler's user) "
+                "or fix issuer.password_file",
+            ) from None
+        password = data.rstrip(b"\r\n")
+        if not password:
+            raise IssuerError(
+                f"password file {path} is empty",
+                hint="write the provisioner's password into it",
+            )
+        return password
+
+    def _provisioner_key(self):
+        """The decrypted JWK, decrypted once per instance on first use."""
+        if self._jwk is not None:
+            return self._jwk
+        with self._key_lock:
+            if self._jwk is None:
+                self._jwk = self._decrypt_provisioner_key()
+            return self._jwk
+
+    def _decrypt_provisioner_key(self):
+        provisioner = self._find_provisioner()
+        name = self.spec.provisioner
+        encrypted = provisioner.get("encryptedKey")
+        if not isinstance(encrypted, str) or not encrypted:
+            raise IssuerError(
+                f"provisioner '{name}' at {self.url} publishes no encrypted key",
+                hint="the JWK provisioner was added without --create; re-add it with an encrypted key",
+            )
+        password = self._read_password()
+        jwk = decrypt_provisioner_key(encrypted, password, name, str(self.spec.password_file))
+        del password
+        public = provisioner.get("key") if isinstance(provisioner.get("key"), dict) else {}
+        kid = public.get("kid")
+        if kid and jwk.get("kid") and jwk.get("kid") != kid:
+            raise IssuerError(
+                f"provisioner '{name}' key id {jwk.get('kid')} does not match its public key {kid}",
+                hint="the CA's configuration is inconsistent; re-create the provisioner",
+            )
+        self._kid = kid or jwk.get("kid")
+        self._alg = public.get("alg") or jwk.get("alg")
+        return jwk
+
+    def _token(self, jwk, request: IssueRequest, root: x509.Certificate) -> str:
+        from jwcrypto import jwt
+
+        now = int(time.time())
+        dns, ips = _request_names(request)
+        names = dns + ips
+        header = {"alg": self._alg or _default_alg(jwk), "kid": self._kid, "typ": "JWT"}
+        claims = {
+            "iss": self.spec.provisioner,
+            "sub": request.common_name,
+            "aud": f"{self.url}/1.0/sign",
+            "sans": names,
+            "sha": fingerprint_of(root),
+            "nbf": now,
+            "iat": now,
+            "exp": now + int(TOKEN_LIFETIME.total_seconds()),
+            "jti": secrets.token_hex(32),
+        }
+        token = jwt.JWT(header=header, claims=claims)
+        token.make_signed_token(jwk)
+        return token.serialize()
+
+    # ---- renew ------------------------------------------------------------------------------
+
+    def _renew_mtls(self, request: IssueRequest, key, current_cert_pem: bytes, current_key) -> Issued:
+        try:
+            chain = _load_pem_certs(current_cert_pem)
+        except ValueError:
+            raise _Refused("the current certificate does not parse") from None
+        leaf = chain[0]
+        if not _same_key(leaf, current_key):
+            raise _Refused("the current key does not belong to the current certificate")
+        if leaf.not_valid_after_utc <= datetime.now(timezone.utc):
+            raise _Refused(f"the current certificate expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}")
+        root_cert, root_pem, _ = self._trust_root()
+        rekey = not _same_key(key, current_key)
+        key_pem = current_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        presented = [c.public_bytes(serialization.Encoding.PEM) for c in chain]
+        if len(chain) == 1:  # help the CA build the path when the file holds the leaf only
+            presented += [
+                c.public_bytes(serialization.Encoding.PEM)
+                for c in self._cached_intermediates()
+                if _issued_by(leaf, c)
+            ]
+        ctx = self._ssl_context((b"".join(presented), key_pem))
+        del key_pem
+        with httpx.Client(verify=ctx, timeout=self._timeout(), trust_env=False) as client:
+            if rekey:
+                body = {"csr": build_csr(request, key).decode("ascii")}
+                _, data = self._call("POST", "/1.0/rekey", json_body=body, client=client, what=f"rekeying {request.name}")
+                label = "POST /1.0/rekey"
+            else:
+                _, data = self._call("POST", "/1.0/renew", client=client, what=f"renewing {request.name}")
+                label = "POST /1.0/renew"
+        return self._issued(data, request, key, root_cert, root_pem, label)
+
+    # ---- answers ----------------------------------------------------------------------------
+
+    def _issued(
+        self, data: Any, request: IssueRequest, key, root: x509.Certificate, root_pem: bytes, label: str
+    ) -> Issued:
+        def bad(why: str, hint: str = "check that issuer.url points at step-ca") -> IssuerError:
+            return IssuerError(f"step-ca at {self.url} answered {label} for {request.name} with {why}", hint=hint)
+
+        if not isinstance(data, dict):
+            raise bad("JSON that is not an object")
+        pems = data.get("certChain")
+        if not isinstance(pems, list) or not pems:
+            pems = [p for p in (data.get("crt"), data.get("ca")) if p]
+        if not pems or not all(isinstance(p, str) for p in pems):
+            raise bad("no certificate in it")
+        try:
+            certs = [c for p in pems for c in _load_pem_certs(p.encode("ascii"))]
+        except (ValueError, UnicodeEncodeError):
+            raise bad("something that is not a PEM certificate") from None
+        if not certs:
+            raise bad("no certificate in it")
+        leaf, intermediates = certs[0], certs[1:]
+        if isinstance(data.get("crt"), str):
+            try:
+                crt = _load_pem_certs(data["crt"].encode("ascii"))[0]
+            except (ValueError, IndexError, UnicodeEncodeError):
+                raise bad("a 'crt' that is not a PEM certificate") from None
+            if crt != leaf:
+                raise bad("a 'crt' that differs from the first certificate of 'certChain'")
+        if _spki(leaf.public_key()) != _spki(key.public_key()):
+            raise bad("a certificate for a different key than the one requested")
+        want = _normalised_set(request.sans) | _normalised_set([request.common_name])
+        got = _cert_sans(leaf)
+        if got != want:
+            shown = lambda s: ", ".join(sorted(sanlib.display(x) for x in s)) or "none"  # noqa: E731
+            raise bad(
+                f"a certificate whose SANs ({shown(got)}) differ from the request ({shown(want)})",
+                hint="a provisioner template or policy changes the names; fix it in the CA's ca.json",
+            )
+        cns = [a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if cns and cns[0] != request.common_name:
+            raise bad(f"a certificate for common name {cns[0]!r}, not {request.common_name!r}")
+        if leaf.not_valid_after_utc <= datetime.now(timezone.utc):
+            raise bad("a certificate that has already expired", hint="check the CA host's clock")
+        # drop a root the CA may append, then check every link up to our root
+        if intermediates and intermediates[-1] == root:
+            intermediates = intermediates[:-1]
+        path = [leaf, *intermediates, root]
+        for child, parent in zip(path, path[1:]):
+            if not _issued_by(child, parent):
+                raise bad(
+                    f"a certificate that does not chain to the root {self._root_description()}",
+                    hint="the CA's intermediate is not signed by that root; check issuer.root/fingerprint",
+                )
+        self._check_usage(leaf, request, bad)
+        self._remember_intermediates(intermediates)
+        chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in intermediates)
+        return Issued(leaf.public_bytes(serialization.Encoding.PEM), chain_pem, root_pem)
+
+    @staticmethod
+    def _check_usage(leaf: x509.Certificate, request: IssueRequest, bad) -> None:
+        try:
+            usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            return  # no EKU: usable for anything
+        need = ExtendedKeyUsageOID.CLIENT_AUTH if request.cert_type == "client" else ExtendedKeyUsageOID.SERVER_AUTH
+        if need not in usages and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages:
+            raise bad(
+                f"a certificate without the {'clientAuth' if request.cert_type == 'client' else 'serverAuth'} "
+                f"extended key usage a {request.cert_type} certificate needs",
+                hint="the provisioner's template sets the key usages; give this certificate a provisioner whose "
+                "template includes it",
+            )
+
+    # ---- intermediates cache ------------------------------------------------------------------
+
+    def _intermediates_dir(self) -> Path:
+        return self.cache_dir / "intermediates"
+
+    def _cached_intermediates(self) -> list[x509.Certificate]:
+        found: list[x509.Certificate] = []
+        folder = self._intermediates_dir()
+        try:
+            entries = sorted(folder.glob("*.crt"))
+        except OSError:
+            return found
+        for entry in entries:
+            with contextlib.suppress(OSError, ValueError):
+                found.extend(_load_pem_certs(entry.read_bytes())[:1])
+        return found
+
+    def _remember_intermediates(self, certs: list[x509.Certificate]) -> None:
+        for cert in certs:
+            fp = fingerprint_of(cert)
+            with self._lock:
+                if fp in self._seen_intermediates:
+                    continue
+                self._seen_intermediates.add(fp)
+            path = self._intermediates_dir() / f"{fp}.crt"
+            if path.exists():
+                continue
+            try:
+                _atomic_write(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            except OSError as exc:
+                log.warning("could not cache step-ca intermediate in %s: %s", path, exc)
+
+
+# --------------------------------------------------------------------------- module helpers
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+        return True
+    except Exception:  # InvalidSignature, unsupported key types
+        return False
+
+
+def _ca_message(raw: bytes) -> str:
+    """The CA's JSON `message`, or a short, printable piece of whatever it sent."""
+    with contextlib.suppress(ValueError):
+        data = json.loads(raw)
+        if isinstance(data, dict) and isinstance(data.get("message"), str):
+            return " ".join(data["message"].split())
+    text = raw[:200].decode("utf-8", "replace")
+    return " ".join(text.split()) or "(empty answer)"
+
+
+def _default_alg(jwk) -> str:
+    kty = jwk.get("kty")
+    if kty == "EC":
+        return {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}.get(jwk.get("crv"), "ES256")
+    if kty == "OKP":
+        return "EdDSA"
+    return "RS256"
+
+
+def _jwe_header(token: str) -> dict:
+    head = token.split(".", 1)[0] if token.lstrip()[:1] != "{" else None
+    if head is None:
+        data = json.loads(token)
+        protected = data.get("protected", "")
+    else:
+        protected = head
+    padded = protected + "=" * (-len(protected) % 4)
+    return json.loads(base64.urlsafe_b64decode(padded))
+
+
+@contextlib.contextmanager
+def _pbkdf2_cap(iterations: int) -> Iterator[None]:
+    """Lift jwcrypto's PBKDF2 cap to `iterations` (bounded) while decrypting."""
+    import jwcrypto.jwa as jwa
+
+    with _PBKDF2_CAP_LOCK:
+        before = jwa.default_max_pbkdf2_iterations
+        jwa.default_max_pbkdf2_iterations = max(before, min(iterations, STEP_PBKDF2_ITERATIONS))
+        try:
+            yield
+        finally:
+            jwa.default_max_pbkdf2_iterations = before
+
+
+def decrypt_provisioner_key(encrypted_key: str, password: bytes, name: str, password_file: str):
+    """Decrypt a step-ca provisioner's `encryptedKey` (JWE, PBES2-HS256+A128KW / A256GCM)."""
+    from jwcrypto import jwe, jwk
+
+    undecryptable = IssuerError(
+        f"provisioner key for '{name}' cannot be decrypted with the password in {password_file}",
+        hint="put the provisioner's password in that file (the one given to `step ca init` or "
+        "`step ca provisioner add`)",
+    )
+    try:
+        header = _jwe_header(encrypted_key)
+        iterations = int(header.get("p2c", 0))
+    except (ValueError, TypeError, AttributeError):
+        raise IssuerError(
+            f"provisioner '{name}' has an encrypted key that is not a JWE",
+            hint="the CA's configuration is damaged; re-create the provisioner",
+        ) from None
+    if iterations > STEP_PBKDF2_ITERATIONS:
+        raise IssuerError(
+            f"provisioner '{name}' key asks for {iterations} PBKDF2 iterations, more than step-ca's {STEP_PBKDF2_ITERATIONS}",
+            hint="refusing an unusual key derivation cost; re-create the provisioner with step",
+        )
+    token = jwe.JWE()
+    token.allowed_algs = ["PBES2-HS256+A128KW", "PBES2-HS384+A192KW", "PBES2-HS512+A256KW", "A256GCM", "A128GCM"]
+    try:
+        with _pbkdf2_cap(iterations):
+            token.deserialize(encrypted_key, key=jwk.JWK.from_password(password.decode("utf-8", "surrogateescape")))
+        payload = token.payload
+    except Exception:  # jwcrypto raises several types for a wrong key; never echo them
+        raise undecryptable from None
+    try:
+        key = jwk.JWK.from_json(payload)
+    except Exception:
+        raise IssuerError(
+            f"provisioner '{name}' encrypted key does not hold a JWK",
+            hint="the CA's configuration is damaged; re-create the provisioner",
+        ) from None
+    if not key.has_private:
+        raise IssuerError(
+            f"provisioner '{name}' encrypted key holds no private key",
+            hint="the CA's configuration is damaged; re-create the provisioner",
+        )
+    return key
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+def doctor_checks(
+    spec: IssuerSpec, state_dir: Path, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+) -> list[tuple[bool, str, str]]:
+    """(ok, what was checked, hint) for `reconcile doctor`, in dependency order.
+
+    A check whose prerequisite failed is not run; the password file is checked regardless.
+    """
+    results: list[tuple[bool, str, str]] = []
+    ca = StepCA(spec, state_dir, connect_timeout=connect_timeout, read_timeout=read_timeout)
+
+    def ok(what: str) -> None:
+        results.append((True, what, ""))
+
+    def fail(what: str, hint: str) -> None:
+        results.append((False, what, hint))
+
+    def password_check() -> bytes | None:
+        try:
+            password = ca._read_password()
+        except IssuerError as exc:
+            fail(exc.args[0], exc.hint)
+            return None
+        ok(f"password file {spec.password_file} is readable")
+        return password
+
+    try:
+        try:
+            ca._check_configured()
+        except IssuerError as exc:
+            fail(exc.args[0], exc.hint)
+            password_check()
+            return results
+        host, port = ca.host, ca.port
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            addresses = sorted({i[4][0] for i in infos})
+            ok(f"DNS: {host} resolves to {', '.join(addresses)}")
+        except OSError as exc:
+            fail(f"DNS: {host} cannot be resolved ({exc})", "check the host name in issuer.url and this host's DNS")
+            password_check()
+            return results
+        try:
+            with socket.create_connection((host, port), timeout=connect_timeout):
+                pass
+            ok(f"TCP: connected to {ca.hostport}")
+        except OSError as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            fail(
+                f"TCP: cannot connect to {ca.hostport} ({reason})",
+                f"check the CA container/service is running and the firewall allows port {port}",
+            )
+            password_check()
+            return results
+        try:
+            ctx = ca._ssl_context()
+            with socket.create_connection((host, port), timeout=connect_timeout) as sock:
+                sock.settimeout(read_timeout)
+                with ctx.wrap_socket(sock, server_hostname=host) as tls:
+                    version = tls.version()
+            ok(f"TLS: {ca.hostport} verified against root {ca._root_description()} ({version})")
+        except IssuerError as exc:
+            fail(f"TLS: {exc.args[0]}", exc.hint)
+            password_check()
+            return results
+        except ssl.SSLCertVerificationError as exc:
+            fail(
+                f"TLS: verification of {ca.hostport} failed against root {ca._root_description()}: "
+                f"{exc.verify_message or exc}",
+                "that root (or fingerprint) is not this CA's: fetch the right one with `step ca root`",
+            )
+            password_check()
+            return results
+        except (OSError, ssl.SSLError) as exc:
+            fail(f"TLS: handshake with {ca.hostport} failed: {exc}", "check that the port is step-ca's HTTPS port")
+            password_check()
+            return results
+        try:
+            _, data = ca._call("GET", "/health", what="checking health")
+            status = data.get("status") if isinstance(data, dict) else None
+            if status == "ok":
+                ok(f"health: GET {ca.url}/health says ok")
+            else:
+                fail(f"health: GET {ca.url}/health says {status!r}", "see the step-ca log")
+        except IssuerError as exc:
+            fail(f"health: {exc.args[0]}", exc.hint)
+        try:
+            provisioner = ca._find_provisioner()
+            ok(f"provisioner '{spec.provisioner}' ({provisioner.get('type')}) is present")
+        except IssuerError as exc:
+            fail(exc.args[0], exc.hint)
+            password_check()
+            return results
+        password = password_check()
+        if password is not None:
+            try:
+                decrypt_provisioner_key(
+                    provisioner.get("encryptedKey") or "", password, str(spec.provisioner), str(spec.password_file)
+                )
+                ok(f"the password in {spec.password_file} decrypts the key of provisioner '{spec.provisioner}'")
+            except IssuerError as exc:
+                fail(exc.args[0], exc.hint)
+        return results
+    finally:
+        ca.close()

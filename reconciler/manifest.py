@@ -1,0 +1,497 @@
+"""load+validate: certificate-manifest.json → Desired, or every error at once.
+
+The JSON Schema in schema/ is the source of every structural error message; the checks
+a schema cannot express (SAN syntax, durations, key exposure, duplicate paths, owners
+that exist on this host) follow it. Nothing here writes, except the validation cache.
+"""
+
+from __future__ import annotations
+
+import difflib
+import grp
+import hashlib
+import json
+import os
+import pwd
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from reconciler.durations import DurationError, parse_duration, parse_share
+from reconciler.model import Desired, DesiredCert, IssuerSpec, KeySpec, RenewBefore
+from reconciler.sans import SANError, san_set
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "certificate-manifest.schema.json"
+
+DEFAULTS: dict[str, Any] = {
+    "renew_before": "12h",
+    "duration": "24h",
+    "hook_timeout": "5m",
+    "include_ca": False,
+    "cert_type": "server",
+    "key": {"type": "EC", "curve": "P-256"},
+}
+DEFAULT_CERT_MODE = 0o644
+DEFAULT_KEY_MODE = 0o600
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One validation error: where (a JSON path) and what is wrong, with the fix."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ManifestError(Exception):
+    def __init__(self, manifest: Path, issues: list[Issue]):
+        self.manifest = manifest
+        self.issues = issues
+        super().__init__(f"{manifest}: {len(issues)} error(s); first: {issues[0]}")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_document(path: Path) -> Any:
+    """Read and parse the manifest file; every failure is a ManifestError with one Issue."""
+
+    def fail(message: str) -> ManifestError:
+        return ManifestError(path, [Issue("", message)])
+
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise fail(f"manifest {path} does not exist; pass the right file with -m/--manifest") from None
+    except OSError as exc:
+        raise fail(f"cannot read manifest {path}: {exc.strerror}") from None
+    import stat as _stat
+
+    if _stat.S_ISDIR(st.st_mode):
+        raise fail(f"manifest {path} is a directory; pass the JSON file inside it with -m/--manifest")
+    if not _stat.S_ISREG(st.st_mode):
+        raise fail(f"manifest {path} is not a regular file")
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise fail(f"manifest {path} is {st.st_size} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise fail(f"cannot read manifest {path}: {exc.strerror}") from None
+    return parse_document(raw, path)
+
+
+def parse_document(raw: bytes, path: Path) -> Any:
+    def fail(message: str) -> ManifestError:
+        return ManifestError(path, [Issue("", message)])
+
+    if not raw.strip():
+        raise fail(f"manifest {path} is empty; it needs a JSON array or object of certificates")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise fail(f"manifest {path} starts with a UTF-8 byte-order mark; save it as UTF-8 without BOM")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise fail(f"manifest {path} is not UTF-8: invalid byte 0x{raw[exc.start]:02x} at line {line}") from None
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen[key] = value
+        return seen
+
+    def no_constant(name: str) -> Any:
+        raise _BadConstant(name)
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=no_constant)
+    except json.JSONDecodeError as exc:
+        raise fail(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except _DuplicateKey as exc:
+        raise fail(f"key {exc.args[0]!r} appears twice in one object; keep one") from None
+    except _BadConstant as exc:
+        raise fail(f"{exc.args[0]} is not valid JSON; use a number or a string") from None
+    except RecursionError:
+        raise fail("manifest is nested too deeply to be a certificate manifest") from None
+    except ValueError as exc:  # e.g. an integer with thousands of digits
+        raise fail(f"manifest holds a value Python's JSON reader refuses: {exc}") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _BadConstant(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- schema
+
+
+_validators: dict[str, Any] = {}
+
+
+def _schema() -> dict[str, Any]:
+    if "schema" not in _validators:
+        _validators["schema"] = json.loads(SCHEMA_PATH.read_text())
+    return _validators["schema"]
+
+
+def schema_digest() -> str:
+    if "digest" not in _validators:
+        _validators["digest"] = hashlib.sha256(SCHEMA_PATH.read_bytes()).hexdigest()[:16]
+    return _validators["digest"]
+
+
+def _validator(definition: str):
+    """A Draft 2020-12 validator for one of the schema's $defs, with format checking on."""
+    if definition not in _validators:
+        from jsonschema import Draft202012Validator
+
+        root = _schema()
+        sub = {"$ref": f"#/$defs/{definition}", "$defs": root["$defs"]}
+        _validators[definition] = Draft202012Validator(sub, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return _validators[definition]
+
+
+def _json_path(prefix: str, parts) -> str:
+    out = prefix
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _schema_issues(validator, instance: Any, prefix: str) -> list[Issue]:
+    issues: list[Issue] = []
+    errors = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
+    for error in errors:
+        issues.extend(_explain(error, prefix))
+    return issues
+
+
+def _explain(error, prefix: str) -> list[Issue]:
+    path = _json_path(prefix, error.absolute_path)
+    kind = error.validator
+    value = error.instance
+    if kind == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        out = []
+        for key in sorted(set(value) - set(allowed)):
+            where = _json_path(path, [key])
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            hint = f'did you mean "{close[0]}"?' if close else f"known fields: {', '.join(allowed)}"
+            out.append(Issue(where, f"unknown field; {hint}"))
+        return out
+    if kind == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else error.message
+        return [Issue(path, f'"{missing}" is required')]
+    if kind == "pattern":
+        desc = error.schema.get("description", f"must match {error.schema['pattern']}")
+        return [Issue(path, f"{json.dumps(value)[:80]} is not valid: {desc}")]
+    if kind == "enum":
+        choices = ", ".join(json.dumps(c) for c in error.validator_value)
+        return [Issue(path, f"{json.dumps(value)[:80]} is not allowed; choose one of {choices}")]
+    if kind == "type":
+        want = error.validator_value
+        want = " or ".join(want) if isinstance(want, list) else want
+        return [Issue(path, f"expected {_article(want)}, got {_json_type(value)}")]
+    if kind == "false":
+        return [Issue(path, "is not allowed for this issuer type")]
+    if kind in ("minLength", "maxLength"):
+        return [Issue(path, f"{'is empty' if kind == 'minLength' else 'is too long'}")]
+    if kind in ("not", "if"):
+        return [Issue(path, "combines key fields that do not belong together (curve is for EC, size for RSA)")]
+    return [Issue(path, error.message[:200])]
+
+
+def _article(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _entry_digest(entry: Any) -> str:
+    return hashlib.sha256(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:24]
+
+
+class ValidationCache:
+    """Digests of entries that already passed the schema, so a 10k-entry manifest
+    pays jsonschema only for what changed. Lives in the state folder; any damage
+    just means validating again."""
+
+    def __init__(self, state_dir: Path | None):
+        self.path = state_dir / "cache" / f"valid-entries-{schema_digest()}.txt" if state_dir else None
+        self.known: set[str] = set()
+        self.added: set[str] = set()
+        if self.path:
+            try:
+                self.known = set(self.path.read_text().split())
+            except (OSError, UnicodeDecodeError):
+                pass
+
+    def save(self) -> None:
+        if not self.path or not self.added:
+            return
+        from reconciler.atomic import write_atomic
+
+        try:
+            data = "\n".join(sorted(self.known | self.added)).encode()
+            write_atomic(self.path, data, mode=0o600, make_parents=True)
+        except OSError:
+            pass  # a cache is never worth failing a pass for
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load(path: Path, state_dir: Path | None = None, save_cache: bool = False) -> Desired:
+    """Read, validate and resolve the manifest. Raises ManifestError with every issue."""
+    path = Path(os.path.abspath(path))
+    document = read_document(path)
+    return build(document, path, state_dir, save_cache)
+
+
+def build(document: Any, path: Path, state_dir: Path | None = None, save_cache: bool = False) -> Desired:
+    issues: list[Issue] = []
+    if isinstance(document, list):
+        prefix, entries, defaults, issuer_raw = "", document, {}, None
+    elif isinstance(document, dict):
+        prefix = "certificates"
+        issues += _schema_issues(_validator("document"), {k: v for k, v in document.items() if k != "certificates"} | {"certificates": []}, "")
+        entries = document.get("certificates", [])
+        defaults = document.get("defaults", {}) if isinstance(document.get("defaults"), dict) else {}
+        issuer_raw = document.get("issuer")
+        if not isinstance(entries, list):
+            issues.append(Issue("certificates", f"expected an array, got {_json_type(entries)}"))
+            entries = []
+    else:
+        raise ManifestError(path, [Issue("", f"expected a JSON array of certificates or an object with \"certificates\", got {_json_type(document)}")])
+
+    cache = ValidationCache(state_dir)
+    entry_validator = None
+    schema_ok: list[bool] = []
+    for i, entry in enumerate(entries):
+        digest = _entry_digest(entry) if isinstance(entry, dict) else None
+        if digest and digest in cache.known:
+            schema_ok.append(True)
+            continue
+        entry_validator = entry_validator or _validator("entry")
+        found = _schema_issues(entry_validator, entry, f"{prefix}[{i}]")
+        issues += found
+        schema_ok.append(not found)
+        if not found and digest:
+            cache.added.add(digest)
+
+    base = path.parent
+    issuer = _issuer(issuer_raw, base) if not issues or issuer_raw is None or isinstance(issuer_raw, dict) else IssuerSpec()
+    certificates: list[DesiredCert] = []
+    for i, entry in enumerate(entries):
+        if not schema_ok[i]:
+            continue
+        merged = {**DEFAULTS, **defaults, **entry}
+        cert, found = _resolve(merged, f"{prefix}[{i}]", base)
+        issues += found
+        if cert:
+            certificates.append(cert)
+    issues += _cross_checks(certificates)
+    if issues:
+        raise ManifestError(path, issues)
+    if save_cache:
+        cache.save()
+    return Desired(issuer=issuer, certificates=tuple(certificates), manifest_path=path)
+
+
+def _issuer(raw: Any, base: Path) -> IssuerSpec:
+    if not isinstance(raw, dict):
+        return IssuerSpec()
+
+    def p(key: str) -> Path | None:
+        v = raw.get(key)
+        return Path(os.path.normpath(base / v)) if isinstance(v, str) else None
+
+    return IssuerSpec(
+        type=raw.get("type", "local"),
+        dir=p("dir"),
+        url=raw.get("url", "").rstrip("/") or None,
+        root=p("root"),
+        fingerprint=(raw.get("fingerprint") or "").lower() or None,
+        provisioner=raw.get("provisioner"),
+        password_file=p("password_file"),
+    )
+
+
+def _mode(text: str) -> int:
+    return int(text, 8)
+
+
+def _resolve(e: dict[str, Any], where: str, base: Path) -> tuple[DesiredCert | None, list[Issue]]:
+    issues: list[Issue] = []
+    at = lambda field: f"{where}.{field}"  # noqa: E731
+
+    try:
+        sans = san_set(e["common_name"], e.get("sans", []))
+    except SANError as exc:
+        bad = str(exc)
+        field = "common_name"
+        for j, s in enumerate(e.get("sans", [])):
+            try:
+                san_set("x.invalid", [s])
+            except SANError as inner:
+                field, bad = f"sans[{j}]", str(inner)
+                issues.append(Issue(at(field), bad))
+        if field == "common_name":
+            issues.append(Issue(at(field), bad))
+        sans = frozenset()
+
+    durations: dict[str, timedelta] = {}
+    for field in ("duration", "hook_timeout"):
+        try:
+            durations[field] = parse_duration(e[field])
+        except DurationError as exc:
+            issues.append(Issue(at(field), str(exc)))
+    renew_text = e["renew_before"]
+    try:
+        renew = RenewBefore(share=parse_share(renew_text)) if renew_text.endswith("%") else RenewBefore(fixed=parse_duration(renew_text))
+    except DurationError as exc:
+        issues.append(Issue(at("renew_before"), str(exc)))
+        renew = RenewBefore()
+    if renew.fixed is not None and "duration" in durations and renew.fixed >= durations["duration"]:
+        issues.append(
+            Issue(at("renew_before"), f'"{renew_text}" is not shorter than the lifetime "{e["duration"]}", so every pass would renew; use a smaller value or a share like "33%"')
+        )
+
+    cert_mode = _mode(e.get("cert_permissions", e.get("permissions", "644")))
+    key_field = "key_permissions" if "key_permissions" in e else ("permissions" if "permissions" in e else None)
+    key_mode = _mode(e[key_field]) if key_field else DEFAULT_KEY_MODE
+    if key_mode & 0o007 and not e.get("allow_world_readable_key", False):
+        issues.append(
+            Issue(
+                at(key_field or "key_permissions"),
+                f'"{e[key_field]}" would make the private key readable by every user; set "key_permissions": "600"'
+                + ' (or "640" with an owner group), or "allow_world_readable_key": true if you really mean it',
+            )
+        )
+    if "permissions" in e and "cert_permissions" not in e:
+        pass  # the old format's one value applies to the certificate as written
+
+    uid = gid = None
+    owner = e.get("owner")
+    if owner is not None:
+        uid, gid, problem = resolve_owner(owner)
+        if problem:
+            issues.append(Issue(at("owner"), problem))
+
+    key_raw = e["key"]
+    key = KeySpec(
+        type=key_raw["type"],
+        curve=(key_raw.get("curve", "P-256") if key_raw["type"] == "EC" else None),
+        size=(key_raw.get("size", 2048) if key_raw["type"] == "RSA" else None),
+        rotation=key_raw.get("rotation", "always"),
+    )
+
+    def path_of(field: str) -> Path | None:
+        v = e.get(field)
+        return Path(os.path.normpath(base / v)) if isinstance(v, str) else None
+
+    if issues:
+        return None, issues
+    guest_id = e.get("guest_id")
+    return (
+        DesiredCert(
+            name=e.get("name", e["common_name"]),
+            common_name=e["common_name"],
+            sans=sans,
+            cert_path=path_of("cert_path"),
+            key_path=path_of("key_path"),
+            owner=owner,
+            uid=uid,
+            gid=gid,
+            cert_mode=cert_mode,
+            key_mode=key_mode,
+            renew_before=renew,
+            duration=durations["duration"],
+            key=key,
+            post_renewal_command=e.get("post_renewal_command"),
+            hook_timeout=durations["hook_timeout"],
+            include_ca=bool(e["include_ca"]),
+            ca_path=path_of("ca_path"),
+            cert_type=e["cert_type"],
+            guest_id=None if guest_id is None else str(guest_id),
+            guest_type=e.get("guest_type"),
+            allow_symlink=bool(e.get("allow_symlink", False)),
+            source=json.dumps(e, sort_keys=True),
+            where=where,
+        ),
+        [],
+    )
+
+
+def resolve_owner(owner: str) -> tuple[int | None, int | None, str | None]:
+    """"user:group" / "user" / "0:33" → (uid, gid, problem). gid None means "leave the group"."""
+    user, _, group = owner.partition(":")
+    uid = gid = None
+    problems = []
+    if user.isdigit():
+        uid = int(user)
+    else:
+        try:
+            uid = pwd.getpwnam(user).pw_uid
+        except KeyError:
+            problems.append(f'user "{user}" does not exist on this host; create it or use a numeric uid')
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                problems.append(f'group "{group}" does not exist on this host; create it or use a numeric gid')
+    return uid, gid, "; ".join(problems) or None
+
+
+def _cross_checks(certs: list[DesiredCert]) -> list[Issue]:
+    issues: list[Issue] = []
+    owners: dict[Path, tuple[DesiredCert, str]] = {}
+    names: dict[str, DesiredCert] = {}
+    for c in certs:
+        if c.cert_path == c.key_path:
+            issues.append(Issue(f"{c.where}.key_path", f"is the same file as cert_path ({c.cert_path}); give the key its own file"))
+        for field in ("cert_path", "key_path"):
+            p = getattr(c, field)
+            if p in owners and owners[p][0] is not c:
+                other, other_field = owners[p]
+                issues.append(
+                    Issue(f"{c.where}.{field}", f"{p} is also the {other_field} of {other.where} ({other.name}); every file belongs to one certificate")
+                )
+            else:
+                owners.setdefault(p, (c, field))
+        if c.name in names:
+            issues.append(Issue(f"{c.where}.name", f'"{c.name}" is already the name of {names[c.name].where}; set a unique "name" on one of them'))
+        else:
+            names[c.name] = c
+    for c in certs:
+        if c.ca_path is not None and c.ca_path in owners:
+            issues.append(Issue(f"{c.where}.ca_path", f"{c.ca_path} is the {owners[c.ca_path][1]} of {owners[c.ca_path][0].where}; give the CA root its own file"))
+    return issues

@@ -1,0 +1,89 @@
+"""Values that flow between the pipeline stages: frozen, hashable, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    type: str = "EC"  # "EC" | "RSA" | "Ed25519"
+    curve: str | None = "P-256"  # EC only
+    size: int | None = None  # RSA only
+    rotation: str = "always"  # "always" | "never"
+
+    def describe(self) -> str:
+        if self.type == "EC":
+            return f"EC {self.curve}"
+        if self.type == "RSA":
+            return f"RSA {self.size}"
+        return self.type
+
+
+@dataclass(frozen=True)
+class IssuerSpec:
+    type: str = "local"  # "local" | "step-ca"
+    dir: Path | None = None  # local: where the embedded CA lives (default <state-dir>/ca)
+    url: str | None = None  # step-ca
+    root: Path | None = None
+    fingerprint: str | None = None
+    provisioner: str | None = None
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class RenewBefore:
+    """Either a fixed time before expiry or a share of the lifetime."""
+
+    fixed: timedelta | None = None
+    share: float | None = None  # 0 < share < 1
+
+    def window(self, lifetime: timedelta) -> timedelta:
+        if self.fixed is not None:
+            return self.fixed
+        return lifetime * (self.share or 0.0)
+
+    def describe(self) -> str:
+        from reconciler.durations import format_duration
+
+        if self.fixed is not None:
+            return format_duration(self.fixed)
+        return f"{round((self.share or 0) * 100)}%"
+
+
+@dataclass(frozen=True)
+class DesiredCert:
+    name: str
+    common_name: str
+    sans: frozenset[str]  # normalised, common name included
+    cert_path: Path
+    key_path: Path
+    owner: str | None  # as written, "user:group" / "user" / numeric
+    uid: int | None
+    gid: int | None
+    cert_mode: int
+    key_mode: int
+    renew_before: RenewBefore
+    duration: timedelta
+    key: KeySpec
+    post_renewal_command: str | None
+    hook_timeout: timedelta
+    include_ca: bool
+    ca_path: Path | None
+    cert_type: str
+    guest_id: str | None = None
+    guest_type: str | None = None
+    allow_symlink: bool = False
+    # canonical JSON of the entry after defaults: what `--watch` diffs between saves
+    source: str = field(default="", compare=False, repr=False)
+    # position in the manifest's list, for error messages ("certificates[3].owner")
+    where: str = field(default="", compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Desired:
+    issuer: IssuerSpec
+    certificates: tuple[DesiredCert, ...]
+    manifest_path: Path

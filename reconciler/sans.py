@@ -1,0 +1,81 @@
+"""The one SAN normaliser.
+
+A SAN set is a frozenset of strings: DNS names lower-cased without a trailing dot,
+IP addresses in canonical form prefixed "IP:" so a DNS name can never equal an IP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+class SANError(ValueError):
+    pass
+
+
+def normalise(value: str) -> str:
+    """Return the canonical form of one SAN, or raise SANError saying why it is neither DNS nor IP."""
+    if not isinstance(value, str) or not value.strip():
+        raise SANError(f"{value!r} is empty; a SAN is a DNS name or an IP address")
+    text = value.strip()
+    candidate = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        return "IP:" + str(ipaddress.ip_address(candidate))
+    except ValueError:
+        pass
+    name = text.lower().rstrip(".")
+    if len(name) > 253:
+        raise SANError(f"{value!r} is longer than 253 characters")
+    labels = name.split(".")
+    for i, label in enumerate(labels):
+        if label == "*" and i == 0 and len(labels) >= 3:
+            continue
+        if "*" in label:
+            raise SANError(
+                f"{value!r} has a wildcard that is not a whole left-most label; write e.g. \"*.example.com\""
+            )
+        if not _LABEL.match(label):
+            raise SANError(f"{value!r} is neither a DNS name nor an IP address (label {label!r})")
+    if all(label.isdigit() for label in labels):
+        raise SANError(f"{value!r} is neither a DNS name nor a valid IP address")
+    return name
+
+
+def san_set(common_name: str, sans: list[str] | tuple[str, ...] = ()) -> frozenset[str]:
+    """The desired SAN set: the SANs plus the common name, normalised."""
+    return frozenset(normalise(s) for s in (common_name, *sans))
+
+
+def is_ip(san: str) -> bool:
+    return san.startswith("IP:")
+
+
+def display(san: str) -> str:
+    return san[3:] if san.startswith("IP:") else san
+
+
+def split(sans) -> tuple[list[str], list[str]]:
+    """(dns names, ip strings) in sorted order, for building requests and printing."""
+    dns = sorted(s for s in sans if not is_ip(s))
+    ips = sorted((display(s) for s in sans if is_ip(s)), key=lambda x: (ipaddress.ip_address(x).version, ipaddress.ip_address(x)))
+    return dns, ips
+
+
+def ordered(sans) -> tuple[str, ...]:
+    dns, ips = split(sans)
+    return tuple(dns) + tuple(ips)
+
+
+def renormalise(observed) -> frozenset[str]:
+    """A SAN set read from a certificate, in the same canonical form as a desired one.
+    Names we would never write are kept as they are: they differ, which is all that matters."""
+    out = set()
+    for s in observed:
+        try:
+            out.add(normalise(display(s)))
+        except SANError:
+            out.add(s)
+    return frozenset(out)

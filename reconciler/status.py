@@ -1,0 +1,68 @@
+"""The status store: what the reconciler remembers between passes (hooks pending, last
+issuance, last error). A versioned JSON file in the state folder, written atomically.
+A corrupt or foreign file is a warning and a fresh start, never a crash: everything
+that matters for correctness is re-read from disk on every pass anyway."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from reconciler.atomic import write_atomic
+
+VERSION = 1
+log = logging.getLogger("reconciler.status")
+
+
+class StatusStore:
+    def __init__(self, state_dir: Path):
+        self.path = state_dir / "status.json"
+        self.data: dict[str, Any] = {"version": VERSION, "certificates": {}, "manifest": {}}
+        self.warning: str | None = None
+        try:
+            raw = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            self.warning = f"status store {self.path} is unreadable ({exc}); starting afresh from what is on disk"
+            log.warning(self.warning)
+            return
+        if not isinstance(raw, dict) or raw.get("version") != VERSION or not isinstance(raw.get("certificates"), dict):
+            self.warning = f"status store {self.path} is not a version {VERSION} status file; starting afresh from what is on disk"
+            log.warning(self.warning)
+            return
+        raw.setdefault("manifest", {})
+        self.data = raw
+
+    def cert(self, name: str) -> dict[str, Any]:
+        entry = self.data["certificates"].setdefault(name, {})
+        if not isinstance(entry, dict):
+            entry = self.data["certificates"][name] = {}
+        return entry
+
+    def get(self, name: str) -> dict[str, Any]:
+        entry = self.data["certificates"].get(name)
+        return entry if isinstance(entry, dict) else {}
+
+    def hooks_pending(self) -> frozenset[str]:
+        return frozenset(n for n, e in self.data["certificates"].items() if isinstance(e, dict) and e.get("hook_pending"))
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.data["manifest"]
+
+    def forget_except(self, names: set[str]) -> None:
+        for name in list(self.data["certificates"]):
+            if name not in names:
+                del self.data["certificates"][name]
+
+    def save(self) -> None:
+        payload = json.dumps(self.data, indent=1, sort_keys=True).encode()
+        write_atomic(self.path, payload, mode=0o600, make_parents=True)
+
+
+def read_only(state_dir: Path) -> StatusStore:
+    """For --plan and status: the same store, never saved."""
+    return StatusStore(state_dir)
