@@ -61,6 +61,18 @@ class DeployError(Exception):
     pass
 
 
+FAULT_ENV = "RECONCILER_FAULT_INJECT"
+
+
+def fault_point(name: str) -> None:
+    """Crash-consistency tests set RECONCILER_FAULT_INJECT=<point> to SIGKILL the process
+    right here, so they can prove a kill at any step loses nothing. Inert otherwise."""
+    if os.environ.get(FAULT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _os_error(exc: OSError, what: str, path: Path) -> str:
     import errno
 
@@ -142,6 +154,11 @@ def deploy(cert_plan: CertPlan, issuer: Issuer) -> CertResult:
         return CertResult(cert.name, names, False, str(exc), transient=exc.transient)
     except DeployError as exc:
         return CertResult(cert.name, names, False, str(exc))
+    except OSError as exc:
+        return CertResult(cert.name, names, False, _os_error(exc, "read or write", Path(exc.filename or cert.cert_path)))
+    except Exception as exc:  # one certificate's bug or bad answer must not stop the others
+        log.debug("unexpected failure for %s", cert.name, exc_info=True)
+        return CertResult(cert.name, names, False, f"unexpected error: {type(exc).__name__}: {exc}")
 
 
 def _deploy_content(cert: DesiredCert, action: str, issuer: Issuer) -> None:
@@ -162,16 +179,17 @@ def _deploy_content(cert: DesiredCert, action: str, issuer: Issuer) -> None:
         body += issued.chain_pem.rstrip(b"\n") + b"\n"
     uid, gid = cert.uid, cert.gid
     # key first, then certificate: a crash in between shows as a key mismatch next pass
-    targets = [] if reuse else [(cert.key_path, key_to_pem(key), cert.key_mode)]
-    targets.append((cert.cert_path, body, cert.cert_mode))
+    targets = [] if reuse else [("key", cert.key_path, key_to_pem(key), cert.key_mode)]
+    targets.append(("cert", cert.cert_path, body, cert.cert_mode))
     if cert.ca_path is not None and issued.root_pem:
-        targets.append((cert.ca_path, issued.root_pem, 0o644))
-    for path, data, mode in targets:
+        targets.append(("ca", cert.ca_path, issued.root_pem, 0o644))
+    for kind, path, data, mode in targets:
         try:
             make_parents(path.parent)
             write_atomic(path, data, mode, uid, gid)
         except OSError as exc:
             raise DeployError(_os_error(exc, "write", path)) from None
+        fault_point(f"after_{kind}")
 
 
 def apply(
@@ -180,12 +198,21 @@ def apply(
     status: StatusStore,
     workers: int = 4,
     progress: bool | None = None,
+    before_files: Callable[[], None] | None = None,
     after_files: Callable[[], None] | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     cwd: Path | None = None,
+    serials: dict[str, str | None] | None = None,
 ) -> Result:
     result = Result()
     todo = [p for p in plan.certificates if p.actions and not p.error]
+    # a kill after a certificate is written but before it is recorded must still run
+    # its hook next time: note the serial we are replacing, before touching anything
+    intents = [p for p in todo if p.content_action and p.cert.post_renewal_command]
+    for p in intents:
+        status.cert(p.cert.name)["deploying_from"] = (serials or {}).get(p.cert.name)
+    if intents and before_files:
+        before_files()
     for p in plan.errors:
         result.certificates.append(CertResult(p.cert.name, (), False, p.error))
     bar = _Progress(len([p for p in todo if p.content_action]), progress)
@@ -199,6 +226,7 @@ def apply(
     for p in todo:
         res = outcomes[p.cert.name]
         entry = status.cert(p.cert.name)
+        entry.pop("deploying_from", None)
         if res.ok:
             entry.pop("last_error", None)
             entry.pop("last_error_at", None)
@@ -220,6 +248,7 @@ def apply(
     # record "deployed, hook pending" before running anything, so a crash cannot forget it
     if after_files:
         after_files()
+    fault_point("before_hooks")
 
     by_name = {p.cert.name: p for p in plan.certificates}
     for hook in plan.hooks:

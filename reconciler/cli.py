@@ -177,7 +177,7 @@ def cmd_plan(args) -> int:
 
     settings = settings_from(args)
     desired = load_desired(settings)
-    snap = snapshot(settings, desired, read_only(settings.state_dir).hooks_pending())
+    snap = snapshot(settings, desired, read_only(settings.state_dir))
     if args.output == "json":
         sys.stdout.write(dumps(plan_json(snap.plan)))
     else:

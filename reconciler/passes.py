@@ -10,11 +10,15 @@ import os
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reconciler.issuers import Issuer, make_issuer
 from reconciler.model import Desired, IssuerSpec
 from reconciler.observe import ObservationCache, Observed, Trust, observe_all
 from reconciler.plan import Plan, make_plan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from reconciler.status import StatusStore
 
 log = logging.getLogger("reconciler")
 
@@ -82,12 +86,13 @@ class Snapshot:
     cache: ObservationCache
 
 
-def snapshot(settings: Settings, desired: Desired, hooks_pending: frozenset[str], now: datetime | None = None) -> Snapshot:
+def snapshot(settings: Settings, desired: Desired, status: "StatusStore", now: datetime | None = None) -> Snapshot:
     """Observe and plan. Reads only: `--plan` is exactly this."""
     issuer = make_issuer(desired.issuer, settings.state_dir)
     cache = ObservationCache(settings.state_dir)
     observed = observe_all(desired.certificates, trust_of(issuer, desired.issuer), cache)
-    plan = make_plan(desired, observed, now or datetime.now(timezone.utc), hooks_pending)
+    serials = {name: (o.cert.serial if o.cert else None) for name, o in observed.items()}
+    plan = make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(serials))
     return Snapshot(desired, observed, plan, issuer, cache)
 
 
@@ -101,13 +106,15 @@ def run_pass(settings: Settings, desired: Desired | None = None, progress: bool 
         if desired is None:
             desired = load_desired(settings, save_cache=True)
         status = StatusStore(settings.state_dir)
-        snap = snapshot(settings, desired, status.hooks_pending())
+        snap = snapshot(settings, desired, status)
         for path in sweep(snap.plan):
             log.warning("removed %s, a temporary file left by an interrupted pass", path)
         try:
             result = apply(
                 snap.plan, snap.issuer, status, settings.workers, progress,
-                after_files=status.save, cwd=desired.manifest_path.parent,  # hooks run where relative paths resolve
+                before_files=status.save, after_files=status.save,
+                cwd=desired.manifest_path.parent,  # hooks run where relative paths resolve
+                serials={n: (o.cert.serial if o.cert else None) for n, o in snap.observed.items()},
             )
         finally:
             snap.issuer.close()

@@ -41,7 +41,7 @@ def status_rows(settings, now: datetime | None = None) -> tuple[list[dict], str 
     desired, note, store = _desired(settings)
     if desired is None:
         return [], note
-    snap = snapshot(settings, desired, store.hooks_pending(), now)
+    snap = snapshot(settings, desired, store, now)
     rows = []
     for p in snap.plan.certificates:
         c, o = p.cert, snap.observed[p.cert.name]

@@ -46,8 +46,21 @@ class StatusStore:
         entry = self.data["certificates"].get(name)
         return entry if isinstance(entry, dict) else {}
 
-    def hooks_pending(self) -> frozenset[str]:
-        return frozenset(n for n, e in self.data["certificates"].items() if isinstance(e, dict) and e.get("hook_pending"))
+    def hooks_pending(self, serials: dict[str, str | None] | None = None) -> frozenset[str]:
+        """Certificates whose post-renewal command still has to succeed.
+
+        `serials` (name → serial on disk now) catches a pass killed after writing a
+        certificate but before recording it: the entry still says "deploying from
+        serial X", and the disk no longer holds X, so the content changed."""
+        pending = set()
+        for name, e in self.data["certificates"].items():
+            if not isinstance(e, dict):
+                continue
+            if e.get("hook_pending"):
+                pending.add(name)
+            elif "deploying_from" in e and serials is not None and name in serials and serials[name] is not None and serials[name] != e["deploying_from"]:
+                pending.add(name)
+        return frozenset(pending)
 
     @property
     def manifest(self) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import ipaddress
 import json
 import logging
@@ -27,15 +26,16 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from reconciler import crypto
 from reconciler import sans as sanlib
+from reconciler.atomic import write_atomic
 from reconciler.issuers import IssueRequest, Issued, IssuerError
 from reconciler.model import IssuerSpec
 
@@ -175,25 +175,7 @@ def fingerprint_of(cert: x509.Certificate) -> str:
 
 
 def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    write_atomic(path, data, mode, make_parents=True)
 
 
 def _load_pem_certs(data: bytes) -> list[x509.Certificate]:
@@ -238,12 +220,6 @@ def _cert_sans(cert: x509.Certificate) -> frozenset[str]:
     return frozenset(names + ips)
 
 
-def _signing_hash(key):
-    if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
-        return None
-    return hashes.SHA256()
-
-
 def _request_names(request: IssueRequest) -> tuple[list[str], list[str]]:
     """(DNS names, IP strings) of a request, the common name counted in.
 
@@ -264,15 +240,7 @@ def build_csr(request: IssueRequest, key) -> bytes:
     them anyway so that it describes what we ask for.
     """
     dns, ips = _request_names(request)
-    names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
-    names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    builder = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, request.common_name)])
-    )
-    if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    csr = builder.sign(key, _signing_hash(key))
-    return csr.public_bytes(serialization.Encoding.PEM)
+    return crypto.build_csr(request.common_name, dns + ips, key)
 
 
 def _rfc3339(moment: datetime) -> str:
@@ -289,6 +257,8 @@ def _walk_causes(exc: BaseException | None) -> Iterator[BaseException]:
 
 class _Refused(IssuerError):
     """The CA answered and said no (4xx, or it rejected our client certificate)."""
+
+    status: int = 0
 
 
 def _refusal_hint(message: str, status: int) -> str:
@@ -492,7 +462,15 @@ class StepCA:
         # sha256 is the fingerprint the operator gave us (what `step ca bootstrap` does).
         url = f"{self.url}/root/{fp}"
         with httpx.Client(verify=False, timeout=self._timeout(), trust_env=False) as client:
-            status, data = self._call("GET", f"/root/{fp}", client=client, what="downloading the root")
+            try:
+                status, data = self._call("GET", f"/root/{fp}", client=client, what="downloading the root")
+            except _Refused as exc:
+                if exc.status != 404:
+                    raise
+                raise IssuerError(
+                    f"step-ca at {self.url} has no root with fingerprint {fp}",
+                    hint="check issuer.fingerprint against `step certificate fingerprint root_ca.crt` on the CA",
+                ) from None
         pem = data.get("ca") if isinstance(data, dict) else None
         try:
             cert = _load_pem_certs(pem.encode("ascii"))[0]  # type: ignore[union-attr]
@@ -597,10 +575,12 @@ class StepCA:
             )
         if status >= 400:
             message = _ca_message(raw)
-            raise _Refused(
+            refused = _Refused(
                 f"step-ca refused {what} ({label}: HTTP {status}): {message}",
                 hint=_refusal_hint(message, status),
             )
+            refused.status = status
+            raise refused
         if status >= 300:
             raise IssuerError(
                 f"step-ca at {self.url} redirected {label} (HTTP {status})",
@@ -743,6 +723,7 @@ class StepCA:
             return self._jwk
 
     def _decrypt_provisioner_key(self):
+        password = self._read_password()  # a local mistake is reported before any network
         provisioner = self._find_provisioner()
         name = self.spec.provisioner
         encrypted = provisioner.get("encryptedKey")
@@ -751,7 +732,6 @@ class StepCA:
                 f"provisioner '{name}' at {self.url} publishes no encrypted key",
                 hint="the JWK provisioner was added without --create; re-add it with an encrypted key",
             )
-        password = self._read_password()
         jwk = decrypt_provisioner_key(encrypted, password, name, str(self.spec.password_file))
         del password
         public = provisioner.get("key") if isinstance(provisioner.get("key"), dict) else {}

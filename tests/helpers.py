@@ -1,0 +1,59 @@
+"""Shared test helpers: run the real CLI, snapshot a tree, read certificates."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cryptography import x509
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def reconcile(*args: str, state_dir: Path | None = None, env: dict | None = None, timeout: float = 120, check: int | None = None, cwd=None):
+    """Run `python -m reconciler ARGS` as a real subprocess; returns CompletedProcess."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    full_env["NO_COLOR"] = "1"
+    full_env["PYTHONPATH"] = str(REPO)
+    if state_dir is not None:
+        full_env["RECONCILER_STATE_DIR"] = str(state_dir)
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "reconciler", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd,
+    )
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}, want {check}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def write_manifest(path: Path, document) -> Path:
+    path.write_text(json.dumps(document, indent=2))
+    return path
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple]:
+    """Every file under root: (inode, mtime_ns, mode, uid, gid, content)."""
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            out[str(p)] = (st.st_ino, st.st_mtime_ns, st.st_mode, st.st_uid, st.st_gid, p.read_bytes() if p.is_file() else None)
+    return out
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificates(path.read_bytes())[0]
+
+
+def cert_sans(path: Path) -> set[str]:
+    ext = load_cert(path).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(v) for v in ext.get_values_for_type(x509.DNSName)} | {str(v) for v in ext.get_values_for_type(x509.IPAddress)}
