@@ -36,7 +36,10 @@ def write_atomic(
     uid: int | None = None,
     gid: int | None = None,
     make_parents: bool = False,
+    pending_dirs: set[Path] | None = None,
 ) -> None:
+    """`pending_dirs`: collect the folder instead of fsyncing it now, so a pass that writes
+    many files syncs each folder once (call `fsync_dirs` before anything depends on them)."""
     folder = path.parent
     if make_parents and not folder.is_dir():
         folder.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -64,7 +67,16 @@ def write_atomic(
         except OSError:
             pass
         raise
-    fsync_dir(folder)
+    if pending_dirs is None:
+        fsync_dir(folder)
+    else:
+        pending_dirs.add(folder)
+
+
+def fsync_dirs(folders: set[Path]) -> None:
+    for folder in sorted(folders):
+        fsync_dir(folder)
+    folders.clear()
 
 
 def fsync_dir(folder: Path) -> None:

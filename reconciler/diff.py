@@ -14,7 +14,7 @@ from typing import Any
 from reconciler.durations import format_duration
 from reconciler.model import DesiredCert
 from reconciler.observe import FileState, Observed
-from reconciler.sans import display, renormalise
+from reconciler.sans import display
 
 # DESIGN.md's drift table, in order
 ISSUE, REISSUE, RENEW, CHOWN, CHMOD, RUN_HOOK = "issue", "reissue", "renew", "chown", "chmod", "run_hook"
@@ -76,7 +76,7 @@ def diff(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: boo
         elif state.kind == "unreadable":
             drifts.append(Drift(f"{label}_file", ISSUE, f"{label} file unreadable: {state.detail}", "unreadable", "present"))
     if drifts:
-        return drifts + _hook_drift(hook_pending, drifts)
+        return drifts + _hook_drift(cert, hook_pending, drifts)
     # --- parses, key matches
     if observed.cert is None:
         drifts.append(Drift("certificate", ISSUE, f"certificate does not parse: {observed.cert_error}", observed.cert_error, "valid"))
@@ -93,11 +93,11 @@ def diff(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: boo
         drifts.append(
             Drift("common_name", REISSUE, f"common name is {facts.common_name!r}, want {cert.common_name!r}", facts.common_name, cert.common_name)
         )
-    have = renormalise(facts.sans)
+    have = facts.sans
     if have != cert.sans:
         adds = sorted(display(s) for s in cert.sans - have)
         drops = sorted(display(s) for s in have - cert.sans)
-        words = "; ".join(p for p in (f"adds {', '.join(adds)}" if adds else "", f"drops {', '.join(drops)}" if drops else "") if p)
+        words = ", ".join(p for p in (f"adds {', '.join(adds)}" if adds else "", f"drops {', '.join(drops)}" if drops else "") if p)
         drifts.append(Drift("sans", REISSUE, f"SANs differ: {words}", sorted(display(s) for s in have), sorted(display(s) for s in cert.sans)))
     want_key = cert.key.describe()
     if facts.key_type != want_key:
@@ -128,10 +128,12 @@ def diff(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: boo
     for label, state, mode in (("certificate", cf, cert.cert_mode), ("key", kf, cert.key_mode)):
         if state.mode != mode:
             drifts.append(Drift(f"{label}_mode", CHMOD, f"{label} mode {state.mode:04o}, want {mode:04o}", f"{state.mode:04o}", f"{mode:04o}"))
-    return drifts + _hook_drift(hook_pending, drifts)
+    return drifts + _hook_drift(cert, hook_pending, drifts)
 
 
-def _hook_drift(hook_pending: bool, drifts: list[Drift]) -> list[Drift]:
-    if hook_pending and not any(d.action in CONTENT_ACTIONS for d in drifts):
+def _hook_drift(cert: DesiredCert, hook_pending: bool, drifts: list[Drift]) -> list[Drift]:
+    # a pending hook whose command was since removed from the manifest has nothing to run;
+    # planning it would report a change on every pass, forever
+    if hook_pending and cert.post_renewal_command and not any(d.action in CONTENT_ACTIONS for d in drifts):
         return [Drift("hook", RUN_HOOK, "the post-renewal command did not succeed after the last deployment", "failed", "succeeded")]
     return []

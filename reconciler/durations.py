@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from functools import lru_cache
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PART = re.compile(r"(\d+)([smhdw])")
@@ -14,6 +15,7 @@ class DurationError(ValueError):
     pass
 
 
+@lru_cache(maxsize=256)  # a manifest repeats the same few strings thousands of times
 def parse_duration(text: str) -> timedelta:
     if not isinstance(text, str) or not _WHOLE.match(text):
         raise DurationError(
@@ -25,6 +27,7 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+@lru_cache(maxsize=256)
 def parse_share(text: str) -> float:
     """"33%" → 0.33; a share of a certificate's lifetime, strictly between 0 and 100 %."""
     m = re.fullmatch(r"(\d+(?:\.\d+)?)%", text) if isinstance(text, str) else None

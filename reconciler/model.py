@@ -76,10 +76,18 @@ class DesiredCert:
     guest_id: str | None = None
     guest_type: str | None = None
     allow_symlink: bool = False
-    # canonical JSON of the entry after defaults: what `--watch` diffs between saves
-    source: str = field(default="", compare=False, repr=False)
+    # the entry as written, after defaults: what `--watch` compares between saves
+    fields: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
     # position in the manifest's list, for error messages ("certificates[3].owner")
     where: str = field(default="", compare=False, repr=False)
+
+
+    @property
+    def source(self) -> str:
+        """Canonical JSON of `fields`; computed on demand (it costs more than a stat)."""
+        import json
+
+        return json.dumps(self.fields, sort_keys=True)
 
 
 @dataclass(frozen=True)

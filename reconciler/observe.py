@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.model import DesiredCert
+from reconciler.sans import renormalise
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class FileState:
 @dataclass(frozen=True)
 class CertFacts:
     common_name: str | None
-    sans: frozenset[str]
+    sans: frozenset[str]  # normalised like a desired SAN set (reconciler.sans)
     not_before: datetime
     not_after: datetime
     key_type: str  # "EC P-256", "RSA 2048", "Ed25519"
@@ -158,6 +159,7 @@ def public_key_id(public_key) -> str:
 
 def parse_cert(data: bytes, trust: Trust) -> tuple[CertFacts | None, str | None]:
     from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.x509.oid import NameOID
 
     if len(data) > 1024 * 1024:
@@ -170,17 +172,17 @@ def parse_cert(data: bytes, trust: Trust) -> tuple[CertFacts | None, str | None]
     try:
         cn_attrs = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         cn = str(cn_attrs[0].value) if cn_attrs else None
-        names: set[str] = set()
+        names: list[str] = []
         try:
             ext = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            names.update(n.lower().rstrip(".") for n in ext.get_values_for_type(x509.DNSName))
-            names.update(f"IP:{ip}" for ip in ext.get_values_for_type(x509.IPAddress))
+            names += ext.get_values_for_type(x509.DNSName)
+            names += (f"IP:{ip}" for ip in ext.get_values_for_type(x509.IPAddress))
         except x509.ExtensionNotFound:
             pass
         public_key = leaf.public_key()
         facts = CertFacts(
             common_name=cn,
-            sans=frozenset(names),
+            sans=renormalise(names),  # the same canonical form as a desired SAN set
             not_before=leaf.not_valid_before_utc,
             not_after=leaf.not_valid_after_utc,
             key_type=key_type_of(public_key),
@@ -188,7 +190,8 @@ def parse_cert(data: bytes, trust: Trust) -> tuple[CertFacts | None, str | None]
             issued_by=_issued_by(leaf, certs[1:], trust),
             serial=format(leaf.serial_number, "x"),
         )
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # UnsupportedAlgorithm: a public key type cryptography cannot load (a foreign file)
         return None, f"certificate does not parse: {exc}"
     return facts, None
 

@@ -75,4 +75,5 @@ def plan_text(plan: Plan, colour: bool = False) -> str:
 
 
 def dumps(data) -> str:
-    return json.dumps(data, indent=2, sort_keys=False) + "\n"
+    # one line: Python's C encoder only runs without indent, and 10k certificates matter
+    return json.dumps(data, separators=(",", ":")) + "\n"

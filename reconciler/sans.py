@@ -10,6 +10,12 @@ import ipaddress
 import re
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# lower-case LDH labels with at least one letter somewhere (so never an IPv4 lookalike),
+# optionally a leading "*." on a name of three or more labels
+_PLAIN_DNS = re.compile(
+    r"^(?=.{1,253}$)(?=.*[a-z])(?:\*\.(?=[^.]+\.[^.]+))?(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*$"
+)
+_MAYBE_IP = re.compile(r"^[0-9.]+$|^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.%]*(%.*)?$")
 
 
 class SANError(ValueError):
@@ -20,12 +26,20 @@ def normalise(value: str) -> str:
     """Return the canonical form of one SAN, or raise SANError saying why it is neither DNS nor IP."""
     if not isinstance(value, str) or not value.strip():
         raise SANError(f"{value!r} is empty; a SAN is a DNS name or an IP address")
+    if _PLAIN_DNS.match(value):  # the common case, already canonical: one regex, no parsing
+        return value
     text = value.strip()
     candidate = text[1:-1] if text.startswith("[") and text.endswith("]") else text
     try:
-        return "IP:" + str(ipaddress.ip_address(candidate))
+        # only strings that could be addresses pay for the attempt (exceptions are slow)
+        ip = ipaddress.ip_address(candidate) if _MAYBE_IP.match(candidate) else None
     except ValueError:
-        pass
+        ip = None
+    if ip is not None:
+        if getattr(ip, "scope_id", None):
+            # a zone index ("%eth0") only means something on this host; no certificate can carry it
+            raise SANError(f"{value!r} has a zone index; a certificate can only hold the address, write {str(ip).split('%')[0]!r}")
+        return "IP:" + str(ip)
     name = text.lower().rstrip(".")
     if len(name) > 253:
         raise SANError(f"{value!r} is longer than 253 characters")
@@ -33,6 +47,8 @@ def normalise(value: str) -> str:
     for i, label in enumerate(labels):
         if label == "*" and i == 0 and len(labels) >= 3:
             continue
+        if label == "*" and i == 0:
+            raise SANError(f"{value!r} is a wildcard for a whole top-level domain; a wildcard needs a domain under it, e.g. \"*.example.com\"")
         if "*" in label:
             raise SANError(
                 f"{value!r} has a wildcard that is not a whole left-most label; write e.g. \"*.example.com\""

@@ -21,8 +21,10 @@ class StatusStore:
         self.path = state_dir / "status.json"
         self.data: dict[str, Any] = {"version": VERSION, "certificates": {}, "manifest": {}}
         self.warning: str | None = None
+        self._saved: bytes | None = None
         try:
-            raw = json.loads(self.path.read_bytes())
+            data = self.path.read_bytes()
+            raw = json.loads(data)
         except FileNotFoundError:
             return
         except (OSError, ValueError) as exc:
@@ -35,6 +37,7 @@ class StatusStore:
             return
         raw.setdefault("manifest", {})
         self.data = raw
+        self._saved = data  # save() compares against it: an unchanged store is not rewritten
 
     def cert(self, name: str) -> dict[str, Any]:
         entry = self.data["certificates"].setdefault(name, {})
@@ -72,8 +75,17 @@ class StatusStore:
                 del self.data["certificates"][name]
 
     def save(self) -> None:
-        payload = json.dumps(self.data, indent=1, sort_keys=True).encode()
+        """Write the store if anything in it changed: a pass with nothing to do writes nothing."""
+        payload = _encode(self.data)
+        if payload == self._saved:
+            return
         write_atomic(self.path, payload, mode=0o600, make_parents=True)
+        self._saved = payload
+
+
+def _encode(data: dict) -> bytes:
+    # sorted keys so equal content is equal bytes; no indent, so Python's C encoder runs
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
 def read_only(state_dir: Path) -> StatusStore:

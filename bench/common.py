@@ -1,0 +1,56 @@
+"""Shared bench helpers: manifests of N certificates, and timing a whole `reconcile` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def manifest(folder: Path, n: int, **extra) -> Path:
+    entries = [
+        {
+            "common_name": f"h{i}.bench.example",
+            "sans": [f"alt{i}.bench.example", f"10.{i // 62500}.{i // 250 % 250}.{i % 250}"],
+            "cert_path": f"certs/{i // 1000}/h{i}.crt",
+            "key_path": f"keys/{i // 1000}/h{i}.key",
+            **extra,
+        }
+        for i in range(n)
+    ]
+    path = folder / "certificate-manifest.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def run(args: list[str], state_dir: Path) -> tuple[float, int, int, int]:
+    """Run `python -m reconciler ARGS`; returns (wall seconds, exit code, peak RSS KiB, blocks written)."""
+    env = dict(os.environ, RECONCILER_STATE_DIR=str(state_dir), PYTHONPATH=str(REPO), NO_COLOR="1")
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "reconciler", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode not in (0, 2):
+        raise SystemExit(f"reconcile {' '.join(args)} failed ({proc.returncode}):\n{err}")
+    return wall, proc.returncode, usage.ru_maxrss, usage.ru_oublock
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, int, int]]:
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            out[os.path.join(dirpath, name)] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return out
+
+
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
