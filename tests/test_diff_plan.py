@@ -1,0 +1,766 @@
+"""diff and plan: every row of DESIGN.md's drift table, on real certificates and files.
+
+Certificates are issued by the embedded CA (`LocalCA`) into tmp folders, observed with
+the real `observe`, and planned with a fixed `now` derived from the certificate itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import os
+import stat
+import tempfile
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reconciler.crypto import key_to_pem
+from reconciler.diff import CHMOD, CHOWN, ISSUE, REISSUE, RENEW, RUN_HOOK, diff, renewal_due_at
+from reconciler.issuers import IssueRequest
+from reconciler.issuers.local import LocalCA
+from reconciler.manifest import build
+from reconciler.model import Desired, DesiredCert
+from reconciler.observe import FileState, Observed, Trust, observe
+from reconciler.plan import make_plan, plan_cert
+from reconciler.sans import display
+
+UID, GID = os.getuid(), os.getgid()
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@functools.cache
+def make_key(kind: str, n: int = 0):
+    """Keys are slow to make (RSA); each (kind, n) is made once per session."""
+    if kind == "EC P-256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if kind == "EC P-384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if kind.startswith("RSA "):
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(kind.split()[1]))
+    if kind == "Ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    raise ValueError(kind)
+
+
+KEY_FIELDS = {
+    "EC P-256": {"type": "EC"},
+    "EC P-384": {"type": "EC", "curve": "P-384"},
+    "RSA 2048": {"type": "RSA", "size": 2048},
+    "RSA 3072": {"type": "RSA", "size": 3072},
+    "RSA 4096": {"type": "RSA", "size": 4096},
+    "Ed25519": {"type": "Ed25519"},
+}
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory) -> LocalCA:
+    ca = LocalCA(tmp_path_factory.mktemp("ca") / "ca")
+    ca._ensure()  # create it now, as a first `apply` would
+    return ca
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory) -> LocalCA:
+    ca = LocalCA(tmp_path_factory.mktemp("other-ca") / "ca")
+    ca._ensure()
+    return ca
+
+
+@pytest.fixture(scope="module")
+def trust(ca) -> Trust:
+    return Trust.of(ca.trust_roots(), authoritative=True)
+
+
+def desire(folder: Path, **fields) -> DesiredCert:
+    """One entry through the real load+validate, paths relative to `folder`."""
+    entry = {"common_name": "svc.example.com", "cert_path": "svc.crt", "key_path": "svc.key", **fields}
+    entry = {k: v for k, v in entry.items() if v is not None}
+    (cert,) = build([entry], folder / "certificate-manifest.json").certificates
+    return cert
+
+
+def issue(ca: LocalCA, cert: DesiredCert, key=None, common_name: str | None = None, sans=None, duration: timedelta | None = None):
+    """A certificate from `ca` made to `cert` unless told otherwise: (leaf+chain PEM, key)."""
+    key = key if key is not None else make_key(cert.key.describe())
+    request = IssueRequest(
+        name=cert.name,
+        common_name=common_name if common_name is not None else cert.common_name,
+        sans=tuple(sans if sans is not None else (display(s) for s in cert.sans)),
+        duration=duration or cert.duration,
+        cert_type=cert.cert_type,
+        key=cert.key,
+    )
+    issued = ca.issue(request, key)
+    return issued.leaf_pem + issued.chain_pem, key
+
+
+def write(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chmod(path, mode)
+
+
+def deploy(ca: LocalCA, cert: DesiredCert, **kw) -> None:
+    """Put a certificate and its key on disk exactly as the manifest wants them."""
+    pem, key = issue(ca, cert, **kw)
+    write(cert.cert_path, pem, cert.cert_mode)
+    write(cert.key_path, key_to_pem(key), cert.key_mode)
+
+
+def valid_now(observed: Observed) -> datetime:
+    """A moment well inside the certificate's life and outside any renewal window."""
+    assert observed.cert is not None, observed
+    return observed.cert.not_before + timedelta(minutes=5)
+
+
+def plan_for(cert: DesiredCert, trust: Trust, now: datetime | None = None, hook_pending: bool = False):
+    observed = observe(cert, trust)
+    return plan_cert(cert, observed, now or valid_now(observed), hook_pending), observed
+
+
+def actions(plan) -> list[tuple[str, str]]:
+    return [(a.action, a.reason) for a in plan.actions]
+
+
+# --------------------------------------------------------------------------- in sync
+
+
+def test_a_certificate_made_to_the_manifest_plans_nothing(tmp_path, ca, trust):
+    cert = desire(tmp_path, sans=["api.example.com", "10.0.0.5", "2001:DB8::1"], owner=f"{UID}:{GID}")
+    deploy(ca, cert)
+    plan, observed = plan_for(cert, trust)
+    assert observed.chains_to_issuer is True and observed.key_matches
+    assert plan.actions == () and plan.error is None
+    assert diff(cert, observed, valid_now(observed)) == []
+
+
+def test_observe_reports_the_facts_of_a_good_certificate(tmp_path, ca, trust):
+    cert = desire(tmp_path, sans=["10.0.0.5"], key={"type": "EC", "curve": "P-384"})
+    deploy(ca, cert)
+    o = observe(cert, trust)
+    assert o.cert_file.kind == o.key_file.kind == "file"
+    assert (o.cert_file.uid, o.cert_file.mode, o.key_file.mode) == (UID, 0o644, 0o600)
+    assert o.cert.common_name == "svc.example.com"
+    assert o.cert.sans == frozenset({"svc.example.com", "IP:10.0.0.5"})
+    assert o.cert.key_type == "EC P-384"
+    assert o.cert.not_after - o.cert.not_before == timedelta(hours=24, minutes=1)  # 1 min backdate
+    assert o.cert.issued_by in trust.fingerprints
+    assert o.key_public_id == o.cert.public_key_id
+
+
+# --------------------------------------------------------------------------- issue
+
+
+def test_missing_certificate_is_issued(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    cert.cert_path.unlink()
+    plan, _ = plan_for(cert, trust, now=datetime.now(timezone.utc))
+    assert actions(plan) == [(ISSUE, "certificate file missing")]
+
+
+def test_missing_key_is_issued(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    cert.key_path.unlink()
+    plan, _ = plan_for(cert, trust, now=datetime.now(timezone.utc))
+    assert actions(plan) == [(ISSUE, "key file missing")]
+    assert [d.field for d in plan.actions[0].drifts] == ["key_file"]
+
+
+def test_nothing_on_disk_is_one_issue_naming_both_files(tmp_path, trust):
+    cert = desire(tmp_path, cert_path="new/dir/a.crt", key_path="new/dir/a.key")
+    plan, _ = plan_for(cert, trust, now=datetime.now(timezone.utc))
+    assert actions(plan) == [(ISSUE, "certificate file missing; key file missing")]
+
+
+def test_a_path_that_cannot_be_read_is_an_observation_and_issued(tmp_path, ca, trust):
+    (tmp_path / "not-a-dir").write_text("x")
+    cert = desire(tmp_path, cert_path="not-a-dir/svc.crt")
+    deploy(ca, replace(cert, cert_path=tmp_path / "elsewhere.crt"))
+    plan, observed = plan_for(cert, trust, now=datetime.now(timezone.utc))
+    assert observed.cert_file.kind == "unreadable"
+    assert actions(plan) == [(ISSUE, "certificate file unreadable: a parent of the path is not a directory")]
+
+
+def test_an_unreadable_file_is_issued(tmp_path):
+    """Root reads everything, so the observation itself is made up here: diff is pure."""
+    cert = desire(tmp_path)
+    observed = Observed(FileState("unreadable", 0, 0, 0o000, "Permission denied"), FileState("file", 0, 0, 0o600))
+    plan = plan_cert(cert, observed, datetime.now(timezone.utc))
+    assert actions(plan) == [(ISSUE, "certificate file unreadable: Permission denied")]
+
+
+@pytest.mark.parametrize(
+    "garbage, words",
+    [
+        (b"hello, I am not a certificate\n", "not a PEM X.509 certificate"),
+        (b"", "not a PEM X.509 certificate"),
+        (os.urandom(2048), "not a PEM X.509 certificate"),
+        (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "not a PEM X.509 certificate"),
+        (b"x" * (1024 * 1024 + 10), "larger than 1 MiB"),
+    ],
+)
+def test_a_garbage_certificate_is_issued_not_a_crash(tmp_path, ca, trust, garbage, words):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    cert.cert_path.write_bytes(garbage)
+    plan, observed = plan_for(cert, trust, now=datetime.now(timezone.utc))
+    assert observed.cert is None and words in observed.cert_error
+    assert actions(plan) == [(ISSUE, f"certificate does not parse: {observed.cert_error}")]
+
+
+def test_a_certificate_with_a_key_algorithm_cryptography_cannot_load_is_garbage_not_a_crash(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    pem = cert.cert_path.read_bytes()
+    from cryptography import x509
+
+    der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    id_ec_public_key = bytes.fromhex("06072a8648ce3d0201")
+    assert der.count(id_ec_public_key) == 1
+    der = der.replace(id_ec_public_key, bytes.fromhex("06072a8648ce3d0209"))  # an unknown OID
+    cert.cert_path.write_bytes(b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE-----\n")
+    plan, observed = plan_for(cert, trust, now=datetime.now(timezone.utc))
+    assert observed.cert is None and "does not parse" in observed.cert_error
+    assert plan.actions[0].action == ISSUE
+
+
+@pytest.mark.parametrize(
+    "garbage, words",
+    [
+        (b"not a key", "not a PEM private key"),
+        (b"", "not a PEM private key"),
+        (b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "not a"),
+    ],
+)
+def test_a_garbage_key_is_issued_not_a_crash(tmp_path, ca, trust, garbage, words):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    cert.key_path.write_bytes(garbage)
+    plan, observed = plan_for(cert, trust, now=datetime.now(timezone.utc))
+    assert observed.key_public_id is None and words in observed.key_error
+    assert actions(plan) == [(ISSUE, f"key does not parse: {observed.key_error}")]
+
+
+def test_an_encrypted_key_is_issued_with_the_reason(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    key = make_key("EC P-256")
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"secret")
+    )
+    cert.key_path.write_bytes(encrypted)
+    plan, _ = plan_for(cert, trust, now=datetime.now(timezone.utc))
+    assert actions(plan) == [(ISSUE, "key does not parse: private key is encrypted; the reconciler manages unencrypted keys only")]
+
+
+def test_a_key_that_does_not_match_the_certificate_is_issued(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    cert.key_path.write_bytes(key_to_pem(make_key("EC P-256", 1)))
+    plan, observed = plan_for(cert, trust)
+    assert observed.cert is not None and not observed.key_matches
+    assert actions(plan) == [(ISSUE, "key does not match the certificate")]
+
+
+def test_garbage_in_both_files_is_one_issue(tmp_path, trust):
+    cert = desire(tmp_path)
+    write(cert.cert_path, b"junk", 0o644)
+    write(cert.key_path, b"junk", 0o600)
+    plan, _ = plan_for(cert, trust, now=datetime.now(timezone.utc))
+    assert [a.action for a in plan.actions] == [ISSUE]
+    assert [d.field for d in plan.actions[0].drifts] == ["certificate", "key"]
+
+
+# --------------------------------------------------------------------------- reissue
+
+
+def test_common_name_differs(tmp_path, ca, trust):
+    cert = desire(tmp_path, sans=["old.example.com"])
+    deploy(ca, cert, common_name="old.example.com")  # SANs still hold both names
+    plan, _ = plan_for(cert, trust)
+    assert actions(plan) == [(REISSUE, "common name is 'old.example.com', want 'svc.example.com'")]
+
+
+def test_san_set_differs_names_what_is_added_and_dropped(tmp_path, ca, trust):
+    cert = desire(tmp_path, sans=["www.example.com", "10.0.0.5"])
+    deploy(ca, cert, sans=["svc.example.com", "www.example.com", "old.example"])
+    plan, _ = plan_for(cert, trust)
+    assert actions(plan) == [(REISSUE, "SANs differ: adds 10.0.0.5, drops old.example")]
+    (drift,) = plan.actions[0].drifts
+    assert drift.field == "sans"
+    assert drift.observed == ["old.example", "svc.example.com", "www.example.com"]
+    assert drift.desired == ["10.0.0.5", "svc.example.com", "www.example.com"]
+
+
+def test_san_only_added_or_only_dropped(tmp_path, ca, trust):
+    cert = desire(tmp_path, sans=["2001:db8::1"])
+    deploy(ca, cert, sans=["svc.example.com"])
+    assert actions(plan_for(cert, trust)[0]) == [(REISSUE, "SANs differ: adds 2001:db8::1")]
+    deploy(ca, cert, sans=["svc.example.com", "2001:db8::1", "10.9.9.9"])
+    assert actions(plan_for(cert, trust)[0]) == [(REISSUE, "SANs differ: drops 10.9.9.9")]
+
+
+def test_the_common_name_counts_as_a_san(tmp_path, ca, trust):
+    """The shell script dropped the CN from the SAN list: such a certificate is re-issued."""
+    cert = desire(tmp_path, sans=["www.example.com"])
+    deploy(ca, cert, sans=["www.example.com"])
+    assert actions(plan_for(cert, trust)[0]) == [(REISSUE, "SANs differ: adds svc.example.com")]
+
+
+def test_ip_sans_in_another_spelling_compare_equal(tmp_path, ca, trust):
+    """The shell script's first bug: IP SANs never compared equal, so they were re-issued hourly."""
+    cert = desire(tmp_path, common_name="Svc.Example.COM", sans=["2001:DB8::1", "10.0.0.5", "WWW.example.com."])
+    deploy(ca, cert, sans=["10.0.0.5", "2001:db8:0:0:0:0:0:1", "www.EXAMPLE.com", "svc.example.com"])
+    assert plan_for(cert, trust)[0].actions == ()
+
+
+@pytest.mark.parametrize(
+    "have, want",
+    [
+        ("EC P-256", {"type": "EC", "curve": "P-384"}),
+        ("EC P-384", {"type": "EC"}),
+        ("Ed25519", {"type": "EC"}),
+        ("EC P-256", {"type": "Ed25519"}),
+        ("RSA 2048", {"type": "RSA", "size": 4096}),
+        ("RSA 2048", {"type": "EC"}),
+    ],
+)
+def test_key_type_differs(tmp_path, ca, trust, have, want):
+    cert = desire(tmp_path, key=want)
+    deploy(ca, cert, key=make_key(have))
+    plan, _ = plan_for(cert, trust)
+    assert actions(plan) == [(REISSUE, f"key type is {have}, want {cert.key.describe()}")]
+
+
+def test_issued_by_another_ca(tmp_path, other_ca, trust):
+    cert = desire(tmp_path)
+    deploy(other_ca, cert)
+    plan, observed = plan_for(cert, trust)
+    assert observed.chains_to_issuer is False
+    assert actions(plan) == [(REISSUE, "issued by another CA than the configured issuer")]
+
+
+def test_nothing_chains_to_an_embedded_ca_that_does_not_exist_yet(tmp_path, other_ca):
+    cert = desire(tmp_path)
+    deploy(other_ca, cert)
+    not_yet = LocalCA(tmp_path / "state" / "ca")
+    trust = Trust.of(not_yet.trust_roots(), authoritative=True)
+    assert trust.certs == ()
+    plan, observed = plan_for(cert, trust)
+    assert observed.chains_to_issuer is False
+    assert [a.action for a in plan.actions] == [REISSUE]
+    assert not (tmp_path / "state").exists()  # looking did not create it
+
+
+def test_unknown_trust_of_a_remote_ca_is_not_a_drift(tmp_path, other_ca):
+    """A step-ca whose root is not known locally yet: we cannot tell, so we do not re-issue."""
+    cert = desire(tmp_path)
+    deploy(other_ca, cert)
+    plan, observed = plan_for(cert, Trust.of([], authoritative=False))
+    assert observed.chains_to_issuer is None
+    assert plan.actions == ()
+
+
+def test_a_leaf_without_its_chain_still_chains_to_the_embedded_ca(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    pem, key = issue(ca, cert)
+    write(cert.cert_path, pem.split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n", 0o644)
+    write(cert.key_path, key_to_pem(key), 0o600)
+    assert plan_for(cert, trust)[0].actions == ()
+
+
+def test_several_identity_drifts_are_one_reissue_with_every_reason(tmp_path, other_ca, trust):
+    cert = desire(tmp_path, key={"type": "EC", "curve": "P-384"})
+    deploy(other_ca, cert, key=make_key("EC P-256"), common_name="old.example.com", sans=["old.example.com"])
+    plan, _ = plan_for(cert, trust)
+    (action,) = plan.actions
+    assert action.action == REISSUE
+    assert [d.field for d in action.drifts] == ["common_name", "sans", "key_type", "issuer"]
+    assert action.reason == "; ".join(d.reason for d in action.drifts)
+
+
+# --------------------------------------------------------------------------- renew
+
+
+def test_expired(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    observed = observe(cert, trust)
+    plan = plan_cert(cert, observed, observed.cert.not_after + timedelta(hours=2, minutes=5))
+    assert actions(plan) == [(RENEW, "expired 2h5m ago")]
+
+
+def test_expiring_this_very_second_counts_as_expired(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    observed = observe(cert, trust)
+    assert actions(plan_cert(cert, observed, observed.cert.not_after)) == [(RENEW, "expired 0s ago")]
+
+
+def test_inside_the_fixed_renewal_window(tmp_path, ca, trust):
+    cert = desire(tmp_path)  # renew_before 12h
+    deploy(ca, cert)
+    observed = observe(cert, trust)
+    now = observed.cert.not_after - timedelta(hours=3, minutes=12)
+    assert actions(plan_cert(cert, observed, now)) == [(RENEW, "expires in 3h12m, inside the 12h renewal window")]
+
+
+def test_outside_the_fixed_renewal_window(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    observed = observe(cert, trust)
+    # window 12h, plus at most 5 % of the lifetime (72m) of jitter
+    now = observed.cert.not_after - timedelta(hours=13, minutes=13)
+    assert plan_cert(cert, observed, now).actions == ()
+
+
+def test_inside_and_outside_a_share_of_the_lifetime(tmp_path, ca, trust):
+    cert = desire(tmp_path, renew_before="33%")  # of 24h1m: 7h55m
+    deploy(ca, cert)
+    observed = observe(cert, trust)
+    inside = plan_cert(cert, observed, observed.cert.not_after - timedelta(hours=5))
+    assert actions(inside) == [(RENEW, "expires in 5h, inside the 33% renewal window")]
+    # 7h55m + 5 % of 24h1m (1h12m) = 9h07m
+    assert plan_cert(cert, observed, observed.cert.not_after - timedelta(hours=9, minutes=10)).actions == ()
+
+
+def test_renewal_jitter_is_stable_earlier_never_later_and_within_5_percent(tmp_path):
+    cert = desire(tmp_path)
+    not_before = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    not_after = not_before + timedelta(hours=24)
+    dues = []
+    for i in range(50):
+        c = replace(cert, name=f"c{i}")
+        due = renewal_due_at(c, not_before, not_after)
+        assert due == renewal_due_at(c, not_before, not_after)
+        assert not_after - timedelta(hours=12) - timedelta(hours=24) * 0.05 <= due <= not_after - timedelta(hours=12)
+        dues.append(due)
+    assert len(set(dues)) > 40  # a fleet does not renew in the same second
+
+
+def test_identity_drift_wins_over_expiry(tmp_path, ca, trust):
+    cert = desire(tmp_path, sans=["www.example.com"])
+    deploy(ca, cert, sans=["svc.example.com"])
+    observed = observe(cert, trust)
+    for now in (observed.cert.not_after + timedelta(hours=1), observed.cert.not_after - timedelta(hours=1)):
+        drifts = diff(cert, observed, now)
+        assert [d.action for d in drifts] == [REISSUE]
+        assert [a.action for a in plan_cert(cert, observed, now).actions] == [REISSUE]
+
+
+# --------------------------------------------------------------------------- owner and mode
+
+
+def test_owner_differs_is_a_chown_only(tmp_path, ca, trust):
+    cert = desire(tmp_path, owner="4242:4343")
+    deploy(ca, cert)
+    plan, _ = plan_for(cert, trust)
+    assert [a.action for a in plan.actions] == [CHOWN]
+    assert plan.actions[0].reason == (
+        f"certificate owner {UID}:{GID}, want 4242:4343 (4242:4343); key owner {UID}:{GID}, want 4242:4343 (4242:4343)"
+    )
+    assert [d.field for d in plan.actions[0].drifts] == ["certificate_owner", "key_owner"]
+    assert plan.content_action is None
+
+
+def test_owner_with_a_user_only_leaves_the_group_alone(tmp_path, ca, trust):
+    cert = desire(tmp_path, owner="4242")
+    deploy(ca, cert)
+    plan, _ = plan_for(cert, trust)
+    assert [a.action for a in plan.actions] == [CHOWN]
+    assert plan.actions[0].drifts[0].desired == f"4242:{GID}"
+    assert plan_for(desire(tmp_path, owner=str(UID)), trust)[0].actions == ()
+
+
+def test_key_mode_differs_is_a_chmod_only(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    os.chmod(cert.key_path, 0o644)
+    plan, _ = plan_for(cert, trust)
+    assert actions(plan) == [(CHMOD, "key mode 0644, want 0600")]
+
+
+def test_certificate_and_key_mode_differ(tmp_path, ca, trust):
+    cert = desire(tmp_path, permissions="640")
+    deploy(ca, cert)
+    os.chmod(cert.cert_path, 0o644)
+    os.chmod(cert.key_path, 0o600)
+    plan, _ = plan_for(cert, trust)
+    assert actions(plan) == [(CHMOD, "certificate mode 0644, want 0640; key mode 0600, want 0640")]
+
+
+def test_owner_and_mode_differ_are_chown_then_chmod(tmp_path, ca, trust):
+    cert = desire(tmp_path, owner="4242:4343")
+    deploy(ca, cert)
+    os.chmod(cert.key_path, 0o640)
+    plan, _ = plan_for(cert, trust)
+    assert [a.action for a in plan.actions] == [CHOWN, CHMOD]
+
+
+def test_special_mode_bits_count_as_a_mode_difference(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    os.chmod(cert.cert_path, 0o4644)
+    plan, _ = plan_for(cert, trust)
+    assert actions(plan) == [(CHMOD, "certificate mode 4644, want 0644")]
+
+
+@pytest.mark.parametrize("content_drift", ["missing_key", "expired", "sans"])
+def test_a_content_action_suppresses_chown_and_chmod(tmp_path, ca, trust, content_drift):
+    """The new files are written with the right owner and mode anyway."""
+    cert = desire(tmp_path, owner="4242:4343", sans=["www.example.com"])
+    deploy(ca, cert, sans=["svc.example.com"] if content_drift == "sans" else None)
+    os.chmod(cert.cert_path, 0o600)
+    observed = observe(cert, trust)
+    now = valid_now(observed)
+    if content_drift == "missing_key":
+        cert.key_path.unlink()
+        observed = observe(cert, trust)
+    elif content_drift == "expired":
+        now = observed.cert.not_after + timedelta(minutes=1)
+    plan = plan_cert(cert, observed, now)
+    assert len(plan.actions) == 1
+    assert plan.actions[0].action in (ISSUE, REISSUE, RENEW)
+    assert not [d for d in plan.actions[0].drifts if d.action in (CHOWN, CHMOD)]
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def test_a_pending_hook_is_run_when_nothing_else_changes(tmp_path, ca, trust):
+    cert = desire(tmp_path, post_renewal_command="systemctl reload nginx")
+    deploy(ca, cert)
+    plan, _ = plan_for(cert, trust, hook_pending=True)
+    assert [a.action for a in plan.actions] == [RUN_HOOK]
+    assert "did not succeed" in plan.actions[0].reason
+    assert plan.runs_hook
+
+
+def test_a_pending_hook_comes_after_chown_and_chmod(tmp_path, ca, trust):
+    cert = desire(tmp_path, post_renewal_command="systemctl reload nginx")
+    deploy(ca, cert)
+    os.chmod(cert.key_path, 0o640)
+    plan, _ = plan_for(cert, trust, hook_pending=True)
+    assert [a.action for a in plan.actions] == [CHMOD, RUN_HOOK]
+
+
+def test_a_pending_hook_folds_into_a_content_action(tmp_path, trust):
+    cert = desire(tmp_path, post_renewal_command="systemctl reload nginx")
+    plan, _ = plan_for(cert, trust, now=datetime.now(timezone.utc), hook_pending=True)
+    assert [a.action for a in plan.actions] == [ISSUE]
+    assert plan.runs_hook
+
+
+def test_a_pending_hook_whose_command_was_removed_plans_nothing(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    plan, _ = plan_for(cert, trust, hook_pending=True)
+    assert plan.actions == () and not plan.runs_hook
+
+
+def test_chown_or_chmod_alone_runs_no_hook(tmp_path, ca, trust):
+    cert = desire(tmp_path, post_renewal_command="systemctl reload nginx")
+    deploy(ca, cert)
+    os.chmod(cert.key_path, 0o640)
+    plan, _ = plan_for(cert, trust)
+    assert [a.action for a in plan.actions] == [CHMOD]
+    assert not plan.runs_hook
+
+
+def test_hooks_run_once_per_distinct_command_in_manifest_order(tmp_path, ca, trust):
+    entries = [
+        {"name": "a", "common_name": "a.example.com", "cert_path": "a.crt", "key_path": "a.key", "post_renewal_command": "systemctl reload nginx"},
+        {"name": "b", "common_name": "b.example.com", "cert_path": "b.crt", "key_path": "b.key", "post_renewal_command": "systemctl reload postfix"},
+        {"name": "c", "common_name": "c.example.com", "cert_path": "c.crt", "key_path": "c.key", "post_renewal_command": "systemctl reload nginx"},
+        {"name": "d", "common_name": "d.example.com", "cert_path": "d.crt", "key_path": "d.key", "post_renewal_command": "systemctl reload nginx"},
+        {"name": "e", "common_name": "e.example.com", "cert_path": "e.crt", "key_path": "e.key"},
+        {"name": "f", "common_name": "f.example.com", "cert_path": "f.crt", "key_path": "f.key", "post_renewal_command": "systemctl reload haproxy"},
+    ]
+    desired = build(entries, tmp_path / "certificate-manifest.json")
+    by_name = {c.name: c for c in desired.certificates}
+    for name in ("c", "d", "f"):
+        deploy(ca, by_name[name])
+    os.chmod(by_name["f"].key_path, 0o640)  # chmod only: no hook
+    observed = {c.name: observe(c, trust) for c in desired.certificates}
+    now = valid_now(observed["c"])
+    plan = make_plan(desired, observed, now, hooks_pending=frozenset({"d"}))
+    assert [(p.cert.name, [a.action for a in p.actions]) for p in plan.certificates] == [
+        ("a", [ISSUE]),
+        ("b", [ISSUE]),
+        ("c", []),
+        ("d", [RUN_HOOK]),
+        ("e", [ISSUE]),
+        ("f", [CHMOD]),
+    ]
+    assert [(h.command, h.certificates) for h in plan.hooks] == [
+        ("systemctl reload nginx", ("a", "d")),
+        ("systemctl reload postfix", ("b",)),
+    ]
+    assert plan.changes and plan.errors == ()
+
+
+def test_a_plan_with_nothing_to_do_has_no_changes_and_no_hooks(tmp_path, ca, trust):
+    cert = desire(tmp_path, post_renewal_command="true")
+    deploy(ca, cert)
+    desired = Desired(issuer=build([], tmp_path / "m.json").issuer, certificates=(cert,), manifest_path=tmp_path / "m.json")
+    observed = {cert.name: observe(cert, trust)}
+    plan = make_plan(desired, observed, valid_now(observed[cert.name]))
+    assert not plan.changes and plan.hooks == () and plan.errors == ()
+
+
+# --------------------------------------------------------------------------- paths that cannot be managed
+
+
+def test_a_symlink_at_the_cert_path_is_an_error(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    real = replace(cert, cert_path=tmp_path / "real.crt")
+    deploy(ca, real)
+    cert.cert_path.symlink_to(tmp_path / "real.crt")
+    plan, observed = plan_for(cert, trust, now=datetime.now(timezone.utc))
+    assert observed.cert_file.kind == "symlink"
+    assert plan.actions == ()
+    assert "is a symlink to" in plan.error and str(tmp_path / "real.crt") in plan.error
+    assert '"allow_symlink": true' in plan.error
+
+
+def test_a_symlink_is_followed_when_allowed(tmp_path, ca, trust):
+    cert = desire(tmp_path, allow_symlink=True)
+    real = replace(cert, cert_path=tmp_path / "real.crt", key_path=tmp_path / "real.key")
+    deploy(ca, real)
+    cert.cert_path.symlink_to("real.crt")
+    cert.key_path.symlink_to("real.key")
+    plan, _ = plan_for(cert, trust)
+    assert plan.actions == () and plan.error is None
+
+
+def test_a_directory_at_the_key_path_is_an_error(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    cert.key_path.unlink()
+    cert.key_path.mkdir()
+    plan, _ = plan_for(cert, trust, now=datetime.now(timezone.utc))
+    assert plan.actions == ()
+    assert plan.error == f"key {cert.key_path} is a directory; point key_path at a file inside it"
+
+
+def test_a_fifo_at_the_cert_path_is_an_error_and_is_never_opened(tmp_path, trust):
+    cert = desire(tmp_path)
+    os.mkfifo(cert.cert_path)
+    plan, observed = plan_for(cert, trust, now=datetime.now(timezone.utc))
+    assert observed.cert_file.kind == "special"
+    assert "device, FIFO or socket" in plan.error
+
+
+def test_an_error_certificate_shows_in_the_plan_errors_and_runs_no_hook(tmp_path, ca, trust):
+    entries = [
+        {"name": "bad", "common_name": "a.example.com", "cert_path": "a.crt", "key_path": "a.key", "post_renewal_command": "x"},
+        {"name": "new", "common_name": "b.example.com", "cert_path": "b.crt", "key_path": "b.key"},
+    ]
+    desired = build(entries, tmp_path / "certificate-manifest.json")
+    (tmp_path / "a.crt").mkdir()
+    observed = {c.name: observe(c, trust) for c in desired.certificates}
+    plan = make_plan(desired, observed, datetime.now(timezone.utc), hooks_pending=frozenset({"bad"}))
+    assert [p.cert.name for p in plan.errors] == ["bad"]
+    assert plan.hooks == ()
+    assert plan.changes  # "new" is to be issued
+
+
+# --------------------------------------------------------------------------- property: made to the manifest → nothing to do
+
+_LABEL = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?\Z")
+_TLD = st.from_regex(r"\A[a-z]{2,6}\Z")
+
+
+@st.composite
+def dns_names(draw):
+    labels = draw(st.lists(_LABEL, min_size=1, max_size=3))
+    name = ".".join([*labels, draw(_TLD)])
+    if draw(st.booleans()) and len(labels) >= 1:
+        name = "*." + name
+    return name
+
+
+@st.composite
+def spelled(draw, canonical: str, kind: str, for_manifest: bool):
+    """Another spelling of the same name: case, trailing dot, IPv6 forms, brackets."""
+    import ipaddress
+
+    if kind == "dns":
+        mask = draw(st.lists(st.booleans(), min_size=len(canonical), max_size=len(canonical)))
+        text = "".join(c.upper() if up else c for c, up in zip(canonical, mask))
+        return text + ("." if draw(st.booleans()) else "")
+    ip = ipaddress.ip_address(canonical)
+    if kind == "v4":
+        return str(ip)
+    forms = [ip.compressed, ip.exploded, ip.compressed.upper(), ip.exploded.upper()]
+    text = draw(st.sampled_from(forms))
+    if for_manifest and draw(st.booleans()):
+        text = f"[{text}]"
+    return text
+
+
+@st.composite
+def manifests(draw):
+    cn = draw(dns_names().filter(lambda n: not n.startswith("*")))
+    extra = draw(
+        st.lists(
+            st.one_of(
+                dns_names().map(lambda n: ("dns", n)),
+                st.ip_addresses(v=4).map(lambda ip: ("v4", str(ip))),
+                st.ip_addresses(v=6).map(lambda ip: ("v6", str(ip))),
+            ),
+            max_size=6,
+            unique_by=lambda x: x[1],
+        )
+    )
+    names = [("dns", cn), *extra]
+    manifest_sans = [draw(spelled(n, k, True)) for k, n in extra]
+    cert_sans = [draw(spelled(n, k, False)) for k, n in names]
+    cert_sans = draw(st.permutations(cert_sans))
+    key = draw(st.sampled_from(sorted(KEY_FIELDS)))
+    cert_mode = draw(st.sampled_from(["644", "640", "444", "0600"]))
+    key_mode = draw(st.sampled_from(["600", "640", "400", "0600"]))
+    renew_before = draw(st.sampled_from(["12h", "90m", "33%", "1h30m"]))
+    return {
+        "entry": {
+            "common_name": draw(spelled(cn, "dns", True).filter(lambda s: not s.endswith("."))),
+            "sans": manifest_sans,
+            "cert_path": "tls/cert.pem",
+            "key_path": "tls/key.pem",
+            "owner": draw(st.sampled_from([f"{UID}:{GID}", str(UID)])),
+            "cert_permissions": cert_mode,
+            "key_permissions": key_mode,
+            "renew_before": renew_before,
+            "key": KEY_FIELDS[key],
+        },
+        "cert_sans": cert_sans,
+        "key": key,
+    }
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(case=manifests())
+def test_a_certificate_made_exactly_to_the_manifest_plans_nothing(ca, trust, case):
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        (cert,) = build([case["entry"]], folder / "certificate-manifest.json").certificates
+        pem, key = issue(ca, cert, key=make_key(case["key"]), sans=case["cert_sans"])
+        write(cert.cert_path, pem, cert.cert_mode)
+        write(cert.key_path, key_to_pem(key), cert.key_mode)
+        observed = observe(cert, trust)
+        assert stat.S_IMODE(os.stat(cert.key_path).st_mode) == cert.key_mode
+        now = valid_now(observed)
+        assert diff(cert, observed, now) == []
+        plan = plan_cert(cert, observed, now)
+        assert plan.actions == () and plan.error is None
