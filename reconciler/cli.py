@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -101,6 +102,7 @@ def build_parser(sub: str | None) -> argparse.ArgumentParser:
     p.add_argument("--resync", default="10m", help="with --watch: full pass at least this often (default 10m)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="with --watch: serve Prometheus metrics on /metrics")
     p.add_argument("--metrics-file", metavar="PATH", help="write Prometheus textfile-collector metrics after every pass")
+    p.add_argument("--poll", action="store_true", help="with --watch: poll folders every second instead of inotify (network filesystems)")
     return p
 
 
@@ -126,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     sub = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     args = build_parser(sub).parse_args(argv[1:] if sub else argv)
+    if not getattr(args, "watch", False):
+        # a one-shot run builds ~20 objects per certificate and frees them all at exit:
+        # the cyclic collector only costs time there (~25 % of a 10k-certificate plan)
+        gc.disable()
     setup_logging(args.log_format, args.verbose)
     from reconciler.issuers import IssuerError
     from reconciler.lock import LockTimeout

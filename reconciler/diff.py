@@ -54,7 +54,7 @@ def renewal_due_at(cert: DesiredCert, not_before: datetime, not_after: datetime)
     renew together."""
     lifetime = not_after - not_before
     window = cert.renew_before.window(lifetime)
-    digest = hashlib.sha256(f"{cert.name}\0{not_after.isoformat()}".encode()).digest()
+    digest = hashlib.sha256(f"{cert.name}\0{not_after.timestamp()}".encode()).digest()
     fraction = int.from_bytes(digest[:4], "big") / 2**32
     jitter = timedelta(seconds=lifetime.total_seconds() * JITTER_SHARE * fraction)
     return not_after - window - jitter

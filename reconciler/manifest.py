@@ -377,11 +377,6 @@ def _issuer(raw: Any, base: Path) -> IssuerSpec:
 
 def resolve_path(base: Path, value: str) -> Path:
     """A manifest path: relative ones resolve against the manifest's folder (symlinks kept)."""
-    return _resolve_path(str(base), value)
-
-
-@lru_cache(maxsize=65536)  # validation and resolution ask for the same paths; Path() is not free
-def _resolve_path(base: str, value: str) -> Path:
     return Path(os.path.normpath(os.path.join(base, value)))
 
 
@@ -520,9 +515,11 @@ class _Claim:
 
     where: str
     name: str | None  # None: not a usable string, already reported by the schema
-    cert_path: Path
-    key_path: Path
-    ca_path: Path | None
+    # normalised path strings: comparing them is all the cross-checks need, and a Path
+    # object per file costs more than the rest of the check for a 10k-entry manifest
+    cert_path: str
+    key_path: str
+    ca_path: str | None
 
 
 def _claim(e: Any, where: str, base: Path) -> _Claim | None:
@@ -530,9 +527,11 @@ def _claim(e: Any, where: str, base: Path) -> _Claim | None:
     if not isinstance(e, dict):
         return None
 
-    def p(field: str) -> Path | None:
+    folder = str(base)
+
+    def p(field: str) -> str | None:
         v = e.get(field)
-        return resolve_path(base, v) if isinstance(v, str) and v and "\0" not in v else None
+        return os.path.normpath(os.path.join(folder, v)) if isinstance(v, str) and v and "\0" not in v else None
 
     name = e.get("name", e.get("common_name"))
     cert_path, key_path = p("cert_path"), p("key_path")
@@ -543,15 +542,13 @@ def _claim(e: Any, where: str, base: Path) -> _Claim | None:
 
 def _cross_checks(claims: list[_Claim]) -> list[Issue]:
     issues: list[Issue] = []
-    # keyed by the path's string: hashing and comparing Path objects costs ~10x more
     owners: dict[str, tuple[_Claim, str]] = {}
     names: dict[str, _Claim] = {}
     for c in claims:
-        if str(c.cert_path) == str(c.key_path):
+        if c.cert_path == c.key_path:
             issues.append(Issue(f"{c.where}.key_path", f"is the same file as cert_path ({c.cert_path}); give the key its own file"))
         for field in ("cert_path", "key_path"):
-            path = getattr(c, field)
-            p = str(path)
+            p = getattr(c, field)
             if p in owners and owners[p][0] is not c:
                 other, other_field = owners[p]
                 issues.append(
@@ -566,7 +563,7 @@ def _cross_checks(claims: list[_Claim]) -> list[Issue]:
         else:
             names[c.name] = c
     for c in claims:
-        if c.ca_path is not None and str(c.ca_path) in owners:
-            other, other_field = owners[str(c.ca_path)]
+        if c.ca_path is not None and c.ca_path in owners:
+            other, other_field = owners[c.ca_path]
             issues.append(Issue(f"{c.where}.ca_path", f"{c.ca_path} is the {other_field} of {other.where}; give the CA root its own file"))
     return issues

@@ -75,16 +75,15 @@ class Trust:
     certs: tuple  # tuple[x509.Certificate, ...]
     fingerprints: tuple[str, ...]
     authoritative: bool  # an empty set means "nothing chains to it" (embedded CA) vs "unknown"
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(",".join(sorted(self.fingerprints)).encode()).hexdigest()[:16]
+    digest: str = ""  # of the fingerprints: part of every observation cache key
 
     @classmethod
     def of(cls, certs: list, authoritative: bool) -> "Trust":
         from cryptography.hazmat.primitives import hashes
 
-        return cls(tuple(certs), tuple(c.fingerprint(hashes.SHA256()).hex() for c in certs), authoritative)
+        fingerprints = tuple(c.fingerprint(hashes.SHA256()).hex() for c in certs)
+        digest = hashlib.sha256(",".join(sorted(fingerprints)).encode()).hexdigest()[:16]
+        return cls(tuple(certs), fingerprints, authoritative, digest)
 
 
 # --------------------------------------------------------------------------- files
