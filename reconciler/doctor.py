@@ -17,16 +17,18 @@ def _line(ok: bool, what: str, hint: str = "") -> str:
     return f"{mark} {what}" + (f"  — {hint}" if hint and not ok else "")
 
 
-def _state_dir_check(state_dir: Path) -> tuple[bool, str, str]:
+def _state_dir_check(state_dir: Path, label: str = "state folder") -> tuple[bool, str, str]:
     probe = state_dir
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    if not probe.is_dir():  # probing its parent instead would report a folder that can never exist as writable
+        return False, f"{label} {state_dir} cannot be created: {probe} is not a folder", "pass --state-dir a folder, or move that file away"
     try:
-        with tempfile.NamedTemporaryFile(dir=probe if probe.is_dir() else probe.parent, prefix=".reconciler-doctor-"):
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".reconciler-doctor-"):
             pass
-        return True, f"state folder {state_dir} is writable", ""
+        return True, f"{label} {state_dir} is writable", ""
     except OSError as exc:
-        return False, f"state folder {state_dir} is not writable ({exc.strerror})", "run as root, or pass --state-dir to a folder you own"
+        return False, f"{label} {state_dir} is not writable ({exc.strerror})", "run as root, or pass --state-dir to a folder you own"
 
 
 def _folder_check(path: Path) -> tuple[bool, str, str]:
@@ -80,7 +82,7 @@ def run_doctor(settings) -> int:
             if LocalCA(folder).trust_roots():
                 checks.append((True, f"embedded CA in {folder} is present", ""))
             else:
-                ok, what, hint = _state_dir_check(folder)
+                ok, what, hint = _state_dir_check(folder, "embedded CA folder")
                 checks.append((ok, f"embedded CA in {folder} will be created on the first pass" if ok else what, hint))
         seen_folders: set[Path] = set()
         seen_hooks: set[str] = set()

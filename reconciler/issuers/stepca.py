@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import ipaddress
 import json
 import logging
@@ -300,6 +301,7 @@ class StepCA:
         self._client: httpx.Client | None = None
         self._root_lock = threading.Lock()
         self._jwk = None  # the decrypted provisioner key (jwcrypto JWK), memory only
+        self._key_error: IssuerError | None = None  # why the key could not be had, this pass
         self._kid: str | None = None
         self._alg: str | None = None
         self._seen_intermediates: set[str] = set()
@@ -373,6 +375,7 @@ class StepCA:
                 self._client.close()
                 self._client = None
         self._jwk = None
+        self._key_error = None
 
     def __enter__(self) -> "StepCA":
         return self
@@ -714,12 +717,24 @@ class StepCA:
         return password
 
     def _provisioner_key(self):
-        """The decrypted JWK, decrypted once per instance on first use."""
+        """The decrypted JWK, decrypted once per instance on first use.
+
+        A failure that needs an operator (wrong password, no password file, no such
+        provisioner) is remembered as well: otherwise every certificate of the pass would
+        list the provisioners and run PBKDF2 again only to fail the same way. Transient
+        failures (CA unreachable) are not remembered; a later certificate may succeed."""
         if self._jwk is not None:
             return self._jwk
         with self._key_lock:
             if self._jwk is None:
-                self._jwk = self._decrypt_provisioner_key()
+                if self._key_error is not None:
+                    raise copy.copy(self._key_error)
+                try:
+                    self._jwk = self._decrypt_provisioner_key()
+                except IssuerError as exc:
+                    if not exc.transient:
+                        self._key_error = copy.copy(exc)
+                    raise
             return self._jwk
 
     def _decrypt_provisioner_key(self):
