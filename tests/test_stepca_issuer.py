@@ -686,3 +686,38 @@ def test_a_stopped_ca_is_unreachable_and_transient(step_ca, tmp_path):
     assert err.value.transient
     assert f"{parts.hostname}:{parts.port}" in str(err.value)
     assert "running" in err.value.hint
+
+
+def test_a_ca_that_lets_connections_time_out_costs_one_timeout_per_pass_not_one_per_certificate(step_ca, tmp_path):
+    import dataclasses
+    import socket
+
+    # a loopback listener whose accept queue is full: further SYNs are dropped, so a
+    # connection attempt times out exactly as with a firewall that drops packets
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    port = blackhole.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    time.sleep(0.2)
+    spec = dataclasses.replace(ca_spec(step_ca), url=f"https://127.0.0.1:{port}")
+    try:
+        with StepCA(spec, tmp_path, connect_timeout=1, read_timeout=2) as ca:
+            started = time.monotonic()
+            errors = []
+            for i in range(5):
+                with pytest.raises(IssuerError) as err:
+                    ca.issue(request_for(f"h{i}.example.internal"), ec_key())
+                errors.append(err.value)
+            elapsed = time.monotonic() - started
+    finally:
+        for s in fillers:
+            s.close()
+        blackhole.close()
+    assert all(e.transient and f"127.0.0.1:{port}" in str(e) for e in errors), [str(e) for e in errors]
+    assert elapsed < 2.5, f"five certificates took {elapsed:.1f}s: each waited for its own timeout"

@@ -302,6 +302,7 @@ class StepCA:
         self._root_lock = threading.Lock()
         self._jwk = None  # the decrypted provisioner key (jwcrypto JWK), memory only
         self._key_error: IssuerError | None = None  # why the key could not be had, this pass
+        self._silent_since: IssuerError | None = None  # a connect timeout seen in this pass
         self._kid: str | None = None
         self._alg: str | None = None
         self._seen_intermediates: set[str] = set()
@@ -547,6 +548,10 @@ class StepCA:
         what: str,
     ) -> tuple[int, Any]:
         """One request with a total deadline; returns (status, parsed JSON) for 2xx."""
+        if self._silent_since is not None:
+            # a CA that let a connection attempt time out in this pass is not asked again by
+            # every other certificate: each would wait out its own connect timeout
+            raise IssuerError(str(self._silent_since.args[0]), self._silent_since.hint, transient=True)
         client = client or self._http()
         label = f"{method} {path}"
         deadline = time.monotonic() + self.connect_timeout + self.read_timeout
@@ -569,7 +574,10 @@ class StepCA:
         except IssuerError:
             raise
         except httpx.HTTPError as exc:
-            raise self._network_error(exc, label, what) from None
+            error = self._network_error(exc, label, what)
+            if isinstance(exc, httpx.ConnectTimeout):
+                self._silent_since = error
+            raise error from None
         if status >= 500:
             raise IssuerError(
                 f"step-ca at {self.url} failed while {what} ({label}: HTTP {status}): {_ca_message(raw)}",
