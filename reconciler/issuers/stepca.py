@@ -581,7 +581,7 @@ class StepCA:
         if status >= 500:
             raise IssuerError(
                 f"step-ca at {self.url} failed while {what} ({label}: HTTP {status}): {_ca_message(raw)}",
-                hint="a CA-side error; it is retried with backoff; see the step-ca log if it persists",
+                hint="a CA-side error; the next pass retries it; see the step-ca log if it persists",
                 transient=True,
             )
         if status >= 400:
@@ -633,7 +633,7 @@ class StepCA:
         if isinstance(exc, httpx.TimeoutException):
             return IssuerError(
                 f"step-ca at {self.hostport} did not answer {label} within {self.read_timeout:g}s",
-                hint="the CA is overloaded or stuck; this is retried with backoff",
+                hint="the CA is overloaded or stuck; the next pass retries it (--watch retries with backoff)",
                 transient=True,
             )
         if any(isinstance(e, socket.gaierror) for e in chain):
@@ -656,7 +656,7 @@ class StepCA:
             )
         return IssuerError(
             f"connection to step-ca at {self.hostport} broke off during {label}: {exc or type(exc).__name__}",
-            hint="a network or CA hiccup; this is retried with backoff",
+            hint="a network or CA hiccup; the next pass retries it (--watch retries with backoff)",
             transient=True,
         )
 
