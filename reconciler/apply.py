@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from reconciler.atomic import make_parents, sweep_temporaries, write_atomic
+from reconciler.atomic import commit, discard, fsync_dirs, make_parents, set_metadata, stage, sweep_temporaries
 from reconciler.diff import CHMOD, CHOWN, RENEW, RUN_HOOK
 from reconciler.hooks import HookOutcome, run_hook
 from reconciler.issuers import IssueRequest, Issuer, IssuerError
@@ -61,16 +61,9 @@ class DeployError(Exception):
     pass
 
 
-FAULT_ENV = "RECONCILER_FAULT_INJECT"
-
-
-def fault_point(name: str) -> None:
-    """Crash-consistency tests set RECONCILER_FAULT_INJECT=<point> to SIGKILL the process
-    right here, so they can prove a kill at any step loses nothing. Inert otherwise."""
-    if os.environ.get(FAULT_ENV) == name:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
+# crash-consistency tests: RECONCILER_FAULT_INJECT=<point>[@N] SIGKILLs the process at the
+# N-th fault_point("<point>") (see reconciler/faults.py for every point). Inert otherwise.
+from reconciler.faults import FAULT_ENV, fault_point  # noqa: E402,F401
 
 
 def _os_error(exc: OSError, what: str, path: Path) -> str:
@@ -82,13 +75,18 @@ def _os_error(exc: OSError, what: str, path: Path) -> str:
         errno.EACCES: "permission denied; run as root or give the reconciler write access to the folder",
         errno.EPERM: "operation not permitted; run as root (chown needs it)",
         errno.EROFS: "the filesystem is read-only",
+        errno.ELOOP: "it is a symlink now; refusing to follow it",
     }
     return f"cannot {what} {path}: {exc.strerror or exc}" + (f" ({hints[exc.errno]})" if exc.errno in hints else "")
 
 
-def sweep(plan: Plan) -> list[Path]:
-    """Remove temporary files earlier, killed passes left beside managed files."""
+def sweep(plan: Plan, extra: tuple[Path, ...] = ()) -> list[Path]:
+    """Remove temporary files earlier, killed passes left beside managed files (and in
+    `extra` folders: the state folder, where the status store is written)."""
     folders = {p.cert.cert_path.parent for p in plan.certificates} | {p.cert.key_path.parent for p in plan.certificates}
+    folders |= {p.cert.ca_path.parent for p in plan.certificates if p.cert.ca_path is not None}
+    folders |= {Path(os.path.realpath(path)).parent for p in plan.certificates if p.cert.allow_symlink for path in (p.cert.cert_path, p.cert.key_path)}
+    folders |= set(extra)
     removed: list[Path] = []
     for folder in sorted(folders):
         removed += sweep_temporaries(folder)
@@ -114,7 +112,6 @@ def _check_issued(cert: DesiredCert, key, leaf_pem: bytes) -> None:
 
     from reconciler.crypto import same_public_key
     from reconciler.observe import Trust, parse_cert
-    from reconciler.sans import renormalise
 
     try:
         leaf = x509.load_pem_x509_certificates(leaf_pem)[0]
@@ -123,32 +120,30 @@ def _check_issued(cert: DesiredCert, key, leaf_pem: bytes) -> None:
     if not same_public_key(leaf, key):
         raise IssuerError("the CA returned a certificate for another key than the one requested", hint="check the CA's logs")
     facts, err = parse_cert(leaf_pem, Trust.of([], False))
-    if facts is None or renormalise(facts.sans) != cert.sans:
+    if facts is None or facts.sans != cert.sans:
         got = ", ".join(sorted(facts.sans)) if facts else err
         raise IssuerError(f"the CA returned a certificate for other SANs ({got}) than requested", hint="check the CA's policy for this provisioner")
 
 
-def deploy(cert_plan: CertPlan, issuer: Issuer) -> CertResult:
+def deploy(cert_plan: CertPlan, issuer: Issuer, pending_dirs: set[Path] | None = None) -> CertResult:
     cert = cert_plan.cert
     action = cert_plan.content_action
     names = tuple(a.action for a in cert_plan.actions)
     try:
         if action is not None:
-            _deploy_content(cert, action.action, issuer)
+            _deploy_content(cert, action.action, issuer, pending_dirs)
             return CertResult(cert.name, names, True, content_changed=True)
-        for a in cert_plan.actions:
-            if a.action == CHOWN:
-                for path in (cert.cert_path, cert.key_path):
-                    try:
-                        os.chown(path, -1 if cert.uid is None else cert.uid, -1 if cert.gid is None else cert.gid, follow_symlinks=False)
-                    except OSError as exc:
-                        raise DeployError(_os_error(exc, "change the owner of", path)) from None
-            elif a.action == CHMOD:
-                for path, mode in ((cert.cert_path, cert.cert_mode), (cert.key_path, cert.key_mode)):
-                    try:
-                        os.chmod(path, mode)
-                    except OSError as exc:
-                        raise DeployError(_os_error(exc, "change the mode of", path)) from None
+        kinds = {a.action for a in cert_plan.actions}
+        if kinds & {CHOWN, CHMOD}:
+            # owner and mode in one step per file, never through a symlink that appeared
+            # since observe (unless the entry allows links), never wider than the final mode
+            uid = cert.uid if CHOWN in kinds else None
+            gid = cert.gid if CHOWN in kinds else None
+            for path, mode in ((cert.cert_path, cert.cert_mode), (cert.key_path, cert.key_mode)):
+                try:
+                    set_metadata(path, uid, gid, mode if CHMOD in kinds else None, follow_symlinks=cert.allow_symlink)
+                except OSError as exc:
+                    raise DeployError(_os_error(exc, "change the owner or mode of", path)) from None
         return CertResult(cert.name, names, True)
     except IssuerError as exc:
         return CertResult(cert.name, names, False, str(exc), transient=exc.transient)
@@ -161,7 +156,7 @@ def deploy(cert_plan: CertPlan, issuer: Issuer) -> CertResult:
         return CertResult(cert.name, names, False, f"unexpected error: {type(exc).__name__}: {exc}")
 
 
-def _deploy_content(cert: DesiredCert, action: str, issuer: Issuer) -> None:
+def _deploy_content(cert: DesiredCert, action: str, issuer: Issuer, pending_dirs: set[Path] | None = None) -> None:
     from reconciler.crypto import generate_key, key_to_pem
     from reconciler.observe import key_type_of
 
@@ -179,17 +174,38 @@ def _deploy_content(cert: DesiredCert, action: str, issuer: Issuer) -> None:
         body += issued.chain_pem.rstrip(b"\n") + b"\n"
     uid, gid = cert.uid, cert.gid
     # key first, then certificate: a crash in between shows as a key mismatch next pass
-    targets = [] if reuse else [("key", cert.key_path, key_to_pem(key), cert.key_mode)]
-    targets.append(("cert", cert.cert_path, body, cert.cert_mode))
+    targets = [] if reuse else [("key", _write_target(cert, cert.key_path), key_to_pem(key), cert.key_mode)]
+    targets.append(("cert", _write_target(cert, cert.cert_path), body, cert.cert_mode))
     if cert.ca_path is not None and issued.root_pem:
         targets.append(("ca", cert.ca_path, issued.root_pem, 0o644))
-    for kind, path, data, mode in targets:
+    # every file is written out in full before the first replaces its old version: a full
+    # disk or a failed write leaves the old key and certificate together, untouched
+    staged: list[tuple[str, Path, Path]] = []
+    try:
+        for kind, path, data, mode in targets:
+            try:
+                make_parents(path.parent)
+                staged.append((kind, stage(path, data, mode, uid, gid), path))
+            except OSError as exc:
+                raise DeployError(_os_error(exc, "write", path)) from None
+    except BaseException:
+        for _kind, tmp, _path in staged:
+            discard(tmp)
+        raise
+    for i, (kind, tmp, path) in enumerate(staged):
         try:
-            make_parents(path.parent)
-            write_atomic(path, data, mode, uid, gid)
+            commit(tmp, path, pending_dirs)
         except OSError as exc:
-            raise DeployError(_os_error(exc, "write", path)) from None
+            for _kind, rest, _path in staged[i + 1 :]:
+                discard(rest)
+            raise DeployError(_os_error(exc, "replace", path)) from None
         fault_point(f"after_{kind}")
+
+
+def _write_target(cert: DesiredCert, path: Path) -> Path:
+    """Where a write to `path` lands. A symlink is replaced, never written through, unless
+    the entry says "allow_symlink": true: then its final target is (observe followed it too)."""
+    return Path(os.path.realpath(path)) if cert.allow_symlink else path
 
 
 def apply(
@@ -203,7 +219,12 @@ def apply(
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     cwd: Path | None = None,
     serials: dict[str, str | None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    refuse_hooks: str | None = None,
 ) -> Result:
+    """`cancelled()` true (SIGTERM in --watch): certificates not yet started and hooks are
+    left for the next pass; a write in progress finishes. `refuse_hooks`: why no command
+    may run this pass (an untrusted manifest); each hook is reported failed and stays pending."""
     result = Result()
     todo = [p for p in plan.certificates if p.actions and not p.error]
     # a kill after a certificate is written but before it is recorded must still run
@@ -217,16 +238,28 @@ def apply(
         result.certificates.append(CertResult(p.cert.name, (), False, p.error))
     bar = _Progress(len([p for p in todo if p.content_action]), progress)
     outcomes: dict[str, CertResult] = {}
+    pending_dirs: set[Path] = set()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for res in pool.map(lambda p: (deploy(p, issuer), bar.tick())[0], todo):
+        def one(p: CertPlan) -> CertResult | None:
+            if cancelled is not None and cancelled():
+                return None
+            return (deploy(p, issuer, pending_dirs), bar.tick())[0]
+
+        for res in pool.map(one, todo):
+            if res is None:
+                continue
             outcomes[res.name] = res
             result.certificates.append(res)
     bar.done()
+    # every rename of the pass is durable before it is recorded or any hook runs
+    fsync_dirs(pending_dirs)
     stamp = now().isoformat()
     for p in todo:
-        res = outcomes[p.cert.name]
+        res = outcomes.get(p.cert.name)
         entry = status.cert(p.cert.name)
         entry.pop("deploying_from", None)
+        if res is None:  # never started: the pass was cancelled
+            continue
         if res.ok:
             entry.pop("last_error", None)
             entry.pop("last_error_at", None)
@@ -252,19 +285,26 @@ def apply(
 
     by_name = {p.cert.name: p for p in plan.certificates}
     for hook in plan.hooks:
+        if cancelled is not None and cancelled():
+            log.warning("stopping: hook %r left for the next start (recorded as pending)", hook.command)
+            continue
         ready = [n for n in hook.certificates if outcomes.get(n) is not None and outcomes[n].ok]
         if not ready:
             continue
         certs = [by_name[n].cert for n in ready]
         actions = {n: (by_name[n].content_action or by_name[n].actions[0]).action for n in ready}
         timeout = max(c.hook_timeout for c in certs).total_seconds()
-        outcome = run_hook(hook.command, certs, actions, timeout, cwd)
+        fault_point("before_hook")
+        if refuse_hooks:
+            outcome = HookOutcome(hook.command, tuple(ready), False, None, False, (), 0.0, refused=refuse_hooks)
+        else:
+            outcome = run_hook(hook.command, certs, actions, timeout, cwd)
         result.hooks.append(outcome)
         for n in ready:
             entry = status.cert(n)
             entry["hook"] = {
                 "command": hook.command,
-                "result": "ok" if outcome.ok else ("timeout" if outcome.timed_out else "failed"),
+                "result": "ok" if outcome.ok else ("timeout" if outcome.timed_out else "refused" if outcome.refused else "failed"),
                 "returncode": outcome.returncode,
                 "at": now().isoformat(),
                 "output_tail": list(outcome.output_tail),
@@ -272,6 +312,9 @@ def apply(
             entry["hook_pending"] = not outcome.ok
             if not outcome.ok:
                 entry["hook_failures"] = int(entry.get("hook_failures", 0) or 0) + 1
+        # recorded at once: a kill during a later hook must not run this one again
+        if after_files and outcome.ok:
+            after_files()
         if outcome.ok:
             log.info("hook %r for %s succeeded in %.1fs", hook.command, ", ".join(ready), outcome.seconds)
         else:

@@ -1,17 +1,27 @@
 """The one atomic-write helper.
 
-The temporary file is created in the target folder with O_CREAT|O_EXCL and its final
-mode, so a private key is never readable beyond that mode, not even for a moment; the
-owner is set before the rename; file and folder are fsynced. A crash leaves either the
-old file or the new one, plus at most a stray temporary file that `sweep_temporaries`
-removes on the next pass.
+The temporary file is created in the target folder with O_CREAT|O_EXCL|O_NOFOLLOW and
+only the owner bits of its final mode, while it still belongs to root: nobody but its
+creator can open it until its final owner is set, and only then does it get its final
+mode, so a private key is never readable beyond that mode, not even for a moment, even
+in a setgid folder. File and folder are fsynced. A crash leaves either the old file or
+the new one, plus at most a stray temporary file that `sweep_temporaries` removes on the
+next pass.
+
+`stage` + `commit` split a write in two, so that several files (a key and its
+certificate) are all written out before any of them replaces its old version: a full
+disk then fails before anything is replaced.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import stat
 from pathlib import Path
+
+from reconciler.faults import fault_point
 
 TMP_MARK = ".reconciler-tmp-"
 
@@ -29,6 +39,57 @@ def make_parents(folder: Path, mode: int = 0o755) -> None:
         folder.mkdir(parents=True, exist_ok=True, mode=mode)
 
 
+def stage(path: Path, data: bytes, mode: int, uid: int | None = None, gid: int | None = None) -> Path:
+    """Write `data` to a new temporary file beside `path` with its final owner and mode,
+    fsynced; returns the temporary's path for `commit` (or `discard`)."""
+    tmp = temporary_name(path)
+    # owner bits only, and the umask can only take bits away: until fchown below the file
+    # belongs to us, and a folder's setgid group must not be able to read it meanwhile
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o600)
+    try:
+        try:
+            fault_point("tmp_created")
+            if uid is not None or gid is not None:
+                os.fchmod(fd, mode & 0o600)
+                os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+            os.fchmod(fd, mode & 0o7777)  # after chown, which may clear set-id bits
+            view = memoryview(data)
+            half = len(view) // 2
+            for i, chunk in enumerate((view[:half], view[half:])):
+                while chunk:
+                    chunk = chunk[os.write(fd, chunk) :]
+                if i == 0:
+                    fault_point("tmp_partial")  # a torn temporary: half written, not renamed
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        discard(tmp)
+        raise
+    return tmp
+
+
+def commit(tmp: Path, path: Path, pending_dirs: set[Path] | None = None) -> None:
+    """Rename a staged temporary over `path` (the rename replaces a symlink, never follows it)."""
+    fault_point("before_rename")
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        discard(tmp)
+        raise
+    if pending_dirs is None:
+        fsync_dir(path.parent)
+    else:
+        pending_dirs.add(path.parent)
+
+
+def discard(tmp: Path) -> None:
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
 def write_atomic(
     path: Path,
     data: bytes,
@@ -43,34 +104,36 @@ def write_atomic(
     folder = path.parent
     if make_parents and not folder.is_dir():
         folder.mkdir(parents=True, exist_ok=True, mode=0o755)
-    tmp = temporary_name(path)
-    # umask must not loosen or tighten what we ask for: fchmod after open sets it exactly,
-    # and the open mode already excludes every bit we do not want.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o777)
+    commit(stage(path, data, mode, uid, gid), path, pending_dirs)
+
+
+def set_metadata(path: Path, uid: int | None, gid: int | None, mode: int | None, follow_symlinks: bool = False) -> None:
+    """chown + chmod of an existing regular file, through one descriptor opened without
+    following a symlink (unless asked): a path swapped for a link since it was observed
+    fails with ELOOP instead of changing the link's target. While the owner changes the
+    mode is first narrowed to what both old and new allow, so no new owner or group ever
+    sees the file with more than its final mode."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
     try:
-        try:
-            os.fchmod(fd, mode & 0o7777)
-            if uid is not None or gid is not None:
-                os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
-                os.fchmod(fd, mode & 0o7777)  # chown may clear set-id bits
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if pending_dirs is None:
-        fsync_dir(folder)
-    else:
-        pending_dirs.add(folder)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        current = stat.S_IMODE(st.st_mode)
+        final = current if mode is None else mode
+        new_uid = st.st_uid if uid is None else uid
+        new_gid = st.st_gid if gid is None else gid
+        chowned = (new_uid, new_gid) != (st.st_uid, st.st_gid)
+        if chowned:
+            if current & final != current:
+                os.fchmod(fd, current & final)
+            os.fchown(fd, new_uid, new_gid)
+            fault_point("after_chown")
+        if chowned or final != current:
+            os.fchmod(fd, final)
+            fault_point("after_chmod")
+    finally:
+        os.close(fd)
 
 
 def fsync_dirs(folders: set[Path]) -> None:

@@ -53,6 +53,16 @@ def setup_logging(fmt: str, verbose: int) -> None:
     root.propagate = False
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 86400 seconds")
+    return value
+
+
 def common_options() -> argparse.ArgumentParser:
     from reconciler.passes import default_state_dir
 
@@ -79,6 +89,14 @@ def common_options() -> argparse.ArgumentParser:
     s.add_argument("--fingerprint", default=env("RECONCILER_FINGERPRINT"), help="SHA-256 fingerprint of the CA's root, instead of --root (env RECONCILER_FINGERPRINT)")
     s.add_argument("--provisioner", default=env("RECONCILER_PROVISIONER"), help="JWK provisioner name (env RECONCILER_PROVISIONER)")
     s.add_argument("--password-file", default=env("RECONCILER_PASSWORD_FILE"), help="file holding the provisioner password (env RECONCILER_PASSWORD_FILE)")
+    s.add_argument(
+        "--ca-timeout",
+        type=_seconds,
+        default=env("RECONCILER_CA_TIMEOUT") or "30",  # argparse converts a string default with `type`
+        metavar="SECONDS",
+        help="give up on a step-ca answer that has not finished after this long, plus at most 5 s to connect "
+        "(env RECONCILER_CA_TIMEOUT; default 30)",
+    )
     return p
 
 
@@ -98,6 +116,13 @@ def build_parser(sub: str | None) -> argparse.ArgumentParser:
     p.add_argument("--detailed-exitcode", action="store_true", help="exit 2 when changes were planned (--plan) or made")
     p.add_argument("--lock-timeout", type=float, default=60.0, metavar="SECONDS", help="wait this long for another pass to finish (default 60)")
     p.add_argument("--workers", type=int, default=4, help="certificates issued concurrently (default 4)")
+    p.add_argument(
+        "--allow-untrusted-manifest",
+        action="store_true",
+        default=os.environ.get("RECONCILER_ALLOW_UNTRUSTED_MANIFEST", "") not in ("", "0"),
+        help="as root, run post_renewal_commands even when a user other than root can write the manifest or a "
+        "folder above it (they run as root: see docs/security.md; env RECONCILER_ALLOW_UNTRUSTED_MANIFEST=1)",
+    )
     p.add_argument("--watch", action="store_true", help="keep running: reconcile on manifest saves, damaged files, renewal deadlines")
     p.add_argument("--resync", default="10m", help="with --watch: full pass at least this often (default 10m)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="with --watch: serve Prometheus metrics on /metrics")
@@ -115,6 +140,8 @@ def settings_from(args):
         issuer_options=IssuerOptions(args.ca_url, args.root, args.fingerprint, args.provisioner, args.password_file),
         lock_timeout=getattr(args, "lock_timeout", 60.0),
         workers=getattr(args, "workers", 4),
+        allow_untrusted_manifest=getattr(args, "allow_untrusted_manifest", False),
+        ca_timeout=args.ca_timeout,
     )
 
 
@@ -136,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from reconciler.issuers import IssuerError
     from reconciler.lock import LockTimeout
     from reconciler.manifest import ManifestError
+    from reconciler.status import StatusError
 
     try:
         if sub == "validate":
@@ -160,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     except LockTimeout as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except IssuerError as exc:
+    except (IssuerError, StatusError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

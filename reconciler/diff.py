@@ -62,6 +62,8 @@ def renewal_due_at(cert: DesiredCert, not_before: datetime, not_after: datetime)
 
 def diff(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: bool = False) -> list[Drift]:
     """Every drift of `cert`, in table order. Raises Blocked when the path cannot be managed."""
+    if observed.folder_problem:
+        raise Blocked(observed.folder_problem)
     for label, path, state in (("cert", cert.cert_path, observed.cert_file), ("key", cert.key_path, observed.key_file)):
         problem = _file_problem(label, path, state, cert.allow_symlink)
         if problem:

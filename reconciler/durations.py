@@ -9,6 +9,7 @@ from functools import lru_cache
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PART = re.compile(r"(\d+)([smhdw])")
 _WHOLE = re.compile(r"^(?:\d+[smhdw])+$")
+MAX_SECONDS = 100 * 366 * 86400
 
 
 class DurationError(ValueError):
@@ -21,7 +22,13 @@ def parse_duration(text: str) -> timedelta:
         raise DurationError(
             f"{text!r} is not a duration; write a number and a unit, e.g. \"90m\", \"12h\", \"2d\" or \"1h30m\""
         )
-    seconds = sum(int(n) * _UNITS[u] for n, u in _PART.findall(text))
+    parts = _PART.findall(text)
+    # a number no certificate lifetime needs (and one Python's int() or timedelta refuses)
+    if any(len(n.lstrip("0")) > 12 for n, _ in parts):
+        raise DurationError(f"{text[:40]!r}{'…' if len(text) > 40 else ''} is longer than any certificate lives; use at most 100 years")
+    seconds = sum(int(n) * _UNITS[u] for n, u in parts)
+    if seconds > MAX_SECONDS:
+        raise DurationError(f"{text[:40]!r}{'…' if len(text) > 40 else ''} is longer than any certificate lives; use at most 100 years")
     if seconds <= 0:
         raise DurationError(f"{text!r} is zero; a duration must be longer than that")
     return timedelta(seconds=seconds)

@@ -8,6 +8,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from reconciler.faults import fault_point
 from reconciler.model import DesiredCert
 from reconciler.sans import ordered
 
@@ -24,8 +25,11 @@ class HookOutcome:
     timed_out: bool
     output_tail: tuple[str, ...]
     seconds: float
+    refused: str | None = None  # why it was not run at all
 
     def describe(self) -> str:
+        if self.refused:
+            return f"was not run: {self.refused}"
         if self.timed_out:
             return "timed out and was killed"
         if self.returncode is not None and self.returncode < 0:
@@ -62,6 +66,7 @@ def run_hook(command: str, certs: list[DesiredCert], actions: dict[str, str], ti
         cwd=cwd,
         start_new_session=True,  # its own process group, so a timeout kills everything it started
     )
+    fault_point("hook_started")
     timed_out = False
     try:
         out, _ = proc.communicate(timeout=timeout)

@@ -46,7 +46,13 @@ class Issue:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
+        # a hostile manifest's 10 MB key or value must not come back as a 10 MB message
+        path, message = _clip(self.path, 200), _clip(self.message, 2000)
+        return f"{path}: {message}" if path else message
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 class ManifestError(Exception):
@@ -380,6 +386,22 @@ def resolve_path(base: Path, value: str) -> Path:
     return Path(os.path.normpath(os.path.join(base, value)))
 
 
+PATH_MAX, NAME_MAX = 4096, 255  # Linux: bytes in a whole path (with its NUL), in one name
+
+
+def path_problem(path: Path | None) -> str | None:
+    """A path no filesystem call can take: too long as a whole or in one of its names."""
+    if path is None:
+        return None
+    raw = os.fsencode(path)
+    if len(raw) >= PATH_MAX:
+        return f"is {len(raw)} bytes long once resolved; a path holds at most {PATH_MAX - 1} (PATH_MAX)"
+    longest = max(raw.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        return f"has a {len(longest)}-byte name in it; one file or folder name holds at most {NAME_MAX} bytes (NAME_MAX)"
+    return None
+
+
 def _mode(text: str) -> int:
     return int(text, 8)
 
@@ -452,9 +474,16 @@ def _resolve(
         v = e.get(field)
         return resolve_path(base, v) if isinstance(v, str) else None
 
+    for field in ("cert_path", "key_path", "ca_path"):
+        problem = path_problem(path_of(field))
+        if problem:
+            issues.append(Issue(at(field), problem))
+
     if issues:
         return None, issues
     guest_id = e.get("guest_id")
+    if isinstance(guest_id, int) and not 0 <= guest_id < 2**63:
+        return None, [Issue(at("guest_id"), "is out of range; a guest id is a number from 0 to 2^63 - 1, or a string")]
     return (
         DesiredCert(
             name=e.get("name", e["common_name"]),
@@ -485,14 +514,23 @@ def _resolve(
     )
 
 
+MAX_NAME = 256  # LOGIN_NAME_MAX
+MAX_ID = 2**32 - 2  # uid_t and gid_t; 2**32 - 1 means "no change" to chown
+
+
 @lru_cache(maxsize=1024)  # passwd/group lookups go through NSS on every call
 def resolve_owner(owner: str) -> tuple[int | None, int | None, str | None]:
     """"user:group" / "user" / "0:33" → (uid, gid, problem). gid None means "leave the group"."""
     user, _, group = owner.partition(":")
     uid = gid = None
     problems = []
+    # a name longer than any system allows never reaches NSS: some modules abort on it
+    if len(user) > MAX_NAME or len(group) > MAX_NAME:
+        return None, None, f"is {len(owner)} characters long; user and group names hold at most {MAX_NAME}"
     if user.isdigit():
         uid = int(user)
+        if uid > MAX_ID:
+            problems.append(f"uid {user[:20]}{'…' if len(user) > 20 else ''} is out of range (0 to {MAX_ID})")
     else:
         try:
             uid = pwd.getpwnam(user).pw_uid
@@ -501,6 +539,8 @@ def resolve_owner(owner: str) -> tuple[int | None, int | None, str | None]:
     if group:
         if group.isdigit():
             gid = int(group)
+            if gid > MAX_ID:
+                problems.append(f"gid {group[:20]}{'…' if len(group) > 20 else ''} is out of range (0 to {MAX_ID})")
         else:
             try:
                 gid = grp.getgrnam(group).gr_gid

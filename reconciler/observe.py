@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,8 @@ class Observed:
     key_error: str | None = None
     # None: we cannot tell (no trust anchors known for a remote CA)
     chains_to_issuer: bool | None = None
+    # a folder above the files that someone other than root and the owner can write
+    folder_problem: str | None = None
 
     @property
     def key_matches(self) -> bool:
@@ -233,17 +235,146 @@ def parse_key(data: bytes) -> tuple[str | None, str | None]:
     return public_key_id(key.public_key()), None
 
 
+# --------------------------------------------------------------------------- folders
+
+
+def folder_problem(path: Path, owner_uid: int | None, memo: dict | None = None) -> str | None:
+    """sshd's StrictModes for the folders above a file we write as root: each existing folder
+    from the file's up to / must belong to root (or to the reconciler's user, or to the
+    certificate's owner) and be writable by no group and no other user, unless it is sticky
+    like /tmp (then others cannot rename or delete what is not theirs). Otherwise whoever can
+    write there can swap the files, or a folder, for a symlink between our check and our write.
+    Checked along the path as written and along its resolved form. `memo`: per pass, by folder."""
+    if memo is not None:
+        # files share folders: resolving the path above each one (realpath, a stat per
+        # level) once per folder instead of once per file is most of a 10k-file pass
+        whole = ("file-folder", os.path.dirname(os.fspath(path)), owner_uid)
+        if whole not in memo:
+            memo[whole] = _folder_problem(path, owner_uid, memo)
+        return memo[whole]
+    return _folder_problem(path, owner_uid, None)
+
+
+def _folder_problem(path: Path, owner_uid: int | None, memo: dict | None) -> str | None:
+    allowed = {0, os.geteuid()} | ({owner_uid} if owner_uid is not None else set())
+    for f in _folders_above(path):
+        key = (str(f), owner_uid)
+        if memo is not None and key in memo:
+            found = memo[key]
+        else:
+            found = _writable_by_others(f, allowed)
+            if memo is not None:
+                memo[key] = found
+        if found:
+            return (
+                f"{found[0]}, not only root and the certificate's owner; refusing to write keys there, "
+                f"as sshd's StrictModes would. Fix: {found[1]}"
+            )
+    return None
+
+
+def manifest_trust_problem(path: Path) -> str | None:
+    """Running as root, a manifest (or a folder above it) that another user can write hands
+    that user root: its post-renewal commands run as root. None when it is safe (or when we
+    are not root, and commands run as our own user anyway)."""
+    if os.geteuid() != 0:
+        return None
+    for f in (Path(os.path.realpath(path)), *_folders_above(path)):
+        found = _writable_by_others(f, {0})
+        if found:
+            return (
+                f"the manifest is not trusted: {found[0]}, and its post_renewal_commands would run as root; "
+                f"refusing to run them. Fix: {found[1]}; or pass --allow-untrusted-manifest "
+                "(env RECONCILER_ALLOW_UNTRUSTED_MANIFEST=1) if everyone who can write it may run commands as root"
+            )
+    return None
+
+
+def _folders_above(path: Path) -> list[Path]:
+    """The folders above `path`, along the path as written and along its resolved form."""
+    folder = Path(os.path.abspath(path)).parent
+    out = [folder, *folder.parents]
+    real = Path(os.path.realpath(folder))
+    if real != folder:
+        out += [real, *real.parents]
+    return out
+
+
+def _writable_by_others(target: Path, allowed: set[int]) -> tuple[str, str] | None:
+    """(what is wrong, the fix) when someone outside `allowed` (uids) can write `target`."""
+    try:
+        st = os.stat(target)
+    except OSError:
+        return None  # not there yet (created when written) or not reachable: the write says so
+    is_dir = stat.S_ISDIR(st.st_mode)
+    if not is_dir and not stat.S_ISREG(st.st_mode):
+        return None  # a file where a folder should be: the write fails with its own error
+    mode = stat.S_IMODE(st.st_mode)
+    owner_ok = st.st_uid in allowed
+    writable = bool(mode & 0o022) and not (is_dir and mode & stat.S_ISVTX)
+    if owner_ok and not writable:
+        return None
+    who = []
+    if not owner_ok:
+        who.append(f"its owner {_user(st.st_uid)}")
+    if writable and mode & 0o020:
+        who.append(f"group {_group(st.st_gid)}")
+    if writable and mode & 0o002:
+        who.append("every user")
+    fixes = []
+    if not owner_ok:
+        fixes.append(f"chown root {target}")
+    if writable:
+        fixes.append(f"chmod go-w {target}")
+    kind = "folder" if is_dir else "file"
+    return (
+        f"{kind} {target} (owner {_user(st.st_uid)}, group {_group(st.st_gid)}, mode {mode:04o}) can be written by {' and '.join(who)}",
+        " && ".join(fixes),
+    )
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _folders_problem(cert: DesiredCert, memo: dict | None) -> str | None:
+    paths = [cert.cert_path, cert.key_path] + ([cert.ca_path] if cert.ca_path is not None else [])
+    if cert.allow_symlink:  # the writes land beside the link's final target
+        paths += [Path(os.path.realpath(p)) for p in (cert.cert_path, cert.key_path)]
+    for p in paths:
+        problem = folder_problem(p, cert.uid, memo)
+        if problem:
+            return problem
+    return None
+
+
 # --------------------------------------------------------------------------- observe
 
 
-def observe(cert: DesiredCert, trust: Trust, cache: "ObservationCache | None" = None) -> Observed:
+def observe(cert: DesiredCert, trust: Trust, cache: "ObservationCache | None" = None, folders: dict | None = None) -> Observed:
+    """`folders`: a memo of folder checks shared by the certificates of one pass."""
     follow = cert.allow_symlink
     cert_file = stat_file(cert.cert_path, follow)
     key_file = stat_file(cert.key_path, follow)
+    problem = _folders_problem(cert, folders)
     if cache is not None:
         hit = cache.get(cert, cert_file, key_file, trust)
         if hit is not None:
-            return hit
+            return replace(hit, folder_problem=problem) if problem else hit
     facts = cert_error = key_id = key_error = None
     if cert_file.present:
         data, err = _read(cert.cert_path)
@@ -263,14 +394,15 @@ def observe(cert: DesiredCert, trust: Trust, cache: "ObservationCache | None" = 
             chains = True
         elif trust.fingerprints or trust.authoritative:
             chains = False
-    observed = Observed(cert_file, key_file, facts, cert_error, key_id, key_error, chains)
+    observed = Observed(cert_file, key_file, facts, cert_error, key_id, key_error, chains, problem)
     if cache is not None:
         cache.put(cert, observed, trust)
     return observed
 
 
 def observe_all(certs, trust: Trust, cache: "ObservationCache | None" = None) -> dict[str, Observed]:
-    return {c.name: observe(c, trust, cache) for c in certs}
+    folders: dict = {}
+    return {c.name: observe(c, trust, cache, folders) for c in certs}
 
 
 # --------------------------------------------------------------------------- cache
@@ -346,5 +478,6 @@ class ObservationCache:
         try:
             data = json.dumps({"version": CACHE_VERSION, "entries": self.entries}, separators=(",", ":")).encode()
             write_atomic(self.path, data, mode=0o600, make_parents=True)
+            self.dirty = False  # a cache kept across passes (--watch) is written only when it changed
         except OSError:
             pass

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from reconciler.issuers import Issuer, make_issuer
 from reconciler.model import Desired, IssuerSpec
 from reconciler.observe import ObservationCache, Observed, Trust, observe_all
-from reconciler.plan import Plan, make_plan
+from reconciler.plan import CertPlan, Plan, hooks_for, make_plan
 
 if TYPE_CHECKING:  # pragma: no cover
     from reconciler.status import StatusStore
@@ -44,6 +44,9 @@ class Settings:
     issuer_options: IssuerOptions = field(default_factory=IssuerOptions)
     lock_timeout: float = 60.0
     workers: int = 4
+    # run post_renewal_commands as root even from a manifest another user can write
+    allow_untrusted_manifest: bool = False
+    ca_timeout: float | None = None  # seconds for one step-ca request; None: the issuer's default
 
 
 def default_state_dir() -> Path:
@@ -53,10 +56,15 @@ def default_state_dir() -> Path:
     return Path(base) / "reconciler"
 
 
-def load_desired(settings: Settings, save_cache: bool = False) -> Desired:
-    from reconciler.manifest import load
+def load_desired(settings: Settings, save_cache: bool = False, raw: bytes | None = None) -> Desired:
+    """`raw`: the manifest's bytes as already read (--watch keeps exactly what it validated)."""
+    from reconciler.manifest import build, load, parse_document
 
-    desired = load(settings.manifest, settings.state_dir, save_cache=save_cache)
+    if raw is None:
+        desired = load(settings.manifest, settings.state_dir, save_cache=save_cache)
+    else:
+        path = Path(os.path.abspath(settings.manifest))
+        desired = build(parse_document(raw, path), path, settings.state_dir, save_cache)
     return replace(desired, issuer=resolve_issuer(desired, settings.issuer_options))
 
 
@@ -86,18 +94,83 @@ class Snapshot:
     cache: ObservationCache
 
 
-def snapshot(settings: Settings, desired: Desired, status: "StatusStore", now: datetime | None = None) -> Snapshot:
-    """Observe and plan. Reads only: `--plan` is exactly this."""
-    issuer = make_issuer(desired.issuer, settings.state_dir)
-    cache = ObservationCache(settings.state_dir)
+def snapshot(
+    settings: Settings, desired: Desired, status: "StatusStore", now: datetime | None = None, cache: ObservationCache | None = None
+) -> Snapshot:
+    """Observe and plan. Reads only: `--plan` is exactly this.
+    `cache`: an ObservationCache kept across passes (--watch), instead of reading it from disk."""
+    issuer = make_issuer(desired.issuer, settings.state_dir, settings.ca_timeout)
+    cache = cache if cache is not None else ObservationCache(settings.state_dir)
     observed = observe_all(desired.certificates, trust_of(issuer, desired.issuer), cache)
     serials = {name: (o.cert.serial if o.cert else None) for name, o in observed.items()}
     plan = make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(serials))
     return Snapshot(desired, observed, plan, issuer, cache)
 
 
-def run_pass(settings: Settings, desired: Desired | None = None, progress: bool | None = None):
-    """A full pass under the lock: sweep, plan, apply, record. Returns (snapshot, result)."""
+@dataclass(frozen=True)
+class Deferral:
+    """What `--watch` leaves for a later pass (it decides when; the plan still says what).
+
+    `certificates`: names in backoff after a failed issuance: none of their actions run.
+    `hooks`: names whose failed post-renewal command is in backoff: their `run_hook` waits.
+    `issue_limit`: how many certificates may contact the CA (None: all; while the CA is
+    unreachable, 1 for the probe or 0 between probes)."""
+
+    certificates: frozenset[str] = frozenset()
+    hooks: frozenset[str] = frozenset()
+    issue_limit: int | None = None
+
+
+def defer(plan: Plan, deferral: Deferral) -> Plan:
+    """`plan` without what `deferral` leaves for later; hooks recomputed for what remains."""
+    from reconciler.diff import RUN_HOOK
+
+    budget = deferral.issue_limit
+    kept: list[CertPlan] = []
+    for p in plan.certificates:
+        if p.actions and p.cert.name in deferral.certificates:
+            p = CertPlan(p.cert, (), p.error)
+        elif p.content_action is not None and budget is not None:
+            if budget <= 0:
+                p = CertPlan(p.cert, (), p.error)
+            else:
+                budget -= 1
+        if p.actions and p.cert.name in deferral.hooks and p.content_action is None:
+            p = CertPlan(p.cert, tuple(a for a in p.actions if a.action != RUN_HOOK), p.error)
+        kept.append(p)
+    return Plan(tuple(kept), hooks_for(kept))
+
+
+def _hook_refusal(settings: Settings, desired: Desired, plan: Plan) -> str | None:
+    """Why no post-renewal command may run this pass: the manifest is writable by a user
+    other than root while we run as root (docs/security.md). None: run them."""
+    if not plan.hooks or settings.allow_untrusted_manifest:
+        return None
+    from reconciler.observe import manifest_trust_problem
+
+    problem = manifest_trust_problem(desired.manifest_path)
+    if problem:
+        log.error("%s", problem)
+    return problem
+
+
+def run_pass(
+    settings: Settings,
+    desired: Desired | None = None,
+    progress: bool | None = None,
+    *,
+    cache: ObservationCache | None = None,
+    deferral: Deferral | None = None,
+    cancelled=None,
+    sweep_files: bool = True,
+    manifest_state: dict | None = None,
+):
+    """A full pass under the lock: sweep, plan, apply, record. Returns (snapshot, result).
+
+    The keyword arguments are for `--watch`: a `cache` kept across passes, a `deferral`
+    (backoff), `cancelled()` (SIGTERM: stop starting new work), no sweep after the first
+    pass, and the manifest's validity to record in the status store. `snap.plan` is the
+    whole plan; `snap.observed` is refreshed for what this pass wrote."""
     from reconciler.apply import apply, sweep
     from reconciler.lock import PassLock
     from reconciler.status import StatusStore
@@ -106,29 +179,30 @@ def run_pass(settings: Settings, desired: Desired | None = None, progress: bool 
         if desired is None:
             desired = load_desired(settings, save_cache=True)
         status = StatusStore(settings.state_dir)
-        snap = snapshot(settings, desired, status)
-        for path in sweep(snap.plan):
+        snap = snapshot(settings, desired, status, cache=cache)
+        work = defer(snap.plan, deferral) if deferral is not None else snap.plan
+        if manifest_state is not None:
+            status.manifest.clear()
+            status.manifest.update(manifest_state)
+        for path in sweep(work, (settings.state_dir, settings.state_dir / "cache")) if sweep_files else ():
             log.warning("removed %s, a temporary file left by an interrupted pass", path)
         try:
             result = apply(
-                snap.plan, snap.issuer, status, settings.workers, progress,
+                work, snap.issuer, status, settings.workers, progress,
                 before_files=status.save, after_files=status.save,
                 cwd=desired.manifest_path.parent,  # hooks run where relative paths resolve
                 serials={n: (o.cert.serial if o.cert else None) for n, o in snap.observed.items()},
+                cancelled=cancelled,
+                refuse_hooks=_hook_refusal(settings, desired, work),
             )
         finally:
             snap.issuer.close()
         status.forget_except({c.name for c in desired.certificates})
-        status.data["last_pass"] = {
-            "at": datetime.now(timezone.utc).isoformat(),
-            "ok": result.ok,
-            "changed": result.changed,
-        }
-        status.save()
+        status.save()  # only if something changed: a pass with nothing to do writes nothing
         # what we just wrote is what the next pass will see: re-observe it once now
         if result.changed:
             trust = trust_of(snap.issuer, desired.issuer)
             changed = {c.name for c in result.certificates if c.ok and c.actions}
-            observe_all([c for c in desired.certificates if c.name in changed], trust, snap.cache)
+            snap.observed.update(observe_all([c for c in desired.certificates if c.name in changed], trust, snap.cache))
         snap.cache.save()
         return snap, result

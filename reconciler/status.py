@@ -11,9 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.atomic import write_atomic
+from reconciler.faults import fault_point
 
 VERSION = 1
 log = logging.getLogger("reconciler.status")
+
+
+class StatusError(OSError):
+    """The status store cannot be written. A pass stops there rather than forget a pending
+    hook; what it already wrote stays, and the next pass re-reads it from disk."""
 
 
 class StatusStore:
@@ -79,8 +85,22 @@ class StatusStore:
         payload = _encode(self.data)
         if payload == self._saved:
             return
-        write_atomic(self.path, payload, mode=0o600, make_parents=True)
+        fault_point("before_status")
+        try:
+            write_atomic(self.path, payload, mode=0o600, make_parents=True)
+        except OSError as exc:
+            import errno
+
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise StatusError(
+                f"cannot write the status store {self.path}: {exc.strerror or exc}"
+                + ("; the filesystem is full" if full else "")
+                + ". The pass stopped there: certificates and keys already in place stay as they are (old or complete new), "
+                "nothing is half-written, and the next pass re-reads them from disk. "
+                + ("Free space in the state folder and run again" if full else "Check --state-dir and run again")
+            ) from None
         self._saved = payload
+        fault_point("after_status")
 
 
 def _encode(data: dict) -> bytes:

@@ -83,7 +83,8 @@ class Issuer(Protocol):
     def close(self) -> None: ...
 
 
-def make_issuer(spec: "IssuerSpec", state_dir: Path) -> Issuer:
+def make_issuer(spec: "IssuerSpec", state_dir: Path, timeout: float | None = None) -> Issuer:
+    """`timeout`: seconds a step-ca request may take in all (connect at most 5 of them)."""
     if spec.type == "local":
         from reconciler.issuers.local import LocalCA
 
@@ -91,5 +92,7 @@ def make_issuer(spec: "IssuerSpec", state_dir: Path) -> Issuer:
     if spec.type == "step-ca":
         from reconciler.issuers.stepca import StepCA
 
-        return StepCA(spec, state_dir)
+        if timeout is None:
+            return StepCA(spec, state_dir)
+        return StepCA(spec, state_dir, connect_timeout=min(5.0, timeout), read_timeout=timeout)
     raise ValueError(f"unknown issuer type {spec.type!r}")
