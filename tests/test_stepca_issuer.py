@@ -7,22 +7,19 @@ certificate for the wrong key, silence).
 
 from __future__ import annotations
 
-import http.server
 import ipaddress
 import json
 import logging
 import shutil
-import ssl
 import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from reconciler.issuers import IssueRequest, IssuerError
@@ -34,6 +31,8 @@ from reconciler.issuers.stepca import (
     spec_from_options,
 )
 from reconciler.model import IssuerSpec, KeySpec
+
+from hostile_ca import HostileCA as _Hostile, ec_key, make_ca, pem, sign_leaf
 
 
 # --------------------------------------------------------------------------- helpers
@@ -52,10 +51,6 @@ def request_for(common_name: str, *sans: str, duration=timedelta(hours=1), cert_
     )
 
 
-def ec_key():
-    return ec.generate_private_key(ec.SECP256R1())
-
-
 def spki(key) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -63,52 +58,6 @@ def spki(key) -> bytes:
 def cert_sans(cert: x509.Certificate) -> set[str]:
     ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return set(ext.get_values_for_type(x509.DNSName)) | {str(i) for i in ext.get_values_for_type(x509.IPAddress)}
-
-
-def make_ca(name: str = "throwaway root"):
-    key = ec_key()
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.now(timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def sign_leaf(ca_cert, ca_key, public_key, cn: str, dns=(), ips=(), not_after=None, not_before=None):
-    now = datetime.now(timezone.utc)
-    names = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before or now - timedelta(minutes=1))
-        .not_valid_after(not_after or now + timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-
-def pem(cert) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def verify_chain(leaf_pem: bytes, chain_pem: bytes, root_pem: bytes) -> None:
@@ -210,120 +159,6 @@ def test_trust_roots_is_empty_when_nothing_is_on_disk(tmp_path):
 
 
 # --------------------------------------------------------------------------- a hostile HTTPS server
-
-
-class _Hostile:
-    """An HTTPS server on 127.0.0.1 that serves a JWK provisioner and then misbehaves on /1.0/sign."""
-
-    def __init__(self, tmp_path: Path):
-        from jwcrypto import jwa, jwe, jwk
-
-        self.ca_cert, self.ca_key = make_ca("hostile test root")
-        server_key = ec_key()
-        server_cert = sign_leaf(self.ca_cert, self.ca_key, server_key.public_key(), "127.0.0.1", ["localhost"], ["127.0.0.1"])
-        self.root_path = tmp_path / "hostile-root.crt"
-        self.root_path.write_bytes(pem(self.ca_cert))
-        cred = tmp_path / "hostile-server.pem"
-        cred.write_bytes(
-            pem(server_cert)
-            + server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
-        self.password_file = tmp_path / "hostile-password"
-        self.password_file.write_text("hostile-secret\n")
-        provisioner_key = jwk.JWK.generate(kty="EC", crv="P-256", kid="hostile-kid", alg="ES256")
-        before = jwa.default_max_pbkdf2_iterations
-        jwa.default_max_pbkdf2_iterations = 100_000
-        try:
-            token = jwe.JWE(
-                provisioner_key.export_private().encode(),
-                json.dumps({"alg": "PBES2-HS256+A128KW", "enc": "A256GCM", "p2c": 100_000, "cty": "jwk+json"}),
-            )
-            token.add_recipient(jwk.JWK.from_password("hostile-secret"))
-            encrypted = token.serialize(compact=True)
-        finally:
-            jwa.default_max_pbkdf2_iterations = before
-        # two pages, so that finding "admin" means following nextCursor
-        self.pages = {
-            "": {"provisioners": [{"type": "ACME", "name": "acme"}], "nextCursor": "page-2"},
-            "page-2": {
-                "provisioners": [
-                    {"type": "JWK", "name": "admin", "key": json.loads(provisioner_key.export_public()), "encryptedKey": encrypted}
-                ],
-                "nextCursor": "",
-            },
-        }
-        self.mode = "ok"
-        self.release = threading.Event()
-        self.last_csr: x509.CertificateSigningRequest | None = None
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, body: bytes, length: int | None = None):
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body) if length is None else length))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                if self.path.startswith("/provisioners"):
-                    query = parse_qs(urlsplit(self.path).query)
-                    self._send(200, json.dumps(outer.pages[query.get("cursor", [""])[0]]).encode())
-                elif self.path == "/health":
-                    self._send(200, b'{"status":"ok"}')
-                else:
-                    self._send(404, b'{"status":404,"message":"not found"}')
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                csr = x509.load_pem_x509_csr(body["csr"].encode())
-                outer.last_csr = csr
-                mode = outer.mode
-                if mode == "stall":
-                    outer.release.wait(30)
-                    return
-                if mode == "truncated":
-                    self._send(201, b'{"crt": "-----BEGIN CERTIFICATE-----\\nMIIB')
-                    return
-                if mode == "garbage":
-                    self._send(201, json.dumps({"crt": "hello", "ca": "world", "certChain": ["hello", "world"]}).encode())
-                    return
-                if mode == "html":
-                    self._send(200, b"<html><body>proxy login</body></html>")
-                    return
-                if mode == "server-error":
-                    self._send(503, b'{"status":503,"message":"database is locked"}')
-                    return
-                public_key = ec_key().public_key() if mode == "wrong-key" else csr.public_key()
-                names = ["svc.test", "other.test"] if mode == "wrong-sans" else ["svc.test"]
-                leaf = sign_leaf(outer.ca_cert, outer.ca_key, public_key, "svc.test", names, ["127.0.0.9"])
-                self._send(
-                    201,
-                    json.dumps({"crt": pem(leaf).decode(), "ca": pem(outer.ca_cert).decode(), "certChain": [pem(leaf).decode()]}).encode(),
-                )
-
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(str(cred))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        self.port = self.httpd.server_address[1]
-        self.url = f"https://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def spec(self, **changes) -> IssuerSpec:
-        values = dict(type="step-ca", url=self.url, root=self.root_path, provisioner="admin", password_file=self.password_file)
-        values.update(changes)
-        return IssuerSpec(**values)
-
-    def stop(self):
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
