@@ -394,6 +394,8 @@ def path_problem(path: Path | None) -> str | None:
     if path is None:
         return None
     raw = os.fsencode(path)
+    if len(raw) <= NAME_MAX:  # the usual case: too short for either limit
+        return None
     if len(raw) >= PATH_MAX:
         return f"is {len(raw)} bytes long once resolved; a path holds at most {PATH_MAX - 1} (PATH_MAX)"
     longest = max(raw.split(b"/"), key=len)
@@ -470,9 +472,8 @@ def _resolve(
         rotation=key_raw.get("rotation", "always"),
     )
 
-    def path_of(field: str) -> Path | None:
-        v = e.get(field)
-        return resolve_path(base, v) if isinstance(v, str) else None
+    paths = {f: resolve_path(base, v) if isinstance(v := e.get(f), str) else None for f in ("cert_path", "key_path", "ca_path")}
+    path_of = paths.__getitem__
 
     for field in ("cert_path", "key_path", "ca_path"):
         problem = path_problem(path_of(field))
