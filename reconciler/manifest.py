@@ -454,8 +454,11 @@ def _resolve(
                 + ' (or "640" with an owner group), or "allow_world_readable_key": true if you really mean it',
             )
         )
-    if "permissions" in e and "cert_permissions" not in e:
-        pass  # the old format's one value applies to the certificate as written
+    if cert_mode & 0o002:
+        cert_field = "cert_permissions" if "cert_permissions" in e else "permissions"
+        issues.append(
+            Issue(at(cert_field), f'"{e[cert_field]}" would let every user replace the certificate; set "cert_permissions": "644"')
+        )
 
     uid = gid = None
     owner = e.get("owner")

@@ -523,8 +523,14 @@ def test_key_permissions_readable_by_others(tmp_path, mode):
 
 
 def test_cert_permissions_never_expose_the_key(tmp_path):
-    (c,) = load_doc(tmp_path, [entry(1, cert_permissions="666")]).certificates
-    assert (c.cert_mode, c.key_mode) == (0o666, 0o600)
+    (c,) = load_doc(tmp_path, [entry(1, cert_permissions="664")]).certificates
+    assert (c.cert_mode, c.key_mode) == (0o664, 0o600)
+
+
+@pytest.mark.parametrize("field, mode", [("cert_permissions", "666"), ("cert_permissions", "0777"), ("permissions", "602")])
+def test_a_certificate_every_user_could_replace_is_an_error(tmp_path, field, mode):
+    msg = one_error(tmp_path, [entry(1, **{field: mode}, allow_world_readable_key=True)], f"[0].{field}", "every user replace the certificate")
+    assert msg.endswith('set "cert_permissions": "644"')
 
 
 def test_a_key_override_fixes_a_shared_permissions_value(tmp_path):
