@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from reconciler.atomic import commit, discard, fsync_dirs, make_parents, set_metadata, stage, sweep_temporaries
-from reconciler.diff import CHMOD, CHOWN, RENEW, RUN_HOOK
+from reconciler.diff import CHMOD, CHOWN, RENEW
 from reconciler.hooks import HookOutcome, run_hook
 from reconciler.issuers import IssueRequest, Issuer, IssuerError
 from reconciler.model import DesiredCert
@@ -63,7 +63,7 @@ class DeployError(Exception):
 
 # crash-consistency tests: RECONCILER_FAULT_INJECT=<point>[@N] SIGKILLs the process at the
 # N-th fault_point("<point>") (see reconciler/faults.py for every point). Inert otherwise.
-from reconciler.faults import FAULT_ENV, fault_point  # noqa: E402,F401
+from reconciler.faults import fault_point  # noqa: E402
 
 
 def _os_error(exc: OSError, what: str, path: Path) -> str:

@@ -66,3 +66,14 @@ def build_csr(common_name: str, sans, key) -> bytes:
 def same_public_key(a, b) -> bool:
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return a.public_key().public_bytes(*fmt) == b.public_key().public_bytes(*fmt)
+
+
+def cert_sans(cert: x509.Certificate) -> frozenset[str]:
+    """The certificate's SAN set, normalised like a desired one (reconciler.sans)."""
+    from reconciler.sans import renormalise
+
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return frozenset()
+    return renormalise([*ext.get_values_for_type(x509.DNSName), *(f"IP:{ip}" for ip in ext.get_values_for_type(x509.IPAddress))])

@@ -21,7 +21,7 @@ from typing import Any
 
 from reconciler.durations import DurationError, parse_duration, parse_share
 from reconciler.model import Desired, DesiredCert, IssuerSpec, KeySpec, RenewBefore
-from reconciler.sans import SANError, normalise, san_set
+from reconciler.sans import SANError, normalise
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "certificate-manifest.schema.json"
 

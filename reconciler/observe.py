@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.model import DesiredCert
-from reconciler.sans import renormalise
 
 CACHE_VERSION = 2
 
@@ -163,6 +162,8 @@ def parse_cert(data: bytes, trust: Trust) -> tuple[CertFacts | None, str | None]
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.x509.oid import NameOID
 
+    from reconciler.crypto import cert_sans
+
     if len(data) > 1024 * 1024:
         return None, "file is larger than 1 MiB; not a certificate"
     try:
@@ -173,17 +174,10 @@ def parse_cert(data: bytes, trust: Trust) -> tuple[CertFacts | None, str | None]
     try:
         cn_attrs = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         cn = str(cn_attrs[0].value) if cn_attrs else None
-        names: list[str] = []
-        try:
-            ext = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            names += ext.get_values_for_type(x509.DNSName)
-            names += (f"IP:{ip}" for ip in ext.get_values_for_type(x509.IPAddress))
-        except x509.ExtensionNotFound:
-            pass
         public_key = leaf.public_key()
         facts = CertFacts(
             common_name=cn,
-            sans=renormalise(names),  # the same canonical form as a desired SAN set
+            sans=cert_sans(leaf),  # the same canonical form as a desired SAN set
             not_before=leaf.not_valid_before_utc,
             not_after=leaf.not_valid_after_utc,
             key_type=key_type_of(public_key),

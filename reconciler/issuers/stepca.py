@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
-import ipaddress
 import json
 import logging
 import os
@@ -183,55 +182,13 @@ def _load_pem_certs(data: bytes) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(data)
 
 
-def _spki(public_key) -> bytes:
-    return public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def _same_key(a, b) -> bool:
-    return _spki(a.public_key()) == _spki(b.public_key())
-
-
-def _split_sans(values) -> tuple[list[str], list[str]]:
-    """(DNS names, IP strings); accepts normalised ("IP:10.0.0.1") and plain IP forms."""
-    dns: list[str] = []
-    ips: list[str] = []
-    for value in values:
-        text = value[3:] if value.startswith("IP:") else value
-        try:
-            ips.append(str(ipaddress.ip_address(text.strip("[]"))))
-        except ValueError:
-            dns.append(text)
-    return dns, ips
-
-
-def _normalised_set(values) -> frozenset[str]:
-    dns, ips = _split_sans(values)
-    return frozenset([sanlib.normalise(d) for d in dns] + ["IP:" + i for i in ips])
-
-
-def _cert_sans(cert: x509.Certificate) -> frozenset[str]:
-    try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return frozenset()
-    names = [n.lower().rstrip(".") for n in ext.get_values_for_type(x509.DNSName)]
-    ips = ["IP:" + str(ip) for ip in ext.get_values_for_type(x509.IPAddress)]
-    return frozenset(names + ips)
-
-
 def _request_names(request: IssueRequest) -> tuple[list[str], list[str]]:
     """(DNS names, IP strings) of a request, the common name counted in.
 
     The token's `sans` and the CSR's SANs come from this one list: step-ca insists they
     match one to one.
     """
-    dns, ips = _split_sans(request.sans)
-    if _normalised_set([request.common_name]) - _normalised_set(dns + ips):
-        cn_dns, cn_ips = _split_sans([request.common_name])
-        dns, ips = cn_dns + dns, cn_ips + ips
-    return dns, ips
+    return sanlib.split(sanlib.renormalise([request.common_name, *request.sans]))
 
 
 def build_csr(request: IssueRequest, key) -> bytes:
@@ -798,12 +755,12 @@ class StepCA:
         except ValueError:
             raise _Refused("the current certificate does not parse") from None
         leaf = chain[0]
-        if not _same_key(leaf, current_key):
+        if not crypto.same_public_key(leaf, current_key):
             raise _Refused("the current key does not belong to the current certificate")
         if leaf.not_valid_after_utc <= datetime.now(timezone.utc):
             raise _Refused(f"the current certificate expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}")
         root_cert, root_pem, _ = self._trust_root()
-        rekey = not _same_key(key, current_key)
+        rekey = not crypto.same_public_key(key, current_key)
         key_pem = current_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
@@ -855,10 +812,10 @@ class StepCA:
                 raise bad("a 'crt' that is not a PEM certificate") from None
             if crt != leaf:
                 raise bad("a 'crt' that differs from the first certificate of 'certChain'")
-        if _spki(leaf.public_key()) != _spki(key.public_key()):
+        if not crypto.same_public_key(leaf, key):
             raise bad("a certificate for a different key than the one requested")
-        want = _normalised_set(request.sans) | _normalised_set([request.common_name])
-        got = _cert_sans(leaf)
+        want = sanlib.renormalise([request.common_name, *request.sans])
+        got = crypto.cert_sans(leaf)
         if got != want:
             shown = lambda s: ", ".join(sorted(sanlib.display(x) for x in s)) or "none"  # noqa: E731
             raise bad(
