@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def build_parser(sub: str | None) -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="keep running: reconcile on manifest saves, damaged files, renewal deadlines")
     p.add_argument("--resync", default="10m", help="with --watch: full pass at least this often (default 10m)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="with --watch: serve Prometheus metrics on /metrics")
-    p.add_argument("--metrics-file", metavar="PATH", help="write Prometheus textfile-collector metrics after every pass")
+    p.add_argument("--metrics-file", metavar="PATH", help="write Prometheus textfile-collector metrics after every pass (a one-shot run writes them once; its counters count that run)")
     p.add_argument("--poll", action="store_true", help="with --watch: poll folders every second instead of inotify (network filesystems)")
     return p
 
@@ -226,7 +227,14 @@ def cmd_apply(args) -> int:
     from reconciler.render import dumps, plan_json, plan_text
 
     settings = settings_from(args)
+    started = time.monotonic()
     snap, result = run_pass(settings)
+    if args.metrics_file:
+        from reconciler.metrics import Metrics
+
+        metrics = Metrics()
+        metrics.record_single_pass(snap, result, time.monotonic() - started, time.time())
+        metrics.write_file(Path(args.metrics_file))
     if args.output == "json":
         data = plan_json(snap.plan)
         data["result"] = {

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler.backoff import Backoff
+from reconciler.metrics import pending_after
 from reconciler.tracker import CHANGED, NOT_READY, ManifestTracker
 
 log = logging.getLogger("reconciler.watch")
@@ -480,9 +481,7 @@ class Watcher:
         recheck = "recheck" not in job.reasons and self._changed_since_written(snap, result)
         if recheck:
             log.info("a file this pass wrote changed again before the pass ended; looking again")
-        done = {c.name for c in result.certificates if c.ok}
-        pending = {p.cert.name for p in snap.plan.certificates if p.actions and p.cert.name not in done}
-        pending |= {n for h in result.hooks if not h.ok for n in h.certificates}
+        pending = pending_after(snap, result)
         renewal_at = self._renewal_deadlines(snap)
         finished = time.time()
         future = [t for t in renewal_at.values() if t > finished]

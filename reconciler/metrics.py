@@ -81,6 +81,19 @@ class Metrics:
         self.passes.labels("ok" if result.ok else "error").inc()
         self.ca_reachable.set(1 if ca_reachable else 0)
 
+    def record_single_pass(self, snap, result, duration: float, finished_at: float) -> None:
+        """A one-shot `reconcile --metrics-file`: the same series as --watch, from one pass."""
+        from reconciler.diff import renewal_due_at
+
+        renewal_at = {
+            p.cert.name: renewal_due_at(p.cert, facts.not_before, facts.not_after).timestamp()
+            for p in snap.plan.certificates
+            if (facts := snap.observed[p.cert.name].cert) is not None
+        }
+        unreachable = any(c.transient for c in result.certificates if not c.ok)
+        self.set_manifest_valid(True)
+        self.record_pass(snap, result, pending_after(snap, result), renewal_at, duration, finished_at, not unreachable)
+
     def record_failed_pass(self, duration: float, finished_at: float) -> None:
         """A pass that could not run at all (lock held elsewhere, issuer misconfigured)."""
         self.pass_duration.observe(duration)
@@ -110,6 +123,13 @@ class Metrics:
         host, port = parse_listen(listen)
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server.server_address[0], server.server_address[1]
+
+
+def pending_after(snap, result) -> set[str]:
+    """Names still left with work after a pass: planned and not done, or a hook that failed."""
+    done = {c.name for c in result.certificates if c.ok}
+    pending = {p.cert.name for p in snap.plan.certificates if p.actions and p.cert.name not in done}
+    return pending | {n for h in result.hooks if not h.ok for n in h.certificates}
 
 
 def _remove(metric, name: str) -> None:

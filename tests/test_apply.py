@@ -299,3 +299,18 @@ def test_invalid_manifest_changes_nothing_and_exits_1(site):
     assert "Traceback" not in proc.stderr
     assert not out.exists()
     assert not (state / "ca").exists() and not (state / "status.json").exists()
+
+
+def test_a_one_shot_run_writes_the_textfile_metrics(site):
+    tmp, state, out = site
+    m = write_manifest(tmp / "m.json", bare_manifest(out))
+    prom = tmp / "metrics" / "reconciler.prom"
+    prom.parent.mkdir()
+    reconcile("-m", str(m), "--metrics-file", str(prom), state_dir=state, check=0)
+    text = prom.read_text()
+    not_after = int(load_cert(out / "svc.crt").not_valid_after_utc.timestamp())
+    assert 'reconciler_certificate_ready{name="svc.internal.example"} 1.0' in text
+    series = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    assert series['reconciler_certificate_not_after_timestamp_seconds{name="svc.internal.example"}'] == not_after
+    assert "reconciler_manifest_valid 1.0" in text
+    assert 'reconciler_issuance_failures_total{name="nginx.internal.example"} 0.0' in text
