@@ -72,7 +72,7 @@ def run_doctor(settings) -> int:
     if desired is not None:
         spec = desired.issuer
         if spec.type == "step-ca":
-            from reconciler.issuers.stepca import doctor_checks
+            from reconciler.issuers.stepca_doctor import doctor_checks
 
             checks += doctor_checks(spec, settings.state_dir)
         else:

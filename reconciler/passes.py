@@ -72,7 +72,7 @@ def resolve_issuer(desired: Desired, options: IssuerOptions) -> IssuerSpec:
     spec = desired.issuer
     is_bare = spec == IssuerSpec() and options.given()
     if is_bare or spec.type == "step-ca":
-        from reconciler.issuers.stepca import resolve_spec, spec_from_options
+        from reconciler.issuers.stepca_config import resolve_spec, spec_from_options
 
         if is_bare:
             return spec_from_options(options.url, options.root, options.fingerprint, options.provisioner, options.password_file, os.environ)

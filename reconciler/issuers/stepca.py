@@ -5,11 +5,13 @@ believed: a certificate must carry the key we asked for, the names we asked for,
 chain to the root we trust. TLS to the CA is always verified; the only unverified
 request is the one-off `/root/<fingerprint>` download of fingerprint-only bootstrap,
 whose answer is accepted only when its sha256 matches the configured fingerprint.
+
+Beside it: `stepca_config` (where the CA is, which root), `stepca_jose` (the provisioner
+key's JWE), `stepca_doctor` (the checks `reconcile doctor` runs).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import copy
 import json
@@ -22,15 +24,14 @@ import ssl
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 import httpx
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from reconciler import crypto
@@ -39,137 +40,29 @@ from reconciler.atomic import write_atomic
 from reconciler.issuers import IssueRequest, Issued, IssuerError
 from reconciler.model import IssuerSpec
 
+from reconciler.issuers.stepca_config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
+    fingerprint_of,
+    normalise_fingerprint,
+    read_step_defaults,
+    resolve_spec,
+    spec_from_options,
+    steppath,
+)
+from reconciler.issuers.stepca_jose import STEP_PBKDF2_ITERATIONS, _default_alg, decrypt_provisioner_key
+
 log = logging.getLogger("reconciler.issuers.stepca")
 
-# step-ca (go.step.sm/crypto) encrypts provisioner keys with 100,000 PBKDF2 rounds;
-# jwcrypto refuses more than 16,384 by default. We lift its cap to exactly what the
-# key needs, never above this, and only while decrypting.
-STEP_PBKDF2_ITERATIONS = 100_000
-DEFAULT_CONNECT_TIMEOUT = 5.0
-DEFAULT_READ_TIMEOUT = 30.0
+__all__ = [
+    "StepCA", "build_csr", "decrypt_provisioner_key", "doctor_checks", "fingerprint_of",
+    "normalise_fingerprint", "read_step_defaults", "resolve_spec", "spec_from_options", "steppath",
+    "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_READ_TIMEOUT", "STEP_PBKDF2_ITERATIONS",
+]
+
 TOKEN_LIFETIME = timedelta(minutes=5)
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 _MAX_PROVISIONER_PAGES = 1000
-
-_ENV_OPTIONS = {
-    "url": "RECONCILER_CA_URL",
-    "root": "RECONCILER_ROOT",
-    "fingerprint": "RECONCILER_FINGERPRINT",
-    "provisioner": "RECONCILER_PROVISIONER",
-    "password_file": "RECONCILER_PASSWORD_FILE",
-}
-# keys of $STEPPATH/config/defaults.json, as `step ca bootstrap` writes them
-_DEFAULTS_KEYS = {
-    "url": "ca-url",
-    "root": "root",
-    "fingerprint": "fingerprint",
-    "provisioner": "provisioner",
-    "password_file": "password-file",
-}
-
-# serialises changes to jwcrypto's process-wide PBKDF2 cap
-_PBKDF2_CAP_LOCK = threading.Lock()
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-def steppath(env: Mapping[str, str] = os.environ) -> Path:
-    """`$STEPPATH`, or `~/.step` like the step CLI."""
-    if env.get("STEPPATH"):
-        return Path(env["STEPPATH"]).expanduser()
-    home = env.get("HOME")
-    return (Path(home) if home else Path.home()) / ".step"
-
-
-def read_step_defaults(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """`$STEPPATH/config/defaults.json` as a dict; {} when it is absent or unreadable."""
-    path = steppath(env) / "config" / "defaults.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring %s: %s", path, exc)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _defaults_value(defaults: Mapping[str, Any], field: str) -> Any:
-    value = defaults.get(_DEFAULTS_KEYS[field])
-    if not isinstance(value, str) or not value.strip():
-        return None
-    value = value.strip()
-    if field in ("root", "password_file"):
-        return Path(value).expanduser()
-    return value
-
-
-def resolve_spec(spec: IssuerSpec, env: Mapping[str, str] = os.environ) -> IssuerSpec:
-    """Fill what a step-ca issuer block leaves out from `$STEPPATH/config/defaults.json`.
-
-    The URL comes from `ca-url` when unset. Trust (`root`, `fingerprint`) is taken as a
-    pair, and only when the spec names neither, so a manifest's root is never mixed with
-    the fingerprint of whatever CA `step ca bootstrap` last pointed at. `provisioner` and
-    `password-file` are filled when the file has them (step accepts any flag there).
-    """
-    if spec.type != "step-ca":
-        return spec
-    defaults = read_step_defaults(env)
-    if not defaults:
-        return spec
-    changes: dict[str, Any] = {}
-    if spec.url is None and _defaults_value(defaults, "url"):
-        changes["url"] = _defaults_value(defaults, "url")
-    if spec.root is None and spec.fingerprint is None:
-        for field in ("root", "fingerprint"):
-            if _defaults_value(defaults, field):
-                changes[field] = _defaults_value(defaults, field)
-    for field in ("provisioner", "password_file"):
-        if getattr(spec, field) is None and _defaults_value(defaults, field):
-            changes[field] = _defaults_value(defaults, field)
-    return replace(spec, **changes) if changes else spec
-
-
-def spec_from_options(
-    url: str | None,
-    root: str | Path | None,
-    fingerprint: str | None,
-    provisioner: str | None,
-    password_file: str | Path | None,
-    env: Mapping[str, str] = os.environ,
-) -> IssuerSpec:
-    """The step-ca issuer of a bare-array manifest: flags > `RECONCILER_*` env > defaults.json."""
-    flags = {
-        "url": url,
-        "root": root,
-        "fingerprint": fingerprint,
-        "provisioner": provisioner,
-        "password_file": password_file,
-    }
-    values: dict[str, Any] = {}
-    for field, flag in flags.items():
-        value: Any = flag if flag not in ("", None) else env.get(_ENV_OPTIONS[field]) or None
-        if value is not None and field in ("root", "password_file"):
-            value = Path(value).expanduser()
-        values[field] = value
-    return resolve_spec(IssuerSpec(type="step-ca", **values), env)
-
-
-def normalise_fingerprint(fingerprint: str) -> str:
-    """sha256 hex, lower case, colons and spaces dropped (step prints it both ways)."""
-    fp = fingerprint.strip().lower().replace(":", "").replace(" ", "")
-    if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
-        raise IssuerError(
-            f"step-ca root fingerprint {fingerprint!r} is not a sha256 hex digest",
-            hint="copy it from `step certificate fingerprint root_ca.crt` (64 hex digits)",
-        )
-    return fp
-
-
-def fingerprint_of(cert: x509.Certificate) -> str:
-    return cert.fingerprint(hashes.SHA256()).hex()
-
 
 # --------------------------------------------------------------------------- small helpers
 
@@ -911,190 +804,5 @@ def _ca_message(raw: bytes) -> str:
     return " ".join(text.split()) or "(empty answer)"
 
 
-def _default_alg(jwk) -> str:
-    kty = jwk.get("kty")
-    if kty == "EC":
-        return {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}.get(jwk.get("crv"), "ES256")
-    if kty == "OKP":
-        return "EdDSA"
-    return "RS256"
-
-
-def _jwe_header(token: str) -> dict:
-    head = token.split(".", 1)[0] if token.lstrip()[:1] != "{" else None
-    if head is None:
-        data = json.loads(token)
-        protected = data.get("protected", "")
-    else:
-        protected = head
-    padded = protected + "=" * (-len(protected) % 4)
-    return json.loads(base64.urlsafe_b64decode(padded))
-
-
-@contextlib.contextmanager
-def _pbkdf2_cap(iterations: int) -> Iterator[None]:
-    """Lift jwcrypto's PBKDF2 cap to `iterations` (bounded) while decrypting."""
-    import jwcrypto.jwa as jwa
-
-    with _PBKDF2_CAP_LOCK:
-        before = jwa.default_max_pbkdf2_iterations
-        jwa.default_max_pbkdf2_iterations = max(before, min(iterations, STEP_PBKDF2_ITERATIONS))
-        try:
-            yield
-        finally:
-            jwa.default_max_pbkdf2_iterations = before
-
-
-def decrypt_provisioner_key(encrypted_key: str, password: bytes, name: str, password_file: str):
-    """Decrypt a step-ca provisioner's `encryptedKey` (JWE, PBES2-HS256+A128KW / A256GCM)."""
-    from jwcrypto import jwe, jwk
-
-    undecryptable = IssuerError(
-        f"provisioner key for '{name}' cannot be decrypted with the password in {password_file}",
-        hint="put the provisioner's password in that file (the one given to `step ca init` or "
-        "`step ca provisioner add`)",
-    )
-    try:
-        header = _jwe_header(encrypted_key)
-        iterations = int(header.get("p2c", 0))
-    except (ValueError, TypeError, AttributeError):
-        raise IssuerError(
-            f"provisioner '{name}' has an encrypted key that is not a JWE",
-            hint="the CA's configuration is damaged; re-create the provisioner",
-        ) from None
-    if iterations > STEP_PBKDF2_ITERATIONS:
-        raise IssuerError(
-            f"provisioner '{name}' key asks for {iterations} PBKDF2 iterations, more than step-ca's {STEP_PBKDF2_ITERATIONS}",
-            hint="refusing an unusual key derivation cost; re-create the provisioner with step",
-        )
-    token = jwe.JWE()
-    token.allowed_algs = ["PBES2-HS256+A128KW", "PBES2-HS384+A192KW", "PBES2-HS512+A256KW", "A256GCM", "A128GCM"]
-    try:
-        with _pbkdf2_cap(iterations):
-            token.deserialize(encrypted_key, key=jwk.JWK.from_password(password.decode("utf-8", "surrogateescape")))
-        payload = token.payload
-    except Exception:  # jwcrypto raises several types for a wrong key; never echo them
-        raise undecryptable from None
-    try:
-        key = jwk.JWK.from_json(payload)
-    except Exception:
-        raise IssuerError(
-            f"provisioner '{name}' encrypted key does not hold a JWK",
-            hint="the CA's configuration is damaged; re-create the provisioner",
-        ) from None
-    if not key.has_private:
-        raise IssuerError(
-            f"provisioner '{name}' encrypted key holds no private key",
-            hint="the CA's configuration is damaged; re-create the provisioner",
-        )
-    return key
-
-
-# --------------------------------------------------------------------------- doctor
-
-
-def doctor_checks(
-    spec: IssuerSpec, state_dir: Path, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-    read_timeout: float = DEFAULT_READ_TIMEOUT,
-) -> list[tuple[bool, str, str]]:
-    """(ok, what was checked, hint) for `reconcile doctor`, in dependency order.
-
-    A check whose prerequisite failed is not run; the password file is checked regardless.
-    """
-    results: list[tuple[bool, str, str]] = []
-    ca = StepCA(spec, state_dir, connect_timeout=connect_timeout, read_timeout=read_timeout)
-
-    def ok(what: str) -> None:
-        results.append((True, what, ""))
-
-    def fail(what: str, hint: str) -> None:
-        results.append((False, what, hint))
-
-    def password_check() -> bytes | None:
-        try:
-            password = ca._read_password()
-        except IssuerError as exc:
-            fail(exc.args[0], exc.hint)
-            return None
-        ok(f"password file {spec.password_file} is readable")
-        return password
-
-    try:
-        try:
-            ca._check_configured()
-        except IssuerError as exc:
-            fail(exc.args[0], exc.hint)
-            password_check()
-            return results
-        host, port = ca.host, ca.port
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            addresses = sorted({i[4][0] for i in infos})
-            ok(f"DNS: {host} resolves to {', '.join(addresses)}")
-        except OSError as exc:
-            fail(f"DNS: {host} cannot be resolved ({exc})", "check the host name in issuer.url and this host's DNS")
-            password_check()
-            return results
-        try:
-            with socket.create_connection((host, port), timeout=connect_timeout):
-                pass
-            ok(f"TCP: connected to {ca.hostport}")
-        except OSError as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            fail(
-                f"TCP: cannot connect to {ca.hostport} ({reason})",
-                f"check the CA container/service is running and the firewall allows port {port}",
-            )
-            password_check()
-            return results
-        try:
-            ctx = ca._ssl_context()
-            with socket.create_connection((host, port), timeout=connect_timeout) as sock:
-                sock.settimeout(read_timeout)
-                with ctx.wrap_socket(sock, server_hostname=host) as tls:
-                    version = tls.version()
-            ok(f"TLS: {ca.hostport} verified against root {ca._root_description()} ({version})")
-        except IssuerError as exc:
-            fail(f"TLS: {exc.args[0]}", exc.hint)
-            password_check()
-            return results
-        except ssl.SSLCertVerificationError as exc:
-            fail(
-                f"TLS: verification of {ca.hostport} failed against root {ca._root_description()}: "
-                f"{exc.verify_message or exc}",
-                "that root (or fingerprint) is not this CA's: fetch the right one with `step ca root`",
-            )
-            password_check()
-            return results
-        except (OSError, ssl.SSLError) as exc:
-            fail(f"TLS: handshake with {ca.hostport} failed: {exc}", "check that the port is step-ca's HTTPS port")
-            password_check()
-            return results
-        try:
-            _, data = ca._call("GET", "/health", what="checking health")
-            status = data.get("status") if isinstance(data, dict) else None
-            if status == "ok":
-                ok(f"health: GET {ca.url}/health says ok")
-            else:
-                fail(f"health: GET {ca.url}/health says {status!r}", "see the step-ca log")
-        except IssuerError as exc:
-            fail(f"health: {exc.args[0]}", exc.hint)
-        try:
-            provisioner = ca._find_provisioner()
-            ok(f"provisioner '{spec.provisioner}' ({provisioner.get('type')}) is present")
-        except IssuerError as exc:
-            fail(exc.args[0], exc.hint)
-            password_check()
-            return results
-        password = password_check()
-        if password is not None:
-            try:
-                decrypt_provisioner_key(
-                    provisioner.get("encryptedKey") or "", password, str(spec.provisioner), str(spec.password_file)
-                )
-                ok(f"the password in {spec.password_file} decrypts the key of provisioner '{spec.provisioner}'")
-            except IssuerError as exc:
-                fail(exc.args[0], exc.hint)
-        return results
-    finally:
-        ca.close()
+# `reconcile doctor`'s checks live beside the client; re-exported for callers of this module
+from reconciler.issuers.stepca_doctor import doctor_checks  # noqa: E402,F401

@@ -1,0 +1,135 @@
+"""step-ca settings: where the CA is and which root to trust, from the manifest, flags,
+environment and `$STEPPATH/config/defaults.json` (what `step ca bootstrap` writes)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from reconciler.issuers import IssuerError
+from reconciler.model import IssuerSpec
+
+log = logging.getLogger("reconciler.issuers.stepca")
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 30.0
+
+_ENV_OPTIONS = {
+    "url": "RECONCILER_CA_URL",
+    "root": "RECONCILER_ROOT",
+    "fingerprint": "RECONCILER_FINGERPRINT",
+    "provisioner": "RECONCILER_PROVISIONER",
+    "password_file": "RECONCILER_PASSWORD_FILE",
+}
+# keys of $STEPPATH/config/defaults.json, as `step ca bootstrap` writes them
+_DEFAULTS_KEYS = {
+    "url": "ca-url",
+    "root": "root",
+    "fingerprint": "fingerprint",
+    "provisioner": "provisioner",
+    "password_file": "password-file",
+}
+
+
+def steppath(env: Mapping[str, str] = os.environ) -> Path:
+    """`$STEPPATH`, or `~/.step` like the step CLI."""
+    if env.get("STEPPATH"):
+        return Path(env["STEPPATH"]).expanduser()
+    home = env.get("HOME")
+    return (Path(home) if home else Path.home()) / ".step"
+
+
+def read_step_defaults(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """`$STEPPATH/config/defaults.json` as a dict; {} when it is absent or unreadable."""
+    path = steppath(env) / "config" / "defaults.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _defaults_value(defaults: Mapping[str, Any], field: str) -> Any:
+    value = defaults.get(_DEFAULTS_KEYS[field])
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = value.strip()
+    if field in ("root", "password_file"):
+        return Path(value).expanduser()
+    return value
+
+
+def resolve_spec(spec: IssuerSpec, env: Mapping[str, str] = os.environ) -> IssuerSpec:
+    """Fill what a step-ca issuer block leaves out from `$STEPPATH/config/defaults.json`.
+
+    The URL comes from `ca-url` when unset. Trust (`root`, `fingerprint`) is taken as a
+    pair, and only when the spec names neither, so a manifest's root is never mixed with
+    the fingerprint of whatever CA `step ca bootstrap` last pointed at. `provisioner` and
+    `password-file` are filled when the file has them (step accepts any flag there).
+    """
+    if spec.type != "step-ca":
+        return spec
+    defaults = read_step_defaults(env)
+    if not defaults:
+        return spec
+    changes: dict[str, Any] = {}
+    if spec.url is None and _defaults_value(defaults, "url"):
+        changes["url"] = _defaults_value(defaults, "url")
+    if spec.root is None and spec.fingerprint is None:
+        for field in ("root", "fingerprint"):
+            if _defaults_value(defaults, field):
+                changes[field] = _defaults_value(defaults, field)
+    for field in ("provisioner", "password_file"):
+        if getattr(spec, field) is None and _defaults_value(defaults, field):
+            changes[field] = _defaults_value(defaults, field)
+    return replace(spec, **changes) if changes else spec
+
+
+def spec_from_options(
+    url: str | None,
+    root: str | Path | None,
+    fingerprint: str | None,
+    provisioner: str | None,
+    password_file: str | Path | None,
+    env: Mapping[str, str] = os.environ,
+) -> IssuerSpec:
+    """The step-ca issuer of a bare-array manifest: flags > `RECONCILER_*` env > defaults.json."""
+    flags = {
+        "url": url,
+        "root": root,
+        "fingerprint": fingerprint,
+        "provisioner": provisioner,
+        "password_file": password_file,
+    }
+    values: dict[str, Any] = {}
+    for field, flag in flags.items():
+        value: Any = flag if flag not in ("", None) else env.get(_ENV_OPTIONS[field]) or None
+        if value is not None and field in ("root", "password_file"):
+            value = Path(value).expanduser()
+        values[field] = value
+    return resolve_spec(IssuerSpec(type="step-ca", **values), env)
+
+
+def normalise_fingerprint(fingerprint: str) -> str:
+    """sha256 hex, lower case, colons and spaces dropped (step prints it both ways)."""
+    fp = fingerprint.strip().lower().replace(":", "").replace(" ", "")
+    if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+        raise IssuerError(
+            f"step-ca root fingerprint {fingerprint!r} is not a sha256 hex digest",
+            hint="copy it from `step certificate fingerprint root_ca.crt` (64 hex digits)",
+        )
+    return fp
+
+
+def fingerprint_of(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
