@@ -18,11 +18,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from helpers import cert_sans, load_cert, reconcile, tree_snapshot, write_manifest
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown to real users")
-
 NOBODY = pwd.getpwnam("nobody").pw_uid
 NOGROUP = grp.getgrnam("nogroup").gr_gid
 WWW = grp.getgrnam("www-data").gr_gid
+
+
+@pytest.fixture(autouse=True)
+def _root():
+    if os.geteuid() != 0:
+        pytest.fail("these tests chown to real users (nobody, nogroup, www-data): run them as root (they never skip)")
 
 
 @pytest.fixture
