@@ -1,6 +1,6 @@
 """diff: (Desired, Observed, now, status) → the drifts of one certificate. Pure: no I/O, no clock.
 
-Drifts are small (field, observed, desired) records in DESIGN.md's table order; `plan`
+Drifts are small (field, observed, desired) records in the drift table's order (docs/design.md); `plan`
 turns them into the minimal actions.
 """
 
@@ -16,7 +16,7 @@ from reconciler.model import DesiredCert
 from reconciler.observe import FileState, Observed
 from reconciler.sans import display
 
-# DESIGN.md's drift table, in order
+# the drift table (docs/design.md), in order
 ISSUE, REISSUE, RENEW, CHOWN, CHMOD, RUN_HOOK = "issue", "reissue", "renew", "chown", "chmod", "run_hook"
 CONTENT_ACTIONS = (ISSUE, REISSUE, RENEW)
 JITTER_SHARE = 0.05

@@ -1,4 +1,4 @@
-"""diff and plan: every row of DESIGN.md's drift table, on real certificates and files.
+"""diff and plan: every row of the drift table (docs/design.md), on real certificates and files.
 
 Certificates are issued by the embedded CA (`LocalCA`) into tmp folders, observed with
 the real `observe`, and planned with a fixed `now` derived from the certificate itself.
