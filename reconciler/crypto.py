@@ -70,10 +70,11 @@ def same_public_key(a, b) -> bool:
 
 def cert_sans(cert: x509.Certificate) -> frozenset[str]:
     """The certificate's SAN set, normalised like a desired one (reconciler.sans)."""
-    from reconciler.sans import renormalise
+    from reconciler.sans import from_certificate
 
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return frozenset()
-    return renormalise([*ext.get_values_for_type(x509.DNSName), *(f"IP:{ip}" for ip in ext.get_values_for_type(x509.IPAddress))])
+    # typed: a dNSName "127.0.0.1" is not the iPAddress a client checks an address against
+    return from_certificate(ext.get_values_for_type(x509.DNSName), ext.get_values_for_type(x509.IPAddress))

@@ -21,7 +21,7 @@ from typing import Any
 
 from reconciler.durations import DurationError, parse_duration, parse_share
 from reconciler.model import Desired, DesiredCert, IssuerSpec, KeySpec, RenewBefore
-from reconciler.sans import SANError, normalise
+from reconciler.sans import SANError, display, normalise
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "certificate-manifest.schema.json"
 
@@ -404,6 +404,17 @@ def path_problem(path: Path | None) -> str | None:
     return None
 
 
+def _names_a_folder(value: Any) -> str | None:
+    """A trailing "/" (or a last name "." or "..") says the path is a folder; resolving it
+    would drop that and write a file where the operator meant a folder."""
+    if not isinstance(value, str) or not value:
+        return None
+    last = value.rstrip("/").rsplit("/", 1)[-1]
+    if value.endswith("/") or last in (".", ".."):
+        return f"{value!r} names a folder; give the path of the file inside it (e.g. {value.rstrip('/') + '/' + 'server.pem'!r})"
+    return None
+
+
 def _mode(text: str) -> int:
     return int(text, 8)
 
@@ -419,11 +430,18 @@ def _resolve(
         return f"defaults.{field}" if top in inherited else f"{where}.{field}"
 
     names: set[str] = set()
+    common_name = e["common_name"]
     for field, value in (("common_name", e["common_name"]), *((f"sans[{j}]", s) for j, s in enumerate(e.get("sans", [])))):
         try:
-            names.add(normalise(value))
+            canonical = normalise(value)
         except SANError as exc:
             issues.append(Issue(at(field), str(exc)))
+            continue
+        names.add(canonical)
+        if field == "common_name":
+            # written into the subject as the SAN normaliser spells it: " a.example " and
+            # "A.Example." are the name a.example, in the certificate as in its SANs
+            common_name = display(canonical)
     sans = frozenset(names)  # the desired SAN set: SANs plus the common name, normalised
 
     durations: dict[str, timedelta] = {}
@@ -479,7 +497,7 @@ def _resolve(
     path_of = paths.__getitem__
 
     for field in ("cert_path", "key_path", "ca_path"):
-        problem = path_problem(path_of(field))
+        problem = _names_a_folder(e.get(field)) or path_problem(path_of(field))
         if problem:
             issues.append(Issue(at(field), problem))
 
@@ -491,7 +509,7 @@ def _resolve(
     return (
         DesiredCert(
             name=e.get("name", e["common_name"]),
-            common_name=e["common_name"],
+            common_name=common_name,
             sans=sans,
             cert_path=path_of("cert_path"),
             key_path=path_of("key_path"),

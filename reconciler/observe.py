@@ -19,7 +19,7 @@ from typing import Any
 
 from reconciler.model import DesiredCert
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: SANs read typed (a dNSName that spells an address is no IP SAN)
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,16 @@
 
 A SAN set is a frozenset of strings: DNS names lower-cased without a trailing dot,
 IP addresses in canonical form prefixed "IP:" so a DNS name can never equal an IP.
+A certificate's dNSName that is not a DNS name we would write (an address spelled as a
+name, "DNS:127.0.0.1") keeps a "DNS:" prefix: TLS clients match an address only against
+iPAddress entries, so it must never equal the "IP:" SAN a manifest asks for.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 # lower-case LDH labels with at least one letter somewhere (so never an IPv4 lookalike),
@@ -29,6 +33,7 @@ def normalise(value: str) -> str:
     if _PLAIN_DNS.match(value):  # the common case, already canonical: one regex, no parsing
         return value
     text = value.strip()
+    _refuse_non_ascii(value, text)
     candidate = text[1:-1] if text.startswith("[") and text.endswith("]") else text
     try:
         # only strings that could be addresses pay for the attempt (exceptions are slow)
@@ -60,9 +65,39 @@ def normalise(value: str) -> str:
     return name
 
 
+def _refuse_non_ascii(value: str, text: str) -> None:
+    """Lower-casing folds the Kelvin sign (U+212A) into "k" and IDNA/NFKC would fold
+    fullwidth letters: a different name from the one written. Names in a certificate are
+    ASCII, so anything else is refused, naming the character."""
+    for ch in text:
+        if ord(ch) < 128:
+            continue
+        name = unicodedata.name(ch, "unnamed character")
+        folded = unicodedata.normalize("NFKC", ch).lower()
+        if folded.isascii() and folded.isprintable():
+            fix = f"it only looks like {folded!r}; write {folded!r}"
+        else:
+            fix = "write an internationalised name in its xn-- (punycode) form"
+        raise SANError(f"{value!r} holds {ch!r} (U+{ord(ch):04X} {name}), and names in a certificate are ASCII: {fix}")
+
+
 def san_set(common_name: str, sans: list[str] | tuple[str, ...] = ()) -> frozenset[str]:
     """The desired SAN set: the SANs plus the common name, normalised."""
     return frozenset(normalise(s) for s in (common_name, *sans))
+
+
+def from_certificate(dns_names, ip_addresses) -> frozenset[str]:
+    """A certificate's SANs, typed as it holds them, in the canonical form of a desired set.
+    `ip_addresses`: ipaddress objects from iPAddress entries; `dns_names`: dNSName strings,
+    normalised only when they are DNS names (anything else keeps a "DNS:" prefix)."""
+    out = {f"IP:{ip}" for ip in ip_addresses}
+    for name in dns_names:
+        try:
+            canonical = normalise(name) if name == name.strip() else None
+        except SANError:
+            canonical = None
+        out.add(canonical if canonical is not None and not is_ip(canonical) else f"DNS:{name}")
+    return frozenset(out)
 
 
 def is_ip(san: str) -> bool:
@@ -86,8 +121,9 @@ def ordered(sans) -> tuple[str, ...]:
 
 
 def renormalise(observed) -> frozenset[str]:
-    """A SAN set read from a certificate, in the same canonical form as a desired one.
-    Names we would never write are kept as they are: they differ, which is all that matters."""
+    """Untyped names (a request's, "IP:" allowed) in the canonical form of a desired set.
+    Names we would never write are kept as they are: they differ, which is all that matters.
+    A certificate's names are typed: read them with `from_certificate`."""
     out = set()
     for s in observed:
         try:

@@ -156,7 +156,7 @@ def test_a_relative_manifest_path_is_made_absolute(tmp_path, monkeypatch):
 
 def test_sans_include_the_common_name_normalised(tmp_path):
     (c,) = load_doc(tmp_path, [entry(1, common_name="WWW.Example.COM.", sans=["2001:DB8::1", "10.0.0.5", "*.Example.com"])]).certificates
-    assert c.common_name == "WWW.Example.COM."
+    assert c.common_name == "www.example.com"  # written into the certificate as the SAN normaliser spells it
     assert c.sans == frozenset({"www.example.com", "IP:2001:db8::1", "IP:10.0.0.5", "*.example.com"})
 
 
@@ -576,6 +576,43 @@ def test_a_san_that_is_neither_dns_nor_ip(tmp_path, san, words):
 
 def test_a_common_name_that_is_neither_dns_nor_ip(tmp_path):
     one_error(tmp_path, [entry(1, common_name="Web Server")], "[0].common_name", "neither a DNS name nor an IP address")
+
+
+@pytest.mark.parametrize(
+    "written, want",
+    [(" a.example ", "a.example"), ("A.Example.", "a.example"), (" 10.0.0.5", "10.0.0.5"), ("[2001:DB8::1]", "2001:db8::1")],
+)
+def test_the_common_name_is_normalised_as_the_sans_are(tmp_path, written, want):
+    """The CN went into the certificate as written: " a.example " and "A.Example." then
+    never matched what the certificate was asked for."""
+    (c,) = load_doc(tmp_path, [entry(1, common_name=written, name="svc")]).certificates
+    assert c.common_name == want
+
+
+@pytest.mark.parametrize(
+    "field, value, character",
+    [
+        ("common_name", "\u212aelvin.example", "U+212A KELVIN SIGN"),
+        ("sans", "\u212aelvin.example", "U+212A KELVIN SIGN"),
+        ("sans", "\uff41.example", "U+FF41 FULLWIDTH LATIN SMALL LETTER A"),
+        ("sans", "b\u00fccher.example", "U+00FC LATIN SMALL LETTER U WITH DIAERESIS"),
+    ],
+)
+def test_a_compatibility_character_is_refused_not_folded_into_another_name(tmp_path, field, value, character):
+    """The Kelvin sign lower-cases to a plain "k": "\u212aelvin.example" silently became
+    "kelvin.example", a different name from the one written."""
+    fields = {field: value} if field == "common_name" else {field: [value]}
+    where = "[0].common_name" if field == "common_name" else "[0].sans[0]"
+    message = one_error(tmp_path, [entry(1, name="svc", **fields)], where, character, "ASCII")
+    assert repr(value) in message or value in message
+
+
+@pytest.mark.parametrize("field", ["cert_path", "key_path", "ca_path"])
+@pytest.mark.parametrize("value", ["certs/", "certs/svc.d/", "certs/.", "certs/.."])
+def test_a_path_that_names_a_folder_is_an_error_not_silently_trimmed(tmp_path, field, value):
+    """"certs/svc.d/" was resolved to the file certs/svc.d: the trailing slash, the
+    operator's word that this is a folder, was dropped."""
+    one_error(tmp_path, [entry(1, **{field: value})], f"[0].{field}", repr(value), "names a folder")
 
 
 def test_a_bad_common_name_and_bad_sans_are_all_reported(tmp_path):

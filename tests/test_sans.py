@@ -172,6 +172,53 @@ def test_display_split_and_ordered():
     assert display("IP:10.0.0.1") == "10.0.0.1" and display("a.example") == "a.example"
 
 
+def _cert_with(names):
+    """A real certificate carrying exactly `names` (x509 GeneralNames) as its SANs."""
+    from datetime import datetime, timedelta, timezone
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "t")])
+    now = datetime.now(timezone.utc)
+    return (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def test_a_dns_typed_ip_in_a_certificate_is_not_an_ip_san():
+    """DNS:127.0.0.1 with no iPAddress "matched" a manifest asking for 127.0.0.1, but TLS
+    clients only check an IP against iPAddress SANs and reject such a certificate."""
+    import ipaddress
+
+    from cryptography import x509
+
+    from reconciler.crypto import cert_sans
+
+    dns_typed = cert_sans(_cert_with([x509.DNSName("a.example"), x509.DNSName("127.0.0.1")]))
+    ip_typed = cert_sans(_cert_with([x509.DNSName("a.example"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
+    assert ip_typed == san_set("a.example", ["127.0.0.1"])
+    assert dns_typed != san_set("a.example", ["127.0.0.1"])
+    assert "IP:127.0.0.1" not in dns_typed and "a.example" in dns_typed
+    # and it says which kind it was when shown
+    assert sorted(display(s) for s in dns_typed) == ["DNS:127.0.0.1", "a.example"]
+
+
+def test_a_dns_name_spelled_like_an_ip_san_cannot_pass_for_one():
+    from cryptography import x509
+
+    from reconciler.crypto import cert_sans
+
+    got = cert_sans(_cert_with([x509.DNSName("IP:10.0.0.1"), x509.DNSName("::1")]))
+    assert not any(is_ip(s) for s in got)
+
+
 def test_renormalise_brings_observed_names_to_the_desired_form():
     observed = {"WWW.example.com", "www.example.com.", "IP:2001:db8:0:0::1", "IP:10.0.0.1"}
     assert renormalise(observed) == frozenset({"www.example.com", "IP:2001:db8::1", "IP:10.0.0.1"})
