@@ -107,6 +107,19 @@ def diff(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: boo
     if observed.chains_to_issuer is False:
         drifts.append(Drift("issuer", REISSUE, "issued by another CA than the configured issuer", facts.issued_by, "configured issuer"))
     # --- lifetime
+    if now < facts.not_before:
+        # TLS clients refuse it ("certificate is not yet valid") until then; a renewal could
+        # keep that notBefore, so it is a new certificate, from a CA whose clock is right
+        drifts.append(
+            Drift(
+                "not_before",
+                REISSUE,
+                f"not valid until {facts.not_before:%Y-%m-%dT%H:%MZ} (in {format_duration(facts.not_before - now)}); "
+                "the clock may have jumped backwards",
+                facts.not_before.isoformat(),
+                f"at or before {now.isoformat()}",
+            )
+        )
     if not any(d.action == REISSUE for d in drifts):
         due = renewal_due_at(cert, facts.not_before, facts.not_after)
         if now >= facts.not_after:

@@ -390,6 +390,84 @@ def test_several_identity_drifts_are_one_reissue_with_every_reason(tmp_path, oth
     assert action.reason == "; ".join(d.reason for d in action.drifts)
 
 
+def forge(ca: LocalCA, cert: DesiredCert, names=None, not_before: datetime | None = None, lifetime=timedelta(hours=24)):
+    """What the embedded CA would never make itself, signed by its real intermediate and
+    deployed: other GeneralNames, or a notBefore of a clock that was ahead."""
+    import ipaddress as _ip
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    _root, inter, int_key, _root_pem, int_pem = ca._ensure()
+    key = make_key(cert.key.describe())
+    start = not_before or datetime.now(timezone.utc) - timedelta(minutes=1)
+    if names is None:
+        names = [x509.IPAddress(_ip.ip_address(display(s))) if s.startswith("IP:") else x509.DNSName(s) for s in cert.sans]
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cert.common_name)]))
+        .issuer_name(inter.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + lifetime)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(int_key, hashes.SHA256())
+    )
+    write(cert.cert_path, leaf.public_bytes(serialization.Encoding.PEM) + int_pem, cert.cert_mode)
+    write(cert.key_path, key_to_pem(key), cert.key_mode)
+
+
+def test_a_dns_typed_ip_does_not_count_as_the_ip_san_asked_for(tmp_path, ca, trust):
+    """A certificate with DNS:127.0.0.1 and no iPAddress "matched" a manifest asking for
+    127.0.0.1; TLS clients reject it for that address."""
+    from cryptography import x509
+
+    cert = desire(tmp_path, common_name="svc.example.com", sans=["127.0.0.1"])
+    forge(ca, cert, names=[x509.DNSName("svc.example.com"), x509.DNSName("127.0.0.1")])
+    plan, observed = plan_for(cert, trust)
+    assert observed.chains_to_issuer is True and observed.key_matches
+    assert actions(plan) == [(REISSUE, "SANs differ: adds 127.0.0.1, drops DNS:127.0.0.1")]
+
+
+# --------------------------------------------------------------------------- not yet valid
+
+
+def test_a_certificate_not_yet_valid_is_reissued_saying_the_clock_may_have_jumped(tmp_path, ca, trust):
+    """Issued while the clock was ahead: every TLS client says "certificate is not yet
+    valid", and it was counted as ready."""
+    cert = desire(tmp_path)
+    now = datetime(2026, 11, 28, 10, 0, tzinfo=timezone.utc)
+    forge(ca, cert, not_before=datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc))
+    plan, observed = plan_for(cert, trust, now=now)
+    assert observed.chains_to_issuer is True
+    assert actions(plan) == [(REISSUE, "not valid until 2026-12-01T10:00Z (in 3d); the clock may have jumped backwards")]
+    (drift,) = plan.actions[0].drifts
+    assert (drift.field, drift.observed, drift.desired) == ("not_before", "2026-12-01T10:00:00+00:00", "at or before 2026-11-28T10:00:00+00:00")
+
+
+def test_a_certificate_valid_from_this_very_second_is_ready(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    start = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+    forge(ca, cert, not_before=start)
+    assert plan_for(cert, trust, now=start)[0].actions == ()
+    assert [a.action for a in plan_for(cert, trust, now=start - timedelta(seconds=1))[0].actions] == [REISSUE]
+
+
+def test_the_cached_observation_keeps_the_future_not_before(tmp_path, ca, trust):
+    from reconciler.observe import ObservationCache
+
+    cert = desire(tmp_path)
+    start = datetime.now(timezone.utc) + timedelta(days=2)
+    forge(ca, cert, not_before=start)
+    cache = ObservationCache(tmp_path / "state")
+    observe(cert, trust, cache)
+    cache.save()
+    hit = observe(cert, trust, ObservationCache(tmp_path / "state"))
+    assert [d.field for d in diff(cert, hit, datetime.now(timezone.utc))] == ["not_before"]
+
+
 # --------------------------------------------------------------------------- renew
 
 
