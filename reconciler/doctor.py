@@ -79,8 +79,12 @@ def run_doctor(settings) -> int:
             from reconciler.issuers.local import LocalCA
 
             folder = spec.dir or settings.state_dir / "ca"
-            if LocalCA(folder).trust_roots():
-                checks.append((True, f"embedded CA in {folder} is present", ""))
+            local = LocalCA(folder)
+            problem = local.check()
+            if problem is not None:
+                checks.append((False, problem.args[0], problem.hint))
+            elif local.exists():
+                checks.append((True, f"embedded CA in {folder} is present (keys match, the chain verifies, valid now)", ""))
             else:
                 ok, what, hint = _state_dir_check(folder, "embedded CA folder")
                 checks.append((ok, f"embedded CA in {folder} will be created on the first pass" if ok else what, hint))

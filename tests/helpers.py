@@ -13,8 +13,9 @@ from cryptography import x509
 REPO = Path(__file__).resolve().parent.parent
 
 
-def reconcile(*args: str, state_dir: Path | None = None, env: dict | None = None, timeout: float = 120, check: int | None = None, cwd=None):
-    """Run `python -m reconciler ARGS` as a real subprocess; returns CompletedProcess."""
+def reconcile(*args: str, state_dir: Path | None = None, env: dict | None = None, timeout: float = 120, check: int | None = None, cwd=None, wrap: tuple[str, ...] = ()):
+    """Run `python -m reconciler ARGS` as a real subprocess; returns CompletedProcess.
+    `wrap`: a command to run it under, e.g. ("faketime", "-f", "+2d")."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
     full_env["NO_COLOR"] = "1"
     full_env["PYTHONPATH"] = str(REPO)
@@ -22,7 +23,7 @@ def reconcile(*args: str, state_dir: Path | None = None, env: dict | None = None
         full_env["RECONCILER_STATE_DIR"] = str(state_dir)
     full_env.update(env or {})
     proc = subprocess.run(
-        [sys.executable, "-m", "reconciler", *args],
+        [*wrap, sys.executable, "-m", "reconciler", *args],
         capture_output=True,
         text=True,
         env=full_env,

@@ -1,7 +1,14 @@
-"""The embedded CA: a root and an intermediate in a private folder, created on first use."""
+"""The embedded CA: a root and an intermediate in a private folder, created on first use.
+
+Before it signs anything, the CA on disk is checked: its keys belong to its certificates,
+the intermediate is signed by the root, and both are valid now. A CA that fails is never
+used and never replaced on its own: a damaged CA would issue certificates that fail
+verification on every pass, and a new one would silently re-issue every certificate.
+"""
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from datetime import datetime, timedelta, timezone
@@ -13,20 +20,24 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from reconciler.atomic import write_atomic
-from reconciler.crypto import extended_key_usage, general_names, key_to_pem, signing_hash
+from reconciler.crypto import cert_sans, extended_key_usage, general_names, key_to_pem, same_public_key, signing_hash
+from reconciler.durations import format_duration
 from reconciler.issuers import IssueRequest, Issued, IssuerError
+from reconciler.sans import display, renormalise
 
 ROOT_CERT, ROOT_KEY = "root_ca.crt", "root_ca.key"
 INT_CERT, INT_KEY = "intermediate_ca.crt", "intermediate_ca.key"
 ROOT_LIFETIME = timedelta(days=3650)
 INTERMEDIATE_LIFETIME = timedelta(days=1825)
-BACKDATE = timedelta(minutes=1)  # tolerate a little clock skew between this host and its clients
+BACKDATE = timedelta(minutes=1)  # as step-ca does: tolerate a little clock skew between this host and its clients
+RESTORE = "restore it from backup, or move the folder away to create a new CA (every certificate will be re-issued); it is never replaced on its own"
 
 
 class LocalCA:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._signer: tuple | None = None
+        self._refusal: IssuerError | None = None
         self._lock = threading.Lock()
 
     # -- read-only side, for observe/plan
@@ -43,35 +54,96 @@ class LocalCA:
     def close(self) -> None:
         pass
 
+    def exists(self) -> bool:
+        return any((self.folder / n).exists() for n in (ROOT_CERT, ROOT_KEY, INT_CERT, INT_KEY))
+
+    def check(self, now: datetime | None = None) -> IssuerError | None:
+        """Why this CA cannot issue now (damaged, incomplete, not valid at `now`), for
+        `doctor`; None when it can, or when it does not exist yet. Reads only."""
+        try:
+            loaded = self._load(now)
+            if loaded is None and self.exists():
+                raise self._incomplete()
+        except IssuerError as exc:
+            return exc
+        return None
+
     # -- issuing
 
     def _ensure(self) -> tuple:
         with self._lock:
             if self._signer is None:
-                self._signer = self._load() or self._create()
+                if self._refusal is not None:  # every certificate of the pass gets the same answer
+                    raise copy.copy(self._refusal)
+                try:
+                    self._signer = self._load() or self._create()
+                except IssuerError as exc:
+                    self._refusal = copy.copy(exc)
+                    raise
             return self._signer
 
-    def _load(self) -> tuple | None:
+    def _load(self, now: datetime | None = None) -> tuple | None:
         paths = [self.folder / n for n in (ROOT_CERT, INT_CERT, INT_KEY)]
         if not all(p.exists() for p in paths):
             return None
+        root_pem, root = self._read(ROOT_CERT, x509.load_pem_x509_certificate)
+        int_pem, inter = self._read(INT_CERT, x509.load_pem_x509_certificate)
+        _, key = self._read(INT_KEY, lambda data: serialization.load_pem_private_key(data, password=None))
+        root_key = None
+        if (self.folder / ROOT_KEY).exists():  # may be kept offline; checked when it is here
+            _, root_key = self._read(ROOT_KEY, lambda data: serialization.load_pem_private_key(data, password=None))
+        self._verify(root, inter, key, root_key, now or datetime.now(timezone.utc))
+        return root, inter, key, root_pem, int_pem
+
+    def _read(self, name: str, parse) -> tuple[bytes, object]:
+        path = self.folder / name
         try:
-            root = x509.load_pem_x509_certificate(paths[0].read_bytes())
-            inter = x509.load_pem_x509_certificate(paths[1].read_bytes())
-            key = serialization.load_pem_private_key(paths[2].read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as exc:
-            raise IssuerError(
-                f"embedded CA in {self.folder} is damaged: {exc}",
-                hint="restore it from backup, or move the folder away to create a new CA (every certificate will be re-issued)",
-            ) from None
-        return root, inter, key, paths[0].read_bytes(), paths[1].read_bytes()
+            data = path.read_bytes()
+            return data, parse(data)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+        except (ValueError, TypeError) as exc:
+            why = f"does not parse ({str(exc).split('.')[0]})"
+        raise IssuerError(f"embedded CA in {self.folder} is damaged: {path} {why}", hint=RESTORE)
+
+    def _verify(self, root, inter, int_key, root_key, now: datetime) -> None:
+        def damaged(what: str) -> IssuerError:
+            return IssuerError(f"embedded CA in {self.folder} is damaged: {what}", hint=RESTORE)
+
+        for name, cert, key in ((INT_KEY, inter, int_key), (ROOT_KEY, root, root_key)):
+            if key is not None and not same_public_key(cert, key):
+                raise damaged(f"{self.folder / name} does not belong to {name[: -len('.key')]}.crt (another key)")
+        for child, parent, what in ((root, root, f"{ROOT_CERT} is not a self-signed root"), (inter, root, f"{INT_CERT} is not signed by {ROOT_CERT}")):
+            try:
+                child.verify_directly_issued_by(parent)
+            except Exception:  # wrong signature, wrong issuer name, unsupported algorithm
+                raise damaged(what) from None
+        for name, cert in ((ROOT_CERT, root), (INT_CERT, inter)):
+            if now < cert.not_valid_before_utc:
+                raise IssuerError(
+                    f"embedded CA certificate {self.folder / name} is not valid until "
+                    f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%MZ} (in {format_duration(cert.not_valid_before_utc - now)}): "
+                    "it was made while this host's clock was ahead, or the clock has jumped backwards; "
+                    "certificates issued from it now would not verify",
+                    hint=f"fix this host's clock (NTP: `timedatectl status`); if the clock is right now, wait until then, "
+                    f"or move {self.folder} away to create a new CA (every certificate will be re-issued)",
+                )
+            if now >= cert.not_valid_after_utc:
+                raise IssuerError(
+                    f"embedded CA certificate {self.folder / name} expired on {cert.not_valid_after_utc:%Y-%m-%dT%H:%MZ}",
+                    hint=f"check this host's clock (NTP); if it is right, move {self.folder} away to create a new CA "
+                    "(every certificate will be re-issued)",
+                )
+
+    def _incomplete(self) -> IssuerError:
+        return IssuerError(
+            f"embedded CA in {self.folder} is incomplete (some of {ROOT_CERT}, {INT_CERT}, {INT_KEY} are missing)",
+            hint="restore the missing files, or move the folder away to create a new CA",
+        )
 
     def _create(self) -> tuple:
-        if any((self.folder / n).exists() for n in (ROOT_CERT, ROOT_KEY, INT_CERT, INT_KEY)):
-            raise IssuerError(
-                f"embedded CA in {self.folder} is incomplete (some of {ROOT_CERT}, {INT_CERT}, {INT_KEY} are missing)",
-                hint="restore the missing files, or move the folder away to create a new CA",
-            )
+        if self.exists():
+            raise self._incomplete()
         try:
             self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(self.folder, 0o700)
@@ -151,6 +223,16 @@ class LocalCA:
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(int_key.public_key()), critical=False)
         )
         leaf = builder.sign(int_key, signing_hash(int_key))
+        # what any CA returns is checked before it is believed, this one too: it verifies
+        # under the intermediate, and it holds exactly the names asked for, typed
+        want = renormalise(request.sans)
+        try:
+            leaf.verify_directly_issued_by(inter)
+        except Exception:
+            raise IssuerError(f"embedded CA in {self.folder} made a certificate for {request.name} that does not verify", hint=RESTORE) from None
+        if cert_sans(leaf) != want:
+            shown = ", ".join(sorted(display(s) for s in cert_sans(leaf)))
+            raise IssuerError(f"embedded CA in {self.folder} made a certificate for {request.name} with other names ({shown})")
         return Issued(leaf.public_bytes(serialization.Encoding.PEM), int_pem, root_pem)
 
     def renew(self, request: IssueRequest, key, current_cert_pem: bytes, current_key) -> Issued:
