@@ -80,8 +80,9 @@ class HostileCA:
     """An HTTPS server on 127.0.0.1 that serves a JWK provisioner and then misbehaves on /1.0/sign.
 
     `mode`: "ok" (a good answer for svc.test + 127.0.0.9, whatever was asked), "truncated",
-    "garbage", "html", "server-error", "wrong-key", "wrong-sans", "stall" (says nothing for
-    30 s), "endless" (starts an answer and never finishes it)."""
+    "garbage", "html", "server-error", "wrong-key", "wrong-sans", "dns-typed-ip" (127.0.0.9
+    as a dNSName, no iPAddress), "stall" (says nothing for 30 s), "endless" (starts an
+    answer and never finishes it). `clock_offset`: how far its Date header is off."""
 
     def __init__(self, tmp_path: Path):
         from jwcrypto import jwa, jwe, jwk
@@ -124,6 +125,7 @@ class HostileCA:
             },
         }
         self.mode = "ok"
+        self.clock_offset = timedelta(0)
         self.release = threading.Event()
         self.last_csr: x509.CertificateSigningRequest | None = None
         outer = self
@@ -131,6 +133,12 @@ class HostileCA:
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
+
+            def date_time_string(self, timestamp=None):
+                import email.utils
+                import time
+
+                return email.utils.formatdate((timestamp or time.time()) + outer.clock_offset.total_seconds(), usegmt=True)
 
             def _send(self, status: int, body: bytes, length: int | None = None):
                 self.send_response(status)
@@ -182,7 +190,10 @@ class HostileCA:
                     return
                 public_key = ec_key().public_key() if mode == "wrong-key" else csr.public_key()
                 names = ["svc.test", "other.test"] if mode == "wrong-sans" else ["svc.test"]
-                leaf = sign_leaf(outer.ca_cert, outer.ca_key, public_key, "svc.test", names, ["127.0.0.9"])
+                ips = ["127.0.0.9"]
+                if mode == "dns-typed-ip":
+                    names, ips = ["svc.test", "127.0.0.9"], []
+                leaf = sign_leaf(outer.ca_cert, outer.ca_key, public_key, "svc.test", names, ips)
                 self._send(
                     201,
                     json.dumps({"crt": pem(leaf).decode(), "ca": pem(outer.ca_cert).decode(), "certChain": [pem(leaf).decode()]}).encode(),

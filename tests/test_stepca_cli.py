@@ -301,6 +301,30 @@ def test_a_duration_above_the_provisioner_maximum_quotes_the_cas_refusal(site, s
     assert not out.exists()
 
 
+# --------------------------------------------------------------------------- the clocks differ
+
+
+@pytest.mark.parametrize("offset", ["+10m", "-10m"])
+def test_a_host_clock_off_from_the_cas_by_more_than_the_token_leeway_refuses_plainly_and_writes_nothing(site, step_ca, offset):
+    """This host's clock moved with faketime, the real step-ca's not: the pass says the
+    clocks differ and how to fix it, instead of step-ca's bare "token not yet valid" or
+    certificates that look not yet valid here (issue 10 §6)."""
+    import shutil
+
+    faketime = shutil.which("faketime")
+    assert faketime, "faketime is not installed; scripts/install --test installs it"
+    tmp, state, out, pw, env = site
+    m = write_manifest(tmp / "m.json", {"issuer": issuer_block(step_ca, pw), "certificates": [entry(out, "clock.example")]})
+    proc = run(step_ca, "-m", str(m), state_dir=state, env=env, wrap=(faketime, "-f", offset))
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 1, said
+    assert "clock" in said and "NTP" in said, said
+    assert not out.exists() or not any(out.iterdir())
+    # with the clocks agreeing again, the same state converges
+    run(step_ca, "-m", str(m), state_dir=state, env=env, check=0)
+    chains_to(step_ca, out / "clock.example.crt")
+
+
 # --------------------------------------------------------------------------- bare array, three ways to name the CA
 
 

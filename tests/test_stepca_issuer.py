@@ -198,6 +198,8 @@ def test_hostile_server_baseline_answer_is_accepted(hostile, tmp_path):
         ("garbage", "not a PEM certificate"),
         ("wrong-key", "different key"),
         ("wrong-sans", r"SANs \(.*other.test.*\) differ"),
+        # 127.0.0.9 as a DNS name: TLS clients reject it for the address (issue 10 §7)
+        ("dns-typed-ip", r"SANs \(DNS:127.0.0.9, svc.test\) differ from the request \(127.0.0.9, svc.test\)"),
     ],
 )
 def test_garbage_answers_are_rejected(hostile, tmp_path, mode, expected):
@@ -208,6 +210,30 @@ def test_garbage_answers_are_rejected(hostile, tmp_path, mode, expected):
     assert not err.value.transient
     assert "hostile-secret" not in str(err.value)
     assert not (tmp_path / "state" / "step-ca" / "intermediates").exists()
+
+
+@pytest.mark.parametrize("offset", [timedelta(minutes=10), -timedelta(minutes=10), timedelta(days=3)])
+def test_a_ca_whose_clock_differs_by_more_than_the_token_leeway_is_refused_before_signing(hostile, tmp_path, offset):
+    """step-ca refuses tokens more than a minute off, and certificates from a CA on
+    another time look not yet valid or expired here: the clocks are compared first."""
+    hostile.clock_offset = offset
+    with StepCA(hostile.spec(), tmp_path / "state") as ca:
+        with pytest.raises(IssuerError) as err:
+            ca.issue(request_for("svc.test", "127.0.0.9"), ec_key())
+        with pytest.raises(IssuerError, match="clock"):  # the next certificate is told without asking again
+            ca.issue(request_for("svc.test", "127.0.0.9"), ec_key())
+    message = str(err.value)
+    assert "clock" in message and "Date" in message and "1m" in message, message
+    assert ("the CA's clock is ahead of" if offset > timedelta(0) else "the CA's clock is behind") in message
+    assert "NTP" in err.value.hint
+    assert not err.value.transient
+    assert hostile.last_csr is None  # refused before anything was signed
+
+
+def test_a_ca_clock_within_the_token_leeway_is_fine(hostile, tmp_path):
+    hostile.clock_offset = timedelta(seconds=40)
+    with StepCA(hostile.spec(), tmp_path / "state") as ca:
+        ca.issue(request_for("svc.test", "127.0.0.9"), ec_key())
 
 
 def test_a_certificate_from_another_ca_is_rejected(hostile, tmp_path):

@@ -61,6 +61,11 @@ __all__ = [
 ]
 
 TOKEN_LIFETIME = timedelta(minutes=5)
+# step-ca checks a one-time token's nbf/iat/exp with go-jose's default leeway of one
+# minute (jose.DefaultLeeway); a host whose clock differs from the CA's by more gets its
+# tokens refused, and certificates whose validity looks shifted here. Compared with the
+# Date header of every answer, the request's own duration allowed for.
+CLOCK_LEEWAY = timedelta(minutes=1)
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 _MAX_PROVISIONER_PAGES = 1000
 
@@ -153,6 +158,7 @@ class StepCA:
         self._jwk = None  # the decrypted provisioner key (jwcrypto JWK), memory only
         self._key_error: IssuerError | None = None  # why the key could not be had, this pass
         self._silent_since: IssuerError | None = None  # a connect timeout seen in this pass
+        self._clock_error: IssuerError | None = None  # the clocks differ: nothing more is asked this pass
         self._kid: str | None = None
         self._alg: str | None = None
         self._seen_intermediates: set[str] = set()
@@ -402,11 +408,15 @@ class StepCA:
             # a CA that let a connection attempt time out in this pass is not asked again by
             # every other certificate: each would wait out its own connect timeout
             raise IssuerError(str(self._silent_since.args[0]), self._silent_since.hint, transient=True)
+        if self._clock_error is not None:
+            raise copy.copy(self._clock_error)
         client = client or self._http()
         label = f"{method} {path}"
         deadline = time.monotonic() + self.connect_timeout + self.read_timeout
+        sent = time.time()
         try:
             with client.stream(method, self.url + path, json=json_body, params=params) as resp:
+                self._check_clock(resp.headers.get("date"), sent, time.time())
                 chunks: list[bytes] = []
                 size = 0
                 for chunk in resp.iter_bytes():
@@ -456,11 +466,52 @@ class StepCA:
             ) from None
         return status, data
 
+    def _check_clock(self, date: str | None, sent: float, received: float) -> None:
+        """Refuse to go on when the CA's clock (its Date header) and ours differ by more than
+        CLOCK_LEEWAY. An answer without a usable Date (a proxy, not step-ca) is not judged."""
+        from email.utils import parsedate_to_datetime
+
+        try:
+            theirs = parsedate_to_datetime(date).timestamp() if date else None
+        except (TypeError, ValueError, IndexError, OverflowError):
+            theirs = None
+        if theirs is None:
+            return
+        # the Date was made between our send and our receipt, and is truncated to the second
+        if theirs + 1 < sent:
+            off, word = sent - (theirs + 1), "behind"
+        elif theirs > received:
+            off, word = theirs - received, "ahead of"
+        else:
+            return
+        if off <= CLOCK_LEEWAY.total_seconds():
+            return
+        from reconciler.durations import format_duration
+
+        here = datetime.fromtimestamp(received, timezone.utc)
+        error = IssuerError(
+            f"step-ca at {self.url} and this host disagree on the time by {format_duration(timedelta(seconds=off))}: "
+            f"the CA's clock is {word} this host's (its Date header says {date}, this host's clock "
+            f"{here:%a, %d %b %Y %H:%M:%S GMT}), more than step-ca's {format_duration(CLOCK_LEEWAY)} token leeway; "
+            "refusing to ask for certificates until the clocks agree",
+            hint="fix the clock of this host or of the CA host (NTP: `timedatectl set-ntp true`, `chronyc tracking`); "
+            "nothing was changed",
+        )
+        self._clock_error = copy.copy(error)
+        raise error
+
     def _network_error(self, exc: httpx.HTTPError, label: str, what: str) -> IssuerError:
         chain = list(_walk_causes(exc))
         verify = next((e for e in chain if isinstance(e, ssl.SSLCertVerificationError)), None)
         if verify is not None:
             reason = getattr(verify, "verify_message", None) or str(verify)
+            if "not yet valid" in reason or "expired" in reason:
+                return IssuerError(
+                    f"TLS verification of step-ca at {self.hostport} failed: its certificate is {reason.split('certificate is ')[-1]} "
+                    "by this host's clock",
+                    hint="this host's clock (or the CA's) is wrong: fix it (NTP: `timedatectl set-ntp true`, "
+                    "`chronyc tracking`); if the clocks are right, renew the CA's own TLS certificate",
+                )
             return IssuerError(
                 f"TLS verification of step-ca at {self.hostport} failed against root {self._root_description()}: {reason}",
                 hint="that root (or fingerprint) is not this CA's: fetch the right one with `step ca root`, "
