@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a program whose reader left
 SUBCOMMANDS = ("validate", "status", "doctor")
 
 DESCRIPTION = """\
@@ -28,6 +29,19 @@ Make the TLS certificates on this host match certificate-manifest.json.
 Exit codes: 0 success; 1 error (invalid manifest, a failed issuance or hook, after doing
 everything else that could be done); with --detailed-exitcode, 2 = success and changes
 planned (with --plan) or made."""
+
+
+STATUS_DESCRIPTION = """\
+One row per certificate: state, expiry, SANs, owner/mode, last issued, last hook.
+Reads only: it changes nothing and never contacts a CA, so it can serve as a health check.
+
+States: ready; renewal due (still valid, the next pass renews it); missing; expired;
+error (the last pass failed for it, or the file holds another certificate than the
+manifest asks for); hook pending (its post-renewal command still has to succeed);
+repair due (owner or mode differs from the manifest).
+
+Exit codes: 0 every certificate is ready or only due for renewal; 1 any certificate is
+not ready (missing, expired, error, hook pending, repair due), or the manifest is invalid."""
 
 
 class JSONFormatter(logging.Formatter):
@@ -106,7 +120,7 @@ def build_parser(sub: str | None) -> argparse.ArgumentParser:
     if sub == "validate":
         return argparse.ArgumentParser(prog="reconcile validate", parents=[common], description="Check the manifest; print `ok: N certificates` or every error. Exit 0 / 1.")
     if sub == "status":
-        p = argparse.ArgumentParser(prog="reconcile status", parents=[common], description="One row per certificate: state, expiry, SANs, owner/mode, last issued, last hook.")
+        p = argparse.ArgumentParser(prog="reconcile status", parents=[common], description=STATUS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--output", choices=("text", "json"), default="text")
         return p
     if sub == "doctor":
@@ -153,6 +167,20 @@ def print_manifest_errors(exc) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`reconcile ... | head -1`: the reader leaving early is not an error worth a traceback.
+    The work is done either way; only the rest of the output has nowhere to go."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a buffered write fails here, not at exit
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that cannot fail too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     sub = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     args = build_parser(sub).parse_args(argv[1:] if sub else argv)
@@ -224,7 +252,7 @@ def cmd_plan(args) -> int:
 
 def cmd_apply(args) -> int:
     from reconciler.passes import run_pass
-    from reconciler.render import dumps, plan_json, plan_text
+    from reconciler.render import dumps, failure_headline, held_back, plan_json, result_text
 
     settings = settings_from(args)
     started = time.monotonic()
@@ -241,15 +269,14 @@ def cmd_apply(args) -> int:
             "ok": result.ok,
             "failures": result.failures(),
             "hooks": [{"command": h.command, "certificates": list(h.certificates), "ok": h.ok, "result": h.describe()} for h in result.hooks],
+            "hooks_held_back": [{"command": c, "certificates": list(names), "reason": why} for c, names, why in held_back(snap.plan, result)],
         }
         sys.stdout.write(dumps(data))
-    elif snap.plan.changes or snap.plan.errors:
-        sys.stdout.write(plan_text(snap.plan).replace("Plan:", "Applied:", 1).replace("Hooks that would run:", "Hooks:", 1))
     else:
-        sys.stdout.write(plan_text(snap.plan))
+        sys.stdout.write(result_text(snap.plan, result))
     failures = result.failures()
     if failures:
-        print(f"error: {len(failures)} of {len(snap.plan.certificates)} certificates or hooks failed; everything else was done:", file=sys.stderr)
+        print(f"error: {failure_headline(snap.plan, result)}; everything else was done:", file=sys.stderr)
         for line in failures:
             print(f"  {line}", file=sys.stderr)
         return EXIT_ERROR
@@ -257,7 +284,7 @@ def cmd_apply(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from reconciler.report import status_json, status_rows, status_text
+    from reconciler.report import all_ready, status_json, status_rows, status_text
 
     settings = settings_from(args)
     rows, manifest_note = status_rows(settings)
@@ -265,4 +292,4 @@ def cmd_status(args) -> int:
         sys.stdout.write(json.dumps(status_json(rows, manifest_note), indent=2) + "\n")
     else:
         sys.stdout.write(status_text(rows, manifest_note))
-    return EXIT_OK if manifest_note is None else EXIT_ERROR
+    return EXIT_OK if all_ready(rows, manifest_note) else EXIT_ERROR

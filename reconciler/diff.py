@@ -125,12 +125,15 @@ def diff(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: boo
         if now >= facts.not_after:
             drifts.append(Drift("expiry", RENEW, f"expired {format_duration(now - facts.not_after)} ago", facts.not_after.isoformat(), "valid"))
         elif now >= due:
+            # the jitter moves the moment earlier than the window alone says: name the moment,
+            # or "expires in 4m17s, inside the 4m window" reads as a contradiction
             window = cert.renew_before.describe()
             drifts.append(
                 Drift(
                     "expiry",
                     RENEW,
-                    f"expires in {format_duration(facts.not_after - now)}, inside the {window} renewal window",
+                    f"renewal due since {format_duration(now - due)} ago (window {window} + jitter); "
+                    f"expires in {format_duration(facts.not_after - now)}",
                     facts.not_after.isoformat(),
                     due.isoformat(),
                 )

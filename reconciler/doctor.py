@@ -60,14 +60,15 @@ def _hook_check(command: str) -> tuple[bool, str, str]:
 
 def run_doctor(settings) -> int:
     from reconciler.passes import load_desired
+    from reconciler.render import plural
 
     checks: list[tuple[bool, str, str]] = []
     desired = None
     try:
         desired = load_desired(settings)
-        checks.append((True, f"manifest {settings.manifest} is valid ({len(desired.certificates)} certificates)", ""))
+        checks.append((True, f"manifest {settings.manifest} is valid ({plural(len(desired.certificates), 'certificate')})", ""))
     except ManifestError as exc:
-        checks.append((False, f"manifest {settings.manifest} is invalid: {exc.issues[0]}", f"{len(exc.issues)} error(s); run `reconcile validate -m {settings.manifest}`"))
+        checks.append((False, f"manifest {settings.manifest} is invalid: {exc.issues[0]}", f"{plural(len(exc.issues), 'error')}; run `reconcile validate -m {settings.manifest}`"))
     checks.append(_state_dir_check(settings.state_dir))
     if desired is not None:
         spec = desired.issuer

@@ -5,12 +5,23 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from reconciler.plan import Plan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from reconciler.apply import Result
 
 FORMAT_VERSION = 1
 SYMBOLS = {"issue": "+", "reissue": "-/+", "renew": "~", "chown": "~", "chmod": "~", "run_hook": "!"}
 COLOURS = {"+": "32", "-/+": "33", "~": "33", "!": "35", "x": "31"}
+# what was done, for "N of M <done>" after a pass (run_hook counts certificates)
+DONE = {"issue": "issued", "reissue": "reissued", "renew": "renewed", "chown": "chowned", "chmod": "chmodded"}
+
+
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """"1 certificate", "2 certificates"; `many` for nouns that do not just take an s."""
+    return f"{n} {noun if n == 1 else many or noun + 's'}"
 
 
 def use_colour(stream=sys.stdout) -> bool:
@@ -42,9 +53,11 @@ def plan_json(plan: Plan) -> dict:
     }
 
 
+def paint(colour: bool, symbol: str, text: str) -> str:
+    return f"\033[{COLOURS.get(symbol, '0')}m{text}\033[0m" if colour else text
+
+
 def plan_text(plan: Plan, colour: bool = False) -> str:
-    def paint(symbol: str, text: str) -> str:
-        return f"\033[{COLOURS.get(symbol, '0')}m{text}\033[0m" if colour else text
 
     total = len(plan.certificates)
     changed = [p for p in plan.certificates if p.actions]
@@ -55,7 +68,7 @@ def plan_text(plan: Plan, colour: bool = False) -> str:
         for a in p.actions:
             counts[a.action] = counts.get(a.action, 0) + 1
     if not changed and not errors:
-        return f"No changes: {total} certificate{'s' if total != 1 else ''} match the manifest.\n"
+        return f"No changes: {plural(total, 'certificate')} {'matches' if total == 1 else 'match'} the manifest.\n"
     summary = ", ".join(f"{n} to {a.replace('_', ' ')}" for a, n in counts.items())
     if errors:
         summary = ", ".join(x for x in (summary, f"{len(errors)} cannot be managed") if x)
@@ -64,14 +77,92 @@ def plan_text(plan: Plan, colour: bool = False) -> str:
     for p in changed:
         for a in p.actions:
             sym = SYMBOLS[a.action]
-            lines.append(paint(sym, f"  {sym:>3} {p.cert.name:<{width}}  {a.action:<8} {a.reason}"))
+            lines.append(paint(colour, sym, f"  {sym:>3} {p.cert.name:<{width}}  {a.action:<8} {a.reason}"))
     for p in errors:
-        lines.append(paint("x", f"  {'x':>3} {p.cert.name:<{width}}  {'error':<8} {p.error}"))
+        lines.append(paint(colour, "x", f"  {'x':>3} {p.cert.name:<{width}}  {'error':<8} {p.error}"))
     if plan.hooks:
         lines.append("Hooks that would run:")
         for h in plan.hooks:
             lines.append(f"  {h.command}   (for {', '.join(h.certificates)})")
     return "\n".join(lines) + "\n"
+
+
+def result_text(plan: Plan, result: "Result", colour: bool = False) -> str:
+    """After a pass: what was done, counted against what was planned, and only the hooks
+    that ran (those held back are listed apart, with why)."""
+    if not plan.changes and not plan.errors:
+        return plan_text(plan, colour)
+
+    outcomes = {c.name: c for c in result.certificates}
+    hook_ok = {n: h.ok for h in result.hooks if not h.refused for n in h.certificates}
+    total = len(plan.certificates)
+    changed = [p for p in plan.certificates if p.actions and not p.error]
+    counts: dict[str, list[int]] = {}  # action -> [planned, done, failed]
+    rows: list[tuple[str, str, str]] = []
+    for p in changed:
+        res = outcomes.get(p.cert.name)
+        for a in p.actions:
+            if res is None:
+                done, failed, note = False, False, " (not started)"
+            elif a.action == "run_hook":
+                done, failed = hook_ok.get(p.cert.name) is True, hook_ok.get(p.cert.name) is not True
+                note = "" if done else " (the hook did not succeed)"
+            else:
+                done, failed, note = res.ok, not res.ok, "" if res.ok else " (failed)"
+            n = counts.setdefault(a.action, [0, 0, 0])
+            n[0], n[1], n[2] = n[0] + 1, n[1] + done, n[2] + failed
+            sym = SYMBOLS[a.action] if done else "x"
+            rows.append((sym, p.cert.name, f"{a.action:<8} {a.reason}{note}"))
+    parts = []
+    for action, (planned, done, failed) in counts.items():
+        words = DONE.get(action) or ("hook" if planned == 1 else "hooks") + " retried"
+        parts.append(f"{done} of {planned} {words}" + (f", {failed} failed" if failed else ""))
+    if plan.errors:
+        parts.append(f"{len(plan.errors)} cannot be managed")
+    lines = [f"Applied: {'; '.join(parts)} ({total - len(changed) - len(plan.errors)} of {total} unchanged)."]
+    width = max((len(p.cert.name) for p in changed + list(plan.errors)), default=0)
+    for sym, name, rest in rows:
+        lines.append(paint(colour, sym, f"  {sym:>3} {name:<{width}}  {rest}"))
+    for p in plan.errors:
+        lines.append(paint(colour, "x", f"  {'x':>3} {p.cert.name:<{width}}  {'error':<8} {p.error}"))
+    ran = [h for h in result.hooks if not h.refused]
+    if ran:
+        lines.append("Hooks run:")
+        lines += [f"  {h.command}   (for {', '.join(h.certificates)}): {h.describe()}" for h in ran]
+    held = held_back(plan, result)
+    if held:
+        lines.append("Hooks held back:")
+        lines += [f"  {command}   (for {', '.join(names)}): {reason}" for command, names, reason in held]
+    return "\n".join(lines) + "\n"
+
+
+def held_back(plan: Plan, result: "Result") -> list[tuple[str, tuple[str, ...], str]]:
+    """The planned hooks that did not run, per command: (command, certificates, why)."""
+    outcomes = {c.name: c for c in result.certificates}
+    ran = {(h.command, n) for h in result.hooks if not h.refused for n in h.certificates}
+    held = [(h.command, h.certificates, h.refused) for h in result.hooks if h.refused]
+    for hook in plan.hooks:
+        waiting = tuple(n for n in hook.certificates if (hook.command, n) not in ran and not any(hook.command == c and n in names for c, names, _ in held))
+        failed = tuple(n for n in waiting if outcomes.get(n) is not None and not outcomes[n].ok)
+        if failed:
+            held.append((hook.command, failed, "its certificate failed" if len(failed) == 1 else "their certificates failed"))
+        rest = tuple(n for n in waiting if n not in failed)
+        if rest:
+            held.append((hook.command, rest, "not run in this pass; it runs on the next one"))
+    return held
+
+
+def failure_headline(plan: Plan, result: "Result") -> str:
+    """"3 of 3 certificates failed", "1 hook failed", or both, for the error line on stderr."""
+    attempted = [p for p in plan.certificates if p.actions or p.error]
+    certs = sum(1 for c in result.certificates if not c.ok)
+    hooks = sum(1 for h in result.hooks if not h.ok)
+    parts = []
+    if certs:
+        parts.append(f"{certs} of {plural(len(attempted), 'certificate')}")
+    if hooks:
+        parts.append(plural(hooks, "hook"))
+    return " and ".join(parts) + " failed"
 
 
 def dumps(data) -> str:

@@ -60,6 +60,8 @@ def status_rows(settings, now: datetime | None = None) -> tuple[list[dict], str 
             state = "renewal due"
         elif p.content_action is not None:
             state = "error"  # present but wrong: unparsable, mismatched, other identity
+        elif actions & {CHOWN, CHMOD}:
+            state = "repair due"  # the right certificate, but not the owner or mode asked for
         else:
             state = "ready"
         hook = entry.get("hook") or {}
@@ -81,6 +83,15 @@ def status_rows(settings, now: datetime | None = None) -> tuple[list[dict], str 
             }
         )
     return rows, note
+
+
+# a certificate in these states serves and needs nothing from an operator: `status` exits 0.
+# "renewal due" is still valid, and a renewal that fails turns it into "error".
+READY_STATES = ("ready", "renewal due")
+
+
+def all_ready(rows: list[dict], note: str | None) -> bool:
+    return note is None and all(r["state"] in READY_STATES for r in rows)
 
 
 def status_json(rows: list[dict], note: str | None) -> dict:

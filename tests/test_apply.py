@@ -60,7 +60,7 @@ def test_bare_array_with_wildcard_and_ip_sans_converges_and_second_pass_writes_n
     tmp, state, out = site
     m = write_manifest(tmp / "m.json", bare_manifest(out))
     first = reconcile("-m", str(m), "--detailed-exitcode", state_dir=state, check=2)
-    assert "2 to issue" in first.stdout
+    assert "2 of 2 issued" in first.stdout
 
     crt, key = out / "nginx" / "nginx.crt", out / "nginx" / "nginx.key"
     assert cert_sans(crt) == {"*.internal.example", "nginx.internal.example", "10.0.0.111", "2001:db8::1"}
@@ -138,7 +138,7 @@ def test_failed_hook_exits_1_and_is_retried_alone_until_it_succeeds(site):
 
     plan = json.loads(reconcile("-m", str(m), "--plan", "--output", "json", state_dir=state, check=0).stdout)
     assert [a["action"] for a in plan["certificates"][0]["actions"]] == ["run_hook"]
-    status = json.loads(reconcile("status", "-m", str(m), "--output", "json", state_dir=state, check=0).stdout)
+    status = json.loads(reconcile("status", "-m", str(m), "--output", "json", state_dir=state, check=1).stdout)
     assert status["certificates"][0]["state"] == "hook pending"
     assert status["certificates"][0]["last_hook"] == "failed"
 
@@ -171,7 +171,7 @@ def test_hook_timeout_kills_the_whole_process_group(site):
         time.sleep(0.1)
     else:
         pytest.fail("the hook's child survived the timeout")
-    status = json.loads(reconcile("status", "-m", str(m), "--output", "json", state_dir=state, check=0).stdout)
+    status = json.loads(reconcile("status", "-m", str(m), "--output", "json", state_dir=state, check=1).stdout)
     assert status["certificates"][0]["last_hook"] == "timeout"
 
 
@@ -235,7 +235,7 @@ def test_one_certificate_failing_does_not_stop_the_others(site):
     assert proc.returncode == 1
     assert "nginx.internal.example" in proc.stderr and "blocker" in proc.stderr
     assert (out / "svc.crt").exists() and (out / "svc.key").exists()
-    status = json.loads(reconcile("status", "-m", str(m), "--output", "json", state_dir=state, check=0).stdout)
+    status = json.loads(reconcile("status", "-m", str(m), "--output", "json", state_dir=state, check=1).stdout)
     states = {c["name"]: c["state"] for c in status["certificates"]}
     assert states == {"nginx.internal.example": "error", "svc.internal.example": "ready"}
 

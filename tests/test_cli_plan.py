@@ -256,7 +256,7 @@ def test_plan_rows_say_why_in_words(site):
     lines = proc.stdout.splitlines()
     assert lines[0] == "Plan: 1 to reissue, 1 to renew (0 of 2 unchanged)."
     assert re.fullmatch(r"\s+-/\+ web\.example\.com\s+reissue\s+SANs differ: adds 10\.0\.0\.5, drops old\.example", lines[1]), lines[1]
-    assert re.fullmatch(r"\s+~ api\s+renew\s+expires in (59|58)m\d*s?, inside the 12h renewal window", lines[2]), lines[2]
+    assert re.fullmatch(r"\s+~ api\s+renew\s+renewal due since [\dhms]+ ago \(window 12h \+ jitter\); expires in (59|58)m\d*s?", lines[2]), lines[2]
     assert lines[3:] == ["Hooks that would run:", "  systemctl reload nginx   (for web.example.com, api)"]
 
 

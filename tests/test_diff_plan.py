@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.crypto import key_to_pem
+from reconciler.durations import format_duration
 from reconciler.diff import CHMOD, CHOWN, ISSUE, REISSUE, RENEW, RUN_HOOK, diff, renewal_due_at
 from reconciler.issuers import IssueRequest
 from reconciler.issuers.local import LocalCA
@@ -491,7 +492,9 @@ def test_inside_the_fixed_renewal_window(tmp_path, ca, trust):
     deploy(ca, cert)
     observed = observe(cert, trust)
     now = observed.cert.not_after - timedelta(hours=3, minutes=12)
-    assert actions(plan_cert(cert, observed, now)) == [(RENEW, "expires in 3h12m, inside the 12h renewal window")]
+    due = renewal_due_at(cert, observed.cert.not_before, observed.cert.not_after)
+    since = format_duration(now - due)
+    assert actions(plan_cert(cert, observed, now)) == [(RENEW, f"renewal due since {since} ago (window 12h + jitter); expires in 3h12m")]
 
 
 def test_outside_the_fixed_renewal_window(tmp_path, ca, trust):
@@ -507,8 +510,9 @@ def test_inside_and_outside_a_share_of_the_lifetime(tmp_path, ca, trust):
     cert = desire(tmp_path, renew_before="33%")  # of 24h1m: 7h55m
     deploy(ca, cert)
     observed = observe(cert, trust)
-    inside = plan_cert(cert, observed, observed.cert.not_after - timedelta(hours=5))
-    assert actions(inside) == [(RENEW, "expires in 5h, inside the 33% renewal window")]
+    now = observed.cert.not_after - timedelta(hours=5)
+    since = format_duration(now - renewal_due_at(cert, observed.cert.not_before, observed.cert.not_after))
+    assert actions(plan_cert(cert, observed, now)) == [(RENEW, f"renewal due since {since} ago (window 33% + jitter); expires in 5h")]
     # 7h55m + 5 % of 24h1m (1h12m) = 9h07m
     assert plan_cert(cert, observed, observed.cert.not_after - timedelta(hours=9, minutes=10)).actions == ()
 
