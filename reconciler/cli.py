@@ -14,7 +14,7 @@ from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a program whose reader left
-SUBCOMMANDS = ("validate", "status", "doctor")
+SUBCOMMANDS = ("validate", "status", "doctor", "renew")
 
 DESCRIPTION = """\
 Make the TLS certificates on this host match certificate-manifest.json.
@@ -22,6 +22,7 @@ Make the TLS certificates on this host match certificate-manifest.json.
   reconcile -m MANIFEST            converge once: issue, renew, fix owner/mode, run hooks
   reconcile -m MANIFEST --plan     show what would change, change nothing
   reconcile -m MANIFEST --watch    keep converging: on manifest saves, damaged files, deadlines
+  reconcile renew -m MANIFEST NAME...|--all   renew now, whatever the expiry (see renew --help)
   reconcile validate -m MANIFEST   check the manifest only
   reconcile status -m MANIFEST     one row per certificate: state, expiry, last hook
   reconcile doctor -m MANIFEST     check the manifest, state folder, CA and targets
@@ -30,6 +31,28 @@ Exit codes: 0 success; 1 error (invalid manifest, a failed issuance or hook, aft
 everything else that could be done); with --detailed-exitcode, 2 = success and changes
 planned (with --plan) or made."""
 
+
+RENEW_DESCRIPTION = """\
+Renew certificates now, whatever their expiry (the old script's --force), then run their
+post_renewal_command as after any renewal.
+
+  reconcile renew -m MANIFEST web api       renew these two (names as `reconcile status` shows them)
+  reconcile renew -m MANIFEST --all         renew every certificate in the manifest
+  reconcile renew -m MANIFEST --plan web    show what would happen; change nothing, contact no CA
+
+Each named certificate gets a new key and a new certificate from the manifest's issuer;
+it keeps its key when its entry says "key": {"rotation": "never"}. With step-ca, a valid
+certificate is renewed over mTLS with itself (no provisioner password needed); an expired
+or missing one is issued with a one-time token, as a pass would. If the manifest changed
+what a named certificate should be (SANs, key type) it is reissued to match; missing files
+are issued. The rest of the manifest gets an ordinary pass: its drift is repaired and its
+due renewals run, nothing else is renewed early.
+
+An unknown NAME is an error that lists the known ones; nothing is done then.
+
+Exit codes: 0 success; 1 error (unknown name, invalid manifest, a failed issuance or hook,
+after doing everything else that could be done); with --detailed-exitcode, 2 = changes
+planned (with --plan) or made; a usage error (no NAME and no --all, or both) exits 2."""
 
 STATUS_DESCRIPTION = """\
 One row per certificate: state, expiry, SANs, owner/mode, last issued, last hook.
@@ -115,17 +138,8 @@ def common_options() -> argparse.ArgumentParser:
     return p
 
 
-def build_parser(sub: str | None) -> argparse.ArgumentParser:
-    common = common_options()
-    if sub == "validate":
-        return argparse.ArgumentParser(prog="reconcile validate", parents=[common], description="Check the manifest; print `ok: N certificates` or every error. Exit 0 / 1.")
-    if sub == "status":
-        p = argparse.ArgumentParser(prog="reconcile status", parents=[common], description=STATUS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--output", choices=("text", "json"), default="text")
-        return p
-    if sub == "doctor":
-        return argparse.ArgumentParser(prog="reconcile doctor", parents=[common], description="Check everything a pass needs, one line per check with a hint. Exit 1 if any fails.")
-    p = argparse.ArgumentParser(prog="reconcile", parents=[common], description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+def pass_options(p: argparse.ArgumentParser) -> None:
+    """What a pass takes, whether `reconcile` or `reconcile renew` starts it."""
     p.add_argument("--plan", action="store_true", help="print the plan and change nothing (never contacts a CA)")
     p.add_argument("--output", choices=("text", "json"), default="text", help="plan output format (format_version 1)")
     p.add_argument("--detailed-exitcode", action="store_true", help="exit 2 when changes were planned (--plan) or made")
@@ -138,6 +152,26 @@ def build_parser(sub: str | None) -> argparse.ArgumentParser:
         help="as root, run post_renewal_commands even when a user other than root can write the manifest or a "
         "folder above it (they run as root: see docs/security.md; env RECONCILER_ALLOW_UNTRUSTED_MANIFEST=1)",
     )
+
+
+def build_parser(sub: str | None) -> argparse.ArgumentParser:
+    common = common_options()
+    if sub == "validate":
+        return argparse.ArgumentParser(prog="reconcile validate", parents=[common], description="Check the manifest; print `ok: N certificates` or every error. Exit 0 / 1.")
+    if sub == "status":
+        p = argparse.ArgumentParser(prog="reconcile status", parents=[common], description=STATUS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--output", choices=("text", "json"), default="text")
+        return p
+    if sub == "renew":
+        p = argparse.ArgumentParser(prog="reconcile renew", parents=[common], description=RENEW_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("names", nargs="*", metavar="NAME", help="a certificate's name (its \"name\", or its common_name when it has none)")
+        p.add_argument("--all", action="store_true", help="renew every certificate in the manifest")
+        pass_options(p)
+        return p
+    if sub == "doctor":
+        return argparse.ArgumentParser(prog="reconcile doctor", parents=[common], description="Check everything a pass needs, one line per check with a hint. Exit 1 if any fails.")
+    p = argparse.ArgumentParser(prog="reconcile", parents=[common], description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pass_options(p)
     p.add_argument("--watch", action="store_true", help="keep running: reconcile on manifest saves, damaged files, renewal deadlines")
     p.add_argument("--resync", default="10m", help="with --watch: full pass at least this often (default 10m)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="with --watch: serve Prometheus metrics on /metrics")
@@ -199,6 +233,8 @@ def _main(argv: list[str] | None = None) -> int:
             return cmd_validate(args)
         if sub == "status":
             return cmd_status(args)
+        if sub == "renew":
+            return cmd_renew(args)
         if sub == "doctor":
             from reconciler.doctor import run_doctor
 
@@ -233,14 +269,27 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
-def cmd_plan(args) -> int:
+def cmd_renew(args) -> int:
+    from reconciler.passes import ForcedRenewal, UnknownCertificate
+
+    if bool(args.names) == args.all:
+        build_parser("renew").error("name the certificates to renew, or --all for every one (not both)")
+    forced = ForcedRenewal(None if args.all else tuple(args.names))
+    try:
+        return cmd_plan(args, forced) if args.plan else cmd_apply(args, forced)
+    except UnknownCertificate as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def cmd_plan(args, forced=None) -> int:
     from reconciler.passes import load_desired, snapshot
     from reconciler.render import dumps, plan_json, plan_text, use_colour
     from reconciler.status import read_only
 
     settings = settings_from(args)
     desired = load_desired(settings)
-    snap = snapshot(settings, desired, read_only(settings.state_dir))
+    snap = snapshot(settings, desired, read_only(settings.state_dir), forced=forced)
     if args.output == "json":
         sys.stdout.write(dumps(plan_json(snap.plan)))
     else:
@@ -250,14 +299,14 @@ def cmd_plan(args) -> int:
     return EXIT_CHANGES if args.detailed_exitcode and snap.plan.changes else EXIT_OK
 
 
-def cmd_apply(args) -> int:
+def cmd_apply(args, forced=None) -> int:
     from reconciler.passes import run_pass
     from reconciler.render import dumps, failure_headline, held_back, plan_json, result_text
 
     settings = settings_from(args)
     started = time.monotonic()
-    snap, result = run_pass(settings)
-    if args.metrics_file:
+    snap, result = run_pass(settings, forced=forced)
+    if getattr(args, "metrics_file", None):
         from reconciler.metrics import Metrics
 
         metrics = Metrics()

@@ -5,6 +5,7 @@ This module wires the stages together; it holds no certificate logic of its own.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 from reconciler.issuers import Issuer, make_issuer
 from reconciler.model import Desired, IssuerSpec
 from reconciler.observe import ObservationCache, Observed, Trust, observe_all
-from reconciler.plan import CertPlan, Plan, hooks_for, make_plan
+from reconciler.plan import CertPlan, Plan, force_renewal, hooks_for, make_plan
 
 if TYPE_CHECKING:  # pragma: no cover
     from reconciler.status import StatusStore
@@ -85,6 +86,34 @@ def trust_of(issuer: Issuer, spec: IssuerSpec) -> Trust:
     return Trust.of(issuer.trust_roots(), authoritative=spec.type == "local")
 
 
+class UnknownCertificate(ValueError):
+    """`reconcile renew` named a certificate the manifest does not have."""
+
+
+@dataclass(frozen=True)
+class ForcedRenewal:
+    """`reconcile renew`: the certificates to renew now, whatever their expiry (None: all)."""
+
+    names: tuple[str, ...] | None = None
+
+    def chosen(self, desired: Desired) -> frozenset[str]:
+        known = [c.name for c in desired.certificates]
+        if self.names is None:
+            return frozenset(known)
+        have = set(known)
+        unknown = [n for n in dict.fromkeys(self.names) if n not in have]
+        if unknown:
+            shown = ", ".join(known[:LIST_NAMES]) + (f" … and {len(known) - LIST_NAMES} more (`reconcile status` lists them all)" if len(known) > LIST_NAMES else "")
+            raise UnknownCertificate(
+                f"no certificate{'s' if len(unknown) > 1 else ''} named {', '.join(json.dumps(n) for n in unknown)} in {desired.manifest_path}; nothing was done. "
+                f"A name is the entry's \"name\", or its common_name when it has none; known: {shown or '(none)'}"
+            )
+        return frozenset(self.names)
+
+
+LIST_NAMES = 50  # an error message, not a listing: `status` shows a 10,000-entry manifest
+
+
 @dataclass
 class Snapshot:
     desired: Desired
@@ -95,15 +124,24 @@ class Snapshot:
 
 
 def snapshot(
-    settings: Settings, desired: Desired, status: "StatusStore", now: datetime | None = None, cache: ObservationCache | None = None
+    settings: Settings,
+    desired: Desired,
+    status: "StatusStore",
+    now: datetime | None = None,
+    cache: ObservationCache | None = None,
+    forced: ForcedRenewal | None = None,
 ) -> Snapshot:
     """Observe and plan. Reads only: `--plan` is exactly this.
-    `cache`: an ObservationCache kept across passes (--watch), instead of reading it from disk."""
+    `cache`: an ObservationCache kept across passes (--watch), instead of reading it from disk.
+    `forced`: `reconcile renew`; an unknown name raises UnknownCertificate before anything is read."""
+    chosen = forced.chosen(desired) if forced is not None else None
     issuer = make_issuer(desired.issuer, settings.state_dir, settings.ca_timeout)
     cache = cache if cache is not None else ObservationCache(settings.state_dir)
     observed = observe_all(desired.certificates, trust_of(issuer, desired.issuer), cache)
     serials = {name: (o.cert.serial if o.cert else None) for name, o in observed.items()}
     plan = make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(serials))
+    if chosen is not None:
+        plan = force_renewal(plan, chosen)
     return Snapshot(desired, observed, plan, issuer, cache)
 
 
@@ -164,12 +202,14 @@ def run_pass(
     cancelled=None,
     sweep_files: bool = True,
     manifest_state: dict | None = None,
+    forced: ForcedRenewal | None = None,
 ):
     """A full pass under the lock: sweep, plan, apply, record. Returns (snapshot, result).
 
     The keyword arguments are for `--watch`: a `cache` kept across passes, a `deferral`
     (backoff), `cancelled()` (SIGTERM: stop starting new work), no sweep after the first
-    pass, and the manifest's validity to record in the status store. `snap.plan` is the
+    pass, and the manifest's validity to record in the status store; `forced` is for
+    `reconcile renew` (see ForcedRenewal). `snap.plan` is the
     whole plan; `snap.observed` is refreshed for what this pass wrote."""
     from reconciler.apply import apply, sweep
     from reconciler.lock import PassLock
@@ -179,7 +219,7 @@ def run_pass(
         if desired is None:
             desired = load_desired(settings, save_cache=True)
         status = StatusStore(settings.state_dir)
-        snap = snapshot(settings, desired, status, cache=cache)
+        snap = snapshot(settings, desired, status, cache=cache, forced=forced)
         work = defer(snap.plan, deferral) if deferral is not None else snap.plan
         if manifest_state is not None:
             status.manifest.clear()

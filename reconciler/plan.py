@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from reconciler.diff import CHMOD, CHOWN, CONTENT_ACTIONS, RUN_HOOK, Blocked, Drift, diff
+from reconciler.diff import CHMOD, CHOWN, CONTENT_ACTIONS, RENEW, RUN_HOOK, Blocked, Drift, diff
 from reconciler.model import Desired, DesiredCert
 from reconciler.observe import Observed
 
@@ -78,6 +78,32 @@ def plan_cert(cert: DesiredCert, observed: Observed, now: datetime, hook_pending
 def make_plan(desired: Desired, observed: dict[str, Observed], now: datetime, hooks_pending: frozenset[str] = frozenset()) -> Plan:
     plans = tuple(plan_cert(c, observed[c.name], now, c.name in hooks_pending) for c in desired.certificates)
     return Plan(plans, hooks_for(plans))
+
+
+FORCED = "forced by `reconcile renew`"
+
+
+def force_renewal(plan: Plan, names: frozenset[str]) -> Plan:
+    """`reconcile renew`: the named certificates get a new certificate now, whatever their
+    expiry; the rest of `plan` stays as it is (the pass still fixes their drift).
+
+    A named certificate whose drift already asks for a new one (files missing, other SANs)
+    keeps that action, so the manifest's change is not lost; any other gets `renew`. Its
+    owner/mode and hook actions go: the new files are written with the right owner and
+    mode, and a content change runs the hook anyway. A path that cannot be managed stays
+    an error."""
+    out: list[CertPlan] = []
+    for p in plan.certificates:
+        if p.cert.name not in names or p.error:
+            out.append(p)
+            continue
+        content = p.content_action
+        if content is not None:
+            action = Action(content.action, f"{FORCED}; {content.reason}", content.drifts)
+        else:
+            action = Action(RENEW, FORCED, (Drift("renewal", RENEW, FORCED, None, "renewed now"),))
+        out.append(CertPlan(p.cert, (action,)))
+    return Plan(tuple(out), hooks_for(out))
 
 
 def hooks_for(plans) -> tuple[HookRun, ...]:
