@@ -139,10 +139,10 @@ def result_text(plan: Plan, result: "Result", colour: bool = False) -> str:
 def held_back(plan: Plan, result: "Result") -> list[tuple[str, tuple[str, ...], str]]:
     """The planned hooks that did not run, per command: (command, certificates, why)."""
     outcomes = {c.name: c for c in result.certificates}
-    ran = {(h.command, n) for h in result.hooks if not h.refused for n in h.certificates}
+    accounted = {(h.command, n) for h in result.hooks for n in h.certificates}
     held = [(h.command, h.certificates, h.refused) for h in result.hooks if h.refused]
     for hook in plan.hooks:
-        waiting = tuple(n for n in hook.certificates if (hook.command, n) not in ran and not any(hook.command == c and n in names for c, names, _ in held))
+        waiting = tuple(n for n in hook.certificates if (hook.command, n) not in accounted)
         failed = tuple(n for n in waiting if outcomes.get(n) is not None and not outcomes[n].ok)
         if failed:
             held.append((hook.command, failed, "its certificate failed" if len(failed) == 1 else "their certificates failed"))

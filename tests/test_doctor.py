@@ -110,7 +110,7 @@ def test_an_invalid_manifest_is_one_failed_check_pointing_at_validate(tmp_path):
     assert proc.returncode == 1
     line = line_with(proc, "is invalid")
     assert line.startswith("✗") and "is invalid" in line
-    assert f"run `reconcile validate -m {m}`" in line and "2 error(s)" in line
+    assert f"run `reconcile validate -m {m}`" in line and "2 errors" in line
     # what does not depend on the manifest is still checked
     assert line_with(proc, "state folder").startswith("✓")
 
