@@ -170,7 +170,7 @@ def test_step_ca_every_check_passes(stepca_site, step_ca):
     assert not failed(proc)
     hostport = f"127.0.0.1:{step_ca.port}"
     for words in (
-        ("manifest", "is valid (1 certificates)"),
+        ("manifest", "is valid (1 certificate)"),
         ("state folder",),
         (f"TCP: connected to {hostport}",),
         (f"TLS: {hostport} verified against root {step_ca.root_path}",),
