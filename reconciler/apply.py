@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Callable
 
 from reconciler.atomic import commit, discard, fsync_dirs, make_parents, set_metadata, stage, sweep_temporaries
-from reconciler.diff import CHMOD, CHOWN, RENEW
+from reconciler.diff import CHMOD, CHOWN, RENEW, REWRITE_CHAIN, WRITE_CA
 from reconciler.hooks import HookOutcome, run_hook
 from reconciler.issuers import IssueRequest, Issuer, IssuerError
-from reconciler.model import DesiredCert
+from reconciler.model import CA_MODE, DesiredCert
 from reconciler.plan import CertPlan, Plan
 from reconciler.sans import ordered
 from reconciler.status import StatusStore
@@ -133,18 +133,28 @@ def deploy(cert_plan: CertPlan, issuer: Issuer, pending_dirs: set[Path] | None =
         if action is not None:
             _deploy_content(cert, action.action, issuer, pending_dirs)
             return CertResult(cert.name, names, True, content_changed=True)
-        kinds = {a.action for a in cert_plan.actions}
-        if kinds & {CHOWN, CHMOD}:
+        by_kind = {a.action: a for a in cert_plan.actions}
+        targets = []
+        if REWRITE_CHAIN in by_kind:
+            targets.append(("cert", _write_target(cert, cert.cert_path), _rewritten_chain(cert, by_kind[REWRITE_CHAIN], issuer), cert.cert_mode))
+        if WRITE_CA in by_kind and cert.ca_path is not None:
+            targets.append(("ca", _write_target(cert, cert.ca_path), issuer.root_pem(), CA_MODE))
+        if targets:
+            _write_all(cert, targets, pending_dirs)
+        if CHOWN in by_kind or CHMOD in by_kind:
             # owner and mode in one step per file, never through a symlink that appeared
             # since observe (unless the entry allows links), never wider than the final mode
-            uid = cert.uid if CHOWN in kinds else None
-            gid = cert.gid if CHOWN in kinds else None
-            for path, mode in ((cert.cert_path, cert.cert_mode), (cert.key_path, cert.key_mode)):
+            uid = cert.uid if CHOWN in by_kind else None
+            gid = cert.gid if CHOWN in by_kind else None
+            files = [(cert.cert_path, cert.cert_mode), (cert.key_path, cert.key_mode)]
+            if cert.ca_path is not None:
+                files.append((cert.ca_path, CA_MODE))
+            for path, mode in files:
                 try:
-                    set_metadata(path, uid, gid, mode if CHMOD in kinds else None, follow_symlinks=cert.allow_symlink)
+                    set_metadata(path, uid, gid, mode if CHMOD in by_kind else None, follow_symlinks=cert.allow_symlink)
                 except OSError as exc:
                     raise DeployError(_os_error(exc, "change the owner or mode of", path)) from None
-        return CertResult(cert.name, names, True)
+        return CertResult(cert.name, names, True, content_changed=bool(targets))
     except IssuerError as exc:
         return CertResult(cert.name, names, False, str(exc), transient=exc.transient)
     except DeployError as exc:
@@ -172,12 +182,35 @@ def _deploy_content(cert: DesiredCert, action: str, issuer: Issuer, pending_dirs
     body = issued.leaf_pem.rstrip(b"\n") + b"\n"
     if cert.include_ca and issued.chain_pem:
         body += issued.chain_pem.rstrip(b"\n") + b"\n"
-    uid, gid = cert.uid, cert.gid
     # key first, then certificate: a crash in between shows as a key mismatch next pass
     targets = [] if reuse else [("key", _write_target(cert, cert.key_path), key_to_pem(key), cert.key_mode)]
     targets.append(("cert", _write_target(cert, cert.cert_path), body, cert.cert_mode))
     if cert.ca_path is not None and issued.root_pem:
-        targets.append(("ca", cert.ca_path, issued.root_pem, 0o644))
+        targets.append(("ca", _write_target(cert, cert.ca_path), issued.root_pem, CA_MODE))
+    _write_all(cert, targets, pending_dirs)
+
+
+def _rewritten_chain(cert: DesiredCert, action, issuer: Issuer) -> bytes:
+    """The certificate file's leaf as it is, followed by the chain the plan names (by
+    fingerprint), taken from the certificates the issuer knows: no CA is contacted."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    (drift,) = action.drifts
+    try:
+        leaf = x509.load_pem_x509_certificates(_write_target(cert, cert.cert_path).read_bytes())[0]
+    except ValueError:
+        raise DeployError(f"cannot rewrite the chain of {cert.cert_path}: it no longer holds a certificate (the next pass re-issues it)") from None
+    known = {c.fingerprint(hashes.SHA256()).hex(): c for c in issuer.trust_roots()}
+    missing = [fp for fp in drift.desired if fp not in known]
+    if missing:
+        raise DeployError(f"cannot rewrite the chain of {cert.cert_path}: the issuer no longer knows certificate {missing[0]} of it (the next pass plans again)")
+    pem = serialization.Encoding.PEM
+    return b"".join(c.public_bytes(pem) for c in [leaf, *(known[fp] for fp in drift.desired)])
+
+
+def _write_all(cert: DesiredCert, targets: list, pending_dirs: set[Path] | None) -> None:
+    uid, gid = cert.uid, cert.gid
     # every file is written out in full before the first replaces its old version: a full
     # disk or a failed write leaves the old key and certificate together, untouched
     staged: list[tuple[str, Path, Path]] = []
@@ -232,6 +265,12 @@ def apply(
     intents = [p for p in todo if p.content_action and p.cert.post_renewal_command]
     for p in intents:
         status.cert(p.cert.name)["deploying_from"] = (serials or {}).get(p.cert.name)
+    # a rewritten chain or CA file keeps the serial, so "deploying from" cannot tell that
+    # it changed: the hook is owed before the write (and given back if the write fails)
+    rewrites = {p.cert.name: status.cert(p.cert.name).get("hook_pending") for p in todo if p.content_action is None and p.writes_files and p.cert.post_renewal_command}
+    for name in rewrites:
+        status.cert(name)["hook_pending"] = True
+    intents += [p for p in todo if p.cert.name in rewrites]
     if intents and before_files:
         before_files()
     for p in plan.errors:
@@ -259,17 +298,22 @@ def apply(
         entry = status.cert(p.cert.name)
         entry.pop("deploying_from", None)
         if res is None:  # never started: the pass was cancelled
+            if p.cert.name in rewrites:
+                entry["hook_pending"] = bool(rewrites[p.cert.name])
             continue
         if res.ok:
             entry.pop("last_error", None)
             entry.pop("last_error_at", None)
             entry["failures"] = 0
             if res.content_changed:
-                entry["last_issued"] = stamp
-                entry["last_action"] = p.content_action.action
+                if p.content_action is not None:
+                    entry["last_issued"] = stamp
+                    entry["last_action"] = p.content_action.action
                 entry["hook_pending"] = bool(p.cert.post_renewal_command)
             log.info("%s: %s (%s)", p.cert.name, ", ".join(res.actions), "; ".join(a.reason for a in p.actions))
         else:
+            if p.cert.name in rewrites:
+                entry["hook_pending"] = bool(rewrites[p.cert.name])
             entry["last_error"] = res.error
             entry["last_error_at"] = stamp
             entry["failures"] = int(entry.get("failures", 0) or 0) + 1

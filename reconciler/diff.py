@@ -12,14 +12,20 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from reconciler.durations import format_duration
-from reconciler.model import DesiredCert
+from reconciler.model import CA_MODE, DesiredCert
 from reconciler.observe import FileState, Observed
 from reconciler.sans import display
 
 # the drift table (docs/design.md), in order
 ISSUE, REISSUE, RENEW, CHOWN, CHMOD, RUN_HOOK = "issue", "reissue", "renew", "chown", "chmod", "run_hook"
-CONTENT_ACTIONS = (ISSUE, REISSUE, RENEW)
+REWRITE_CHAIN, WRITE_CA = "rewrite_chain", "write_ca"
+CONTENT_ACTIONS = (ISSUE, REISSUE, RENEW)  # a new certificate
+FILE_ACTIONS = (REWRITE_CHAIN, WRITE_CA)  # a file's content rewritten, the certificate kept
 JITTER_SHARE = 0.05
+USAGE = {"server": "serverAuth", "client": "clientAuth"}
+# CAs backdate notBefore (step-ca and the embedded CA by 1 minute) and a request takes a
+# moment: a lifetime this close to `duration` is the duration asked for
+LIFETIME_SLACK, LIFETIME_SHARE = timedelta(minutes=2), 0.01
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,10 @@ def diff(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: boo
     """Every drift of `cert`, in table order. Raises Blocked when the path cannot be managed."""
     if observed.folder_problem:
         raise Blocked(observed.folder_problem)
-    for label, path, state in (("cert", cert.cert_path, observed.cert_file), ("key", cert.key_path, observed.key_file)):
+    files = [("cert", cert.cert_path, observed.cert_file), ("key", cert.key_path, observed.key_file)]
+    if cert.ca_path is not None and observed.ca_file is not None:
+        files.append(("ca", cert.ca_path, observed.ca_file))
+    for label, path, state in files:
         problem = _file_problem(label, path, state, cert.allow_symlink)
         if problem:
             raise Blocked(problem)
@@ -104,6 +113,19 @@ def diff(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: boo
     want_key = cert.key.describe()
     if facts.key_type != want_key:
         drifts.append(Drift("key_type", REISSUE, f"key type is {facts.key_type}, want {want_key}", facts.key_type, want_key))
+    usage = USAGE[cert.cert_type]
+    # step-ca's default template gives every certificate both usages: having more than
+    # asked is no drift, or each of its certificates would be re-issued on every pass
+    if usage not in facts.usages and "any" not in facts.usages:
+        have = sorted(facts.usages)
+        drifts.append(
+            Drift("cert_type", REISSUE, f"extended key usage is {', '.join(have) or 'empty'}, a {cert.cert_type} certificate needs {usage}", have, usage)
+        )
+    lifetime = facts.not_after - facts.not_before
+    if _lifetime_differs(lifetime, cert.duration, facts):
+        written = cert.fields.get("duration")
+        have, want = format_duration(lifetime), written if isinstance(written, str) else format_duration(cert.duration)
+        drifts.append(Drift("duration", REISSUE, f"lifetime is {have}, want {want}", have, want))
     if observed.chains_to_issuer is False:
         drifts.append(Drift("issuer", REISSUE, "issued by another CA than the configured issuer", facts.issued_by, "configured issuer"))
     # --- lifetime
@@ -138,20 +160,73 @@ def diff(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: boo
                     due.isoformat(),
                 )
             )
+    # --- file content that is not the certificate (rewritten without a new one)
+    drifts += _chain_drift(cert, facts) + _ca_drift(cert, observed)
     # --- file metadata (fixed without touching the certificate)
-    for label, state, mode in (("certificate", cf, cert.cert_mode), ("key", kf, cert.key_mode)):
+    managed = [("certificate", cf, cert.cert_mode), ("key", kf, cert.key_mode)]
+    if observed.ca_file is not None and observed.ca_file.present:
+        managed.append(("CA file", observed.ca_file, CA_MODE))
+    for label, state, mode in managed:
         if cert.uid is not None and state.uid != cert.uid or cert.gid is not None and state.gid != cert.gid:
             want = f"{cert.uid if cert.uid is not None else state.uid}:{cert.gid if cert.gid is not None else state.gid}"
-            drifts.append(Drift(f"{label}_owner", CHOWN, f"{label} owner {state.uid}:{state.gid}, want {want} ({cert.owner})", f"{state.uid}:{state.gid}", want))
-    for label, state, mode in (("certificate", cf, cert.cert_mode), ("key", kf, cert.key_mode)):
+            drifts.append(Drift(f"{_field(label)}_owner", CHOWN, f"{label} owner {state.uid}:{state.gid}, want {want} ({cert.owner})", f"{state.uid}:{state.gid}", want))
+    for label, state, mode in managed:
         if state.mode != mode:
-            drifts.append(Drift(f"{label}_mode", CHMOD, f"{label} mode {state.mode:04o}, want {mode:04o}", f"{state.mode:04o}", f"{mode:04o}"))
+            drifts.append(Drift(f"{_field(label)}_mode", CHMOD, f"{label} mode {state.mode:04o}, want {mode:04o}", f"{state.mode:04o}", f"{mode:04o}"))
     return drifts + _hook_drift(cert, hook_pending, drifts)
+
+
+def _field(label: str) -> str:
+    return "ca" if label == "CA file" else label
+
+
+def _lifetime_differs(lifetime: timedelta, duration: timedelta, facts) -> bool:
+    slack = max(LIFETIME_SLACK, duration * LIFETIME_SHARE)
+    if abs(lifetime - duration) <= slack:
+        return False
+    # shorter because the CA could not sign beyond its own certificate: asking again gives
+    # the same, so it is no drift (the embedded CA caps at its intermediate's expiry)
+    capped = facts.signer_not_after is not None and facts.not_after >= facts.signer_not_after - slack
+    return not (lifetime < duration and capped)
+
+
+def _chain_drift(cert: DesiredCert, facts) -> list[Drift]:
+    """The certificates after the leaf are exactly the issuer's chain with include_ca, none
+    without. Unknown when the issuer's chain is not known here (then only "none" is judged)."""
+    want = facts.issuer_chain if cert.include_ca else ()
+    if want is None or facts.chain == want:
+        return []
+    if not want:
+        n = len(facts.chain)
+        reason = f"the certificate file holds a CA chain ({n} certificate{'s' if n != 1 else ''}) that include_ca: false leaves out"
+    elif not facts.chain:
+        reason = "the certificate file lacks the CA chain include_ca asks for"
+    else:
+        reason = "the CA chain in the certificate file is not the issuer's (a stale or foreign certificate in it)"
+    return [Drift("chain", REWRITE_CHAIN, reason, list(facts.chain), list(want))]
+
+
+def _ca_drift(cert: DesiredCert, observed: Observed) -> list[Drift]:
+    """`ca_path` holds exactly the issuer's root. Which root that is may be unknown here (a
+    step-ca before its root was fetched): then only a missing or unreadable file is judged."""
+    state = observed.ca_file
+    if cert.ca_path is None or state is None:
+        return []
+    want = observed.issuer_root
+    if not state.present:
+        why = "missing" if state.kind == "missing" else f"unreadable: {state.detail}"
+        return [Drift("ca_file", WRITE_CA, f"CA file {cert.ca_path} {why}", state.kind, want)]
+    if observed.ca_certs is None:
+        return [Drift("ca_file", WRITE_CA, f"CA file {cert.ca_path} does not hold a PEM certificate", "not a certificate", want)]
+    if want is not None and observed.ca_certs != (want,):
+        return [Drift("ca_file", WRITE_CA, f"CA file {cert.ca_path} holds another certificate than the issuer's root", list(observed.ca_certs), want)]
+    return []
 
 
 def _hook_drift(cert: DesiredCert, hook_pending: bool, drifts: list[Drift]) -> list[Drift]:
     # a pending hook whose command was since removed from the manifest has nothing to run;
     # planning it would report a change on every pass, forever
-    if hook_pending and cert.post_renewal_command and not any(d.action in CONTENT_ACTIONS for d in drifts):
+    # (a content or file write runs the command anyway)
+    if hook_pending and cert.post_renewal_command and not any(d.action in CONTENT_ACTIONS + FILE_ACTIONS for d in drifts):
         return [Drift("hook", RUN_HOOK, "the post-renewal command did not succeed after the last deployment", "failed", "succeeded")]
     return []

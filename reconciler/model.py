@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+# `ca_path` holds a public root that clients of the service read: always this mode
+CA_MODE = 0o644
+
 
 @dataclass(frozen=True)
 class KeySpec:

@@ -19,7 +19,7 @@ from typing import Any
 
 from reconciler.model import DesiredCert
 
-CACHE_VERSION = 3  # 3: SANs read typed (a dNSName that spells an address is no IP SAN)
+CACHE_VERSION = 4  # 3: SANs read typed (a dNSName that spells an address is no IP SAN); 4: usages, chains, CA files
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,14 @@ class CertFacts:
     public_key_id: str  # sha256 of the SubjectPublicKeyInfo
     issued_by: str | None  # sha256 of the trust certificate that signed it, if any
     serial: str
+    # "serverAuth", "clientAuth", or "any" (no EKU extension, or anyExtendedKeyUsage)
+    usages: frozenset[str] = frozenset({"any"})
+    chain: tuple[str, ...] = ()  # sha256 of each certificate after the leaf in the file
+    # sha256 of the intermediates from the leaf up to the issuer's root, as the issuer knows
+    # them (its trust certificates); None: the leaf does not chain through them
+    issuer_chain: tuple[str, ...] | None = None
+    # when the certificate that signed the leaf expires: a CA cannot issue beyond it
+    signer_not_after: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,9 @@ class Observed:
     chains_to_issuer: bool | None = None
     # a folder above the files that someone other than root and the owner can write
     folder_problem: str | None = None
+    ca_file: FileState | None = None  # None: the entry has no ca_path
+    ca_certs: tuple[str, ...] | None = None  # sha256 of each certificate in it; None: no PEM
+    issuer_root: str | None = None  # sha256 of the issuer's root; None: not known here
 
     @property
     def key_matches(self) -> bool:
@@ -77,6 +88,7 @@ class Trust:
     fingerprints: tuple[str, ...]
     authoritative: bool  # an empty set means "nothing chains to it" (embedded CA) vs "unknown"
     digest: str = ""  # of the fingerprints: part of every observation cache key
+    root: str | None = None  # fingerprint of the self-signed one: what `ca_path` should hold
 
     @classmethod
     def of(cls, certs: list, authoritative: bool) -> "Trust":
@@ -84,7 +96,8 @@ class Trust:
 
         fingerprints = tuple(c.fingerprint(hashes.SHA256()).hex() for c in certs)
         digest = hashlib.sha256(",".join(sorted(fingerprints)).encode()).hexdigest()[:16]
-        return cls(tuple(certs), fingerprints, authoritative, digest)
+        root = next((fp for c, fp in zip(certs, fingerprints) if _signed_by(c, c)), None)
+        return cls(tuple(certs), fingerprints, authoritative, digest, root)
 
 
 # --------------------------------------------------------------------------- files
@@ -175,6 +188,7 @@ def parse_cert(data: bytes, trust: Trust) -> tuple[CertFacts | None, str | None]
         cn_attrs = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         cn = str(cn_attrs[0].value) if cn_attrs else None
         public_key = leaf.public_key()
+        issued_by, issuer_chain, signer_not_after = _issuer_path(leaf, certs[1:], trust)
         facts = CertFacts(
             common_name=cn,
             sans=cert_sans(leaf),  # the same canonical form as a desired SAN set
@@ -182,8 +196,12 @@ def parse_cert(data: bytes, trust: Trust) -> tuple[CertFacts | None, str | None]
             not_after=leaf.not_valid_after_utc,
             key_type=key_type_of(public_key),
             public_key_id=public_key_id(public_key),
-            issued_by=_issued_by(leaf, certs[1:], trust),
+            issued_by=issued_by,
             serial=format(leaf.serial_number, "x"),
+            usages=_usages(leaf),
+            chain=tuple(_fingerprint(c) for c in certs[1:]),
+            issuer_chain=issuer_chain,
+            signer_not_after=signer_not_after,
         )
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         # UnsupportedAlgorithm: a public key type cryptography cannot load (a foreign file)
@@ -191,27 +209,61 @@ def parse_cert(data: bytes, trust: Trust) -> tuple[CertFacts | None, str | None]
     return facts, None
 
 
-def _issued_by(leaf, chain: list, trust: Trust) -> str | None:
-    """Fingerprint of the trust certificate `leaf` chains to (directly or through `chain`)."""
+def _fingerprint(cert) -> str:
+    from cryptography.hazmat.primitives import hashes
+
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def _signed_by(cert, issuer) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+        return True
+    except Exception:  # wrong signature, unsupported algorithm: not ours
+        return False
+
+
+def _usages(leaf) -> frozenset[str]:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    try:
+        ekus = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return frozenset({"any"})  # no EKU: usable for anything
+    names = {ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth", ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth", ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "any"}
+    return frozenset(names[u] for u in ekus if u in names)
+
+
+def _issuer_path(leaf, chain: list, trust: Trust) -> tuple[str | None, tuple[str, ...] | None, datetime | None]:
+    """(fingerprint of the trust certificate `leaf` chains to, directly or through `chain`;
+    the issuer's intermediates from the leaf up to its root, as fingerprints; when the
+    certificate that signed the leaf expires). The chain is built from the issuer's own
+    certificates, never from the file: it is what the file should hold with include_ca."""
     anchors = list(zip(trust.certs, trust.fingerprints))
-
-    def signed_by(cert, issuer) -> bool:
-        if cert.issuer != issuer.subject:
-            return False
-        try:
-            cert.verify_directly_issued_by(issuer)
-            return True
-        except Exception:  # wrong signature, unsupported algorithm: not ours
-            return False
-
     for anchor, fp in anchors:
-        if signed_by(leaf, anchor):
-            return fp
+        if _signed_by(leaf, anchor):
+            return fp, _up_to_root(anchor, fp, anchors), anchor.not_valid_after_utc
     for intermediate in chain:
-        if signed_by(leaf, intermediate):
+        if _signed_by(leaf, intermediate):
             for anchor, fp in anchors:
-                if signed_by(intermediate, anchor):
-                    return fp
+                if _signed_by(intermediate, anchor):
+                    return fp, None, intermediate.not_valid_after_utc
+    return None, None, None
+
+
+def _up_to_root(cert, fp: str, anchors: list) -> tuple[str, ...] | None:
+    path: list[str] = []
+    for _ in range(len(anchors) + 1):  # a loop among the anchors cannot run forever
+        if _signed_by(cert, cert):
+            return tuple(path)
+        path.append(fp)
+        parent = next(((a, f) for a, f in anchors if a is not cert and _signed_by(cert, a)), None)
+        if parent is None:
+            return None
+        cert, fp = parent
     return None
 
 
@@ -365,10 +417,11 @@ def observe(cert: DesiredCert, trust: Trust, cache: "ObservationCache | None" = 
     cert_file = stat_file(cert.cert_path, follow)
     key_file = stat_file(cert.key_path, follow)
     problem = _folders_problem(cert, folders)
+    ca = _observe_ca(cert.ca_path, follow, cache) if cert.ca_path is not None else {}
     if cache is not None:
         hit = cache.get(cert, cert_file, key_file, trust)
         if hit is not None:
-            return replace(hit, folder_problem=problem) if problem else hit
+            return replace(hit, folder_problem=problem, issuer_root=trust.root, **ca)
     facts = cert_error = key_id = key_error = None
     if cert_file.present:
         data, err = _read(cert.cert_path)
@@ -388,10 +441,33 @@ def observe(cert: DesiredCert, trust: Trust, cache: "ObservationCache | None" = 
             chains = True
         elif trust.fingerprints or trust.authoritative:
             chains = False
-    observed = Observed(cert_file, key_file, facts, cert_error, key_id, key_error, chains, problem)
+    observed = Observed(cert_file, key_file, facts, cert_error, key_id, key_error, chains, problem, issuer_root=trust.root, **ca)
     if cache is not None:
         cache.put(cert, observed, trust)
     return observed
+
+
+def _observe_ca(path: Path, follow: bool, cache: "ObservationCache | None") -> dict:
+    """The `ca_file` and `ca_certs` of an Observed. Entries often share one `ca_path`: the
+    parsed fingerprints are cached by the file's stamp like a certificate's facts."""
+    from cryptography import x509
+
+    state = stat_file(path, follow)
+    if not state.present:
+        return {"ca_file": state}
+    hit = cache.get_ca(path, state) if cache is not None else None
+    if hit is not None:
+        return {"ca_file": state, "ca_certs": hit}
+    data, err = _read(path)
+    if err:
+        return {"ca_file": FileState("unreadable", state.uid, state.gid, state.mode, err, state.stamp)}
+    try:
+        certs = tuple(_fingerprint(c) for c in x509.load_pem_x509_certificates(data)) if len(data) <= 1024 * 1024 else None
+    except ValueError:
+        certs = None
+    if cache is not None and certs is not None:
+        cache.put_ca(path, state, certs)
+    return {"ca_file": state, "ca_certs": certs}
 
 
 def observe_all(certs, trust: Trust, cache: "ObservationCache | None" = None) -> dict[str, Observed]:
@@ -438,6 +514,10 @@ class ObservationCache:
                 f["public_key_id"],
                 f["issued_by"],
                 f["serial"],
+                frozenset(f["usages"]),
+                tuple(f["chain"]),
+                None if f["issuer_chain"] is None else tuple(f["issuer_chain"]),
+                None if f["signer_not_after"] is None else datetime.fromtimestamp(f["signer_not_after"], timezone.utc),
             )
             return Observed(cert_file, key_file, facts, None, row[4], None, row[5])
         except (KeyError, TypeError, ValueError, IndexError):
@@ -453,6 +533,9 @@ class ObservationCache:
         facts["sans"] = sorted(facts["sans"])
         facts["not_before"] = observed.cert.not_before.timestamp()
         facts["not_after"] = observed.cert.not_after.timestamp()
+        facts["usages"] = sorted(facts["usages"])
+        if observed.cert.signer_not_after is not None:
+            facts["signer_not_after"] = observed.cert.signer_not_after.timestamp()
         self.entries[key] = [
             list(observed.cert_file.stamp),
             list(observed.key_file.stamp),
@@ -462,6 +545,18 @@ class ObservationCache:
             observed.chains_to_issuer,
         ]
         self.dirty = True
+
+    def get_ca(self, path: Path, state: FileState) -> tuple[str, ...] | None:
+        row = self.entries.get(f"ca\0{path}")
+        if not isinstance(row, list) or len(row) != 2 or row[0] != list(state.stamp) or not isinstance(row[1], list):
+            return None
+        return tuple(row[1])
+
+    def put_ca(self, path: Path, state: FileState, certs: tuple[str, ...]) -> None:
+        row = [list(state.stamp), list(certs)]
+        if self.entries.get(f"ca\0{path}") != row:
+            self.entries[f"ca\0{path}"] = row
+            self.dirty = True
 
     def save(self, keep: set[str] | None = None) -> None:
         """Write the cache (only from passes that may write). `keep`: names of live entries."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from reconciler.diff import CHMOD, CHOWN, CONTENT_ACTIONS, RENEW, RUN_HOOK, Blocked, Drift, diff
+from reconciler.diff import CHMOD, CHOWN, CONTENT_ACTIONS, FILE_ACTIONS, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, Blocked, Drift, diff
 from reconciler.model import Desired, DesiredCert
 from reconciler.observe import Observed
 
@@ -28,10 +28,13 @@ class CertPlan:
         return next((a for a in self.actions if a.action in CONTENT_ACTIONS), None)
 
     @property
+    def writes_files(self) -> bool:
+        """A file's content changes (a new certificate, a rewritten chain, a CA file)."""
+        return any(a.action in CONTENT_ACTIONS + FILE_ACTIONS for a in self.actions)
+
+    @property
     def runs_hook(self) -> bool:
-        return bool(self.cert.post_renewal_command) and any(
-            a.action in CONTENT_ACTIONS or a.action == RUN_HOOK for a in self.actions
-        )
+        return bool(self.cert.post_renewal_command) and (self.writes_files or any(a.action == RUN_HOOK for a in self.actions))
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,8 @@ def plan_cert(cert: DesiredCert, observed: Observed, now: datetime, hook_pending
         same = tuple(d for d in content if d.action == first)
         actions.append(Action(first, "; ".join(d.reason for d in same), same))
     else:
-        # a new certificate is written with the right owner and mode anyway
-        for kind in (CHOWN, CHMOD, RUN_HOOK):
+        # a new certificate is written with the right chain, CA file, owner and mode anyway
+        for kind in (REWRITE_CHAIN, WRITE_CA, CHOWN, CHMOD, RUN_HOOK):
             found = tuple(d for d in drifts if d.action == kind)
             if found:
                 actions.append(Action(kind, "; ".join(d.reason for d in found), found))

@@ -13,7 +13,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from reconciler.apply import Result
 
 FORMAT_VERSION = 1
-SYMBOLS = {"issue": "+", "reissue": "-/+", "renew": "~", "chown": "~", "chmod": "~", "run_hook": "!"}
+SYMBOLS = {"issue": "+", "reissue": "-/+", "renew": "~", "rewrite_chain": "~", "write_ca": "+", "chown": "~", "chmod": "~", "run_hook": "!"}
+# how an action reads in the text plan: (the column, the summary's "N to ...")
+WORDS = {"rewrite_chain": ("rewrite chain", "rewrite the chain"), "write_ca": ("write CA file", "write the CA file")}
 COLOURS = {"+": "32", "-/+": "33", "~": "33", "!": "35", "x": "31"}
 # what was done, for "N of M <done>" after a pass (run_hook counts certificates)
 DONE = {"issue": "issued", "reissue": "reissued", "renew": "renewed", "chown": "chowned", "chmod": "chmodded"}
@@ -69,7 +71,7 @@ def plan_text(plan: Plan, colour: bool = False) -> str:
             counts[a.action] = counts.get(a.action, 0) + 1
     if not changed and not errors:
         return f"No changes: {plural(total, 'certificate')} {'matches' if total == 1 else 'match'} the manifest.\n"
-    summary = ", ".join(f"{n} to {a.replace('_', ' ')}" for a, n in counts.items())
+    summary = ", ".join(f"{n} to {WORDS[a][1] if a in WORDS else a.replace('_', ' ')}" for a, n in counts.items())
     if errors:
         summary = ", ".join(x for x in (summary, f"{len(errors)} cannot be managed") if x)
     lines.append(f"Plan: {summary} ({total - len(changed) - len(errors)} of {total} unchanged).")
@@ -77,7 +79,7 @@ def plan_text(plan: Plan, colour: bool = False) -> str:
     for p in changed:
         for a in p.actions:
             sym = SYMBOLS[a.action]
-            lines.append(paint(colour, sym, f"  {sym:>3} {p.cert.name:<{width}}  {a.action:<8} {a.reason}"))
+            lines.append(paint(colour, sym, f"  {sym:>3} {p.cert.name:<{width}}  {WORDS[a.action][0] if a.action in WORDS else a.action:<8} {a.reason}"))
     for p in errors:
         lines.append(paint(colour, "x", f"  {'x':>3} {p.cert.name:<{width}}  {'error':<8} {p.error}"))
     if plan.hooks:

@@ -27,7 +27,7 @@ from reconciler.sans import ordered
 
 REPO = Path(__file__).resolve().parent.parent
 ESC = "\x1b["
-ACTIONS = {"issue", "reissue", "renew", "chown", "chmod", "run_hook"}
+ACTIONS = {"issue", "reissue", "renew", "rewrite_chain", "write_ca", "chown", "chmod", "run_hook"}
 
 
 def env_for(extra: dict | None = None, no_color: bool = True) -> dict:
@@ -119,7 +119,7 @@ def deploy(manifest: Path, state: Path, only: str | None = None, sans=None, dura
         key = generate_key(cert.key)
         request = IssueRequest(cert.name, cert.common_name, tuple(sans or ordered(cert.sans)), duration or cert.duration, cert.cert_type, cert.key)
         issued = ca.issue(request, key)
-        for path, data, mode in ((cert.cert_path, issued.leaf_pem + issued.chain_pem, cert.cert_mode), (cert.key_path, key_to_pem(key), cert.key_mode)):
+        for path, data, mode in ((cert.cert_path, issued.leaf_pem + (issued.chain_pem if cert.include_ca else b""), cert.cert_mode), (cert.key_path, key_to_pem(key), cert.key_mode)):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
             os.chmod(path, mode)
@@ -248,15 +248,19 @@ def test_plan_with_nothing_to_do(site):
 
 def test_plan_rows_say_why_in_words(site):
     manifest, state = site
+    # a 1-hour certificate is inside a 99 % window from its first minute on
+    document = json.loads(manifest.read_text())
+    document[1].update(duration="1h", renew_before="99%")
+    write_manifest(manifest, document)
     deploy(manifest, state, only="web.example.com", sans=["web.example.com", "www.example.com", "old.example"])
-    deploy(manifest, state, only="api", duration=timedelta(hours=1))
+    deploy(manifest, state, only="api")
     os.chmod(manifest.parent.parent / "tls" / "web.key", 0o644)  # suppressed by the reissue
     proc = plan(manifest, state, "--detailed-exitcode")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "Plan: 1 to reissue, 1 to renew (0 of 2 unchanged)."
     assert re.fullmatch(r"\s+-/\+ web\.example\.com\s+reissue\s+SANs differ: adds 10\.0\.0\.5, drops old\.example", lines[1]), lines[1]
-    assert re.fullmatch(r"\s+~ api\s+renew\s+renewal due since [\dhms]+ ago \(window 12h \+ jitter\); expires in (59|58)m\d*s?", lines[2]), lines[2]
+    assert re.fullmatch(r"\s+~ api\s+renew\s+renewal due since [\dhms]+ ago \(window 99% \+ jitter\); expires in (59|58)m\d*s?", lines[2]), lines[2]
     assert lines[3:] == ["Hooks that would run:", "  systemctl reload nginx   (for web.example.com, api)"]
 
 

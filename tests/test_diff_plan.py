@@ -16,14 +16,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.crypto import key_to_pem
 from reconciler.durations import format_duration
-from reconciler.diff import CHMOD, CHOWN, ISSUE, REISSUE, RENEW, RUN_HOOK, diff, renewal_due_at
+from reconciler.diff import CHMOD, CHOWN, ISSUE, REISSUE, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, diff, renewal_due_at
 from reconciler.issuers import IssueRequest
 from reconciler.issuers.local import LocalCA
 from reconciler.manifest import build
@@ -101,7 +102,7 @@ def issue(ca: LocalCA, cert: DesiredCert, key=None, common_name: str | None = No
         key=cert.key,
     )
     issued = ca.issue(request, key)
-    return issued.leaf_pem + issued.chain_pem, key
+    return issued.leaf_pem + (issued.chain_pem if cert.include_ca else b""), key
 
 
 def write(path: Path, data: bytes, mode: int) -> None:
@@ -416,7 +417,7 @@ def forge(ca: LocalCA, cert: DesiredCert, names=None, not_before: datetime | Non
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .sign(int_key, hashes.SHA256())
     )
-    write(cert.cert_path, leaf.public_bytes(serialization.Encoding.PEM) + int_pem, cert.cert_mode)
+    write(cert.cert_path, leaf.public_bytes(serialization.Encoding.PEM) + (int_pem if cert.include_ca else b""), cert.cert_mode)
     write(cert.key_path, key_to_pem(key), cert.key_mode)
 
 
@@ -467,6 +468,244 @@ def test_the_cached_observation_keeps_the_future_not_before(tmp_path, ca, trust)
     cache.save()
     hit = observe(cert, trust, ObservationCache(tmp_path / "state"))
     assert [d.field for d in diff(cert, hit, datetime.now(timezone.utc))] == ["not_before"]
+# --------------------------------------------------------------------------- EKU and lifetime
+
+
+def test_a_server_certificate_where_the_manifest_asks_for_a_client_one_is_reissued(tmp_path, ca, trust):
+    cert = desire(tmp_path, cert_type="client")
+    deploy(ca, replace(cert, cert_type="server"))
+    plan, _ = plan_for(cert, trust)
+    assert actions(plan) == [(REISSUE, "extended key usage is serverAuth, a client certificate needs clientAuth")]
+    assert [(d.field, d.observed, d.desired) for d in plan.actions[0].drifts] == [("cert_type", ["serverAuth"], "clientAuth")]
+
+
+def test_a_client_certificate_where_the_manifest_asks_for_a_server_one_is_reissued(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, replace(cert, cert_type="client"))
+    plan, _ = plan_for(cert, trust)
+    assert actions(plan) == [(REISSUE, "extended key usage is clientAuth, a server certificate needs serverAuth")]
+
+
+def signed_leaf(ca: LocalCA, cert: DesiredCert, usages: list | None) -> bytes:
+    """A leaf from `ca` with the given extended key usages (None: no EKU extension at all)."""
+    _root, inter, int_key, _root_pem, _int_pem = ca._ensure()
+    now = datetime.now(timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, cert.common_name)]))
+        .issuer_name(inter.subject)
+        .public_key(make_key(cert.key.describe()).public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + cert.duration)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(display(s)) for s in cert.sans]), critical=False)
+    )
+    if usages is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    return builder.sign(int_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize("cert_type", ["server", "client"])
+@pytest.mark.parametrize(
+    "usages",
+    [
+        [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH],  # step-ca's default template
+        [x509.oid.ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE],
+        None,
+    ],
+    ids=["both", "any", "no-eku"],
+)
+def test_a_certificate_usable_for_both_serves_either_cert_type(tmp_path, ca, trust, cert_type, usages):
+    """step-ca gives every certificate both usages whatever we ask: that is no drift, or a
+    step-ca certificate would be re-issued on every pass."""
+    cert = desire(tmp_path, cert_type=cert_type)
+    write(cert.cert_path, signed_leaf(ca, cert, usages), 0o644)
+    write(cert.key_path, key_to_pem(make_key(cert.key.describe())), 0o600)
+    assert plan_for(cert, trust)[0].actions == ()
+
+
+def test_a_lifetime_other_than_the_duration_is_reissued(tmp_path, ca, trust):
+    cert = desire(tmp_path)  # 24h
+    deploy(ca, cert, duration=timedelta(hours=1))
+    plan, _ = plan_for(cert, trust)
+    assert actions(plan) == [(REISSUE, "lifetime is 1h1m, want 24h")]
+    assert [(d.field, d.observed, d.desired) for d in plan.actions[0].drifts] == [("duration", "1h1m", "24h")]
+    deploy(ca, cert, duration=timedelta(hours=48))
+    assert actions(plan_for(cert, trust)[0]) == [(REISSUE, "lifetime is 2d1m, want 24h")]
+
+
+@pytest.mark.parametrize(
+    "duration, issued, drifts",
+    [
+        # the CA's 1-minute backdate, and up to 2 minutes either way, are no drift
+        ("10m", timedelta(minutes=10), False),
+        ("10m", timedelta(minutes=8, seconds=30), False),
+        ("10m", timedelta(minutes=11, seconds=30), True),
+        ("10m", timedelta(minutes=6, seconds=30), True),
+        # longer lifetimes: 1 % of the duration (14m24s of 24h, 1h40m48s of 7d)
+        ("24h", timedelta(hours=24, minutes=13), False),
+        ("24h", timedelta(hours=24, minutes=14), True),
+        ("24h", timedelta(hours=23, minutes=40), True),
+        ("7d", timedelta(days=7, minutes=99), False),
+        ("7d", timedelta(days=7, minutes=102), True),
+    ],
+)
+def test_the_lifetime_tolerates_the_cas_backdate(tmp_path, ca, trust, duration, issued, drifts):
+    cert = desire(tmp_path, duration=duration, renew_before="10%")
+    deploy(ca, cert, duration=issued)
+    plan, _ = plan_for(cert, trust)
+    assert [a.action for a in plan.actions] == ([REISSUE] if drifts else [])
+
+
+def test_a_lifetime_the_embedded_ca_capped_at_its_intermediate_is_no_drift(tmp_path, ca, trust):
+    """Asking for longer than the CA can give would otherwise re-issue on every pass."""
+    cert = desire(tmp_path, duration="3650d", renew_before="10%")
+    deploy(ca, cert)
+    observed = observe(cert, trust)
+    assert observed.cert.not_after - observed.cert.not_before < timedelta(days=1900)
+    assert plan_cert(cert, observed, valid_now(observed)).actions == ()
+
+
+def test_identity_drifts_are_listed_in_table_order(tmp_path, other_ca, trust):
+    cert = desire(tmp_path, key={"type": "EC", "curve": "P-384"}, cert_type="client")
+    deploy(other_ca, replace(cert, cert_type="server"), key=make_key("EC P-256"), common_name="old.example.com", sans=["old.example.com"], duration=timedelta(hours=2))
+    (action,) = plan_for(cert, trust)[0].actions
+    assert [d.field for d in action.drifts] == ["common_name", "sans", "key_type", "cert_type", "duration", "issuer"]
+
+
+# --------------------------------------------------------------------------- the chain in the certificate file
+
+
+def pems(data: bytes) -> list[bytes]:
+    return [c.public_bytes(serialization.Encoding.PEM) for c in x509.load_pem_x509_certificates(data)]
+
+
+def fingerprint(pem: bytes) -> str:
+    return x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256()).hex()
+
+
+def test_include_ca_asks_for_the_chain_the_file_lacks(tmp_path, ca, trust):
+    cert = desire(tmp_path, include_ca=True)
+    deploy(ca, replace(cert, include_ca=False))
+    plan, _ = plan_for(cert, trust)
+    assert actions(plan) == [(REWRITE_CHAIN, "the certificate file lacks the CA chain include_ca asks for")]
+    (drift,) = plan.actions[0].drifts
+    intermediate = ca.trust_roots()[1].fingerprint(hashes.SHA256()).hex()
+    assert (drift.field, drift.observed, drift.desired) == ("chain", [], [intermediate])
+    assert plan.content_action is None
+
+
+def test_a_chain_the_manifest_does_not_ask_for_is_dropped(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, replace(cert, include_ca=True))
+    plan, _ = plan_for(cert, trust)
+    assert actions(plan) == [(REWRITE_CHAIN, "the certificate file holds a CA chain (1 certificate) that include_ca: false leaves out")]
+    assert plan.actions[0].drifts[0].desired == []
+
+
+@pytest.mark.parametrize("extra", ["foreign intermediate", "root appended", "intermediate twice"])
+def test_a_stale_or_foreign_chain_is_rewritten(tmp_path, ca, other_ca, trust, extra):
+    cert = desire(tmp_path, include_ca=True)
+    pem, key = issue(ca, cert)
+    leaf, intermediate = pems(pem)
+    chain = {
+        "foreign intermediate": other_ca.trust_roots()[1].public_bytes(serialization.Encoding.PEM),
+        "root appended": intermediate + ca.trust_roots()[0].public_bytes(serialization.Encoding.PEM),
+        "intermediate twice": intermediate + intermediate,
+    }[extra]
+    write(cert.cert_path, leaf + chain, 0o644)
+    write(cert.key_path, key_to_pem(key), 0o600)
+    plan, observed = plan_for(cert, trust)
+    assert observed.chains_to_issuer is True
+    assert actions(plan) == [(REWRITE_CHAIN, "the CA chain in the certificate file is not the issuer's (a stale or foreign certificate in it)")]
+    assert plan.actions[0].drifts[0].desired == [fingerprint(intermediate)]
+
+
+def test_a_chain_is_not_judged_when_the_issuers_chain_is_unknown(tmp_path, ca):
+    """A step-ca whose intermediates are not known here yet: a leaf-only file is not called wrong."""
+    cert = desire(tmp_path, include_ca=True)
+    deploy(ca, replace(cert, include_ca=False))
+    assert plan_for(cert, Trust.of([], authoritative=False))[0].actions == ()
+    # but a chain the manifest does not ask for is always known to be wrong
+    plain = desire(tmp_path)
+    deploy(ca, replace(plain, include_ca=True))
+    assert [a.action for a in plan_for(plain, Trust.of([], authoritative=False))[0].actions] == [REWRITE_CHAIN]
+
+
+def test_a_new_certificate_carries_the_right_chain_so_no_rewrite_is_planned_beside_it(tmp_path, ca, trust):
+    cert = desire(tmp_path, include_ca=True, sans=["www.example.com"])
+    deploy(ca, replace(cert, include_ca=False), sans=["svc.example.com"])
+    plan, _ = plan_for(cert, trust)
+    assert [a.action for a in plan.actions] == [REISSUE]
+
+
+# --------------------------------------------------------------------------- ca_path
+
+
+def test_a_missing_ca_file_is_written_without_a_new_certificate(tmp_path, ca, trust):
+    cert = desire(tmp_path, ca_path="ca.crt")
+    deploy(ca, cert)
+    plan, _ = plan_for(cert, trust)
+    assert actions(plan) == [(WRITE_CA, f"CA file {cert.ca_path} missing")]
+    assert plan.content_action is None
+
+
+@pytest.mark.parametrize("content", ["another root", "garbage", "the intermediate", "root and more"])
+def test_a_ca_file_holding_something_else_than_the_issuers_root_is_written(tmp_path, ca, other_ca, trust, content):
+    cert = desire(tmp_path, ca_path="ca.crt")
+    deploy(ca, cert)
+    root, intermediate = (c.public_bytes(serialization.Encoding.PEM) for c in ca.trust_roots())
+    data = {
+        "another root": other_ca.trust_roots()[0].public_bytes(serialization.Encoding.PEM),
+        "garbage": b"not a certificate\n",
+        "the intermediate": intermediate,
+        "root and more": root + intermediate,
+    }[content]
+    write(cert.ca_path, data, 0o644)
+    plan, _ = plan_for(cert, trust)
+    reason = "does not hold a PEM certificate" if content == "garbage" else "holds another certificate than the issuer's root"
+    assert actions(plan) == [(WRITE_CA, f"CA file {cert.ca_path} {reason}")]
+
+
+def test_a_ca_file_holding_the_issuers_root_plans_nothing(tmp_path, ca, trust):
+    cert = desire(tmp_path, ca_path="ca.crt")
+    deploy(ca, cert)
+    write(cert.ca_path, ca.trust_roots()[0].public_bytes(serialization.Encoding.PEM), 0o644)
+    plan, observed = plan_for(cert, trust)
+    assert plan.actions == ()
+    assert observed.ca_file.kind == "file"
+
+
+def test_a_ca_file_with_another_mode_or_owner_is_chmodded_and_chowned(tmp_path, ca, trust):
+    cert = desire(tmp_path, ca_path="ca.crt", owner="4242:4343")
+    deploy(ca, cert)
+    for p in (cert.cert_path, cert.key_path):
+        os.chown(p, 4242, 4343)
+    write(cert.ca_path, ca.trust_roots()[0].public_bytes(serialization.Encoding.PEM), 0o600)
+    plan, _ = plan_for(cert, trust)
+    assert actions(plan) == [
+        (CHOWN, f"CA file owner {UID}:{GID}, want 4242:4343 (4242:4343)"),
+        (CHMOD, "CA file mode 0600, want 0644"),
+    ]
+    assert [d.field for a in plan.actions for d in a.drifts] == ["ca_owner", "ca_mode"]
+
+
+def test_a_symlink_at_the_ca_path_is_an_error(tmp_path, ca, trust):
+    cert = desire(tmp_path, ca_path="ca.crt")
+    deploy(ca, cert)
+    write(tmp_path / "real-ca.crt", ca.trust_roots()[0].public_bytes(serialization.Encoding.PEM), 0o644)
+    cert.ca_path.symlink_to(tmp_path / "real-ca.crt")
+    plan, _ = plan_for(cert, trust)
+    assert plan.actions == () and "ca " + str(cert.ca_path) + " is a symlink" in plan.error
+
+
+def test_a_ca_file_of_an_unknown_root_is_not_judged_but_a_missing_one_is_written(tmp_path, ca, other_ca):
+    cert = desire(tmp_path, ca_path="ca.crt")
+    deploy(ca, cert)
+    unknown = Trust.of([], authoritative=False)
+    assert [a.action for a in plan_for(cert, unknown)[0].actions] == [WRITE_CA]
+    write(cert.ca_path, other_ca.trust_roots()[0].public_bytes(serialization.Encoding.PEM), 0o644)
+    assert plan_for(cert, unknown)[0].actions == ()
 
 
 # --------------------------------------------------------------------------- renew

@@ -80,6 +80,10 @@ class Issuer(Protocol):
         Reads local files only: never creates a CA, never touches the network.
         An empty list means no certificate can chain to it yet."""
 
+    def root_pem(self) -> bytes:
+        """The root certificate `ca_path` files hold (PEM). May set the issuer up as its
+        first issuance would: create the embedded CA, fetch a step-ca root by fingerprint."""
+
     def close(self) -> None: ...
 
 

@@ -68,6 +68,9 @@ class LocalCA:
             return exc
         return None
 
+    def root_pem(self) -> bytes:
+        return self._ensure()[3]
+
     # -- issuing
 
     def _ensure(self) -> tuple:

@@ -226,6 +226,9 @@ class StepCA:
                     progress = True
         return known
 
+    def root_pem(self) -> bytes:
+        return self._trust_root()[1]
+
     def close(self) -> None:
         with self._lock:
             if self._client is not None:
