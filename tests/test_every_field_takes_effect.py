@@ -9,15 +9,16 @@ from __future__ import annotations
 import copy
 import json
 import os
-import pwd
 import grp
+import pwd
 import stat
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -216,7 +217,7 @@ def test_changing_duration_reissues_at_once_not_at_the_next_renewal(tmp_path, ca
     assert site.actions() == [REISSUE]
     site.converge()
     leaf = chain_of(site.path("cert_path"))[0]
-    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == __import__("datetime").timedelta(hours=72, minutes=1)
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == timedelta(hours=72, minutes=1)
     assert site.actions() == []
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,43 @@ def test_object_manifest_issues_and_a_san_change_is_planned_then_applied_as_reis
     assert load_cert(crt).serial_number != first_serial
     chains_to(step_ca, crt)
     assert actions_of(plan_json(step_ca, m, state, env)) == {"web.example": []}
+
+
+def test_every_field_takes_effect_against_step_ca_and_chain_and_ca_file_need_no_issuance(site, step_ca):
+    tmp, state, out, pw, env = site
+    cert = entry(out, "fields.example", duration="2h", renew_before="30m")
+    m = write_manifest(tmp / "m.json", {"issuer": issuer_block(step_ca, pw), "certificates": [cert]})
+    run(step_ca, "-m", str(m), state_dir=state, env=env, check=0)
+    crt = out / "fields.example.crt"
+    leaf = load_cert(crt)
+    key = key_bytes(out, "fields.example")
+    assert len(x509.load_pem_x509_certificates(crt.read_bytes())) == 1
+
+    # the chain and the root come from what the issuer already knows: no password needed
+    pw.unlink()
+    cert.update(include_ca=True, ca_path=str(out / "root.crt"))
+    write_manifest(m, {"issuer": issuer_block(step_ca, pw), "certificates": [cert]})
+    assert actions_of(plan_json(step_ca, m, state, env)) == {"fields.example": ["rewrite_chain", "write_ca"]}
+    run(step_ca, "-m", str(m), state_dir=state, env=env, check=0)
+    chain = x509.load_pem_x509_certificates(crt.read_bytes())
+    assert chain[0] == leaf and key_bytes(out, "fields.example") == key
+    assert chain[1:] == [x509.load_pem_x509_certificate(step_ca.intermediate_pem())]
+    assert (out / "root.crt").read_bytes().strip() == step_ca.root_pem().strip()
+
+    # step-ca's template gives both usages: a changed cert_type is already satisfied
+    cert.update(cert_type="client")
+    write_manifest(m, {"issuer": issuer_block(step_ca, pw), "certificates": [cert]})
+    assert actions_of(plan_json(step_ca, m, state, env)) == {"fields.example": []}
+
+    # a changed duration re-issues now, not at the next (lifetime-copying) renewal
+    password_copy(step_ca, tmp)
+    cert.update(duration="3h", renew_before="30m")
+    write_manifest(m, {"issuer": issuer_block(step_ca, pw), "certificates": [cert]})
+    assert actions_of(plan_json(step_ca, m, state, env)) == {"fields.example": ["reissue"]}
+    run(step_ca, "-m", str(m), state_dir=state, env=env, check=0)
+    renewed = load_cert(crt)
+    assert abs(renewed.not_valid_after_utc - renewed.not_valid_before_utc - timedelta(hours=3)) < timedelta(minutes=2)
+    assert actions_of(plan_json(step_ca, m, state, env)) == {"fields.example": []}
 
 
 def test_routine_renewal_goes_over_mtls_without_the_password_file_and_rotates_the_key(site, step_ca):
