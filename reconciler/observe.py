@@ -421,7 +421,7 @@ def observe(cert: DesiredCert, trust: Trust, cache: "ObservationCache | None" = 
     if cache is not None:
         hit = cache.get(cert, cert_file, key_file, trust)
         if hit is not None:
-            return replace(hit, folder_problem=problem, issuer_root=trust.root, **ca)
+            return replace(hit, folder_problem=problem, **ca) if problem or ca else hit
     facts = cert_error = key_id = key_error = None
     if cert_file.present:
         data, err = _read(cert.cert_path)
@@ -519,7 +519,7 @@ class ObservationCache:
                 None if f["issuer_chain"] is None else tuple(f["issuer_chain"]),
                 None if f["signer_not_after"] is None else datetime.fromtimestamp(f["signer_not_after"], timezone.utc),
             )
-            return Observed(cert_file, key_file, facts, None, row[4], None, row[5])
+            return Observed(cert_file, key_file, facts, None, row[4], None, row[5], issuer_root=trust.root)
         except (KeyError, TypeError, ValueError, IndexError):
             return None
 
