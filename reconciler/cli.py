@@ -14,7 +14,7 @@ from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a program whose reader left
-SUBCOMMANDS = ("validate", "status", "doctor", "renew")
+SUBCOMMANDS = ("validate", "status", "doctor", "renew", "schema")
 
 DESCRIPTION = """\
 Make the TLS certificates on this host match certificate-manifest.json.
@@ -26,6 +26,7 @@ Make the TLS certificates on this host match certificate-manifest.json.
   reconcile validate -m MANIFEST   check the manifest only
   reconcile status -m MANIFEST     one row per certificate: state, expiry, last hook
   reconcile doctor -m MANIFEST     check the manifest, state folder, CA and targets
+  reconcile schema                 print the manifest's JSON Schema (for editors)
 
 Exit codes: 0 success; 1 error (invalid manifest, a failed issuance or hook, after doing
 everything else that could be done); with --detailed-exitcode, 2 = success and changes
@@ -155,6 +156,13 @@ def pass_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(sub: str | None) -> argparse.ArgumentParser:
+    if sub == "schema":
+        return argparse.ArgumentParser(
+            prog="reconcile schema",
+            description="Print the JSON Schema (Draft 2020-12) of certificate-manifest.json that this installation "
+            "validates with, for editors to validate and explain the manifest as it is typed: "
+            "reconcile schema > certificate-manifest.schema.json (see docs/manifest.md, \"Editor support\").",
+        )
     common = common_options()
     if sub == "validate":
         return argparse.ArgumentParser(prog="reconcile validate", parents=[common], description="Check the manifest; print `ok: N certificates` or every error. Exit 0 / 1.")
@@ -218,6 +226,11 @@ def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     sub = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     args = build_parser(sub).parse_args(argv[1:] if sub else argv)
+    if sub == "schema":
+        from reconciler.manifest import schema_bytes
+
+        sys.stdout.write(schema_bytes().decode("utf-8"))
+        return EXIT_OK
     if not getattr(args, "watch", False):
         # a one-shot run builds ~20 objects per certificate and frees them all at exit:
         # the cyclic collector only costs time there (~25 % of a 10k-certificate plan)

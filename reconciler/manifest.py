@@ -1,6 +1,6 @@
 """load+validate: certificate-manifest.json → Desired, or every error at once.
 
-The JSON Schema in schema/ is the source of every structural error message; the checks
+The JSON Schema shipped in the package (reconciler/schema/) is the source of every structural error message; the checks
 a schema cannot express (SAN syntax, durations, key exposure, duplicate paths, owners
 that exist on this host) follow it. Nothing here writes, except the validation cache.
 """
@@ -23,7 +23,7 @@ from reconciler.durations import DurationError, parse_duration, parse_share
 from reconciler.model import Desired, DesiredCert, IssuerSpec, KeySpec, RenewBefore
 from reconciler.sans import SANError, display, normalise
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "certificate-manifest.schema.json"
+SCHEMA_RESOURCE = "schema/certificate-manifest.schema.json"  # package data: found wherever the package is installed
 
 DEFAULTS: dict[str, Any] = {
     "renew_before": "12h",
@@ -147,15 +147,24 @@ class _BadConstant(Exception):
 _validators: dict[str, Any] = {}
 
 
+def schema_bytes() -> bytes:
+    """The installed schema, byte for byte (`reconcile schema` prints it)."""
+    if "bytes" not in _validators:
+        from importlib.resources import files
+
+        _validators["bytes"] = files("reconciler").joinpath(SCHEMA_RESOURCE).read_bytes()
+    return _validators["bytes"]
+
+
 def _schema() -> dict[str, Any]:
     if "schema" not in _validators:
-        _validators["schema"] = json.loads(SCHEMA_PATH.read_text())
+        _validators["schema"] = json.loads(schema_bytes())
     return _validators["schema"]
 
 
 def schema_digest() -> str:
     if "digest" not in _validators:
-        _validators["digest"] = hashlib.sha256(SCHEMA_PATH.read_bytes()).hexdigest()[:16]
+        _validators["digest"] = hashlib.sha256(schema_bytes()).hexdigest()[:16]
     return _validators["digest"]
 
 

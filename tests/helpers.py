@@ -12,6 +12,15 @@ from cryptography import x509
 
 REPO = Path(__file__).resolve().parent.parent
 
+# counts, timings and sizes the tests measured; conftest prints them at the end of the run
+FIGURES: list[str] = []
+
+
+def figure(text: str) -> None:
+    """Record one figure for the end-of-run summary, labelled with the running test."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0].split("::")[-1]
+    FIGURES.append(f"{test}: {text}" if test else text)
+
 
 def reconcile(*args: str, state_dir: Path | None = None, env: dict | None = None, timeout: float = 120, check: int | None = None, cwd=None, wrap: tuple[str, ...] = ()):
     """Run `python -m reconciler ARGS` as a real subprocess; returns CompletedProcess.

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, cert_sans, write_manifest
+from helpers import REPO, cert_sans, figure, write_manifest
 
 N = 20
 
@@ -141,4 +141,4 @@ def test_two_passes_and_a_watcher_serialise_and_write_each_file_once_per_change(
             watcher.kill()
     log = [json.loads(line) for line in watch_err.read_text().splitlines() if line.startswith("{")]
     assert not [e for e in log if e["level"] == "error"], log
-    print(f"\nconcurrency: {json.dumps(figures)}")
+    figure(f"concurrency: {json.dumps(figures)}")

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import figure
+
 from reconciler.atomic import is_temporary
 
 N_CERTS = 50
@@ -390,7 +392,7 @@ def all_runs() -> list[tuple[str, str]]:
     return runs
 
 
-def test_sigkill_at_260_points_of_a_50_certificate_pass_loses_nothing(tmpfs, capsys):
+def test_sigkill_at_260_points_of_a_50_certificate_pass_loses_nothing(tmpfs):
     runs = all_runs()
     assert len(runs) >= 200
     random.Random(6).shuffle(runs)
@@ -408,9 +410,8 @@ def test_sigkill_at_260_points_of_a_50_certificate_pass_loses_nothing(tmpfs, cap
         for k, v in r["per_point"].items():
             per_point[k] = per_point.get(k, 0) + v
         problems += r["problems"]
-    with capsys.disabled():
-        print(f"\ncrash runs: {figures.get('runs')} in {elapsed:.1f}s; per point: {json.dumps(per_point, sort_keys=True)}")
-        print(f"crash figures: {json.dumps(figures, sort_keys=True)}; problems: {len(problems)}")
+    figure(f"crash runs: {figures.get('runs')} in {elapsed:.1f}s; per point: {json.dumps(per_point, sort_keys=True)}")
+    figure(f"crash figures: {json.dumps(figures, sort_keys=True)}; problems: {len(problems)}")
     assert not problems, "\n".join(problems[:40])
     assert figures["runs"] == len(runs)
     assert figures["killed"] >= 200

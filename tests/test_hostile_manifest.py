@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import reconcile
+from helpers import figure, reconcile
 
 MAX_MESSAGE = 20_000  # a message that quotes a 10 MB value back is not "clear"
 COMMANDS = (("validate",), ("--plan",), ())
@@ -217,7 +217,7 @@ def test_the_hand_written_corpus_is_refused_cleanly_by_every_command(world):
     tmp, out, state = world
     names = list(corpus(out))
     runs = run_corpus(tmp, out, state, names, in_process)
-    print(f"\nhostile corpus: {len(names)} manifests x 3 commands = {runs} runs (in-process)")
+    figure(f"hostile corpus: {len(names)} manifests x 3 commands = {runs} runs (in-process)")
 
 
 SUBPROCESS_SAMPLE = [
@@ -232,7 +232,7 @@ def test_a_sample_of_the_corpus_through_real_processes(world):
     tmp, out, state = world
     names = [n for n in SUBPROCESS_SAMPLE if n in corpus(out)]
     runs = run_corpus(tmp, out, state, names, subprocess_run)
-    print(f"\nhostile corpus through subprocesses: {len(names)} manifests x 3 commands = {runs} runs")
+    figure(f"hostile corpus through subprocesses: {len(names)} manifests x 3 commands = {runs} runs")
 
 
 def test_messages_name_the_problem(world):
@@ -409,5 +409,5 @@ def test_generated_manifests_are_refused_cleanly_and_change_nothing(world):
     raw_bytes()
     any_json()
     assert tree(out, state) == before, "a refused manifest changed something on disk"
-    print(f"\ngenerated manifests: {json.dumps(counts)} (x3 commands each)")
+    figure(f"generated manifests: {json.dumps(counts)} (x3 commands each)")
     assert counts["documents"] >= 100 and counts["bytes"] >= 50 and counts["json"] >= 50

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from helpers import REPO, reconcile, write_manifest
+from helpers import REPO, figure, reconcile, write_manifest
 from hostile_ca import HostileCA
 
 
@@ -166,7 +166,7 @@ def test_no_secret_appears_in_any_output_of_any_command(tmp_path, step_ca):
         if form in text
     ]
     searched = sum(len(t) for t in outputs.values())
-    print(f"\nsecrets: {sum(len(f) for f in secrets.values())} secret strings searched in {len(outputs)} outputs ({searched} characters)")
+    figure(f"secrets: {sum(len(f) for f in secrets.values())} secret strings searched in {len(outputs)} outputs ({searched} characters)")
     assert not leaks, "\n".join(sorted(set(leaks)))
     assert outputs["metrics file"].strip() and "reconciler_" in outputs["metrics http"]
 
