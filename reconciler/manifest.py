@@ -120,7 +120,7 @@ def parse_document(raw: bytes, path: Path) -> Any:
         raise _BadConstant(name)
 
     try:
-        return json.loads(text, object_pairs_hook=pairs, parse_constant=no_constant)
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=no_constant, parse_float=WrittenFloat)
     except json.JSONDecodeError as exc:
         raise fail(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except _DuplicateKey as exc:
@@ -131,6 +131,16 @@ def parse_document(raw: bytes, path: Path) -> Any:
         raise fail("manifest is nested too deeply to be a certificate manifest") from None
     except ValueError as exc:  # e.g. an integer with thousands of digits
         raise fail(f"manifest holds a value Python's JSON reader refuses: {exc}") from None
+
+
+class WrittenFloat(float):
+    """A JSON number written with a fraction or exponent, remembering how it was written, so
+    an error can quote `1e3` rather than `1000.0`."""
+
+    def __new__(cls, text: str):
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
 
 
 class _DuplicateKey(Exception):
@@ -177,9 +187,16 @@ def _validator(definition: str):
     if definition not in _validators:
         from jsonschema import Draft202012Validator
 
+        from jsonschema.validators import extend
+
         root = _schema()
         sub = {"$ref": f"#/$defs/{definition}", "$defs": root["$defs"]}
-        _validators[definition] = Draft202012Validator(sub)
+        # JSON Schema counts 101.0 and 1e3 as integers; a guest id or key size written that
+        # way is a slip (or a spreadsheet's export), so only numbers written as digits count
+        checker = Draft202012Validator.TYPE_CHECKER.redefine(
+            "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
+        )
+        _validators[definition] = extend(Draft202012Validator, type_checker=checker)(sub)
     return _validators[definition]
 
 
@@ -223,6 +240,8 @@ def _explain(error, prefix: str) -> list[Issue]:
     if kind == "enum":
         choices = ", ".join(json.dumps(c) for c in error.validator_value)
         return [Issue(path, f"{json.dumps(value)[:80]} is not allowed; choose one of {choices}")]
+    if kind == "type" and isinstance(value, float) and "integer" in error.validator_value:
+        return [Issue(path, _not_whole(value, error.validator_value))]
     if kind == "type":
         want = error.validator_value
         want = " or ".join(want) if isinstance(want, list) else want
@@ -235,6 +254,15 @@ def _explain(error, prefix: str) -> list[Issue]:
     if kind in ("not", "if"):
         return [Issue(path, "combines key fields that do not belong together (curve is for EC, size for RSA)")]
     return [Issue(path, error.message[:200])]
+
+
+def _not_whole(value: float, want) -> str:
+    written = getattr(value, "text", repr(value))
+    message = f"{written} is written with a fraction or exponent; write a whole number as plain digits"
+    if value == value and abs(value) != float("inf") and value == int(value) and value >= 0:
+        example = int(value)
+        message += f", e.g. {example}" + (f' (or the string "{example}")' if "string" in want else "")
+    return message
 
 
 def _article(word: str) -> str:

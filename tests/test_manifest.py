@@ -730,3 +730,76 @@ def test_loading_without_a_state_dir_writes_nothing(tmp_path):
     load(path, state_dir=tmp_path / "state")  # save_cache defaults to False
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
     assert os.listdir(tmp_path) == ["certificate-manifest.json"]
+
+
+# --------------------------------------------------------------------------- editors and whole numbers
+
+
+def test_an_object_manifest_may_name_its_schema_for_editors(tmp_path):
+    desired = load_doc(tmp_path, {"$schema": "./certificate-manifest.schema.json", "certificates": [entry(1)]})
+    assert [c.common_name for c in desired.certificates] == ["svc1.example.com"]
+
+
+def test_schema_must_be_a_string(tmp_path):
+    one_error(tmp_path, {"$schema": 5, "certificates": []}, "$schema", "expected a string", "a number")
+
+
+def test_an_entry_cannot_carry_schema(tmp_path):
+    # only the document names its schema; in an entry it is a typo like any unknown field
+    one_error(tmp_path, [entry(1, **{"$schema": "x.json"})], "[0].$schema", "unknown field")
+
+
+@pytest.mark.parametrize("number, suggestion", [("101.0", '101 (or the string "101")'), ("1e3", '1000 (or the string "1000")'), ("1.01e2", "101"), ("101.5", None), ("-0.0", '0 (or the string "0")')])
+def test_a_guest_id_written_with_a_fraction_or_exponent_is_an_error(tmp_path, number, suggestion):
+    text = f'[{{"common_name": "a.example", "cert_path": "a", "key_path": "b", "guest_id": {number}}}]'
+    (issue,) = raw_issues(tmp_path, text.encode())
+    assert issue.path == "[0].guest_id", str(issue)
+    # quoted as written, not as Python reads it back (1e3, not 1000.0)
+    assert issue.message.startswith(f"{number} is written with a fraction or exponent; write a whole number"), issue.message
+    assert (suggestion in issue.message) if suggestion else "e.g." not in issue.message, issue.message
+
+
+def test_a_guest_id_string_must_be_digits(tmp_path):
+    one_error(tmp_path, [entry(1, guest_id="vm-101")], "[0].guest_id", '"vm-101" is not valid', "(101)", '("101")')
+
+
+def test_key_size_written_as_a_float_is_an_error(tmp_path):
+    text = '[{"common_name": "a.example", "cert_path": "a", "key_path": "b", "key": {"type": "RSA", "size": 2048.0}}]'
+    (issue,) = raw_issues(tmp_path, text.encode())
+    assert issue.path == "[0].key.size" and "2048.0" in issue.message, str(issue)
+
+
+def _properties(node, where=""):
+    """Every named property of the schema, outside the if/then branches (which only forbid)."""
+    if isinstance(node, dict):
+        for name, sub in node.get("properties", {}).items():
+            yield f"{where}.{name}", sub
+        for key, sub in node.items():
+            if key not in ("allOf", "properties"):
+                yield from _properties(sub, f"{where}/{key}")
+        for name, sub in node.get("properties", {}).items():
+            yield from _properties(sub, f"{where}.{name}")
+
+
+def test_the_schema_is_valid_draft_2020_12_and_every_property_explains_itself_on_hover():
+    from jsonschema import Draft202012Validator
+
+    from reconciler.manifest import schema_bytes
+
+    schema = json.loads(schema_bytes())
+    Draft202012Validator.check_schema(schema)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    described = list(_properties(schema))
+    assert len(described) > 30
+    for where, sub in described:
+        text = sub.get("description", "")
+        assert len(text) > 40 and "Example" in text, f"{where}: {text!r}"
+        assert "Required." in text or "Default" in text or where.endswith("$schema"), f"{where}: {text!r}"
+
+
+def test_reconcile_schema_prints_the_schema_it_validates_with(tmp_path):
+    from helpers import REPO, reconcile
+
+    proc = reconcile("schema", check=0, cwd=tmp_path)
+    assert proc.stdout.encode() == (REPO / "reconciler" / "schema" / "certificate-manifest.schema.json").read_bytes()
+    assert "reconcile schema" in reconcile("--help", check=0).stdout
