@@ -31,9 +31,11 @@ if ! command -v go >/dev/null 2>&1 || [ ! -d "$certs_src/commands" ]; then
     fi
     export DEBIAN_FRONTEND=noninteractive
     if ! apt-get install -y --no-install-recommends golang-go "$pkg" >&2; then
+        log "apt-get install failed; running apt-get update and trying again"
         apt-get update >&2
         apt-get install -y --no-install-recommends golang-go "$pkg" >&2
     fi
+    log "installed golang-go and $pkg"
 fi
 command -v go >/dev/null 2>&1 || { log "go not found after install"; exit 1; }
 [ -d "$certs_src/commands" ] || { log "$certs_src missing after install"; exit 1; }
@@ -61,7 +63,7 @@ pkgdir="${gopath}/src/reconciler-stepca-harness"
 rm -rf "$pkgdir"
 mkdir -p "$pkgdir"
 cp "$src" "$pkgdir/main.go"
-log "building harness against step-ca $pkgver ($gover) ..."
+log "building harness against step-ca $pkgver ($gover); the first build takes a few minutes ..."
 start=$(date +%s)
 (
     cd "$pkgdir"
