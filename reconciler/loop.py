@@ -7,6 +7,8 @@ when unchanged), and plans from scratch. What starts a pass:
 * a save of the manifest (watchdog on its folder), once the burst of writes settles;
 * a managed certificate or key deleted, replaced or re-moded (watchdog on their folders),
   unless its stat is exactly what the last pass left (our own writes wake us too);
+* a file a pass wrote that no longer matches when the pass re-reads it: a recheck pass
+  (after rechecks too; three in a row run at once, then they back off);
 * timers: the earliest renewal deadline, the next retry after a failure (see backoff.py),
   the resync period; the main thread sleeps in select() until then (no polling);
 * SIGHUP. SIGTERM/SIGINT stop starting new work, let the current write finish, exit 0.
@@ -43,6 +45,8 @@ STOP_GRACE = 4.5  # SIGTERM: how long the current pass may take to wind down
 LOCK_RETRY = 5.0  # another reconcile holds the lock: look again this much later
 MAX_WATCHED_FOLDERS = 512  # inotify costs a thread per folder in watchdog; beyond this, resync covers
 CA = "ca"
+RECHECK = "recheck"
+RECHECKS_AT_ONCE = 3  # rechecks in a row before they back off
 
 
 @dataclass
@@ -102,6 +106,8 @@ class Watcher:
         self.hook_backoff = Backoff()
         self.ca = Backoff()
         self.pass_backoff = Backoff()
+        self.recheck_backoff = Backoff()
+        self.rechecks_in_a_row = 0
         self.cancel = threading.Event()
 
         # shared with watchdog's threads, under self.lock
@@ -341,11 +347,28 @@ class Watcher:
         self.retry_at = min(retries) if retries else None
         if out.retry_in is not None:
             self.rerun_at, self.rerun_reason = mono + out.retry_in, "retry"
-        if out.run_again or out.recheck:
-            self.rerun_at, self.rerun_reason = mono, ("CA answers again" if out.run_again else "recheck")
+        if out.recheck:
+            at = mono + self._recheck_delay()
+            if self.rerun_at is None or at <= self.rerun_at:
+                self.rerun_at, self.rerun_reason = at, "recheck"
+        elif out.ran:
+            self.rechecks_in_a_row = 0
+            self.recheck_backoff.succeeded(RECHECK)
+        if out.run_again:
+            self.rerun_at, self.rerun_reason = mono, "CA answers again"
         if not self.first_done:
             self.first_done = True
             sd_notify("READY=1")
+
+    def _recheck_delay(self) -> float:
+        """The first rechecks in a row run at once; a file that changes again after every pass
+        (another program fighting over it) is then looked at with backoff, not in a hot loop."""
+        self.rechecks_in_a_row += 1
+        if self.rechecks_in_a_row <= RECHECKS_AT_ONCE:
+            return 0.0
+        wait = self.recheck_backoff.failed(RECHECK, time.time())
+        log.warning("a managed file keeps changing after every pass that repairs it; looking again in %.0fs", wait)
+        return wait
 
     def _shutdown(self) -> int:
         name = signal.Signals(self.stop_signal).name
@@ -478,7 +501,9 @@ class Watcher:
             return Outcome(failed=True, retry_in=wait)
         self.pass_backoff.clear()
         run_again = self._record_failures(result, time.time())
-        recheck = "recheck" not in job.reasons and self._changed_since_written(snap, result)
+        # also after a recheck pass: the re-read stamps already hold the damage, so its events
+        # compare equal and nothing else would look before the resync (_finish paces repeats)
+        recheck = self._changed_since_written(snap, result)
         if recheck:
             log.info("a file this pass wrote changed again before the pass ended; looking again")
         pending = pending_after(snap, result)

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reconciler.faults import fault_point
 from reconciler.issuers import Issuer, make_issuer
 from reconciler.model import Desired, IssuerSpec
 from reconciler.observe import ObservationCache, Observed, Trust, observe_all
@@ -241,6 +242,7 @@ def run_pass(
         status.save()  # only if something changed: a pass with nothing to do writes nothing
         # what we just wrote is what the next pass will see: re-observe it once now
         if result.changed:
+            fault_point("before_reobserve")  # --watch race tests change a file here
             trust = trust_of(snap.issuer, desired.issuer)
             changed = {c.name for c in result.certificates if c.ok and c.actions}
             snap.observed.update(observe_all([c for c in desired.certificates if c.name in changed], trust, snap.cache))

@@ -276,6 +276,57 @@ def test_a_deleted_key_comes_back_and_a_chmodded_key_is_restored(site, watch_fac
     w.stop()
 
 
+def test_a_key_re_moded_while_a_recheck_pass_ends_is_still_repaired(site, watch_factory):
+    """The race a busy machine hit: a file changed after a pass wrote it but before the pass
+    re-read it. Its stamp then already holds the damage, so the change's event compares equal;
+    only a further pass repairs it. Fault holds put the chmod exactly there, twice: in the
+    pass that issues, and in the recheck pass that follows."""
+    tmp, out, manifest = site
+    holds = tmp / "holds"
+    holds.mkdir()
+    w = watch_factory(manifest, env={"RECONCILER_FAULT_HOLD": f"before_reobserve:{holds}"})
+    key = out / "first.key"
+
+    def held(n: int) -> bool:
+        return (holds / f"before_reobserve.{n}.held").exists()
+
+    def release(n: int) -> None:
+        (holds / f"before_reobserve.{n}.go").touch()
+
+    wait_for(lambda: held(1), 15, "the first pass to have written its files", w)
+    os.chmod(key, 0o644)
+    release(1)
+    wait_for(lambda: held(2), 10, "the recheck pass to have restored the mode", w)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600, w.log()
+    os.chmod(key, 0o644)
+    for n in range(3, 50):  # from here on, passes run without pausing
+        release(n)
+    release(2)
+    wait_for(lambda: stat.S_IMODE(key.stat().st_mode) == 0o600, 10, "the key mode restored after the recheck pass", w)
+    assert "recheck" in " ".join(w.passes()), w.log()
+    w.stop()
+
+
+def test_a_file_damaged_after_every_repair_is_rechecked_with_backoff_not_in_a_hot_loop(site, watch_factory):
+    tmp, out, manifest = site
+    holds = tmp / "holds"
+    holds.mkdir()
+    w = watch_factory(manifest, env={"RECONCILER_FAULT_HOLD": f"before_reobserve:{holds}"})
+    key = out / "first.key"
+    for n in range(1, 5):  # another program re-modes the key at the end of every pass
+        wait_for(lambda: (holds / f"before_reobserve.{n}.held").exists(), 15, f"pass {n} to have written", w)
+        os.chmod(key, 0o644)
+        (holds / f"before_reobserve.{n}.go").touch()
+    wait_for(lambda: "keeps changing after every pass" in w.log(), 10, "the backoff warning", w)
+    # three rechecks at once, then the next look is ~10 s away, not a pass per event
+    assert w.passes() == ["start", "recheck", "recheck", "recheck"], w.log()
+    time.sleep(2)
+    assert len(w.passes()) == 4, w.log()
+    for n in range(5, 10):
+        (holds / f"before_reobserve.{n}.go").touch()
+    w.stop()
+
+
 def test_our_own_writes_do_not_trigger_further_passes(site, watch_factory):
     tmp, out, manifest = site
     w = watch_factory(manifest)
