@@ -233,8 +233,12 @@ def test_a_deleted_manifest_is_treated_as_invalid_and_nothing_is_deleted(site, w
     manifest.unlink()
     wait_for(lambda: "is invalid" in w.log() and "does not exist" in w.log(), 5, "the missing manifest to be reported", w)
     assert (out / "first.crt").exists() and (out / "first.key").exists()
-    status = json.loads((w.state / "status.json").read_text())
-    assert status["manifest"]["valid"] is False and status["manifest"]["invalid_since"]
+
+    def recorded_invalid() -> bool:  # the pass records it after logging the error
+        manifest_state = json.loads((w.state / "status.json").read_text())["manifest"]
+        return manifest_state["valid"] is False and bool(manifest_state["invalid_since"])
+
+    wait_for(recorded_invalid, 5, "the status store to record the invalid manifest", w)
 
     write_json(manifest, manifest_doc([entry("first", out), entry("back", out)]))
     wait_for(lambda: (out / "back.crt").exists(), 5, "the recreated manifest to be reconciled", w)
