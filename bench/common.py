@@ -30,7 +30,8 @@ def manifest(folder: Path, n: int, **extra) -> Path:
 
 def run(args: list[str], state_dir: Path) -> tuple[float, int, int, int]:
     """Run `python -m reconciler ARGS`; returns (wall seconds, exit code, peak RSS KiB, blocks written)."""
-    env = dict(os.environ, RECONCILER_STATE_DIR=str(state_dir), PYTHONPATH=str(REPO), NO_COLOR="1")
+    # the bare-array manifests of make_manifest use the embedded CA on purpose
+    env = dict(os.environ, RECONCILER_STATE_DIR=str(state_dir), PYTHONPATH=str(REPO), NO_COLOR="1", RECONCILER_ISSUER="local")
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "reconciler", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)

@@ -121,17 +121,22 @@ def common_options() -> argparse.ArgumentParser:
     )
     g.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines on stderr as text or JSON")
     g.add_argument("-v", "--verbose", action="count", default=0, help="log each action (-vv: debug)")
-    s = p.add_argument_group("step-ca issuer (for bare-array manifests; object manifests use their \"issuer\")")
-    env = os.environ.get
-    s.add_argument("--ca-url", default=env("RECONCILER_CA_URL"), help="step-ca URL, e.g. https://ca.internal:9000 (env RECONCILER_CA_URL; falls back to $STEPPATH/config/defaults.json)")
-    s.add_argument("--root", default=env("RECONCILER_ROOT"), help="the CA's root certificate file (env RECONCILER_ROOT)")
-    s.add_argument("--fingerprint", default=env("RECONCILER_FINGERPRINT"), help="SHA-256 fingerprint of the CA's root, instead of --root (env RECONCILER_FINGERPRINT)")
-    s.add_argument("--provisioner", default=env("RECONCILER_PROVISIONER"), help="JWK provisioner name (env RECONCILER_PROVISIONER)")
-    s.add_argument("--password-file", default=env("RECONCILER_PASSWORD_FILE"), help="file holding the provisioner password (env RECONCILER_PASSWORD_FILE)")
+    s = p.add_argument_group(
+        "issuer (for manifests without an \"issuer\" block, e.g. bare arrays: flag > environment > "
+        "$STEPPATH/config/defaults.json; see docs/step-ca.md)"
+    )
+    s.add_argument("--issuer", choices=("local", "step-ca"), help="local: the embedded CA, chosen on purpose; step-ca: insist on a step-ca "
+                   "(env RECONCILER_ISSUER). With neither, a bare array needs step-ca settings from the flags below, "
+                   "their variables or defaults.json. An object manifest's issuer block decides; a contradicting --issuer is an error")
+    s.add_argument("--ca-url", help="step-ca URL, e.g. https://ca.internal:9000 (env RECONCILER_CA_URL; defaults.json ca-url)")
+    s.add_argument("--root", help="the CA's root certificate file (env RECONCILER_ROOT; defaults.json root)")
+    s.add_argument("--fingerprint", help="SHA-256 fingerprint of the CA's root, instead of --root (env RECONCILER_FINGERPRINT; defaults.json fingerprint)")
+    s.add_argument("--provisioner", help="JWK provisioner name (env RECONCILER_PROVISIONER; defaults.json provisioner)")
+    s.add_argument("--password-file", help="file holding the provisioner password (env RECONCILER_PASSWORD_FILE; defaults.json password-file)")
     s.add_argument(
         "--ca-timeout",
         type=_seconds,
-        default=env("RECONCILER_CA_TIMEOUT") or "30",  # argparse converts a string default with `type`
+        default=os.environ.get("RECONCILER_CA_TIMEOUT") or "30",  # argparse converts a string default with `type`
         metavar="SECONDS",
         help="give up on a step-ca answer that has not finished after this long, plus at most 5 s to connect "
         "(env RECONCILER_CA_TIMEOUT; default 30)",
@@ -194,7 +199,7 @@ def settings_from(args):
     return Settings(
         manifest=Path(args.manifest),
         state_dir=Path(args.state_dir),
-        issuer_options=IssuerOptions(args.ca_url, args.root, args.fingerprint, args.provisioner, args.password_file),
+        issuer_options=IssuerOptions(args.ca_url, args.root, args.fingerprint, args.provisioner, args.password_file, args.issuer),
         lock_timeout=getattr(args, "lock_timeout", 60.0),
         workers=getattr(args, "workers", 4),
         allow_untrusted_manifest=getattr(args, "allow_untrusted_manifest", False),
@@ -274,10 +279,13 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def cmd_validate(args) -> int:
-    from reconciler.manifest import load
+    from reconciler.passes import load_desired
 
-    desired = load(Path(args.manifest))
+    # the issuer too: a first pass would stop on it, so validate says so before
+    settings = settings_from(args)
+    desired = load_desired(settings)
     n = len(desired.certificates)
+    print(f"issuer: {desired.issuer.describe(settings.state_dir)}")
     print(f"ok: {n} certificate{'s' if n != 1 else ''}")
     return EXIT_OK
 
@@ -303,10 +311,11 @@ def cmd_plan(args, forced=None) -> int:
     settings = settings_from(args)
     desired = load_desired(settings)
     snap = snapshot(settings, desired, read_only(settings.state_dir), forced=forced)
+    issuer = desired.issuer
     if args.output == "json":
-        sys.stdout.write(dumps(plan_json(snap.plan)))
+        sys.stdout.write(dumps(plan_json(snap.plan, issuer.summary(settings.state_dir))))
     else:
-        sys.stdout.write(plan_text(snap.plan, use_colour()))
+        sys.stdout.write(plan_text(snap.plan, use_colour(), issuer.describe(settings.state_dir)))
     if snap.plan.errors:
         return EXIT_ERROR
     return EXIT_CHANGES if args.detailed_exitcode and snap.plan.changes else EXIT_OK
@@ -325,8 +334,9 @@ def cmd_apply(args, forced=None) -> int:
         metrics = Metrics()
         metrics.record_single_pass(snap, result, time.monotonic() - started, time.time())
         metrics.write_file(Path(args.metrics_file))
+    issuer = snap.desired.issuer
     if args.output == "json":
-        data = plan_json(snap.plan)
+        data = plan_json(snap.plan, issuer.summary(settings.state_dir))
         data["result"] = {
             "ok": result.ok,
             "failures": result.failures(),
@@ -335,7 +345,7 @@ def cmd_apply(args, forced=None) -> int:
         }
         sys.stdout.write(dumps(data))
     else:
-        sys.stdout.write(result_text(snap.plan, result))
+        sys.stdout.write(result_text(snap.plan, result, issuer=issuer.describe(settings.state_dir)))
     failures = result.failures()
     if failures:
         print(f"error: {failure_headline(snap.plan, result)}; everything else was done:", file=sys.stderr)
@@ -349,9 +359,9 @@ def cmd_status(args) -> int:
     from reconciler.report import all_ready, status_json, status_rows, status_text
 
     settings = settings_from(args)
-    rows, manifest_note = status_rows(settings)
+    rows, manifest_note, issuer = status_rows(settings)
     if args.output == "json":
-        sys.stdout.write(json.dumps(status_json(rows, manifest_note), indent=2) + "\n")
+        sys.stdout.write(json.dumps(status_json(rows, manifest_note, issuer), indent=2) + "\n")
     else:
-        sys.stdout.write(status_text(rows, manifest_note))
+        sys.stdout.write(status_text(rows, manifest_note, issuer))
     return EXIT_OK if all_ready(rows, manifest_note) else EXIT_ERROR

@@ -66,8 +66,9 @@ def renewal_due_at(cert: DesiredCert, not_before: datetime, not_after: datetime)
     return not_after - window - jitter
 
 
-def diff(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: bool = False) -> list[Drift]:
-    """Every drift of `cert`, in table order. Raises Blocked when the path cannot be managed."""
+def diff(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: bool = False, issuer_unknown: str | None = None) -> list[Drift]:
+    """Every drift of `cert`, in table order. Raises Blocked when the path cannot be managed.
+    `issuer_unknown`: why the issuer cannot be checked; the certificate is then not trusted."""
     if observed.folder_problem:
         raise Blocked(observed.folder_problem)
     files = [("cert", cert.cert_path, observed.cert_file), ("key", cert.key_path, observed.key_file)]
@@ -128,6 +129,8 @@ def diff(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: boo
         drifts.append(Drift("duration", REISSUE, f"lifetime is {have}, want {want}", have, want))
     if observed.chains_to_issuer is False:
         drifts.append(Drift("issuer", REISSUE, "issued by another CA than the configured issuer", facts.issued_by, "configured issuer"))
+    elif observed.chains_to_issuer is None and issuer_unknown:
+        drifts.append(Drift("issuer", REISSUE, f"cannot check the issuer: {issuer_unknown}", "unknown", "configured issuer"))
     # --- lifetime
     if now < facts.not_before:
         # TLS clients refuse it ("certificate is not yet valid") until then; a renewal could

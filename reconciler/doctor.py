@@ -59,27 +59,35 @@ def _hook_check(command: str) -> tuple[bool, str, str]:
 
 
 def run_doctor(settings) -> int:
+    from reconciler.issuers import IssuerConfigError
+    from reconciler.manifest import load
     from reconciler.passes import load_desired
     from reconciler.render import plural
 
     checks: list[tuple[bool, str, str]] = []
     desired = None
+    spec = None
     try:
         desired = load_desired(settings)
-        checks.append((True, f"manifest {settings.manifest} is valid ({plural(len(desired.certificates), 'certificate')})", ""))
+        spec = desired.issuer
     except ManifestError as exc:
         checks.append((False, f"manifest {settings.manifest} is invalid: {exc.issues[0]}", f"{plural(len(exc.issues), 'error')}; run `reconcile validate -m {settings.manifest}`"))
+    except IssuerConfigError as exc:
+        # the manifest itself is fine: check its targets too, and list every issuer setting to fix
+        desired = load(settings.manifest)
+        checks.append((False, str(exc), ""))
+    if desired is not None:
+        checks.insert(0, (True, f"manifest {settings.manifest} is valid ({plural(len(desired.certificates), 'certificate')})", ""))
     checks.append(_state_dir_check(settings.state_dir))
     if desired is not None:
-        spec = desired.issuer
-        if spec.type == "step-ca":
+        if spec is not None and spec.type == "step-ca":
             from reconciler.issuers.stepca_doctor import doctor_checks
 
             checks += doctor_checks(spec, settings.state_dir)
-        else:
+        elif spec is not None:
             from reconciler.issuers.local import LocalCA
 
-            folder = spec.dir or settings.state_dir / "ca"
+            folder = spec.ca_dir(settings.state_dir)
             local = LocalCA(folder)
             problem = local.check()
             if problem is not None:
@@ -101,6 +109,8 @@ def run_doctor(settings) -> int:
             if c.post_renewal_command and c.post_renewal_command not in seen_hooks:
                 seen_hooks.add(c.post_renewal_command)
                 checks.append(_hook_check(c.post_renewal_command))
+    if spec is not None:
+        print(f"issuer: {spec.describe(settings.state_dir)}")
     for ok, what, hint in checks:
         print(_line(ok, what, hint))
     failed = sum(1 for ok, _, _ in checks if not ok)

@@ -191,8 +191,10 @@ class Watcher:
         self.observer = PollingObserver(timeout=1.0) if self.poll else Observer(timeout=5.0)
         self.observer.start()
         self._sync_watches(self._manifest_folders())
+        desired = self.tracker.desired
         log.info(
-            "watching %s (%s); resync every %gs", self.tracker.path, "polling every 1s" if self.poll else "inotify", self.resync
+            "watching %s (%s); resync every %gs; issuer: %s", self.tracker.path, "polling every 1s" if self.poll else "inotify", self.resync,
+            desired.issuer.describe(self.settings.state_dir) if desired is not None and desired.issuer else "not known yet",
         )
         self._start(Job(["start"], first=True, force=True))
         try:

@@ -317,18 +317,22 @@ class ValidationCache:
 # --------------------------------------------------------------------------- load
 
 
-def load(path: Path, state_dir: Path | None = None, save_cache: bool = False) -> Desired:
+def load(path: Path, state_dir: Path | None = None, save_cache: bool = False, cache: ValidationCache | None = None) -> Desired:
     """Read, validate and resolve the manifest. Raises ManifestError with every issue."""
     path = Path(os.path.abspath(path))
     document, digest = read_document(path, with_digest=True)
-    return build(document, path, state_dir, save_cache, digest)
+    return build(document, path, state_dir, save_cache, digest, cache)
 
 
-def build(document: Any, path: Path, state_dir: Path | None = None, save_cache: bool = False, file_digest: str | None = None) -> Desired:
+def build(
+    document: Any, path: Path, state_dir: Path | None = None, save_cache: bool = False, file_digest: str | None = None,
+    cache: ValidationCache | None = None,
+) -> Desired:
     """`file_digest`: sha256 of the manifest's bytes; a file that passed the schema before,
-    byte for byte, skips the per-entry digests too (10k entries cost ~0.4 s to digest)."""
+    byte for byte, skips the per-entry digests too (10k entries cost ~0.4 s to digest).
+    `cache`: the caller's ValidationCache, which the caller saves (after its own checks)."""
     issues: list[Issue] = []
-    cache = ValidationCache(state_dir)
+    cache = cache if cache is not None else ValidationCache(state_dir)
     whole = f"file:{file_digest}" if file_digest else None
     if isinstance(document, list):
         prefix, entries, defaults, issuer_raw = "", document, {}, None
@@ -399,9 +403,9 @@ def build(document: Any, path: Path, state_dir: Path | None = None, save_cache: 
     return Desired(issuer=_issuer(issuer_raw, base), certificates=tuple(certificates), manifest_path=path)
 
 
-def _issuer(raw: Any, base: Path) -> IssuerSpec:
+def _issuer(raw: Any, base: Path) -> IssuerSpec | None:
     if not isinstance(raw, dict):
-        return IssuerSpec()
+        return None
 
     def p(key: str) -> Path | None:
         v = raw.get(key)

@@ -34,6 +34,29 @@ class IssuerSpec:
     fingerprint: str | None = None
     provisioner: str | None = None
     password_file: Path | None = None
+    # where each setting came from ("--root", "RECONCILER_ROOT", "root in .../defaults.json"),
+    # so a hint names what the operator has to fix; unlisted ones are the manifest's issuer.<field>
+    sources: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+    def where(self, setting: str) -> str:
+        return dict(self.sources).get(setting, f"issuer.{setting}")
+
+    def ca_dir(self, state_dir: Path) -> Path:
+        """The embedded CA's folder."""
+        return self.dir if self.dir else state_dir / "ca"
+
+    def describe(self, state_dir: Path) -> str:
+        """One line naming the CA, for the top of every output."""
+        if self.type == "local":
+            return f"embedded CA in {self.ca_dir(state_dir)}"
+        return f"{self.type} {self.url or '(no URL)'}, provisioner {self.provisioner or '(none)'}"
+
+    def summary(self, state_dir: Path) -> dict:
+        """The issuer as JSON output carries it."""
+        if self.type == "local":
+            return {"type": "local", "dir": str(self.ca_dir(state_dir)), "description": self.describe(state_dir)}
+        values = {"url": self.url, "provisioner": self.provisioner, "root": self.root and str(self.root), "fingerprint": self.fingerprint}
+        return {"type": self.type, **{k: v for k, v in values.items() if v}, "description": self.describe(state_dir)}
 
 
 @dataclass(frozen=True)
@@ -95,6 +118,6 @@ class DesiredCert:
 
 @dataclass(frozen=True)
 class Desired:
-    issuer: IssuerSpec
+    issuer: IssuerSpec | None  # None: the manifest names no issuer (flags, env or defaults.json decide)
     certificates: tuple[DesiredCert, ...]
     manifest_path: Path

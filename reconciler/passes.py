@@ -27,16 +27,15 @@ log = logging.getLogger("reconciler")
 
 @dataclass(frozen=True)
 class IssuerOptions:
-    """--ca-url, --root, ... for bare-array manifests (flags > env > $STEPPATH defaults)."""
+    """--issuer, --ca-url, --root, ... as given on the command line (not the environment:
+    flags > env > $STEPPATH defaults is decided in reconciler.issuers.choice)."""
 
     url: str | None = None
     root: str | None = None
     fingerprint: str | None = None
     provisioner: str | None = None
     password_file: str | None = None
-
-    def given(self) -> bool:
-        return any(v for v in (self.url, self.root, self.fingerprint, self.provisioner, self.password_file))
+    issuer: str | None = None  # "local" | "step-ca"
 
 
 @dataclass(frozen=True)
@@ -59,27 +58,34 @@ def default_state_dir() -> Path:
 
 
 def load_desired(settings: Settings, save_cache: bool = False, raw: bytes | None = None) -> Desired:
-    """`raw`: the manifest's bytes as already read (--watch keeps exactly what it validated)."""
-    from reconciler.manifest import build, load, parse_document
+    """`raw`: the manifest's bytes as already read (--watch keeps exactly what it validated).
+    Raises ManifestError, or IssuerConfigError when it is not clear which CA is meant."""
+    desired, cache = _load(settings, raw)
+    if save_cache:
+        cache.save()
+    return desired
 
+
+def _load(settings: Settings, raw: bytes | None = None):
+    """(Desired with its issuer resolved, the validation cache still to be saved): an issuer
+    that cannot be resolved stops everything before the state folder is even created."""
+    from reconciler.manifest import ValidationCache, build, load, parse_document
+
+    cache = ValidationCache(settings.state_dir)
     if raw is None:
-        desired = load(settings.manifest, settings.state_dir, save_cache=save_cache)
+        desired = load(settings.manifest, settings.state_dir, cache=cache)
     else:
         path = Path(os.path.abspath(settings.manifest))
-        desired = build(parse_document(raw, path), path, settings.state_dir, save_cache)
-    return replace(desired, issuer=resolve_issuer(desired, settings.issuer_options))
+        desired = build(parse_document(raw, path), path, settings.state_dir, cache=cache)
+    return replace(desired, issuer=resolve_issuer(desired, settings.issuer_options)), cache
 
 
 def resolve_issuer(desired: Desired, options: IssuerOptions) -> IssuerSpec:
-    spec = desired.issuer
-    is_bare = spec == IssuerSpec() and options.given()
-    if is_bare or spec.type == "step-ca":
-        from reconciler.issuers.stepca_config import resolve_spec, spec_from_options
+    from reconciler.issuers.choice import choose_issuer
 
-        if is_bare:
-            return spec_from_options(options.url, options.root, options.fingerprint, options.provisioner, options.password_file, os.environ)
-        return resolve_spec(spec, os.environ)
-    return spec
+    flags = {"url": options.url, "root": options.root, "fingerprint": options.fingerprint,
+             "provisioner": options.provisioner, "password_file": options.password_file}
+    return choose_issuer(desired.issuer, desired.manifest_path, options.issuer, flags, os.environ)
 
 
 def trust_of(issuer: Issuer, spec: IssuerSpec) -> Trust:
@@ -115,6 +121,25 @@ class ForcedRenewal:
 LIST_NAMES = 50  # an error message, not a listing: `status` shows a 10,000-entry manifest
 
 
+def _unknown_trust(issuer: Issuer, spec: IssuerSpec, fetch: bool) -> str | None:
+    """Why certificates cannot be checked against the issuer's root (None: they can).
+
+    `fetch` (a pass, never --plan): a step-ca root known only by its fingerprint is
+    downloaded and verified first, so the issuer check is real."""
+    if spec.type != "step-ca" or issuer.trust_roots():
+        return None
+    from reconciler.issuers import IssuerError
+
+    if fetch:
+        try:
+            issuer.fetch_root()  # type: ignore[attr-defined]
+        except IssuerError as exc:
+            return f"the CA's root could not be fetched: {exc}"
+        if issuer.trust_roots():
+            return None
+    return issuer.untrusted_reason()  # type: ignore[attr-defined]
+
+
 @dataclass
 class Snapshot:
     desired: Desired
@@ -131,16 +156,20 @@ def snapshot(
     now: datetime | None = None,
     cache: ObservationCache | None = None,
     forced: ForcedRenewal | None = None,
+    fetch_root: bool = False,
 ) -> Snapshot:
-    """Observe and plan. Reads only: `--plan` is exactly this.
+    """Observe and plan. Reads only unless `fetch_root`: `--plan` is exactly this.
     `cache`: an ObservationCache kept across passes (--watch), instead of reading it from disk.
-    `forced`: `reconcile renew`; an unknown name raises UnknownCertificate before anything is read."""
+    `forced`: `reconcile renew`; an unknown name raises UnknownCertificate before anything is read.
+    `fetch_root`: a pass may download a step-ca root known by its fingerprint (see _unknown_trust)."""
+    assert desired.issuer is not None, "load_desired resolves the issuer"
     chosen = forced.chosen(desired) if forced is not None else None
     issuer = make_issuer(desired.issuer, settings.state_dir, settings.ca_timeout)
+    unknown = _unknown_trust(issuer, desired.issuer, fetch_root)
     cache = cache if cache is not None else ObservationCache(settings.state_dir)
     observed = observe_all(desired.certificates, trust_of(issuer, desired.issuer), cache)
     serials = {name: (o.cert.serial if o.cert else None) for name, o in observed.items()}
-    plan = make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(serials))
+    plan = make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(serials), issuer_unknown=unknown)
     if chosen is not None:
         plan = force_renewal(plan, chosen)
     return Snapshot(desired, observed, plan, issuer, cache)
@@ -177,7 +206,7 @@ def defer(plan: Plan, deferral: Deferral) -> Plan:
         if p.actions and p.cert.name in deferral.hooks and p.content_action is None:
             p = CertPlan(p.cert, tuple(a for a in p.actions if a.action != RUN_HOOK), p.error)
         kept.append(p)
-    return Plan(tuple(kept), hooks_for(kept))
+    return Plan(tuple(kept), hooks_for(kept), plan.notes)
 
 
 def _hook_refusal(settings: Settings, desired: Desired, plan: Plan) -> str | None:
@@ -216,11 +245,16 @@ def run_pass(
     from reconciler.lock import PassLock
     from reconciler.status import StatusStore
 
+    validation_cache = None
+    if desired is None:
+        # before the lock, which creates the state folder: a manifest whose CA is unclear
+        # (or that is invalid) leaves no trace
+        desired, validation_cache = _load(settings)
     with PassLock(settings.state_dir, settings.lock_timeout):
-        if desired is None:
-            desired = load_desired(settings, save_cache=True)
+        if validation_cache is not None:
+            validation_cache.save()
         status = StatusStore(settings.state_dir)
-        snap = snapshot(settings, desired, status, cache=cache, forced=forced)
+        snap = snapshot(settings, desired, status, cache=cache, forced=forced, fetch_root=True)
         work = defer(snap.plan, deferral) if deferral is not None else snap.plan
         if manifest_state is not None:
             status.manifest.clear()

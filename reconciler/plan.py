@@ -47,6 +47,7 @@ class HookRun:
 class Plan:
     certificates: tuple[CertPlan, ...]
     hooks: tuple[HookRun, ...]
+    notes: tuple[str, ...] = ()  # what the plan could not know, e.g. an issuer check that was impossible
 
     @property
     def changes(self) -> bool:
@@ -57,9 +58,9 @@ class Plan:
         return tuple(c for c in self.certificates if c.error)
 
 
-def plan_cert(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: bool = False) -> CertPlan:
+def plan_cert(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: bool = False, issuer_unknown: str | None = None) -> CertPlan:
     try:
-        drifts = diff(cert, observed, now, hook_pending)
+        drifts = diff(cert, observed, now, hook_pending, issuer_unknown)
     except Blocked as exc:
         return CertPlan(cert, (), str(exc))
     content = [d for d in drifts if d.action in CONTENT_ACTIONS]
@@ -78,9 +79,15 @@ def plan_cert(cert: DesiredCert, observed: Observed, now: datetime, hook_pending
     return CertPlan(cert, tuple(actions))
 
 
-def make_plan(desired: Desired, observed: dict[str, Observed], now: datetime, hooks_pending: frozenset[str] = frozenset()) -> Plan:
-    plans = tuple(plan_cert(c, observed[c.name], now, c.name in hooks_pending) for c in desired.certificates)
-    return Plan(plans, hooks_for(plans))
+def make_plan(
+    desired: Desired, observed: dict[str, Observed], now: datetime, hooks_pending: frozenset[str] = frozenset(),
+    issuer_unknown: str | None = None,
+) -> Plan:
+    """`issuer_unknown`: why certificates cannot be checked against the issuer's root; each
+    one on disk is then planned for reissue, never taken for a match."""
+    plans = tuple(plan_cert(c, observed[c.name], now, c.name in hooks_pending, issuer_unknown) for c in desired.certificates)
+    notes = (f"cannot check which CA issued the certificates on disk: {issuer_unknown}",) if issuer_unknown else ()
+    return Plan(plans, hooks_for(plans), notes)
 
 
 FORCED = "forced by `reconcile renew`"
@@ -106,7 +113,7 @@ def force_renewal(plan: Plan, names: frozenset[str]) -> Plan:
         else:
             action = Action(RENEW, FORCED, (Drift("renewal", RENEW, FORCED, None, "renewed now"),))
         out.append(CertPlan(p.cert, (action,)))
-    return Plan(tuple(out), hooks_for(out))
+    return Plan(tuple(out), hooks_for(out), plan.notes)
 
 
 def hooks_for(plans) -> tuple[HookRun, ...]:

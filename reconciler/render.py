@@ -30,7 +30,8 @@ def use_colour(stream=sys.stdout) -> bool:
     return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
 
 
-def plan_json(plan: Plan) -> dict:
+def plan_json(plan: Plan, issuer: dict | None = None) -> dict:
+    """`issuer`: IssuerSpec.summary(); `notes`: what the plan could not check."""
     return {
         "format_version": FORMAT_VERSION,
         "changes": plan.changes,
@@ -52,6 +53,8 @@ def plan_json(plan: Plan) -> dict:
             for p in plan.certificates
         ],
         "hooks": [{"command": h.command, "certificates": list(h.certificates)} for h in plan.hooks],
+        **({"issuer": issuer} if issuer is not None else {}),
+        "notes": list(plan.notes),
     }
 
 
@@ -59,7 +62,16 @@ def paint(colour: bool, symbol: str, text: str) -> str:
     return f"\033[{COLOURS.get(symbol, '0')}m{text}\033[0m" if colour else text
 
 
-def plan_text(plan: Plan, colour: bool = False) -> str:
+def _head(plan: Plan, issuer: str | None) -> str:
+    """The issuer's one-line description first, then what the plan could not check."""
+    return (f"issuer: {issuer}\n" if issuer else "") + "".join(f"note: {n}\n" for n in plan.notes)
+
+
+def plan_text(plan: Plan, colour: bool = False, issuer: str | None = None) -> str:
+    return _head(plan, issuer) + _plan_body(plan, colour)
+
+
+def _plan_body(plan: Plan, colour: bool) -> str:
 
     total = len(plan.certificates)
     changed = [p for p in plan.certificates if p.actions]
@@ -89,11 +101,15 @@ def plan_text(plan: Plan, colour: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def result_text(plan: Plan, result: "Result", colour: bool = False) -> str:
+def result_text(plan: Plan, result: "Result", colour: bool = False, issuer: str | None = None) -> str:
     """After a pass: what was done, counted against what was planned, and only the hooks
-    that ran (those held back are listed apart, with why)."""
+    that ran (those held back are listed apart, with why). `issuer`: as for plan_text."""
+    return _head(plan, issuer) + _result_body(plan, result, colour)
+
+
+def _result_body(plan: Plan, result: "Result", colour: bool) -> str:
     if not plan.changes and not plan.errors:
-        return plan_text(plan, colour)
+        return _plan_body(plan, colour)
 
     outcomes = {c.name: c for c in result.certificates}
     hook_ok = {n: h.ok for h in result.hooks if not h.refused for n in h.certificates}

@@ -34,13 +34,14 @@ def _desired(settings):
             return None, note, store
 
 
-def status_rows(settings, now: datetime | None = None) -> tuple[list[dict], str | None]:
+def status_rows(settings, now: datetime | None = None) -> tuple[list[dict], str | None, dict | None]:
+    """(rows, why the manifest is invalid or None, the issuer's summary or None)."""
     from reconciler.passes import snapshot
 
     now = now or datetime.now(timezone.utc)
     desired, note, store = _desired(settings)
     if desired is None:
-        return [], note
+        return [], note, None
     snap = snapshot(settings, desired, store, now)
     rows = []
     for p in snap.plan.certificates:
@@ -82,7 +83,7 @@ def status_rows(settings, now: datetime | None = None) -> tuple[list[dict], str 
                 "problem": p.error or entry.get("last_error") or (p.actions[0].reason if p.actions else None),
             }
         )
-    return rows, note
+    return rows, note, desired.issuer.summary(settings.state_dir)
 
 
 # a certificate in these states serves and needs nothing from an operator: `status` exits 0.
@@ -94,12 +95,15 @@ def all_ready(rows: list[dict], note: str | None) -> bool:
     return note is None and all(r["state"] in READY_STATES for r in rows)
 
 
-def status_json(rows: list[dict], note: str | None) -> dict:
-    return {"format_version": 1, "manifest_valid": note is None, "manifest_problem": note, "certificates": rows}
+def status_json(rows: list[dict], note: str | None, issuer: dict | None = None) -> dict:
+    return {
+        "format_version": 1, **({"issuer": issuer} if issuer else {}),
+        "manifest_valid": note is None, "manifest_problem": note, "certificates": rows,
+    }
 
 
-def status_text(rows: list[dict], note: str | None) -> str:
-    lines = []
+def status_text(rows: list[dict], note: str | None, issuer: dict | None = None) -> str:
+    lines = [f"issuer: {issuer['description']}"] if issuer else []
     if note:
         lines.append(note)
     header = ("NAME", "STATE", "EXPIRES", "IN", "OWNER/MODE", "LAST ISSUED", "LAST HOOK", "SANS")

@@ -215,7 +215,8 @@ class ManifestTracker:
 
     def _log_edits(self, previous: Desired, desired: Desired, old: dict, new: dict, added, removed, changed) -> None:
         if previous.issuer != desired.issuer:
-            log.info("manifest: issuer changed from %s to %s", previous.issuer.type, desired.issuer.type)
+            sd = self.settings.state_dir
+            log.info("manifest: issuer changed from %s to %s", previous.issuer.describe(sd), desired.issuer.describe(sd))
         for name in added:
             log.info("manifest: added %s", name)
         for name in removed:

@@ -24,13 +24,19 @@ def figure(text: str) -> None:
 
 def reconcile(*args: str, state_dir: Path | None = None, env: dict | None = None, timeout: float = 120, check: int | None = None, cwd=None, wrap: tuple[str, ...] = ()):
     """Run `python -m reconciler ARGS` as a real subprocess; returns CompletedProcess.
-    `wrap`: a command to run it under, e.g. ("faketime", "-f", "+2d")."""
+    `wrap`: a command to run it under, e.g. ("faketime", "-f", "+2d").
+
+    Bare-array manifests get the embedded CA on purpose (RECONCILER_ISSUER=local, which
+    object manifests ignore); a test that is about choosing passes it as None, which
+    removes a variable."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
     full_env["NO_COLOR"] = "1"
     full_env["PYTHONPATH"] = str(REPO)
+    full_env["RECONCILER_ISSUER"] = "local"
     if state_dir is not None:
         full_env["RECONCILER_STATE_DIR"] = str(state_dir)
     full_env.update(env or {})
+    full_env = {k: v for k, v in full_env.items() if v is not None}
     proc = subprocess.run(
         [*wrap, sys.executable, "-m", "reconciler", *args],
         capture_output=True,

@@ -34,6 +34,7 @@ def env_for(extra: dict | None = None, no_color: bool = True) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_") and k not in ("NO_COLOR", "STEPPATH")}
     env["PYTHONPATH"] = str(REPO)
     env["TERM"] = "xterm"
+    env["RECONCILER_ISSUER"] = "local"  # bare arrays use the embedded CA on purpose; object manifests ignore it
     if no_color:
         env["NO_COLOR"] = "1"
     env.update(extra or {})
@@ -141,6 +142,13 @@ def plan(manifest: Path, state: Path, *extra: str, **kw) -> subprocess.Completed
     return run("--plan", "-m", str(manifest), "--state-dir", str(state), *extra, **kw)
 
 
+def plan_lines(proc: subprocess.CompletedProcess, state: Path) -> list[str]:
+    """The plan's lines after the first, which names the issuer."""
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"issuer: embedded CA in {state / 'ca'}", proc.stdout
+    return lines[1:]
+
+
 def plan_json(manifest: Path, state: Path, *extra: str) -> tuple[int, dict]:
     proc = plan(manifest, state, "--output", "json", *extra)
     assert proc.stderr == "", proc.stderr
@@ -153,14 +161,14 @@ def plan_json(manifest: Path, state: Path, *extra: str) -> tuple[int, dict]:
 def test_validate_ok(site):
     manifest, state = site
     proc = run("validate", "-m", str(manifest), "--state-dir", str(state))
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "ok: 2 certificates\n", "")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"issuer: embedded CA in {state / 'ca'}\nok: 2 certificates\n", "")
     assert not state.exists()
 
 
 def test_validate_ok_singular_and_from_the_environment(tmp_path):
     manifest = write_manifest(tmp_path / "m.json", {"certificates": [{"common_name": "a.example", "cert_path": "a.crt", "key_path": "a.key"}]})
     proc = run("validate", env={"RECONCILER_MANIFEST": str(manifest), "RECONCILER_STATE_DIR": str(tmp_path / "state")})
-    assert (proc.returncode, proc.stdout) == (0, "ok: 1 certificate\n")
+    assert (proc.returncode, proc.stdout) == (0, f"issuer: embedded CA in {tmp_path / 'state' / 'ca'}\nok: 1 certificate\n")
 
 
 def test_validate_reports_every_error_with_its_path_and_exits_1(tmp_path):
@@ -220,7 +228,7 @@ def test_validate_a_step_ca_manifest_whose_password_file_is_missing(tmp_path):
         },
     )
     proc = run("validate", "-m", str(manifest), "--state-dir", str(tmp_path / "state"))
-    assert (proc.returncode, proc.stdout) == (0, "ok: 1 certificate\n")
+    assert (proc.returncode, proc.stdout) == (0, "issuer: step-ca https://ca.internal:9000, provisioner admin\nok: 1 certificate\n")
 
 
 # --------------------------------------------------------------------------- --plan, text
@@ -230,7 +238,7 @@ def test_plan_of_a_fresh_host(site):
     manifest, state = site
     proc = plan(manifest, state)
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    lines = plan_lines(proc, state)
     assert lines[0] == "Plan: 2 to issue (0 of 2 unchanged)."
     assert re.fullmatch(r"\s+\+ web\.example\.com\s+issue\s+certificate file missing; key file missing", lines[1])
     assert re.fullmatch(r"\s+\+ api\s+issue\s+certificate file missing; key file missing", lines[2])
@@ -243,7 +251,7 @@ def test_plan_with_nothing_to_do(site):
     manifest, state = site
     deploy(manifest, state)
     proc = plan(manifest, state, "--detailed-exitcode")
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "No changes: 2 certificates match the manifest.\n", "")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"issuer: embedded CA in {state / 'ca'}\nNo changes: 2 certificates match the manifest.\n", "")
 
 
 def test_plan_rows_say_why_in_words(site):
@@ -257,7 +265,7 @@ def test_plan_rows_say_why_in_words(site):
     os.chmod(manifest.parent.parent / "tls" / "web.key", 0o644)  # suppressed by the reissue
     proc = plan(manifest, state, "--detailed-exitcode")
     assert proc.returncode == 2, proc.stderr
-    lines = proc.stdout.splitlines()
+    lines = plan_lines(proc, state)
     assert lines[0] == "Plan: 1 to reissue, 1 to renew (0 of 2 unchanged)."
     assert re.fullmatch(r"\s+-/\+ web\.example\.com\s+reissue\s+SANs differ: adds 10\.0\.0\.5, drops old\.example", lines[1]), lines[1]
     assert re.fullmatch(r"\s+~ api\s+renew\s+renewal due since [\dhms]+ ago \(window 99% \+ jitter\); expires in (59|58)m\d*s?", lines[2]), lines[2]
@@ -271,7 +279,7 @@ def test_plan_of_owner_and_mode_drift_runs_no_hook(site):
     os.chmod(tls / "web.key", 0o644)
     os.chmod(tls / "api.crt", 0o644)
     proc = plan(manifest, state)
-    lines = proc.stdout.splitlines()
+    lines = plan_lines(proc, state)
     assert lines[0] == "Plan: 2 to chmod (0 of 2 unchanged)."
     assert re.fullmatch(r"\s+~ web\.example\.com\s+chmod\s+key mode 0644, want 0600", lines[1])
     assert re.fullmatch(r"\s+~ api\s+chmod\s+certificate mode 0644, want 0640", lines[2])
@@ -285,7 +293,7 @@ def test_plan_shows_a_pending_hook_from_the_status_store(site):
     status.write_text(json.dumps({"version": 1, "certificates": {"api": {"hook_pending": True}}, "manifest": {}}))
     proc = plan(manifest, state, "--detailed-exitcode")
     assert proc.returncode == 2
-    lines = proc.stdout.splitlines()
+    lines = plan_lines(proc, state)
     assert lines[0] == "Plan: 1 to run hook (1 of 2 unchanged)."
     assert re.fullmatch(r"\s+! api\s+run_hook\s+the post-renewal command did not succeed after the last deployment", lines[1])
     assert lines[2:] == ["Hooks that would run:", "  systemctl reload nginx   (for api)"]
@@ -299,7 +307,7 @@ def test_plan_with_a_path_that_cannot_be_managed_exits_1(site):
     key.mkdir()
     proc = plan(manifest, state, "--detailed-exitcode")
     assert proc.returncode == 1
-    lines = proc.stdout.splitlines()
+    lines = plan_lines(proc, state)
     assert lines[0] == "Plan: 1 cannot be managed (1 of 2 unchanged)."
     assert re.fullmatch(rf"\s+x api\s+error\s+key {re.escape(str(key))} is a directory; point key_path at a file inside it", lines[1])
 
@@ -322,7 +330,10 @@ def test_plan_and_watch_do_not_go_together(site):
 
 
 def check_contract(data: dict) -> None:
-    assert list(data) == ["format_version", "changes", "certificates", "hooks"]
+    # issuer and notes were added later, after the original keys
+    assert list(data) == ["format_version", "changes", "certificates", "hooks", "issuer", "notes"]
+    assert data["issuer"]["type"] in ("local", "step-ca") and data["issuer"]["description"]
+    assert isinstance(data["notes"], list)
     assert data["format_version"] == 1 and isinstance(data["changes"], bool)
     for c in data["certificates"]:
         assert set(c) <= {"name", "cert_path", "key_path", "actions", "error"}

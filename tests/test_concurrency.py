@@ -59,7 +59,8 @@ class Renames:
 
 def env_for(state: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
-    env.update(PYTHONPATH=str(REPO), NO_COLOR="1", RECONCILER_STATE_DIR=str(state))
+    # RECONCILER_ISSUER: the bare-array manifests here use the embedded CA on purpose
+    env.update(PYTHONPATH=str(REPO), NO_COLOR="1", RECONCILER_STATE_DIR=str(state), RECONCILER_ISSUER="local")
     return env
 
 

@@ -130,7 +130,7 @@ class Site:
                 e["ca_path"] = str(self.ca_path(i))
             entries.append(e)
         tmp = self.manifest.with_suffix(".new")
-        tmp.write_text(json.dumps({"certificates": entries}))
+        tmp.write_text(json.dumps({"issuer": {"type": "local"}, "certificates": entries}))
         os.rename(tmp, self.manifest)
 
     def managed(self) -> list[tuple[str, int, Path]]:

@@ -404,7 +404,7 @@ def test_bare_array_with_wildcard_and_ip_sans_converges_then_a_second_pass_write
     tmp, state, out, pw, env = site
     m = write_manifest(tmp / "m.json", bare_entries(out))
     args: list[str] = []
-    env = dict(env)
+    env = dict(env, RECONCILER_ISSUER=None)  # no choice made: the step-ca settings alone decide
     if how == "flags":
         args = ["--ca-url", step_ca.url, "--root", str(step_ca.root_path), "--provisioner", step_ca.provisioner, "--password-file", str(pw)]
     elif how == "env":

@@ -57,7 +57,8 @@ class Watch:
         self.tmp, self.manifest, self.state = tmp, manifest, tmp / "state"
         self.log_path = tmp / f"watch-{time.monotonic_ns()}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_") and k != "NOTIFY_SOCKET"}
-        full_env.update(NO_COLOR="1", PYTHONPATH=str(REPO), **(env or {}))
+        # bare-array manifests use the embedded CA on purpose (object manifests ignore the variable)
+        full_env.update(NO_COLOR="1", PYTHONPATH=str(REPO), RECONCILER_ISSUER="local", **(env or {}))
         self._log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "reconciler", "-m", str(manifest), "--state-dir", str(self.state), "--watch", "-vv", *extra],

@@ -36,6 +36,20 @@ class IssuerError(Exception):
         return f"{base} (hint: {self.hint})" if self.hint else base
 
 
+class IssuerConfigError(IssuerError):
+    """The manifest, flags, environment and defaults.json do not name one usable CA.
+
+    Raised before anything is written: `problem` says what is wrong, `lines` list every
+    setting to fix (all of them, not the first) and the ways to fix it."""
+
+    def __init__(self, problem: str, lines: list[str]):
+        super().__init__(problem)
+        self.lines = lines
+
+    def __str__(self) -> str:
+        return "\n".join([self.args[0], *(f"  {line}" for line in self.lines)])
+
+
 @dataclass(frozen=True)
 class IssueRequest:
     """What to ask the CA for. `sans` are normalised and include the common name."""

@@ -253,7 +253,7 @@ class StepCA:
         if not self.url:
             raise IssuerError(
                 "step-ca issuer has no URL",
-                hint='set issuer.url (e.g. "https://ca.internal:9000"), --ca-url, RECONCILER_CA_URL, or run `step ca bootstrap`',
+                hint=f'set {self.spec.where("url")} (e.g. "https://ca.internal:9000")',
             )
         if urlsplit(self.url).scheme != "https":
             raise IssuerError(
@@ -263,8 +263,25 @@ class StepCA:
         if not self.spec.provisioner:
             raise IssuerError(
                 f"no provisioner set for step-ca at {self.url}",
-                hint="set issuer.provisioner (--provisioner, RECONCILER_PROVISIONER) to the name of a JWK provisioner",
+                hint=f"set {self.spec.where('provisioner')} to the name of a JWK provisioner",
             )
+
+    def fetch_root(self) -> None:
+        """Have the root in hand: read the file, or download and verify it by its fingerprint
+        (cached in the state folder). A pass calls this before it plans; --plan never does."""
+        self._check_configured()
+        self._trust_root()
+
+    def untrusted_reason(self) -> str:
+        """Why trust_roots() is empty, for the plan's note."""
+        if self.spec.root is not None:
+            return f"the root certificate {self.spec.root} cannot be read"
+        if self.spec.fingerprint:
+            return (
+                f"the root with fingerprint {self.spec.fingerprint[:16]}... has not been downloaded from {self.url} yet; "
+                "a pass fetches and verifies it before it plans"
+            )
+        return "no root certificate or fingerprint is configured"
 
     def _cached_root_path(self, fp: str) -> Path:
         return self.cache_dir / f"root-{fp}.crt"
@@ -292,7 +309,7 @@ class StepCA:
             except OSError as exc:
                 raise IssuerError(
                     f"step-ca root certificate {path} cannot be read: {exc.strerror or exc}",
-                    hint="fetch it with `step ca root " + str(path) + "` or fix issuer.root",
+                    hint=f"fetch it with `step ca root {path}` or fix {self.spec.where('root')}",
                 ) from None
             try:
                 cert = _load_pem_certs(data)[0]
@@ -311,7 +328,7 @@ class StepCA:
             return self._bootstrap_root(want)
         raise IssuerError(
             f"no trust configured for step-ca at {self.url}: neither a root file nor a fingerprint",
-            hint="set issuer.root to the CA's root certificate, or issuer.fingerprint to its sha256 "
+            hint=f"set {self.spec.where('root')} to the CA's root certificate, or {self.spec.where('fingerprint')} to its sha256 "
             "(`step certificate fingerprint root_ca.crt`)",
         )
 
@@ -332,7 +349,7 @@ class StepCA:
                     raise
                 raise IssuerError(
                     f"step-ca at {self.url} has no root with fingerprint {fp}",
-                    hint="check issuer.fingerprint against `step certificate fingerprint root_ca.crt` on the CA",
+                    hint=f"check {self.spec.where('fingerprint')} against `step certificate fingerprint root_ca.crt` on the CA",
                 ) from None
         pem = data.get("ca") if isinstance(data, dict) else None
         try:
@@ -340,14 +357,14 @@ class StepCA:
         except (AttributeError, ValueError, IndexError, UnicodeEncodeError):
             raise IssuerError(
                 f"step-ca at {url} did not return a root certificate",
-                hint="check that issuer.url points at step-ca",
+                hint=f"check that {self.spec.where('url')} points at step-ca",
             ) from None
         got = fingerprint_of(cert)
         if got != fp:
             raise IssuerError(
                 f"root downloaded from {url} has fingerprint {got}, not the configured {fp}",
                 hint="the fingerprint does not belong to this CA (or someone is in the middle); "
-                "check issuer.fingerprint against `step certificate fingerprint root_ca.crt` on the CA",
+                f"check {self.spec.where('fingerprint')} against `step certificate fingerprint root_ca.crt` on the CA",
             )
         pem_bytes = cert.public_bytes(serialization.Encoding.PEM)
         try:
@@ -427,7 +444,7 @@ class StepCA:
                     if size > MAX_RESPONSE_BYTES:
                         raise IssuerError(
                             f"step-ca at {self.url} sent more than {MAX_RESPONSE_BYTES} bytes for {label}",
-                            hint="check that issuer.url points at step-ca",
+                            hint=f"check that {self.spec.where('url')} points at step-ca",
                         )
                     if time.monotonic() > deadline:
                         raise httpx.ReadTimeout("total deadline passed")
@@ -458,14 +475,14 @@ class StepCA:
         if status >= 300:
             raise IssuerError(
                 f"step-ca at {self.url} redirected {label} (HTTP {status})",
-                hint="set issuer.url to the CA's own address, not one that redirects",
+                hint=f"set {self.spec.where('url')} to the CA's own address, not one that redirects",
             )
         try:
             data = json.loads(raw)
         except ValueError:
             raise IssuerError(
                 f"step-ca at {self.url} sent an unreadable answer to {label} (not complete JSON, {len(raw)} bytes)",
-                hint="check that issuer.url points at step-ca and nothing in between rewrites its answers",
+                hint=f"check that {self.spec.where('url')} points at step-ca and nothing in between rewrites its answers",
             ) from None
         return status, data
 
@@ -518,7 +535,7 @@ class StepCA:
             return IssuerError(
                 f"TLS verification of step-ca at {self.hostport} failed against root {self._root_description()}: {reason}",
                 hint="that root (or fingerprint) is not this CA's: fetch the right one with `step ca root`, "
-                "or check issuer.url points at the CA you meant",
+                f"or check {self.spec.where('url')} points at the CA you meant",
             )
         tls = next((e for e in chain if isinstance(e, ssl.SSLError)), None)
         if tls is not None:
@@ -543,7 +560,7 @@ class StepCA:
         if any(isinstance(e, socket.gaierror) for e in chain):
             return IssuerError(
                 f"step-ca host {self.host} cannot be resolved ({self.hostport})",
-                hint="check the host name in issuer.url and this host's DNS",
+                hint=f"check the host name in {self.spec.where('url')} and this host's DNS",
                 transient=True,
             )
         if any(isinstance(e, ConnectionRefusedError) for e in chain):
@@ -577,7 +594,7 @@ class StepCA:
             if not isinstance(page, list):
                 raise IssuerError(
                     f"step-ca at {self.url} sent a provisioner list without a 'provisioners' array",
-                    hint="check that issuer.url points at step-ca",
+                    hint=f"check that {self.spec.where('url')} points at step-ca",
                 )
             found.extend(p for p in page if isinstance(p, dict))
             cursor = data.get("nextCursor") or ""
@@ -601,7 +618,7 @@ class StepCA:
         listing = ", ".join(f"{p.get('name')} ({p.get('type')})" for p in everything) or "none"
         raise IssuerError(
             f"provisioner '{name}' not found at {self.url}; it has: {listing}",
-            hint="set issuer.provisioner to one of those (a JWK one)",
+            hint=f"set {self.spec.where('provisioner')} to one of those (a JWK one)",
         )
 
     def _read_password(self) -> bytes:
@@ -609,7 +626,7 @@ class StepCA:
         if path is None:
             raise IssuerError(
                 f"no password file set for provisioner '{self.spec.provisioner}'",
-                hint="set issuer.password_file (--password-file, RECONCILER_PASSWORD_FILE) to a 0600 file "
+                hint=f"set {self.spec.where('password_file')} to a 0600 file "
                 "holding the provisioner password",
             )
         try:
@@ -618,7 +635,7 @@ class StepCA:
             raise IssuerError(
                 f"password file {path} cannot be read: {exc.strerror or exc}",
                 hint="create it with the provisioner's password (mode 0600, readable by the reconciler's user) "
-                "or fix issuer.password_file",
+                f"or fix {self.spec.where('password_file')}",
             ) from None
         password = data.rstrip(b"\r\n")
         if not password:
@@ -735,7 +752,7 @@ class StepCA:
     def _issued(
         self, data: Any, request: IssueRequest, key, root: x509.Certificate, root_pem: bytes, label: str
     ) -> Issued:
-        def bad(why: str, hint: str = "check that issuer.url points at step-ca") -> IssuerError:
+        def bad(why: str, hint: str = f"check that {self.spec.where('url')} points at step-ca") -> IssuerError:
             return IssuerError(f"step-ca at {self.url} answered {label} for {request.name} with {why}", hint=hint)
 
         if not isinstance(data, dict):
@@ -782,7 +799,7 @@ class StepCA:
             if not _issued_by(child, parent):
                 raise bad(
                     f"a certificate that does not chain to the root {self._root_description()}",
-                    hint="the CA's intermediate is not signed by that root; check issuer.root/fingerprint",
+                    hint=f"the CA's intermediate is not signed by that root; check {self.spec.where('root')} / {self.spec.where('fingerprint')}",
                 )
         self._check_usage(leaf, request, bad)
         self._remember_intermediates(intermediates)

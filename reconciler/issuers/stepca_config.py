@@ -9,6 +9,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -38,6 +39,16 @@ _DEFAULTS_KEYS = {
 }
 
 
+_FLAGS = {
+    "url": "--ca-url",
+    "root": "--root",
+    "fingerprint": "--fingerprint",
+    "provisioner": "--provisioner",
+    "password_file": "--password-file",
+}
+_PATH_SETTINGS = ("root", "password_file")
+
+
 def steppath(env: Mapping[str, str] = os.environ) -> Path:
     """`$STEPPATH`, or `~/.step` like the step CLI."""
     if env.get("STEPPATH"):
@@ -46,9 +57,13 @@ def steppath(env: Mapping[str, str] = os.environ) -> Path:
     return (Path(home) if home else Path.home()) / ".step"
 
 
+def defaults_path(env: Mapping[str, str] = os.environ) -> Path:
+    return steppath(env) / "config" / "defaults.json"
+
+
 def read_step_defaults(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """`$STEPPATH/config/defaults.json` as a dict; {} when it is absent or unreadable."""
-    path = steppath(env) / "config" / "defaults.json"
+    path = defaults_path(env)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -64,9 +79,13 @@ def _defaults_value(defaults: Mapping[str, Any], field: str) -> Any:
     if not isinstance(value, str) or not value.strip():
         return None
     value = value.strip()
-    if field in ("root", "password_file"):
+    if field in _PATH_SETTINGS:
         return Path(value).expanduser()
     return value
+
+
+def _from_defaults(field: str, env: Mapping[str, str]) -> str:
+    return f"{_DEFAULTS_KEYS[field]} in {defaults_path(env)}"
 
 
 def resolve_spec(spec: IssuerSpec, env: Mapping[str, str] = os.environ) -> IssuerSpec:
@@ -92,7 +111,10 @@ def resolve_spec(spec: IssuerSpec, env: Mapping[str, str] = os.environ) -> Issue
     for field in ("provisioner", "password_file"):
         if getattr(spec, field) is None and _defaults_value(defaults, field):
             changes[field] = _defaults_value(defaults, field)
-    return replace(spec, **changes) if changes else spec
+    if not changes:
+        return spec
+    sources = dict(spec.sources) | {f: _from_defaults(f, env) for f in changes}
+    return replace(spec, **changes, sources=tuple(sources.items()))
 
 
 def spec_from_options(
@@ -103,7 +125,9 @@ def spec_from_options(
     password_file: str | Path | None,
     env: Mapping[str, str] = os.environ,
 ) -> IssuerSpec:
-    """The step-ca issuer of a bare-array manifest: flags > `RECONCILER_*` env > defaults.json."""
+    """The step-ca issuer of a bare-array manifest: flags > `RECONCILER_*` env > defaults.json.
+
+    Hints name where each value came from, or the flag for one that is still missing."""
     flags = {
         "url": url,
         "root": root,
@@ -112,12 +136,48 @@ def spec_from_options(
         "password_file": password_file,
     }
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for field, flag in flags.items():
-        value: Any = flag if flag not in ("", None) else env.get(_ENV_OPTIONS[field]) or None
-        if value is not None and field in ("root", "password_file"):
+        value: Any = None
+        if flag not in ("", None):
+            value, sources[field] = flag, _FLAGS[field]
+        elif env.get(_ENV_OPTIONS[field]):
+            value, sources[field] = env[_ENV_OPTIONS[field]], _ENV_OPTIONS[field]
+        else:
+            sources[field] = _FLAGS[field]
+        if value is not None and field in _PATH_SETTINGS:
             value = Path(value).expanduser()
+        if value is not None and field == "url":
+            value = str(value).rstrip("/")
         values[field] = value
-    return resolve_spec(IssuerSpec(type="step-ca", **values), env)
+    return resolve_spec(IssuerSpec(type="step-ca", **values, sources=tuple(sources.items())), env)
+
+
+def _ways(field: str, bare: bool, env: Mapping[str, str]) -> str:
+    """Every way to give one setting, in the order they win."""
+    if bare:
+        return f"{_FLAGS[field]}, {_ENV_OPTIONS[field]} or {_from_defaults(field, env)}"
+    return f"issuer.{field} in the manifest, or {_from_defaults(field, env)}"
+
+
+def configuration_lines(spec: IssuerSpec | None, bare: bool, env: Mapping[str, str] = os.environ) -> list[str]:
+    """What a step-ca issuer still lacks (or has wrong), one line per setting with every way
+    to give it. `spec` None: list them all (nothing is configured)."""
+    lines = []
+    if spec is None or not spec.url:
+        lines.append(f"URL: {_ways('url', bare, env)} (e.g. https://ca.internal:9000)")
+    elif urlsplit(spec.url).scheme != "https":
+        lines.append(f"URL: {spec.url} (from {spec.where('url')}) is not https; step-ca only speaks HTTPS: write https://host:port")
+    if spec is None or (spec.root is None and not spec.fingerprint):
+        lines.append(
+            f"trust: {_ways('root', bare, env)} (the CA's root certificate file), or "
+            f"{_ways('fingerprint', bare, env)} (its SHA-256, `step certificate fingerprint root_ca.crt`)"
+        )
+    if spec is None or not spec.provisioner:
+        lines.append(f"provisioner: {_ways('provisioner', bare, env)} (the name of a JWK provisioner)")
+    if spec is None or spec.password_file is None:
+        lines.append(f"password file: {_ways('password_file', bare, env)} (a 0600 file holding the provisioner's password)")
+    return lines
 
 
 def normalise_fingerprint(fingerprint: str) -> str:

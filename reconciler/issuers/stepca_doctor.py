@@ -51,7 +51,7 @@ def doctor_checks(
             addresses = sorted({i[4][0] for i in infos})
             ok(f"DNS: {host} resolves to {', '.join(addresses)}")
         except OSError as exc:
-            fail(f"DNS: {host} cannot be resolved ({exc})", "check the host name in issuer.url and this host's DNS")
+            fail(f"DNS: {host} cannot be resolved ({exc})", f"check the host name in {spec.where('url')} and this host's DNS")
             password_check()
             return results
         try:
@@ -100,7 +100,7 @@ def doctor_checks(
             fail(f"health: {exc.args[0]}", exc.hint)
         try:
             provisioner = ca._find_provisioner()
-            ok(f"provisioner '{spec.provisioner}' ({provisioner.get('type')}) is present")
+            ok(f"provisioner '{spec.provisioner}' ({provisioner.get('type') or 'type not given'}) is present")
         except IssuerError as exc:
             fail(exc.args[0], exc.hint)
             password_check()
