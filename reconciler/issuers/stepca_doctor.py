@@ -95,7 +95,8 @@ def doctor_checks(
             if status == "ok":
                 ok(f"health: GET {ca.url}/health says ok")
             else:
-                fail(f"health: GET {ca.url}/health says {status!r}", "see the step-ca log")
+                said = f"says {status!r}" if status is not None else "gives no status"
+                fail(f"health: GET {ca.url}/health {said}", "see the step-ca log")
         except IssuerError as exc:
             fail(f"health: {exc.args[0]}", exc.hint)
         try:
