@@ -73,3 +73,10 @@ def load_cert(path: Path) -> x509.Certificate:
 def cert_sans(path: Path) -> set[str]:
     ext = load_cert(path).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return {str(v) for v in ext.get_values_for_type(x509.DNSName)} | {str(v) for v in ext.get_values_for_type(x509.IPAddress)}
+
+
+def after_issuer(stdout: str) -> str:
+    """A command's output without its first line, which names the issuer (checked here)."""
+    first, _, rest = stdout.partition("\n")
+    assert first.startswith("issuer: "), f"the first line does not name the issuer:\n{stdout}"
+    return rest

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, reconcile, write_manifest
+from helpers import after_issuer, REPO, reconcile, write_manifest
 
 LOCAL = {"type": "local"}
 
@@ -51,7 +51,7 @@ def test_a_pass_whose_issuance_fails_says_none_were_issued_and_lists_no_hook_as_
     proc = reconcile("-m", str(m), state_dir=state)
     no_traceback(proc)
     assert proc.returncode == 1
-    lines = proc.stdout.splitlines()
+    lines = after_issuer(proc.stdout).splitlines()
     assert lines[0] == "Applied: 0 of 3 issued, 3 failed (0 of 3 unchanged)."
     assert all(re.fullmatch(r"\s+x [abc]\s+issue\s+.*\(failed\)", line) for line in lines[1:4]), proc.stdout
     assert "Hooks:" not in proc.stdout and "Hooks run:" not in proc.stdout
@@ -72,7 +72,7 @@ def test_a_partly_failed_pass_counts_each_action_and_runs_only_the_hooks_it_may(
     proc = reconcile("-m", str(m), state_dir=state)
     no_traceback(proc)
     assert proc.returncode == 1
-    lines = proc.stdout.splitlines()
+    lines = after_issuer(proc.stdout).splitlines()
     assert lines[0] == "Applied: 1 of 2 issued, 1 failed (0 of 2 unchanged).", proc.stdout
     assert re.fullmatch(r"\s+\+ good\s+issue\s+certificate file missing; key file missing", lines[1])
     assert re.fullmatch(r"\s+x broken\s+issue\s+certificate file unreadable: .*\(failed\)", lines[2]), lines[2]
@@ -94,7 +94,7 @@ def test_a_failed_hook_is_listed_as_run_and_failed(site):
     m = write_manifest(tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "a", post_renewal_command="exit 3")]})
     proc = reconcile("-m", str(m), state_dir=state)
     assert proc.returncode == 1
-    assert proc.stdout.splitlines() == [
+    assert after_issuer(proc.stdout).splitlines() == [
         "Applied: 1 of 1 issued (0 of 1 unchanged).",
         "    + a  issue    certificate file missing; key file missing",
         "Hooks run:",
@@ -107,11 +107,11 @@ def test_a_successful_pass_says_how_many_of_how_many(site):
     tmp, state, out = site
     m = write_manifest(tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "a", post_renewal_command="true"), entry(out, "b")]})
     proc = reconcile("-m", str(m), state_dir=state, check=0)
-    assert proc.stdout.splitlines()[0] == "Applied: 2 of 2 issued (0 of 2 unchanged)."
-    assert proc.stdout.splitlines()[-2:] == ["Hooks run:", "  true   (for a): succeeded"]
+    assert after_issuer(proc.stdout).splitlines()[0] == "Applied: 2 of 2 issued (0 of 2 unchanged)."
+    assert after_issuer(proc.stdout).splitlines()[-2:] == ["Hooks run:", "  true   (for a): succeeded"]
     os.chmod(out / "b.key", 0o644)
     proc = reconcile("-m", str(m), state_dir=state, check=0)
-    assert proc.stdout.splitlines()[0] == "Applied: 1 of 1 chmodded (1 of 2 unchanged)."
+    assert after_issuer(proc.stdout).splitlines()[0] == "Applied: 1 of 1 chmodded (1 of 2 unchanged)."
 
 
 # --------------------------------------------------------------------------- grammar and wording
@@ -121,8 +121,8 @@ def test_one_certificate_matches_in_the_singular(site):
     tmp, state, out = site
     m = write_manifest(tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "a")]})
     reconcile("-m", str(m), state_dir=state, check=0)
-    assert reconcile("-m", str(m), "--plan", state_dir=state, check=0).stdout == "No changes: 1 certificate matches the manifest.\n"
-    assert reconcile("-m", str(m), state_dir=state, check=0).stdout == "No changes: 1 certificate matches the manifest.\n"
+    assert after_issuer(reconcile("-m", str(m), "--plan", state_dir=state, check=0).stdout) == "No changes: 1 certificate matches the manifest.\n"
+    assert after_issuer(reconcile("-m", str(m), state_dir=state, check=0).stdout) == "No changes: 1 certificate matches the manifest.\n"
     doctor = reconcile("doctor", "-m", str(m), state_dir=state)
     assert "is valid (1 certificate)" in doctor.stdout, doctor.stdout
 
@@ -133,7 +133,7 @@ def test_a_jittered_renewal_says_when_it_became_due(site):
     m = write_manifest(tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "a", duration="1m", renew_before="99%")]})
     reconcile("-m", str(m), state_dir=state, check=0)
     proc = reconcile("-m", str(m), "--plan", state_dir=state, check=0)
-    row = proc.stdout.splitlines()[1]
+    row = after_issuer(proc.stdout).splitlines()[1]
     assert re.fullmatch(r"\s+~ a\s+renew\s+renewal due since [\dhms]+ ago \(window 99% \+ jitter\); expires in \d+[ms]\d*s?", row), row
     assert "inside the" not in proc.stdout
 
@@ -213,4 +213,4 @@ def test_a_pass_into_a_closed_pipe_still_converges(site):
     m = write_manifest(tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "a")]})
     proc = run_into_closed_pipe("-m", str(m), state=state)
     assert proc.stderr == "" and proc.returncode == 141
-    assert reconcile("-m", str(m), "--plan", state_dir=state, check=0).stdout == "No changes: 1 certificate matches the manifest.\n"
+    assert after_issuer(reconcile("-m", str(m), "--plan", state_dir=state, check=0).stdout) == "No changes: 1 certificate matches the manifest.\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import load_cert, reconcile, tree_snapshot, write_manifest
+from helpers import after_issuer, load_cert, reconcile, tree_snapshot, write_manifest
 from reconciler.diff import CHMOD, RENEW, REISSUE, Drift
 from reconciler.model import DesiredCert, KeySpec, RenewBefore
 from reconciler.plan import FORCED, Action, CertPlan, HookRun, Plan, force_renewal
@@ -45,7 +45,7 @@ def test_renew_issues_a_new_certificate_and_key_now_and_runs_the_hook(site):
     m, state, out, ran = site
     before = {n: (serial(out, n), (out / f"{n}.key").read_bytes()) for n in "ab"}
     proc = reconcile("renew", "a", "-m", str(m), "--detailed-exitcode", state_dir=state, check=2)
-    lines = proc.stdout.splitlines()
+    lines = after_issuer(proc.stdout).splitlines()
     assert lines[0] == "Applied: 1 of 1 renewed (1 of 2 unchanged).", proc.stdout
     assert re.fullmatch(r"\s+~ a\s+renew\s+forced by `reconcile renew`", lines[1]), lines[1]
     assert serial(out, "a") != before["a"][0]
@@ -53,7 +53,7 @@ def test_renew_issues_a_new_certificate_and_key_now_and_runs_the_hook(site):
     assert (serial(out, "b"), (out / "b.key").read_bytes()) == before["b"], "b was not named"
     assert ran.read_text().split() == ["a"]
     # nothing is left owed: the next pass has nothing to do
-    assert reconcile("-m", str(m), "--plan", state_dir=state, check=0).stdout == "No changes: 2 certificates match the manifest.\n"
+    assert after_issuer(reconcile("-m", str(m), "--plan", state_dir=state, check=0).stdout) == "No changes: 2 certificates match the manifest.\n"
 
 
 def test_renew_keeps_the_key_when_its_rotation_is_never(tmp_path):
@@ -70,7 +70,7 @@ def test_renew_all_renews_every_certificate_and_runs_each_hook_once(site):
     m, state, out, ran = site
     old = {n: serial(out, n) for n in "ab"}
     proc = reconcile("renew", "--all", "-m", str(m), state_dir=state, check=0)
-    assert proc.stdout.splitlines()[0] == "Applied: 2 of 2 renewed (0 of 2 unchanged)."
+    assert after_issuer(proc.stdout).splitlines()[0] == "Applied: 2 of 2 renewed (0 of 2 unchanged)."
     assert all(serial(out, n) != old[n] for n in "ab")
     assert ran.read_text().split() == ["a", "b"], "one run of the shared command, for both"
 
@@ -79,7 +79,7 @@ def test_renew_plan_shows_what_would_happen_and_changes_nothing(site):
     m, state, out, ran = site
     before = tree_snapshot(out), tree_snapshot(state)
     proc = reconcile("renew", "--plan", "b", "-m", str(m), "--detailed-exitcode", state_dir=state, check=2)
-    lines = proc.stdout.splitlines()
+    lines = after_issuer(proc.stdout).splitlines()
     assert lines[0] == "Plan: 1 to renew (1 of 2 unchanged)."
     assert re.fullmatch(r"\s+~ b\s+renew\s+forced by `reconcile renew`", lines[1])
     assert lines[2:] == ["Hooks that would run:", f"  echo $RECONCILER_CERTIFICATES >> {ran}   (for b)"]
@@ -94,7 +94,7 @@ def test_renew_keeps_the_other_drift_fixes_of_the_pass(site):
     os.chmod(out / "b.key", 0o644)
     (out / "a.crt").unlink()  # a renew of a certificate that is gone is an issue
     proc = reconcile("renew", "a", "-m", str(m), "--plan", state_dir=state, check=0)
-    lines = proc.stdout.splitlines()
+    lines = after_issuer(proc.stdout).splitlines()
     assert lines[0] == "Plan: 1 to issue, 1 to chmod (0 of 2 unchanged).", proc.stdout
     assert re.fullmatch(r"\s+\+ a\s+issue\s+forced by `reconcile renew`; certificate file missing", lines[1]), lines[1]
     assert re.fullmatch(r"\s+~ b\s+chmod\s+key mode 0644, want 0600", lines[2]), lines[2]
@@ -180,7 +180,7 @@ def test_renew_against_step_ca_goes_over_mtls_without_the_password_file(tmp_path
     pw.unlink()  # a forced renewal of a valid certificate needs no provisioner: the certificate is the credential
     log_before = step_ca.log_path.read_text(errors="replace")
     proc = reconcile("renew", "--all", "-m", str(m), "--detailed-exitcode", state_dir=state, env=env, check=2)
-    assert proc.stdout.splitlines()[0] == "Applied: 2 of 2 renewed (0 of 2 unchanged).", proc.stdout + proc.stderr
+    assert after_issuer(proc.stdout).splitlines()[0] == "Applied: 2 of 2 renewed (0 of 2 unchanged).", proc.stdout + proc.stderr
     for n in ("fresh", "kept"):
         assert load_cert(out / f"{n}.crt").serial_number != old[n][0].serial_number
     assert (out / "fresh.key").read_bytes() != old["fresh"][1]
