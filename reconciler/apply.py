@@ -23,7 +23,7 @@ from reconciler.issuers import IssueRequest, Issuer, IssuerError
 from reconciler.model import CA_MODE, DesiredCert
 from reconciler.plan import CertPlan, Plan
 from reconciler.sans import ordered
-from reconciler.status import StatusStore
+from reconciler.status import HookRun, StatusStore
 
 log = logging.getLogger("reconciler.apply")
 
@@ -254,28 +254,41 @@ def apply(
     serials: dict[str, str | None] | None = None,
     cancelled: Callable[[], bool] | None = None,
     refuse_hooks: str | None = None,
+    skip_hooks: bool = False,
+    secrets: tuple[bytes, ...] = (),
 ) -> Result:
     """`cancelled()` true (SIGTERM in --watch): certificates not yet started and hooks are
     left for the next pass; a write in progress finishes. `refuse_hooks`: why no command
-    may run this pass (an untrusted manifest); each hook is reported failed and stays pending."""
+    may run this pass (an untrusted manifest); each hook is reported failed and stays owed.
+    `skip_hooks` (--no-hooks): the files converge, every hook is recorded as owed, not run.
+
+    The status store's records follow the owed-hook rule of reconciler/status.py: each
+    deployment is begun (and saved) before its files change, ended after the renames, and
+    a hook is cleared only by its own success."""
     result = Result()
     todo = [p for p in plan.certificates if p.actions and not p.error]
-    # a kill after a certificate is written but before it is recorded must still run
-    # its hook next time: note the serial we are replacing, before touching anything
-    intents = [p for p in todo if p.content_action and p.cert.post_renewal_command]
-    for p in intents:
-        status.cert(p.cert.name)["deploying_from"] = (serials or {}).get(p.cert.name)
-    # a rewritten chain or CA file keeps the serial, so "deploying from" cannot tell that
-    # it changed: the hook is owed before the write (and given back if the write fails)
-    rewrites = {p.cert.name: status.cert(p.cert.name).get("hook_pending") for p in todo if p.content_action is None and p.writes_files and p.cert.post_renewal_command}
-    for name in rewrites:
-        status.cert(name)["hook_pending"] = True
-    intents += [p for p in todo if p.cert.name in rewrites]
-    if intents and before_files:
+    # a killed pass's deployments first: a certificate it replaced owes its hook, whatever
+    # this pass does with it (even if this pass replaces it again, or fails to)
+    status.settle(serials or {})
+    for p in plan.certificates:
+        record = status.records.get(p.cert.name)
+        if record is not None and not p.cert.post_renewal_command:
+            record.nothing_to_run()
+    deploying = [p for p in todo if p.content_action]
+    for p in deploying:
+        status.cert(p.cert.name).begin_deploy((serials or {}).get(p.cert.name))
+    # a rewritten chain or CA file keeps the serial, so begin_deploy cannot tell that it
+    # changed: the hook is owed before the write (and given back if the write fails)
+    rewrites = {
+        p.cert.name: status.cert(p.cert.name).begin_rewrite()
+        for p in todo
+        if p.content_action is None and p.writes_files and p.cert.post_renewal_command
+    }
+    if before_files:
         before_files()
     for p in plan.errors:
         result.certificates.append(CertResult(p.cert.name, (), False, p.error))
-    bar = _Progress(len([p for p in todo if p.content_action]), progress)
+    bar = _Progress(len(deploying), progress)
     outcomes: dict[str, CertResult] = {}
     pending_dirs: set[Path] = set()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -295,45 +308,44 @@ def apply(
     stamp = now().isoformat()
     for p in todo:
         res = outcomes.get(p.cert.name)
-        entry = status.cert(p.cert.name)
-        entry.pop("deploying_from", None)
+        record = status.cert(p.cert.name)
         if res is None:  # never started: the pass was cancelled
+            if p.content_action:
+                record.cancel_deploy()
             if p.cert.name in rewrites:
-                entry["hook_pending"] = bool(rewrites[p.cert.name])
+                record.cancel_rewrite(rewrites[p.cert.name])
             continue
+        if p.content_action:
+            record.end_deploy(res.content_changed, bool(p.cert.post_renewal_command))
         if res.ok:
-            entry.pop("last_error", None)
-            entry.pop("last_error_at", None)
-            entry["failures"] = 0
-            if res.content_changed:
-                if p.content_action is not None:
-                    entry["last_issued"] = stamp
-                    entry["last_action"] = p.content_action.action
-                entry["hook_pending"] = bool(p.cert.post_renewal_command)
+            record.succeeded(stamp, p.content_action.action if res.content_changed and p.content_action else None)
             log.info("%s: %s (%s)", p.cert.name, ", ".join(res.actions), "; ".join(a.reason for a in p.actions))
         else:
             if p.cert.name in rewrites:
-                entry["hook_pending"] = bool(rewrites[p.cert.name])
-            entry["last_error"] = res.error
-            entry["last_error_at"] = stamp
-            entry["failures"] = int(entry.get("failures", 0) or 0) + 1
+                record.cancel_rewrite(rewrites[p.cert.name])
+            record.failed(res.error, stamp)
             log.error("%s: %s failed: %s", p.cert.name, ", ".join(res.actions), res.error)
     for p in plan.errors:
-        entry = status.cert(p.cert.name)
-        entry["last_error"], entry["last_error_at"] = p.error, stamp
+        status.cert(p.cert.name).failed(p.error, stamp, count=False)
         log.error("%s: %s", p.cert.name, p.error)
-    # record "deployed, hook pending" before running anything, so a crash cannot forget it
+    # record "deployed, hook owed" before running anything, so a crash cannot forget it
     if after_files:
         after_files()
     fault_point("before_hooks")
 
     by_name = {p.cert.name: p for p in plan.certificates}
     for hook in plan.hooks:
-        if cancelled is not None and cancelled():
-            log.warning("stopping: hook %r left for the next start (recorded as pending)", hook.command)
-            continue
         ready = [n for n in hook.certificates if outcomes.get(n) is not None and outcomes[n].ok]
         if not ready:
+            continue
+        if cancelled is not None and cancelled():
+            log.warning("stopping: hook %r for %s left for the next start (recorded as owed)", hook.command, ", ".join(ready))
+            continue
+        if skip_hooks:
+            run = HookRun(hook.command, "skipped", None, now().isoformat())
+            for n in ready:
+                status.cert(n).hook_not_run(run)
+            log.warning("hook %r for %s not run (--no-hooks); recorded as owed, the next pass without --no-hooks runs it", hook.command, ", ".join(ready))
             continue
         certs = [by_name[n].cert for n in ready]
         actions = {n: (by_name[n].content_action or by_name[n].actions[0]).action for n in ready}
@@ -342,20 +354,23 @@ def apply(
         if refuse_hooks:
             outcome = HookOutcome(hook.command, tuple(ready), False, None, False, (), 0.0, refused=refuse_hooks)
         else:
-            outcome = run_hook(hook.command, certs, actions, timeout, cwd)
+            outcome = run_hook(hook.command, certs, actions, timeout, cwd, secrets=secrets)
         result.hooks.append(outcome)
+        run = HookRun(
+            hook.command,
+            "ok" if outcome.ok else ("timeout" if outcome.timed_out else "refused" if outcome.refused else "failed"),
+            outcome.returncode,
+            now().isoformat(),
+            list(outcome.output_tail),
+        )
         for n in ready:
-            entry = status.cert(n)
-            entry["hook"] = {
-                "command": hook.command,
-                "result": "ok" if outcome.ok else ("timeout" if outcome.timed_out else "refused" if outcome.refused else "failed"),
-                "returncode": outcome.returncode,
-                "at": now().isoformat(),
-                "output_tail": list(outcome.output_tail),
-            }
-            entry["hook_pending"] = not outcome.ok
-            if not outcome.ok:
-                entry["hook_failures"] = int(entry.get("hook_failures", 0) or 0) + 1
+            record = status.cert(n)
+            if outcome.ok:
+                record.hook_succeeded(run)
+            elif outcome.refused:
+                record.hook_not_run(run)
+            else:
+                record.hook_failed(run)
         # recorded at once: a kill during a later hook must not run this one again
         if after_files and outcome.ok:
             after_files()

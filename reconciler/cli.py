@@ -149,6 +149,11 @@ def pass_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", action="store_true", help="print the plan and change nothing (never contacts a CA)")
     p.add_argument("--output", choices=("text", "json"), default="text", help="plan output format (format_version 1)")
     p.add_argument("--detailed-exitcode", action="store_true", help="exit 2 when changes were planned (--plan) or made")
+    p.add_argument(
+        "--no-hooks",
+        action="store_true",
+        help="converge the files but run no post-renewal command: each is recorded as owed, and the next pass without --no-hooks runs it",
+    )
     p.add_argument("--lock-timeout", type=float, default=60.0, metavar="SECONDS", help="wait this long for another pass to finish (default 60)")
     p.add_argument("--workers", type=int, default=4, help="certificates issued concurrently (default 4)")
     p.add_argument(
@@ -258,6 +263,9 @@ def _main(argv: list[str] | None = None) -> int:
 
             return run_doctor(settings_from(args))
         if args.watch:
+            if args.no_hooks:
+                print("error: --no-hooks goes with a single pass (a maintenance window), not with --watch", file=sys.stderr)
+                return EXIT_ERROR
             if args.plan:
                 print("error: --plan and --watch do not go together; --plan shows one pass and exits", file=sys.stderr)
                 return EXIT_ERROR
@@ -327,7 +335,7 @@ def cmd_apply(args, forced=None) -> int:
 
     settings = settings_from(args)
     started = time.monotonic()
-    snap, result = run_pass(settings, forced=forced)
+    snap, result = run_pass(settings, forced=forced, skip_hooks=args.no_hooks)
     if getattr(args, "metrics_file", None):
         from reconciler.metrics import Metrics
 

@@ -162,8 +162,11 @@ def snapshot(
     `cache`: an ObservationCache kept across passes (--watch), instead of reading it from disk.
     `forced`: `reconcile renew`; an unknown name raises UnknownCertificate before anything is read.
     `fetch_root`: a pass may download a step-ca root known by its fingerprint (see _unknown_trust)."""
+    from reconciler.statefiles import check_state_dir
+
     assert desired.issuer is not None, "load_desired resolves the issuer"
     chosen = forced.chosen(desired) if forced is not None else None
+    check_state_dir(settings.state_dir)
     issuer = make_issuer(desired.issuer, settings.state_dir, settings.ca_timeout)
     unknown = _unknown_trust(issuer, desired.issuer, fetch_root)
     cache = cache if cache is not None else ObservationCache(settings.state_dir)
@@ -233,6 +236,7 @@ def run_pass(
     sweep_files: bool = True,
     manifest_state: dict | None = None,
     forced: ForcedRenewal | None = None,
+    skip_hooks: bool = False,
 ):
     """A full pass under the lock: sweep, plan, apply, record. Returns (snapshot, result).
 
@@ -242,7 +246,9 @@ def run_pass(
     `reconcile renew` (see ForcedRenewal). `snap.plan` is the
     whole plan; `snap.observed` is refreshed for what this pass wrote."""
     from reconciler.apply import apply, sweep
+    from reconciler.hooks import secrets_of
     from reconciler.lock import PassLock
+    from reconciler.statefiles import check_state_dir, sweep_private
     from reconciler.status import StatusStore
 
     validation_cache = None
@@ -250,7 +256,12 @@ def run_pass(
         # before the lock, which creates the state folder: a manifest whose CA is unclear
         # (or that is invalid) leaves no trace
         desired, validation_cache = _load(settings)
+    check_state_dir(settings.state_dir)
     with PassLock(settings.state_dir, settings.lock_timeout):
+        # credentials a killed pass left in the private folder (step-ca mTLS): nobody but
+        # the pass holding the lock uses them
+        for path in sweep_private(settings.state_dir):
+            log.warning("removed %s, a credential left by an interrupted pass", path)
         if validation_cache is not None:
             validation_cache.save()
         status = StatusStore(settings.state_dir)
@@ -269,6 +280,8 @@ def run_pass(
                 serials={n: (o.cert.serial if o.cert else None) for n, o in snap.observed.items()},
                 cancelled=cancelled,
                 refuse_hooks=_hook_refusal(settings, desired, work),
+                skip_hooks=skip_hooks,
+                secrets=secrets_of(desired.issuer),
             )
         finally:
             snap.issuer.close()

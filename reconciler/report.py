@@ -43,17 +43,18 @@ def status_rows(settings, now: datetime | None = None) -> tuple[list[dict], str 
     if desired is None:
         return [], note, None
     snap = snapshot(settings, desired, store, now)
+    owed = store.hooks_pending({n: (o.cert.serial if o.cert else None) for n, o in snap.observed.items()})
     rows = []
     for p in snap.plan.certificates:
         c, o = p.cert, snap.observed[p.cert.name]
-        entry = store.get(c.name)
+        record = store.get(c.name)
         actions = {a.action for a in p.actions}
         facts = o.cert
-        if p.error or entry.get("last_error"):
+        if p.error or record.last_error:
             state = "error"
         elif not o.cert_file.present or not o.key_file.present:
             state = "missing"
-        elif RUN_HOOK in actions or entry.get("hook_pending"):
+        elif RUN_HOOK in actions or record.hook_pending:
             state = "hook pending"
         elif facts is not None and now >= facts.not_after:
             state = "expired"
@@ -65,7 +66,6 @@ def status_rows(settings, now: datetime | None = None) -> tuple[list[dict], str 
             state = "repair due"  # the right certificate, but not the owner or mode asked for
         else:
             state = "ready"
-        hook = entry.get("hook") or {}
         rows.append(
             {
                 "name": c.name,
@@ -77,10 +77,11 @@ def status_rows(settings, now: datetime | None = None) -> tuple[list[dict], str 
                 "sans": list(ordered(c.sans)),
                 "owner_ok": CHOWN not in actions,
                 "mode_ok": CHMOD not in actions,
-                "last_issued": entry.get("last_issued"),
-                "last_hook": hook.get("result"),
-                "last_hook_at": hook.get("at"),
-                "problem": p.error or entry.get("last_error") or (p.actions[0].reason if p.actions else None),
+                "last_issued": record.last_issued,
+                "last_hook": record.hook.result if record.hook else None,
+                "last_hook_at": record.hook.at if record.hook else None,
+                "hook_owed": c.name in owed,
+                "problem": p.error or record.last_error or (p.actions[0].reason if p.actions else None),
             }
         )
     return rows, note, desired.issuer.summary(settings.state_dir)

@@ -1,17 +1,32 @@
-"""The status store: what the reconciler remembers between passes (hooks pending, last
+"""The status store: what the reconciler remembers between passes (hooks owed, last
 issuance, last error). A versioned JSON file in the state folder, written atomically.
-A corrupt or foreign file is a warning and a fresh start, never a crash: everything
-that matters for correctness is re-read from disk on every pass anyway."""
+
+Each certificate has a typed `CertRecord`. The one rule it exists for: a post-renewal
+command is owed from the moment its certificate's files change until that command
+succeeds, across any number of kills and stops. Hence, in pass order:
+
+    begin_deploy(serial)   saved before any file is touched: "replacing serial X"
+    settle(serial_now)     at the start of the next pass: X is gone, so the files changed
+                           under a pass that never recorded it → owe_hook()
+    end_deploy(changed)    after the renames: a content change → owe_hook()
+    hook_succeeded(run)    the only way an owed hook is ever cleared
+
+A damaged store (wrong shape, wrong types) is set aside as `status.json.bad-<time>` with a
+warning, never a crash (`reconciler.statefiles`); a damaged certificate record counts its
+hook as owed, because running a reload once more is harmless and forgetting one is not.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reconciler.atomic import write_atomic
 from reconciler.faults import fault_point
+from reconciler.statefiles import StateFileDamaged, read_state_file
 
 VERSION = 1
 log = logging.getLogger("reconciler.status")
@@ -22,67 +37,255 @@ class StatusError(OSError):
     hook; what it already wrote stays, and the next pass re-reads it from disk."""
 
 
+_UNSET = object()
+
+
+@dataclass
+class HookRun:
+    """The last run of a certificate's post-renewal command."""
+
+    command: str
+    result: str  # ok | failed | timeout | refused | skipped
+    returncode: int | None
+    at: str
+    output_tail: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CertRecord:
+    last_issued: str | None = None
+    last_action: str | None = None
+    last_error: str | None = None
+    last_error_at: str | None = None
+    failures: int = 0
+    # the serial the files held when a deployment began (None: there was no certificate);
+    # `_UNSET`: no deployment in flight
+    deploying_from: Any = _UNSET
+    hook_pending: bool = False
+    hook_failures: int = 0
+    hook: HookRun | None = None
+
+    # ------------------------------------------------------------- the owed-hook rule
+    @property
+    def deploying(self) -> bool:
+        return self.deploying_from is not _UNSET
+
+    def begin_deploy(self, serial: str | None) -> None:
+        """Saved before the first file of this certificate is replaced."""
+        self.deploying_from = serial
+
+    def settle(self, serial_now: str | None) -> None:
+        """A deployment a killed pass began: owe the hook if the certificate changed since."""
+        if not self.deploying:
+            return
+        if serial_now is not None and serial_now != self.deploying_from:
+            self.owe_hook()
+            self.deploying_from = _UNSET
+        # unchanged: the pass died before the certificate moved; the plan redoes it, and
+        # keeping the marker costs nothing (the next begin_deploy overwrites it)
+
+    def end_deploy(self, changed: bool, has_hook: bool) -> None:
+        """After the renames. A failed deployment keeps its marker: some of its files may
+        have changed, and settle() finds out next pass from what is on disk."""
+        if changed:
+            if has_hook:
+                self.owe_hook()
+            self.deploying_from = _UNSET
+
+    def begin_rewrite(self) -> bool:
+        """A chain or CA file rewritten under the same certificate keeps the serial, so
+        settle() could not tell it changed: the hook is owed before the write. Returns what
+        was owed before, for cancel_rewrite()."""
+        owed_before = self.hook_pending
+        self.owe_hook()
+        return owed_before
+
+    def cancel_rewrite(self, owed_before: bool) -> None:
+        """The rewrite failed or never started: only what was owed before stays owed."""
+        self.hook_pending = owed_before
+
+    def cancel_deploy(self) -> None:
+        """A deployment that never started (a stopping --watch): nothing changed."""
+        self.deploying_from = _UNSET
+
+    def owe_hook(self) -> None:
+        self.hook_pending = True
+
+    def hook_owed(self, serial_now: str | None = None, check_serial: bool = False) -> bool:
+        if self.hook_pending:
+            return True
+        return check_serial and self.deploying and serial_now is not None and serial_now != self.deploying_from
+
+    def hook_succeeded(self, run: HookRun) -> None:
+        self.hook = run
+        self.hook_pending = False
+
+    def hook_failed(self, run: HookRun) -> None:
+        self.hook = run
+        self.hook_pending = True
+        self.hook_failures += 1
+
+    def hook_not_run(self, run: HookRun) -> None:
+        """Refused or skipped (--no-hooks): still owed, not a failure of the command."""
+        self.hook = run
+        self.hook_pending = True
+
+    def nothing_to_run(self) -> None:
+        """The entry has no post-renewal command (any more): nothing can be owed."""
+        self.hook_pending = False
+
+    # ------------------------------------------------------------- other facts
+    def succeeded(self, stamp: str, content_action: str | None) -> None:
+        self.last_error = self.last_error_at = None
+        self.failures = 0
+        if content_action is not None:
+            self.last_issued = stamp
+            self.last_action = content_action
+
+    def failed(self, error: str, stamp: str, count: bool = True) -> None:
+        self.last_error, self.last_error_at = error, stamp
+        if count:
+            self.failures += 1
+
+    # ------------------------------------------------------------- JSON
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"failures": self.failures}
+        for name in ("last_issued", "last_action", "last_error", "last_error_at"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.deploying:
+            out["deploying_from"] = self.deploying_from
+        if self.hook_pending:
+            out["hook_pending"] = True
+        if self.hook_failures:
+            out["hook_failures"] = self.hook_failures
+        if self.hook is not None:
+            out["hook"] = dict(vars(self.hook))
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Any) -> "CertRecord":
+        """Raises StateFileDamaged naming the first field of the wrong shape."""
+        if not isinstance(raw, dict):
+            raise StateFileDamaged(f"a record is {type(raw).__name__}, not an object")
+        rec = cls()
+        for name in ("last_issued", "last_action", "last_error", "last_error_at"):
+            rec_value = raw.get(name)
+            if rec_value is not None and not isinstance(rec_value, str):
+                raise StateFileDamaged(f"{name} is {rec_value!r}, not text")
+            setattr(rec, name, rec_value)
+        for name in ("failures", "hook_failures"):
+            value = raw.get(name, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise StateFileDamaged(f"{name} is {value!r}, not a count")
+            setattr(rec, name, value)
+        if "deploying_from" in raw:
+            if raw["deploying_from"] is not None and not isinstance(raw["deploying_from"], str):
+                raise StateFileDamaged(f"deploying_from is {raw['deploying_from']!r}, not a serial")
+            rec.deploying_from = raw["deploying_from"]
+        if not isinstance(raw.get("hook_pending", False), bool):
+            raise StateFileDamaged(f"hook_pending is {raw['hook_pending']!r}, not true or false")
+        rec.hook_pending = raw.get("hook_pending", False)
+        hook = raw.get("hook")
+        if hook is not None:
+            ok = (
+                isinstance(hook, dict)
+                and isinstance(hook.get("command"), str)
+                and isinstance(hook.get("result"), str)
+                and isinstance(hook.get("at"), str)
+                and (hook.get("returncode") is None or (isinstance(hook["returncode"], int) and not isinstance(hook["returncode"], bool)))
+                and isinstance(hook.get("output_tail", []), list)
+                and all(isinstance(line, str) for line in hook.get("output_tail", []))
+            )
+            if not ok:
+                raise StateFileDamaged(f"hook is {hook!r}, not a hook run")
+            rec.hook = HookRun(hook["command"], hook["result"], hook.get("returncode"), hook["at"], list(hook.get("output_tail", [])))
+        return rec
+
+
 class StatusStore:
-    def __init__(self, state_dir: Path):
+    """`repair`: a damaged file is renamed aside (passes that may write); read-only users
+    (`--plan`, `status`) only warn and read around it."""
+
+    def __init__(self, state_dir: Path, repair: bool = True):
         self.path = state_dir / "status.json"
-        self.data: dict[str, Any] = {"version": VERSION, "certificates": {}, "manifest": {}}
+        self.records: dict[str, CertRecord] = {}
+        self.manifest: dict[str, Any] = {}
         self.warning: str | None = None
         self._saved: bytes | None = None
-        try:
-            data = self.path.read_bytes()
-            raw = json.loads(data)
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            self.warning = f"status store {self.path} is unreadable ({exc}); starting afresh from what is on disk"
-            log.warning(self.warning)
-            return
-        if not isinstance(raw, dict) or raw.get("version") != VERSION or not isinstance(raw.get("certificates"), dict):
-            self.warning = f"status store {self.path} is not a version {VERSION} status file; starting afresh from what is on disk"
-            log.warning(self.warning)
-            return
-        raw.setdefault("manifest", {})
-        self.data = raw
-        self._saved = data  # save() compares against it: an unchanged store is not rewritten
+        found = read_state_file(self.path, self._parse, "status store", repair=repair, consequence="starting afresh from what is on disk")
+        self.warning = found.warning
+        if found.value is not None:
+            self.records, self.manifest, damaged = found.value
+            if damaged:
+                self._saved = None  # rewrite it whole
+            else:
+                self._saved = found.raw  # save() compares against it: an unchanged store is not rewritten
 
-    def cert(self, name: str) -> dict[str, Any]:
-        entry = self.data["certificates"].setdefault(name, {})
-        if not isinstance(entry, dict):
-            entry = self.data["certificates"][name] = {}
-        return entry
+    def _parse(self, data: bytes):
+        raw = json.loads(data)
+        if not isinstance(raw, dict) or raw.get("version") != VERSION:
+            raise StateFileDamaged(f"not a version {VERSION} status file")
+        certs = raw.get("certificates")
+        if not isinstance(certs, dict):
+            raise StateFileDamaged("'certificates' is not an object")
+        manifest = raw.get("manifest", {})
+        if not isinstance(manifest, dict):
+            raise StateFileDamaged(f"'manifest' is {manifest!r}, not an object")
+        records: dict[str, CertRecord] = {}
+        damaged: list[str] = []
+        for name, entry in certs.items():
+            try:
+                records[name] = CertRecord.from_json(entry)
+            except StateFileDamaged as exc:
+                # what this certificate owed is unknown: owe its hook (once more is harmless)
+                damaged.append(f"{name}: {exc}")
+                records[name] = CertRecord(hook_pending=True)
+        if damaged:
+            raise StateFileDamaged(
+                "damaged records (" + "; ".join(damaged) + "); their post-renewal commands run once more to be safe",
+                salvaged=(records, manifest, True),
+            )
+        return records, manifest, False
 
-    def get(self, name: str) -> dict[str, Any]:
-        entry = self.data["certificates"].get(name)
-        return entry if isinstance(entry, dict) else {}
+    def cert(self, name: str) -> CertRecord:
+        rec = self.records.get(name)
+        if rec is None:
+            rec = self.records[name] = CertRecord()
+        return rec
+
+    def get(self, name: str) -> CertRecord:
+        return self.records.get(name) or CertRecord()
+
+    def settle(self, serials: dict[str, str | None]) -> None:
+        """Turn the deployments a killed pass began into owed hooks, from what is on disk now."""
+        for name, rec in self.records.items():
+            if name in serials:
+                rec.settle(serials[name])
 
     def hooks_pending(self, serials: dict[str, str | None] | None = None) -> frozenset[str]:
-        """Certificates whose post-renewal command still has to succeed.
+        """Certificates whose post-renewal command is owed.
 
         `serials` (name → serial on disk now) catches a pass killed after writing a
-        certificate but before recording it: the entry still says "deploying from
+        certificate but before recording it: the record still says "deploying from
         serial X", and the disk no longer holds X, so the content changed."""
-        pending = set()
-        for name, e in self.data["certificates"].items():
-            if not isinstance(e, dict):
-                continue
-            if e.get("hook_pending"):
-                pending.add(name)
-            elif "deploying_from" in e and serials is not None and name in serials and serials[name] is not None and serials[name] != e["deploying_from"]:
-                pending.add(name)
-        return frozenset(pending)
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return self.data["manifest"]
+        return frozenset(
+            name
+            for name, rec in self.records.items()
+            if rec.hook_owed(serials.get(name) if serials else None, check_serial=serials is not None and name in serials)
+        )
 
     def forget_except(self, names: set[str]) -> None:
-        for name in list(self.data["certificates"]):
+        for name in list(self.records):
             if name not in names:
-                del self.data["certificates"][name]
+                del self.records[name]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": VERSION, "certificates": {n: r.to_json() for n, r in self.records.items()}, "manifest": self.manifest}
 
     def save(self) -> None:
         """Write the store if anything in it changed: a pass with nothing to do writes nothing."""
-        payload = _encode(self.data)
+        payload = _encode(self.to_json())
         if payload == self._saved:
             return
         fault_point("before_status")
@@ -109,5 +312,5 @@ def _encode(data: dict) -> bytes:
 
 
 def read_only(state_dir: Path) -> StatusStore:
-    """For --plan and status: the same store, never saved."""
-    return StatusStore(state_dir)
+    """For --plan and status: the same store, never saved, a damaged file left where it is."""
+    return StatusStore(state_dir, repair=False)
