@@ -1,10 +1,18 @@
-"""Running post-renewal commands: /bin/sh -c, own process group, timeout, captured output."""
+"""Running post-renewal commands: /bin/sh -c, own process group, timeout, captured output.
+
+The output goes to an unnamed temporary file, not a pipe: a command that starts a daemon
+in the background (which keeps the inherited stdout open) has finished when its shell
+exits, not when every descendant closes the pipe. The output is redacted (private-key
+PEM blocks, the provisioner password) before anything logs or stores it.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -14,6 +22,24 @@ from reconciler.sans import ordered
 
 TAIL_LINES = 20
 KILL_GRACE = 2.0
+TAIL_BYTES = 64 * 1024  # what is kept of a chatty command's output: the tail is what matters
+REDACTED = "[REDACTED]"
+
+# a block, or a block cut off at the end of the output (a command that printed half a key)
+_KEY_BLOCK = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S)
+# the end of a block whose beginning is before what was kept
+_KEY_TAIL = re.compile(r"\A(?:(?!-----BEGIN ).)*?-----END [A-Z0-9 ]*PRIVATE KEY-----", re.S)
+
+
+def redact(text: str, secrets: tuple[bytes, ...] = ()) -> str:
+    """`text` without private keys (whole, encrypted, cut off at either end) or `secrets`."""
+    text = _KEY_TAIL.sub(REDACTED, text)
+    text = _KEY_BLOCK.sub(REDACTED, text)
+    for secret in secrets:
+        value = secret.decode("utf-8", "replace")
+        if value:
+            text = text.replace(value, REDACTED)
+    return text
 
 
 @dataclass(frozen=True)
@@ -55,32 +81,38 @@ def hook_environment(certs: list[DesiredCert], actions: dict[str, str], ca_path_
     return env
 
 
-def run_hook(command: str, certs: list[DesiredCert], actions: dict[str, str], timeout: float, cwd=None) -> HookOutcome:
+def run_hook(
+    command: str, certs: list[DesiredCert], actions: dict[str, str], timeout: float, cwd=None, secrets: tuple[bytes, ...] = ()
+) -> HookOutcome:
     started = time.monotonic()
-    proc = subprocess.Popen(
-        ["/bin/sh", "-c", command],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=hook_environment(certs, actions),
-        cwd=cwd,
-        start_new_session=True,  # its own process group, so a timeout kills everything it started
-    )
-    fault_point("hook_started")
-    timed_out = False
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _kill_group(proc)
+    with tempfile.TemporaryFile() as out:  # unnamed (O_TMPFILE), mode 0600: nobody else can open it
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", command],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=hook_environment(certs, actions),
+            cwd=cwd,
+            start_new_session=True,  # its own process group, so a timeout kills everything it started
+        )
+        fault_point("hook_started")
+        timed_out = False
         try:
-            out, _ = proc.communicate(timeout=KILL_GRACE)
-        except subprocess.TimeoutExpired:  # something escaped the group and holds the pipe
-            out = b""
-    text = out.decode("utf-8", "replace") if out else ""
-    tail = tuple(text.splitlines()[-TAIL_LINES:])
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+        text = _tail(out)
+    tail = tuple(redact(text, secrets).splitlines()[-TAIL_LINES:])
     ok = not timed_out and proc.returncode == 0
     return HookOutcome(command, tuple(c.name for c in certs), ok, proc.returncode, timed_out, tail, time.monotonic() - started)
+
+
+def _tail(out) -> str:
+    size = os.fstat(out.fileno()).st_size
+    out.seek(max(0, size - TAIL_BYTES))
+    data = out.read(TAIL_BYTES)
+    return data.decode("utf-8", "replace")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -101,3 +133,14 @@ def _kill_group(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             continue
 
+
+
+def secrets_of(spec) -> tuple[bytes, ...]:
+    """What must never appear in stored hook output besides keys: the provisioner password."""
+    if getattr(spec, "password_file", None) is None:
+        return ()
+    try:
+        password = spec.password_file.read_bytes().rstrip(b"\r\n")
+    except OSError:
+        return ()
+    return (password,) if password else ()
