@@ -37,8 +37,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from reconciler import crypto
 from reconciler import sans as sanlib
 from reconciler.atomic import write_atomic
+from reconciler.faults import fault_point
 from reconciler.issuers import IssueRequest, Issued, IssuerError
 from reconciler.model import IssuerSpec
+from reconciler.statefiles import private_dir
 
 from reconciler.issuers.stepca_config import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -379,14 +381,16 @@ class StepCA:
         ctx = ssl.create_default_context(cadata=root_pem.decode("ascii"))
         if client_chain is not None:
             cert_pem, key_pem = client_chain
-            # ssl only loads client credentials from files: a private 0700 folder, a 0600
-            # file, deleted as soon as OpenSSL has read it
-            tmpdir = tempfile.mkdtemp(prefix="reconciler-mtls-")
+            # ssl only loads client credentials from files: a 0600 file in a fresh folder
+            # inside the state folder's 0700 private folder (never a shared /tmp), deleted as
+            # soon as OpenSSL has read it; a kill in between leaves it for the next pass's sweep
+            tmpdir = tempfile.mkdtemp(prefix="mtls-", dir=private_dir(self.state_dir))
             try:
                 cred = Path(tmpdir) / "client.pem"
                 fd = os.open(cred, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(key_pem + b"\n" + cert_pem)
+                fault_point("mtls_credential_written")
                 ctx.load_cert_chain(str(cred))
             finally:
                 shutil.rmtree(tmpdir, ignore_errors=True)
