@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from datetime import timedelta
@@ -287,20 +288,31 @@ def _entry_digest(entry: Any) -> str:
     return hashlib.sha256(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:24]
 
 
+def _parse_digests(data: bytes) -> set[str]:
+    """One digest per line: anything else is damage (or a way to skip validation)."""
+    from reconciler.statefiles import StateFileDamaged
+
+    digests = set(data.decode("ascii").split())
+    bad = next((d for d in digests if not re.fullmatch(r"(?:file:)?[0-9a-f]{24,64}", d)), None)
+    if bad is not None:
+        raise StateFileDamaged(f"{bad[:40]!r} is not an entry digest")
+    return digests
+
+
 class ValidationCache:
     """Digests of entries that already passed the schema, so a 10k-entry manifest
     pays jsonschema only for what changed. Lives in the state folder; any damage
     just means validating again."""
 
-    def __init__(self, state_dir: Path | None):
+    def __init__(self, state_dir: Path | None, repair: bool = False):
         self.path = state_dir / "cache" / f"valid-entries-{schema_digest()}.txt" if state_dir else None
         self.known: set[str] = set()
         self.added: set[str] = set()
         if self.path:
-            try:
-                self.known = set(self.path.read_text().split())
-            except (OSError, UnicodeDecodeError):
-                pass
+            from reconciler.statefiles import read_state_file
+
+            found = read_state_file(self.path, _parse_digests, "validation cache", repair=repair, consequence="validating every entry again", state_dir=state_dir)
+            self.known = found.value or set()
 
     def save(self) -> None:
         if not self.path or not self.added:
@@ -332,7 +344,7 @@ def build(
     byte for byte, skips the per-entry digests too (10k entries cost ~0.4 s to digest).
     `cache`: the caller's ValidationCache, which the caller saves (after its own checks)."""
     issues: list[Issue] = []
-    cache = cache if cache is not None else ValidationCache(state_dir)
+    cache = cache if cache is not None else ValidationCache(state_dir, repair=save_cache)
     whole = f"file:{file_digest}" if file_digest else None
     if isinstance(document, list):
         prefix, entries, defaults, issuer_raw = "", document, {}, None

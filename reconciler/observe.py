@@ -478,20 +478,65 @@ def observe_all(certs, trust: Trust, cache: "ObservationCache | None" = None) ->
 # --------------------------------------------------------------------------- cache
 
 
+def _parse_cache(data: bytes) -> dict[str, Any]:
+    """The cache's entries, each checked so that get() cannot trip over a wrong shape."""
+    from reconciler.statefiles import StateFileDamaged
+
+    raw = json.loads(data)
+    if not isinstance(raw, dict) or not isinstance(raw.get("entries"), dict):
+        raise StateFileDamaged("not an observation cache (no 'entries' object)")
+    if raw.get("version") != CACHE_VERSION:
+        return {}  # another version's format: rebuilt, not damaged
+    for key, row in raw["entries"].items():
+        problem = _row_problem(row)
+        if problem:
+            raise StateFileDamaged(f"entry {key.replace(chr(0), ' + ')!r}: {problem}")
+    return raw["entries"]
+
+
+def _row_problem(row: Any) -> str | None:
+    def ints(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+    def text(v: Any, optional: bool = False) -> bool:
+        return isinstance(v, str) or (optional and v is None)
+
+    if not isinstance(row, list) or len(row) != 6:
+        return "not a list of 6 fields"
+    if not (ints(row[0]) and ints(row[1]) and text(row[2], True) and text(row[4], True) and row[5] in (True, False, None)):
+        return "file stamps, trust, key id or chain flag of the wrong type"
+    f = row[3]
+    if not isinstance(f, dict):
+        return "certificate facts are not an object"
+    if not (text(f.get("common_name"), True) and text(f.get("key_type")) and text(f.get("public_key_id"))
+            and text(f.get("issued_by"), True) and text(f.get("serial"))):
+        return "certificate facts of the wrong type"
+    if not isinstance(f.get("sans"), list) or not all(isinstance(x, str) for x in f["sans"]):
+        return "SANs are not a list of names"
+    for name in ("not_before", "not_after"):
+        value = f.get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"{name} is not a time"
+        try:
+            datetime.fromtimestamp(value, timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            return f"{name} {value!r} is out of range"
+    return None
+
+
 class ObservationCache:
     """Parsed facts keyed by the files' identity; stale or damaged entries are simply re-read."""
 
-    def __init__(self, state_dir: Path | None):
+    def __init__(self, state_dir: Path | None, repair: bool = True):
         self.path = state_dir / "cache" / "observed.json" if state_dir else None
         self.entries: dict[str, Any] = {}
         self.dirty = False
         if self.path:
-            try:
-                raw = json.loads(self.path.read_bytes())
-                if raw.get("version") == CACHE_VERSION and isinstance(raw.get("entries"), dict):
-                    self.entries = raw["entries"]
-            except (OSError, ValueError, AttributeError):
-                pass
+            from reconciler.statefiles import read_state_file
+
+            # `repair`: only passes that may write set a damaged cache aside (--plan never writes)
+            found = read_state_file(self.path, _parse_cache, "observation cache", repair=repair, consequence="re-reading the certificates", state_dir=state_dir)
+            self.entries = found.value or {}
 
     @staticmethod
     def _key(cert: DesiredCert) -> str:

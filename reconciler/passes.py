@@ -60,18 +60,18 @@ def default_state_dir() -> Path:
 def load_desired(settings: Settings, save_cache: bool = False, raw: bytes | None = None) -> Desired:
     """`raw`: the manifest's bytes as already read (--watch keeps exactly what it validated).
     Raises ManifestError, or IssuerConfigError when it is not clear which CA is meant."""
-    desired, cache = _load(settings, raw)
+    desired, cache = _load(settings, raw, repair=save_cache)
     if save_cache:
         cache.save()
     return desired
 
 
-def _load(settings: Settings, raw: bytes | None = None):
+def _load(settings: Settings, raw: bytes | None = None, repair: bool = False):
     """(Desired with its issuer resolved, the validation cache still to be saved): an issuer
     that cannot be resolved stops everything before the state folder is even created."""
     from reconciler.manifest import ValidationCache, build, load, parse_document
 
-    cache = ValidationCache(settings.state_dir)
+    cache = ValidationCache(settings.state_dir, repair=repair)  # repair: a damaged cache is set aside
     if raw is None:
         desired = load(settings.manifest, settings.state_dir, cache=cache)
     else:
@@ -157,11 +157,13 @@ def snapshot(
     cache: ObservationCache | None = None,
     forced: ForcedRenewal | None = None,
     fetch_root: bool = False,
+    repair: bool = False,
 ) -> Snapshot:
     """Observe and plan. Reads only unless `fetch_root`: `--plan` is exactly this.
     `cache`: an ObservationCache kept across passes (--watch), instead of reading it from disk.
     `forced`: `reconcile renew`; an unknown name raises UnknownCertificate before anything is read.
-    `fetch_root`: a pass may download a step-ca root known by its fingerprint (see _unknown_trust)."""
+    `fetch_root`: a pass may download a step-ca root known by its fingerprint (see _unknown_trust).
+    `repair`: set a damaged cache aside (passes only: `--plan` and `status` never write)."""
     from reconciler.statefiles import check_state_dir
 
     assert desired.issuer is not None, "load_desired resolves the issuer"
@@ -169,7 +171,7 @@ def snapshot(
     check_state_dir(settings.state_dir)
     issuer = make_issuer(desired.issuer, settings.state_dir, settings.ca_timeout)
     unknown = _unknown_trust(issuer, desired.issuer, fetch_root)
-    cache = cache if cache is not None else ObservationCache(settings.state_dir)
+    cache = cache if cache is not None else ObservationCache(settings.state_dir, repair=repair)
     observed = observe_all(desired.certificates, trust_of(issuer, desired.issuer), cache)
     serials = {name: (o.cert.serial if o.cert else None) for name, o in observed.items()}
     plan = make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(serials), issuer_unknown=unknown)
@@ -255,7 +257,7 @@ def run_pass(
     if desired is None:
         # before the lock, which creates the state folder: a manifest whose CA is unclear
         # (or that is invalid) leaves no trace
-        desired, validation_cache = _load(settings)
+        desired, validation_cache = _load(settings, repair=True)
     check_state_dir(settings.state_dir)
     with PassLock(settings.state_dir, settings.lock_timeout):
         # credentials a killed pass left in the private folder (step-ca mTLS): nobody but
@@ -265,7 +267,7 @@ def run_pass(
         if validation_cache is not None:
             validation_cache.save()
         status = StatusStore(settings.state_dir)
-        snap = snapshot(settings, desired, status, cache=cache, forced=forced, fetch_root=True)
+        snap = snapshot(settings, desired, status, cache=cache, forced=forced, fetch_root=True, repair=True)
         work = defer(snap.plan, deferral) if deferral is not None else snap.plan
         if manifest_state is not None:
             status.manifest.clear()

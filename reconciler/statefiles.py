@@ -51,14 +51,16 @@ def check_state_dir(state_dir: Path) -> None:
     except OSError as exc:
         raise _state_dir_error(state_dir, exc) from None
     if not stat.S_ISDIR(st.st_mode):
-        raise _status_error()(
-            f"the state folder {state_dir} is not a folder; move that file away or choose another with --state-dir (env RECONCILER_STATE_DIR)"
-        )
+        raise _state_dir_error(state_dir, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
     if not os.access(state_dir, os.R_OK | os.W_OK | os.X_OK):
         raise _state_dir_error(state_dir, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
 
 
 def _state_dir_error(state_dir: Path, exc: OSError) -> Exception:
+    if exc.errno == errno.ENOTDIR:
+        return _status_error()(
+            f"the state folder {state_dir} is not a folder; move that file away or choose another with --state-dir (env RECONCILER_STATE_DIR)"
+        )
     hint = (
         "give this user read, write and search access to it (it should be mode 0700 and owned by the user running reconcile), or choose another with --state-dir"
         if exc.errno in (errno.EACCES, errno.EPERM)
@@ -68,21 +70,33 @@ def _state_dir_error(state_dir: Path, exc: OSError) -> Exception:
 
 
 def read_state_file(
-    path: Path, parse: Callable[[bytes], Any], what: str, *, repair: bool = True, consequence: str = "rebuilding it"
+    path: Path, parse: Callable[[bytes], Any], what: str, *, repair: bool = True, consequence: str = "rebuilding it",
+    state_dir: Path | None = None,
 ) -> Found:
     """`parse(bytes)` returns the value or raises (ValueError, StateFileDamaged, or any shape
-    error such as KeyError/TypeError). A damaged file is renamed aside when `repair`."""
+    error such as KeyError/TypeError). A damaged file is renamed aside when `repair`.
+    `state_dir`: the state folder `path` is in (default: its parent)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return Found()
     except NotADirectoryError as exc:
-        raise _state_dir_error(path.parent, exc) from None
+        # a file where a folder belongs: the state folder itself is an error; a folder
+        # inside it (cache/) is damage like any other, set aside and rebuilt
+        state_dir = Path(state_dir or path.parent)
+        folder = next((p for p in reversed(path.parents) if p.is_relative_to(state_dir) and not p.is_dir()), state_dir)
+        if folder == state_dir:
+            raise _state_dir_error(state_dir, exc) from None
+        return _damaged(folder, what.split(" ")[-1] + " folder", "it is a file, not a folder", repair, consequence)
     except IsADirectoryError:
         return _damaged(path, what, "it is a folder, not a file", repair, consequence)
     except PermissionError as exc:
-        if not os.access(path.parent, os.X_OK):
-            raise _state_dir_error(path.parent, exc) from None
+        state_dir = Path(state_dir or path.parent)
+        folder = next((p for p in reversed(path.parents) if p.is_relative_to(state_dir) and not os.access(p, os.X_OK)), None)
+        if folder == state_dir:
+            raise _state_dir_error(state_dir, exc) from None
+        if folder is not None:
+            return _damaged(folder, what.split(" ")[-1] + " folder", f"it cannot be entered ({exc.strerror})", repair, consequence)
         return _damaged(path, what, f"it cannot be read ({exc.strerror})", repair, consequence)
     except OSError as exc:
         return _damaged(path, what, f"it cannot be read ({exc.strerror or exc})", repair, consequence)
