@@ -28,10 +28,11 @@ class StateFileDamaged(ValueError):
         self.salvaged = salvaged
 
 
-def _status_error():
-    from reconciler.status import StatusError
-
-    return StatusError
+class StatusError(OSError):
+    """The state folder cannot be used, or the status store cannot be written. A pass stops
+    there rather than forget an owed hook; what it already wrote stays, and the next pass
+    re-reads it from disk. (Defined here, below the status store, so that the caches the pure
+    core reads can raise it too; `reconciler.status` re-exports it.)"""
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def check_state_dir(state_dir: Path) -> None:
 
 def _state_dir_error(state_dir: Path, exc: OSError) -> Exception:
     if exc.errno == errno.ENOTDIR:
-        return _status_error()(
+        return StatusError(
             f"the state folder {state_dir} is not a folder; move that file away or choose another with --state-dir (env RECONCILER_STATE_DIR)"
         )
     hint = (
@@ -66,7 +67,7 @@ def _state_dir_error(state_dir: Path, exc: OSError) -> Exception:
         if exc.errno in (errno.EACCES, errno.EPERM)
         else "check --state-dir (env RECONCILER_STATE_DIR)"
     )
-    return _status_error()(f"cannot use the state folder {state_dir}: {exc.strerror or exc}; {hint}")
+    return StatusError(f"cannot use the state folder {state_dir}: {exc.strerror or exc}; {hint}")
 
 
 def read_state_file(
@@ -140,7 +141,7 @@ def private_dir(state_dir: Path) -> Path:
         pass
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise _status_error()(f"{path} is not a folder owned by this user; remove it so the reconciler can recreate it")
+        raise StatusError(f"{path} is not a folder owned by this user; remove it so the reconciler can recreate it")
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(path, 0o700)
     return path

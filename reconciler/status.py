@@ -26,15 +26,10 @@ from typing import Any
 
 from reconciler.atomic import write_atomic
 from reconciler.faults import fault_point
-from reconciler.statefiles import StateFileDamaged, read_state_file
+from reconciler.statefiles import StateFileDamaged, StatusError, read_state_file  # noqa: F401  (StatusError: re-exported)
 
 VERSION = 1
 log = logging.getLogger("reconciler.status")
-
-
-class StatusError(OSError):
-    """The status store cannot be written. A pass stops there rather than forget a pending
-    hook; what it already wrote stays, and the next pass re-reads it from disk."""
 
 
 _UNSET = object()
