@@ -311,8 +311,11 @@ class ValidationCache:
         if self.path:
             from reconciler.statefiles import read_state_file
 
-            found = read_state_file(self.path, _parse_digests, "validation cache", repair=repair, consequence="validating every entry again", state_dir=state_dir)
-            self.known = found.value or set()
+            try:
+                found = read_state_file(self.path, _parse_digests, "validation cache", repair=repair, consequence="validating every entry again", state_dir=state_dir)
+                self.known = found.value or set()
+            except OSError:
+                pass  # an unusable state folder: the pass (or doctor) reports it; validation does not need it
 
     def save(self) -> None:
         if not self.path or not self.added:
