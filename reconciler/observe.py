@@ -488,10 +488,19 @@ def _parse_cache(data: bytes) -> dict[str, Any]:
     if raw.get("version") != CACHE_VERSION:
         return {}  # another version's format: rebuilt, not damaged
     for key, row in raw["entries"].items():
-        problem = _row_problem(row)
+        problem = _ca_row_problem(row) if key.startswith("ca\0") else _row_problem(row)
         if problem:
             raise StateFileDamaged(f"entry {key.replace(chr(0), ' + ')!r}: {problem}")
     return raw["entries"]
+
+
+def _ca_row_problem(row: Any) -> str | None:
+    """A `ca_path` file's row (put_ca): its stamp and the fingerprints it holds."""
+    if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], list) and isinstance(row[1], list)):
+        return "not a list of a file stamp and fingerprints"
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in row[0]) or not all(isinstance(x, str) for x in row[1]):
+        return "file stamp or fingerprints of the wrong type"
+    return None
 
 
 def _row_problem(row: Any) -> str | None:
