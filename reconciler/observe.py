@@ -470,6 +470,30 @@ def _observe_ca(path: Path, follow: bool, cache: "ObservationCache | None") -> d
     return {"ca_file": state, "ca_certs": certs}
 
 
+def unknown_chain_certificates(certs, observed: dict[str, Observed], trust: Trust) -> list:
+    """The certificates after the leaf in the files whose chain holds one the issuer does not
+    know yet (an intermediate the old `step ca certificate` bundled in): candidates for the
+    issuer to verify and learn. Reads only those files, so a converged host reads none."""
+    from cryptography import x509
+
+    known = set(trust.fingerprints)
+    found: dict[str, Any] = {}
+    for cert in certs:
+        o = observed.get(cert.name)
+        if o is None or o.cert is None or not o.cert_file.present or all(fp in known for fp in o.cert.chain):
+            continue
+        data, err = _read(cert.cert_path)
+        if err or data is None or len(data) > 1024 * 1024:
+            continue
+        try:
+            chain = x509.load_pem_x509_certificates(data)[1:]
+        except ValueError:
+            continue
+        for c in chain:
+            found.setdefault(_fingerprint(c), c)
+    return [c for fp, c in found.items() if fp not in known]
+
+
 def observe_all(certs, trust: Trust, cache: "ObservationCache | None" = None) -> dict[str, Observed]:
     folders: dict = {}
     return {c.name: observe(c, trust, cache, folders) for c in certs}

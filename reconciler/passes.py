@@ -140,6 +140,19 @@ def _unknown_trust(issuer: Issuer, spec: IssuerSpec, fetch: bool) -> str | None:
     return issuer.untrusted_reason()  # type: ignore[attr-defined]
 
 
+def _learn_intermediates(issuer: Issuer, desired: Desired, observed: dict[str, Observed], trust: Trust, persist: bool) -> bool:
+    """Let a step-ca adopt the intermediates bundled in the certificate files (verified
+    against its root), so that certificates another state folder issued, or the old script's
+    `step ca certificate`, are recognised instead of reissued. True: observe again."""
+    learn = getattr(issuer, "learn_intermediates", None)
+    if learn is None or not trust.fingerprints:
+        return False
+    from reconciler.observe import unknown_chain_certificates
+
+    candidates = unknown_chain_certificates(desired.certificates, observed, trust)
+    return bool(candidates) and learn(candidates, persist) > 0
+
+
 @dataclass
 class Snapshot:
     desired: Desired
@@ -172,7 +185,10 @@ def snapshot(
     issuer = make_issuer(desired.issuer, settings.state_dir, settings.ca_timeout)
     unknown = _unknown_trust(issuer, desired.issuer, fetch_root)
     cache = cache if cache is not None else ObservationCache(settings.state_dir, repair=repair)
-    observed = observe_all(desired.certificates, trust_of(issuer, desired.issuer), cache)
+    trust = trust_of(issuer, desired.issuer)
+    observed = observe_all(desired.certificates, trust, cache)
+    if _learn_intermediates(issuer, desired, observed, trust, persist=fetch_root):
+        observed = observe_all(desired.certificates, trust_of(issuer, desired.issuer), cache)
     serials = {name: (o.cert.serial if o.cert else None) for name, o in observed.items()}
     plan = make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(serials), issuer_unknown=unknown)
     if chosen is not None:

@@ -18,7 +18,8 @@ SYMBOLS = {"issue": "+", "reissue": "-/+", "renew": "~", "rewrite_chain": "~", "
 WORDS = {"rewrite_chain": ("rewrite chain", "rewrite the chain"), "write_ca": ("write CA file", "write the CA file")}
 COLOURS = {"+": "32", "-/+": "33", "~": "33", "!": "35", "x": "31"}
 # what was done, for "N of M <done>" after a pass (run_hook counts certificates)
-DONE = {"issue": "issued", "reissue": "reissued", "renew": "renewed", "chown": "chowned", "chmod": "chmodded"}
+DONE = {"issue": "issued", "reissue": "reissued", "renew": "renewed", "chown": "chowned", "chmod": "chmodded",
+        "rewrite_chain": ("chain rewritten", "chains rewritten"), "write_ca": ("CA file written", "CA files written")}
 
 
 def plural(n: int, noun: str, many: str | None = None) -> str:
@@ -130,10 +131,12 @@ def _result_body(plan: Plan, result: "Result", colour: bool) -> str:
             n = counts.setdefault(a.action, [0, 0, 0])
             n[0], n[1], n[2] = n[0] + 1, n[1] + done, n[2] + failed
             sym = SYMBOLS[a.action] if done else "x"
-            rows.append((sym, p.cert.name, f"{a.action:<8} {a.reason}{note}"))
+            rows.append((sym, p.cert.name, f"{WORDS[a.action][0] if a.action in WORDS else a.action:<8} {a.reason}{note}"))
     parts = []
     for action, (planned, done, failed) in counts.items():
-        words = DONE.get(action) or ("hook" if planned == 1 else "hooks") + " retried"
+        words = DONE.get(action) or ("hook retried", "hooks retried")
+        if isinstance(words, tuple):  # the noun agrees with the number planned
+            words = words[planned != 1]
         parts.append(f"{done} of {planned} {words}" + (f", {failed} failed" if failed else ""))
     if plan.errors:
         parts.append(f"{len(plan.errors)} cannot be managed")

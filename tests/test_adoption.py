@@ -114,3 +114,23 @@ def test_the_observation_cache_a_pass_writes_for_a_ca_path_is_read_back_as_sound
         proc = reconcile(*args, "-m", str(manifest), state_dir=state, check=0)
         assert "damaged" not in proc.stderr, proc.stderr
     assert not list(state.glob("cache/*.bad-*"))
+
+
+def test_an_intermediate_bundled_by_another_ca_is_not_learned_and_its_certificate_is_reissued(tmp_path, step_ca, other_step_ca):
+    """Learning intermediates from files checks each against the configured root: a bundle
+    another CA made stays foreign, for its own file and for every pass after it."""
+    _steppath, other_env = old_host(tmp_path / "other", other_step_ca)
+    _steppath, env = old_host(tmp_path / "ours", step_ca)
+    entry = {"common_name": "web.internal.example", "cert_path": "tls/web.crt", "key_path": "tls/web.key", "include_ca": True}
+    manifest = write_manifest(tmp_path / "certificate-manifest.json", [entry])
+    reconcile("-m", str(manifest), state_dir=tmp_path / "other-state", env=other_env, check=0)
+    assert pems_in(tmp_path / "tls" / "web.crt") == 2
+    state = tmp_path / "state"
+    plan = reconcile("-m", str(manifest), "--plan", "--output", "json", state_dir=state, env=env, check=0)
+    (cert,) = json.loads(plan.stdout)["certificates"]
+    assert [a["action"] for a in cert["actions"]] == ["reissue"], plan.stdout
+    reconcile("-m", str(manifest), state_dir=state, env=env, check=0)
+    ours = x509.load_pem_x509_certificate(step_ca.intermediate_pem())
+    load_cert(tmp_path / "tls" / "web.crt").verify_directly_issued_by(ours)
+    cached = [x509.load_pem_x509_certificate(p.read_bytes()) for p in (state / "step-ca" / "intermediates").glob("*.crt")]
+    assert cached == [ours], "only the configured CA's own intermediate is cached"

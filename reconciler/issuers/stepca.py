@@ -164,6 +164,7 @@ class StepCA:
         self._kid: str | None = None
         self._alg: str | None = None
         self._seen_intermediates: set[str] = set()
+        self._learned: list[x509.Certificate] = []  # verified intermediates from files, this run
         parts = urlsplit(self.url) if self.url else None
         self.host = (parts.hostname or "") if parts else ""
         self.port = (parts.port or (443 if parts.scheme == "https" else 80)) if parts else 0
@@ -215,7 +216,7 @@ class StepCA:
         if not roots:
             return []
         known = list(roots)
-        pending = self._cached_intermediates()
+        pending = self._cached_intermediates() + list(self._learned)
         # keep only intermediates that chain to a root we return: a stale cache from
         # another CA must not make foreign certificates look like ours
         progress = True
@@ -226,7 +227,35 @@ class StepCA:
                     known.append(cert)
                     pending.remove(cert)
                     progress = True
-        return known
+        return list({fingerprint_of(c): c for c in known}.values())
+
+    def learn_intermediates(self, candidates: list[x509.Certificate], persist: bool) -> int:
+        """Adopt the CA certificates found in certificate files on disk (the old script's
+        `step ca certificate` bundles the intermediate) that chain by signature to the
+        verified root: they are this CA's intermediates as surely as those it sends when it
+        signs, and without them a leaf-only file of this CA would look foreign after a
+        fresh state folder. step-ca 0.19 serves no intermediates endpoint to ask instead.
+        `persist`: cache them like issued ones (a pass); otherwise only for this run (--plan,
+        status). Returns how many were learned."""
+        known = self.trust_roots()
+        if not known:
+            return 0
+        have = {fingerprint_of(c) for c in known}
+        pending = [c for c in candidates if _is_ca(c) and not _issued_by(c, c) and fingerprint_of(c) not in have]
+        learned = 0
+        progress = True
+        while pending and progress:  # an intermediate may be signed by another one found here
+            progress = False
+            for cert in list(pending):
+                if any(_issued_by(cert, parent) for parent in known):
+                    pending.remove(cert)
+                    known.append(cert)
+                    self._learned.append(cert)
+                    learned += 1
+                    progress = True
+        if persist and self._learned:
+            self._remember_intermediates(self._learned)
+        return learned
 
     def root_pem(self) -> bytes:
         return self._trust_root()[1]
@@ -859,6 +888,13 @@ class StepCA:
 
 
 # --------------------------------------------------------------------------- module helpers
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
 
 
 def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
