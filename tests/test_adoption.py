@@ -134,3 +134,59 @@ def test_an_intermediate_bundled_by_another_ca_is_not_learned_and_its_certificat
     load_cert(tmp_path / "tls" / "web.crt").verify_directly_issued_by(ours)
     cached = [x509.load_pem_x509_certificate(p.read_bytes()) for p in (state / "step-ca" / "intermediates").glob("*.crt")]
     assert cached == [ours], "only the configured CA's own intermediate is cached"
+
+
+def test_entries_sharing_a_ca_path_with_different_owners_are_invalid_naming_both(tmp_path):
+    """Two owners for one ca_path file chowned it back and forth on every pass: that is a
+    manifest error naming both entries, and nothing is written."""
+    out = tmp_path / "out"
+    manifest = write_manifest(tmp_path / "m.json", {"issuer": {"type": "local"}, "certificates": [
+        {"common_name": "a.example", "cert_path": "out/a.crt", "key_path": "out/a.key", "ca_path": "out/ca.crt", "owner": "root:root"},
+        {"common_name": "b.example", "cert_path": "out/b.crt", "key_path": "out/b.key", "ca_path": "out/ca.crt"},
+        {"name": "c", "common_name": "c.example", "cert_path": "out/c.crt", "key_path": "out/c.key", "ca_path": "out/ca.crt", "owner": "nobody:nogroup"},
+    ]})
+    for args in (("validate",), ()):
+        proc = reconcile(*args, "-m", str(manifest), state_dir=tmp_path / "state", check=1)
+        assert "certificates[2].owner" in proc.stderr and "certificates[0] (a.example)" in proc.stderr, proc.stderr
+        assert str(out / "ca.crt") in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert "certificates[1]" not in proc.stderr, "an entry without an owner leaves the owner alone: no conflict"
+    assert not out.exists()
+    # the same owner spelled another way is one owner
+    manifest.write_text(manifest.read_text().replace('"nobody:nogroup"', '"0:0"'))
+    reconcile("validate", "-m", str(manifest), state_dir=tmp_path / "state", check=0)
+
+
+def test_renew_takes_names_before_and_after_options(tmp_path):
+    """`reconcile renew a -m m.json --plan b`: names and options mix, as in any CLI."""
+    out = tmp_path / "out"
+    manifest = write_manifest(tmp_path / "m.json", [
+        {"name": n, "common_name": f"{n}.example", "cert_path": str(out / f"{n}.crt"), "key_path": str(out / f"{n}.key")} for n in ("a", "b", "c")
+    ])
+    state = tmp_path / "state"
+    reconcile("-m", str(manifest), state_dir=state, check=0)
+    proc = reconcile("renew", "a", "-m", str(manifest), "--plan", "--output", "json", "b", state_dir=state, check=0)
+    planned = {c["name"]: [a["action"] for a in c["actions"]] for c in json.loads(proc.stdout)["certificates"]}
+    assert planned == {"a": ["renew"], "b": ["renew"], "c": []}, proc.stdout
+    proc = reconcile("renew", "a", "--all", "-m", str(manifest), state_dir=state, check=2)
+    assert "Traceback" not in proc.stderr and "--all" in proc.stderr, proc.stderr
+
+
+def test_status_is_not_ready_while_a_chain_or_ca_file_waits_for_repair(tmp_path):
+    """A chain include_ca no longer asks for, or a deleted ca_path file: status says
+    "repair due" with the reason and exits 1, as for a wrong owner or mode."""
+    out = tmp_path / "out"
+    manifest = write_manifest(tmp_path / "m.json", [
+        {"common_name": "a.example", "cert_path": str(out / "a.crt"), "key_path": str(out / "a.key"), "include_ca": True},
+        {"common_name": "b.example", "cert_path": str(out / "b.crt"), "key_path": str(out / "b.key"), "ca_path": str(out / "ca.crt")},
+    ])
+    state = tmp_path / "state"
+    reconcile("-m", str(manifest), state_dir=state, check=0)
+    reconcile("status", "-m", str(manifest), state_dir=state, check=0)
+    manifest.write_text(manifest.read_text().replace("true", "false"))
+    (out / "ca.crt").unlink()
+    proc = reconcile("status", "-m", str(manifest), "--output", "json", state_dir=state, check=1)
+    rows = {r["name"]: r for r in json.loads(proc.stdout)["certificates"]}
+    assert {n: r["state"] for n, r in rows.items()} == {"a.example": "repair due", "b.example": "repair due"}, proc.stdout
+    assert "include_ca: false" in rows["a.example"]["problem"] and "missing" in rows["b.example"]["problem"], proc.stdout
+    reconcile("-m", str(manifest), state_dir=state, check=0)
+    reconcile("status", "-m", str(manifest), state_dir=state, check=0)
