@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     sub = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    args = build_parser(sub).parse_args(argv[1:] if sub else argv)
+    # intermixed: `renew a -m m.json --plan b` takes both names, as users expect of a CLI
+    args = build_parser(sub).parse_intermixed_args(argv[1:] if sub else argv)
     if sub == "schema":
         from reconciler.manifest import schema_bytes
 
