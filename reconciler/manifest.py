@@ -638,6 +638,7 @@ class _Claim:
     cert_path: str
     key_path: str
     ca_path: str | None
+    owner: str | None = None  # as written; only compared between entries sharing a ca_path
 
 
 def _claim(e: Any, where: str, base: Path) -> _Claim | None:
@@ -655,7 +656,9 @@ def _claim(e: Any, where: str, base: Path) -> _Claim | None:
     cert_path, key_path = p("cert_path"), p("key_path")
     if cert_path is None or key_path is None:
         return None
-    return _Claim(where, name if isinstance(name, str) and name else None, cert_path, key_path, p("ca_path"))
+    owner = e.get("owner")
+    return _Claim(where, name if isinstance(name, str) and name else None, cert_path, key_path, p("ca_path"),
+                  owner if isinstance(owner, str) else None)
 
 
 def _cross_checks(claims: list[_Claim]) -> list[Issue]:
@@ -684,4 +687,30 @@ def _cross_checks(claims: list[_Claim]) -> list[Issue]:
         if c.ca_path is not None and c.ca_path in owners:
             other, other_field = owners[c.ca_path]
             issues.append(Issue(f"{c.where}.ca_path", f"{c.ca_path} is the {other_field} of {other.where}; give the CA root its own file"))
+    return issues + _shared_ca_owners(claims)
+
+
+def _shared_ca_owners(claims: list[_Claim]) -> list[Issue]:
+    """Entries may share one ca_path (it holds the same root), but not with two owners: each
+    pass would chown the file to one, the next back to the other. Entries without an owner
+    leave it alone and agree with anyone; the same ids spelled differently agree."""
+    issues: list[Issue] = []
+    first: dict[tuple[str, str], tuple[_Claim, int]] = {}  # (ca_path, "uid"/"gid") -> who set it first
+    for c in claims:
+        if c.ca_path is None or c.owner is None:
+            continue
+        uid, gid, problem = resolve_owner(c.owner)
+        if problem:
+            continue  # reported at the entry's own owner
+        for part, value in (("uid", uid), ("gid", gid)):
+            if value is None:
+                continue
+            other, other_value = first.setdefault((c.ca_path, part), (c, value))
+            if other_value != value:
+                issues.append(Issue(
+                    f"{c.where}.owner",
+                    f'"{c.owner}" differs from "{other.owner}" of {other.where} ({other.name}), which writes the same ca_path '
+                    f"{c.ca_path}; every pass would chown it back and forth: give both one owner, or each its own ca_path",
+                ))
+                break
     return issues
