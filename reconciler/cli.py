@@ -62,7 +62,8 @@ Reads only: it changes nothing and never contacts a CA, so it can serve as a hea
 States: ready; renewal due (still valid, the next pass renews it); missing; expired;
 error (the last pass failed for it, or the file holds another certificate than the
 manifest asks for); hook pending (its post-renewal command still has to succeed);
-repair due (owner or mode differs from the manifest).
+repair due (owner or mode differs, the chain in the file is not what include_ca asks,
+or the ca_path file is missing or holds another root; the next pass fixes it).
 
 Exit codes: 0 every certificate is ready or only due for renewal; 1 any certificate is
 not ready (missing, expired, error, hook pending, repair due), or the manifest is invalid."""

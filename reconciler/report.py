@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from reconciler.diff import CHMOD, CHOWN, RENEW, RUN_HOOK, renewal_due_at
+from reconciler.diff import CHMOD, CHOWN, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, renewal_due_at
 from reconciler.durations import format_duration
 from reconciler.sans import ordered
 
@@ -62,8 +62,10 @@ def status_rows(settings, now: datetime | None = None) -> tuple[list[dict], str 
             state = "renewal due"
         elif p.content_action is not None:
             state = "error"  # present but wrong: unparsable, mismatched, other identity
-        elif actions & {CHOWN, CHMOD}:
-            state = "repair due"  # the right certificate, but not the owner or mode asked for
+        elif actions & {CHOWN, CHMOD, REWRITE_CHAIN, WRITE_CA}:
+            # the right certificate, but not the owner, mode, chain or CA file asked for:
+            # a service reading the file (or the CA file) does not see what the manifest says
+            state = "repair due"
         else:
             state = "ready"
         rows.append(
