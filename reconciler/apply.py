@@ -16,8 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from reconciler.atomic import commit, discard, fsync_dirs, make_parents, set_metadata, stage, sweep_temporaries
+from reconciler.atomic import commit, discard, fsync_dirs, set_metadata, stage, sweep_temporaries
 from reconciler.diff import CHMOD, CHOWN, RENEW, REWRITE_CHAIN, WRITE_CA
+from reconciler.folders import Folder, FolderError, resolve_file
 from reconciler.hooks import HookOutcome, run_hook
 from reconciler.issuers import IssueRequest, Issuer, IssuerError
 from reconciler.model import CA_MODE, DesiredCert
@@ -69,6 +70,8 @@ from reconciler.faults import fault_point  # noqa: E402
 def _os_error(exc: OSError, what: str, path: Path) -> str:
     import errno
 
+    if isinstance(exc, FolderError):
+        return str(exc)
     hints = {
         errno.ENOSPC: "the filesystem is full; the old files were left as they were. Free space and run again",
         errno.EDQUOT: "a disk quota is exhausted; the old files were left as they were",
@@ -76,7 +79,14 @@ def _os_error(exc: OSError, what: str, path: Path) -> str:
         errno.EPERM: "operation not permitted; run as root (chown needs it)",
         errno.EROFS: "the filesystem is read-only",
         errno.ELOOP: "it is a symlink now; refusing to follow it",
+        errno.EBUSY: "it is a mount point (a bind mount?); unmount it, or point the manifest at the mounted file's own path",
+        errno.EISDIR: "it is a directory; point the manifest at a file inside it",
     }
+    if os.geteuid() == 0:  # root already: "run as root" would send the operator the wrong way
+        hints[errno.EPERM] = hints[errno.EACCES] = (
+            "not permitted even as root: the file or its folder may have the immutable or append-only attribute "
+            f"(lsattr -d {path} {path.parent}; chattr -i -a ...), or sit on a read-only or bind mount (findmnt {path})"
+        )
     return f"cannot {what} {path}: {exc.strerror or exc}" + (f" ({hints[exc.errno]})" if exc.errno in hints else "")
 
 
@@ -95,15 +105,6 @@ def sweep(plan: Plan, extra: tuple[Path, ...] = ()) -> list[Path]:
 
 def _request(cert: DesiredCert) -> IssueRequest:
     return IssueRequest(cert.name, cert.common_name, ordered(cert.sans), cert.duration, cert.cert_type, cert.key)
-
-
-def _current_key(cert: DesiredCert):
-    from reconciler.crypto import load_key
-
-    try:
-        return load_key(cert.key_path.read_bytes())
-    except (OSError, ValueError, TypeError):
-        return None
 
 
 def _check_issued(cert: DesiredCert, key, leaf_pem: bytes) -> None:
@@ -125,33 +126,40 @@ def _check_issued(cert: DesiredCert, key, leaf_pem: bytes) -> None:
         raise IssuerError(f"the CA returned a certificate for other SANs ({got}) than requested", hint="check the CA's policy for this provisioner")
 
 
-def deploy(cert_plan: CertPlan, issuer: Issuer, pending_dirs: set[Path] | None = None) -> CertResult:
+def deploy(cert_plan: CertPlan, issuer: Issuer, pending_dirs: set[Path] | None = None, manager: str | None = None) -> CertResult:
+    """`manager`: our state folder's identity (reconciler.managed), marked on every file
+    written; a file marked by another state folder is refused."""
     cert = cert_plan.cert
     action = cert_plan.content_action
     names = tuple(a.action for a in cert_plan.actions)
     try:
         if action is not None:
-            _deploy_content(cert, action.action, issuer, pending_dirs)
+            _deploy_content(cert, action.action, issuer, pending_dirs, manager)
             return CertResult(cert.name, names, True, content_changed=True)
         by_kind = {a.action: a for a in cert_plan.actions}
         targets = []
         if REWRITE_CHAIN in by_kind:
-            targets.append(("cert", _write_target(cert, cert.cert_path), _rewritten_chain(cert, by_kind[REWRITE_CHAIN], issuer), cert.cert_mode))
+            targets.append(("cert", cert.cert_path, _rewritten_chain(cert, by_kind[REWRITE_CHAIN], issuer), cert.cert_mode))
         if WRITE_CA in by_kind and cert.ca_path is not None:
-            targets.append(("ca", _write_target(cert, cert.ca_path), issuer.root_pem(), CA_MODE))
+            targets.append(("ca", cert.ca_path, issuer.root_pem(), CA_MODE))
         if targets:
-            _write_all(cert, targets, pending_dirs)
+            _write_all(cert, targets, pending_dirs, manager)
         if CHOWN in by_kind or CHMOD in by_kind:
-            # owner and mode in one step per file, never through a symlink that appeared
-            # since observe (unless the entry allows links), never wider than the final mode
+            # owner and mode in one step per file, through its folder opened without
+            # following a planted link, never through a symlink that appeared since observe
+            # (unless the entry allows links), never wider than the final mode
             uid = cert.uid if CHOWN in by_kind else None
             gid = cert.gid if CHOWN in by_kind else None
-            files = [(cert.cert_path, cert.cert_mode), (cert.key_path, cert.key_mode)]
+            files = [("cert", cert.cert_path, cert.cert_mode), ("key", cert.key_path, cert.key_mode)]
             if cert.ca_path is not None:
-                files.append((cert.ca_path, CA_MODE))
-            for path, mode in files:
+                files.append(("ca", cert.ca_path, CA_MODE))
+            for label, path, mode in files:
                 try:
-                    set_metadata(path, uid, gid, mode if CHMOD in by_kind else None, follow_symlinks=cert.allow_symlink)
+                    folder, name = _open_target(cert, label, path)
+                    with folder:
+                        if label != "ca":
+                            _refuse_foreign(folder, name, label, path, manager)
+                        set_metadata(Path(name), uid, gid, mode if CHMOD in by_kind else None, folder=folder)
                 except OSError as exc:
                     raise DeployError(_os_error(exc, "change the owner or mode of", path)) from None
         return CertResult(cert.name, names, True, content_changed=bool(targets))
@@ -166,28 +174,133 @@ def deploy(cert_plan: CertPlan, issuer: Issuer, pending_dirs: set[Path] | None =
         return CertResult(cert.name, names, False, f"unexpected error: {type(exc).__name__}: {exc}")
 
 
-def _deploy_content(cert: DesiredCert, action: str, issuer: Issuer, pending_dirs: set[Path] | None = None) -> None:
+def _open_target(cert: DesiredCert, label: str, path: Path, create: bool = False) -> tuple[Folder, str]:
+    """The folder a write to `path` lands in, opened from / without following a link
+    that anyone but root could have planted (reconciler.folders), and the file's name there.
+    A symlink at `path` itself is replaced, never written through, unless the entry says
+    "allow_symlink": true: then its final target is (observe followed it too)."""
+    return resolve_file(path, {cert.uid} if cert.uid is not None else set(), cert.allow_symlink, 0o755 if create else None, label)
+
+
+def _refuse_foreign(folder: Folder, name: str, label: str, path: Path, manager: str | None) -> None:
+    if manager is None:
+        return
+    from reconciler.managed import foreign, refusal
+
+    other = foreign(folder.path / name, manager)
+    if other:
+        raise DeployError(refusal(label, path, other, manager))
+
+
+def _preflight(folder: Folder, name: str, label: str, path: Path, manager: str | None) -> None:
+    """Refuse, before the CA is asked and before anything is replaced, a target that a
+    rename could not replace: a folder, an immutable or append-only file, a file another
+    state folder manages."""
+    import errno
+    import stat as stat_
+
+    try:
+        st = os.stat(name, dir_fd=folder.fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat_.S_ISDIR(st.st_mode):
+        raise DeployError(f"{label} {path} is a directory; point {label}_path at a file inside it")
+    if label != "ca":  # one CA root file may serve several reconcilers
+        _refuse_foreign(folder, name, label, path, manager)
+    if stat_.S_ISREG(st.st_mode) and _immutable(folder, name):
+        raise DeployError(_os_error(OSError(errno.EPERM, "the file has the immutable or append-only attribute"), "replace", path))
+
+
+def _immutable(folder: Folder, name: str) -> bool:
+    import fcntl
+
+    FS_IOC_GETFLAGS, IMMUTABLE, APPEND = 0x80086601, 0x10, 0x20
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder.fd)
+    except OSError:
+        return False
+    try:
+        flags = int.from_bytes(fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8))[:4], sys.byteorder)
+    except OSError:
+        return False  # a filesystem without these attributes
+    finally:
+        os.close(fd)
+    return bool(flags & (IMMUTABLE | APPEND))
+
+
+def _read(folder: Folder, name: str) -> bytes:
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder.fd)
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read(1024 * 1024)
+
+
+def _read_key(folder: Folder, name: str):
+    from reconciler.crypto import load_key
+
+    try:
+        return load_key(_read(folder, name))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _open_existing(cert: DesiredCert, targets, manager: str | None) -> dict[str, tuple[Folder, str] | None]:
+    """Each target's folder if it exists (None: created once there is something to write,
+    so a refused issuance creates nothing), each existing target checked by _preflight."""
+    import errno
+
+    folders: dict[str, tuple[Folder, str] | None] = {}
+    try:
+        for label, path in targets:
+            try:
+                folders[label] = _open_target(cert, label, path)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    folders[label] = None
+                    continue
+                raise DeployError(_os_error(exc, "write", path)) from None
+            _preflight(*folders[label], label, path, manager)
+    except BaseException:
+        _close(folders)
+        raise
+    return folders
+
+
+def _close(folders: dict) -> None:
+    for opened in folders.values():
+        if opened is not None:
+            opened[0].close()
+
+
+def _deploy_content(cert: DesiredCert, action: str, issuer: Issuer, pending_dirs: set[Path] | None = None, manager: str | None = None) -> None:
     from reconciler.crypto import generate_key, key_to_pem
     from reconciler.observe import key_type_of
 
-    current = _current_key(cert) if (cert.key.rotation == "never" or action == RENEW) else None
-    reuse = cert.key.rotation == "never" and current is not None and key_type_of(current.public_key()) == cert.key.describe()
-    key = current if reuse else generate_key(cert.key)
-    request = _request(cert)
-    if action == RENEW and current is not None:
-        issued = issuer.renew(request, key, cert.cert_path.read_bytes(), current)
-    else:
-        issued = issuer.issue(request, key)
-    _check_issued(cert, key, issued.leaf_pem)
-    body = issued.leaf_pem.rstrip(b"\n") + b"\n"
-    if cert.include_ca and issued.chain_pem:
-        body += issued.chain_pem.rstrip(b"\n") + b"\n"
-    # key first, then certificate: a crash in between shows as a key mismatch next pass
-    targets = [] if reuse else [("key", _write_target(cert, cert.key_path), key_to_pem(key), cert.key_mode)]
-    targets.append(("cert", _write_target(cert, cert.cert_path), body, cert.cert_mode))
-    if cert.ca_path is not None and issued.root_pem:
-        targets.append(("ca", _write_target(cert, cert.ca_path), issued.root_pem, CA_MODE))
-    _write_all(cert, targets, pending_dirs)
+    paths = [("key", cert.key_path), ("cert", cert.cert_path)] + ([("ca", cert.ca_path)] if cert.ca_path is not None else [])
+    # every target is checked before the CA is asked: a folder, an immutable file or
+    # another state folder's file fails here, with nothing issued and nothing replaced
+    folders = _open_existing(cert, paths, manager)
+    try:
+        wants_current = folders["key"] is not None and (cert.key.rotation == "never" or action == RENEW)
+        current = _read_key(*folders["key"]) if wants_current else None
+        reuse = cert.key.rotation == "never" and current is not None and key_type_of(current.public_key()) == cert.key.describe()
+        key = current if reuse else generate_key(cert.key)
+        request = _request(cert)
+        if action == RENEW and current is not None and folders["cert"] is not None:
+            issued = issuer.renew(request, key, _read(*folders["cert"]), current)
+        else:
+            issued = issuer.issue(request, key)
+        _check_issued(cert, key, issued.leaf_pem)
+        body = issued.leaf_pem.rstrip(b"\n") + b"\n"
+        if cert.include_ca and issued.chain_pem:
+            body += issued.chain_pem.rstrip(b"\n") + b"\n"
+        # key first, then certificate: a crash in between shows as a key mismatch next pass
+        targets = [] if reuse else [("key", cert.key_path, key_to_pem(key), cert.key_mode)]
+        targets.append(("cert", cert.cert_path, body, cert.cert_mode))
+        if cert.ca_path is not None and issued.root_pem:
+            targets.append(("ca", cert.ca_path, issued.root_pem, CA_MODE))
+        _write_all(cert, targets, pending_dirs, manager, folders)
+    finally:
+        _close(folders)
 
 
 def _rewritten_chain(cert: DesiredCert, action, issuer: Issuer) -> bytes:
@@ -198,9 +311,13 @@ def _rewritten_chain(cert: DesiredCert, action, issuer: Issuer) -> bytes:
 
     (drift,) = action.drifts
     try:
-        leaf = x509.load_pem_x509_certificates(_write_target(cert, cert.cert_path).read_bytes())[0]
+        folder, name = _open_target(cert, "cert", cert.cert_path)
+        with folder:
+            leaf = x509.load_pem_x509_certificates(_read(folder, name))[0]
     except ValueError:
         raise DeployError(f"cannot rewrite the chain of {cert.cert_path}: it no longer holds a certificate (the next pass re-issues it)") from None
+    except OSError as exc:
+        raise DeployError(_os_error(exc, "read", cert.cert_path)) from None
     known = {c.fingerprint(hashes.SHA256()).hex(): c for c in issuer.trust_roots()}
     missing = [fp for fp in drift.desired if fp not in known]
     if missing:
@@ -209,36 +326,94 @@ def _rewritten_chain(cert: DesiredCert, action, issuer: Issuer) -> bytes:
     return b"".join(c.public_bytes(pem) for c in [leaf, *(known[fp] for fp in drift.desired)])
 
 
-def _write_all(cert: DesiredCert, targets: list, pending_dirs: set[Path] | None) -> None:
-    uid, gid = cert.uid, cert.gid
-    # every file is written out in full before the first replaces its old version: a full
-    # disk or a failed write leaves the old key and certificate together, untouched
-    staged: list[tuple[str, Path, Path]] = []
-    try:
-        for kind, path, data, mode in targets:
+def _write_all(cert: DesiredCert, targets: list, pending_dirs: set[Path] | None, manager: str | None = None, folders: dict | None = None) -> None:
+    """Replace `targets` ((kind, path, data, mode)) all or nothing. `folders`: as
+    _open_existing returned them (the caller closes them); None: opened and checked here."""
+    if folders is None:
+        folders = _open_existing(cert, [(kind, path) for kind, path, _data, _mode in targets], manager)
+        try:
+            return _write_all(cert, targets, pending_dirs, manager, folders)
+        finally:
+            _close(folders)
+    from reconciler.managed import XATTR, sidecar_name, xattr_supported
+
+    paths = {kind: path for kind, path, _data, _mode in targets}
+    for kind, path, _data, _mode in targets:
+        if folders.get(kind) is None:
             try:
-                make_parents(path.parent)
-                staged.append((kind, stage(path, data, mode, uid, gid), path))
+                folders[kind] = _open_target(cert, kind, path, create=True)
             except OSError as exc:
                 raise DeployError(_os_error(exc, "write", path)) from None
-    except BaseException:
-        for _kind, tmp, _path in staged:
-            discard(tmp)
-        raise
-    for i, (kind, tmp, path) in enumerate(staged):
+    uid, gid = cert.uid, cert.gid
+    marks = {XATTR: manager.encode()} if manager else None  # key and certificate; a CA root may be shared
+    # every file is written out in full before the first replaces its old version: a full
+    # disk or a failed write leaves the old key and certificate together, untouched
+    staged: list[tuple[str, Path]] = []
+    backups: dict[str, tuple[bytes, int, int, int] | None] = {}
+    try:
+        for kind, path, data, mode in targets:
+            folder, name = folders[kind]
+            try:
+                staged.append((kind, stage(Path(name), data, mode, uid, gid, folder, marks if kind != "ca" else None)))
+                backups[kind] = _keep_old(folder, name)
+            except OSError as exc:
+                raise DeployError(_os_error(exc, "write", path)) from None
+        done: list[str] = []
+        for kind, tmp in staged:
+            folder, name = folders[kind]
+            try:
+                commit(tmp, Path(name), pending_dirs, folder)
+            except OSError as exc:
+                # a rename refused after an earlier one succeeded (a bind-mounted file):
+                # put the old files back, so the service keeps a matching pair
+                restored = _restore(done, folders, backups)
+                raise DeployError(
+                    _os_error(exc, "replace", paths[kind])
+                    + (f"; the old {' and '.join(done)} {'were' if len(done) > 1 else 'was'} put back" if done and restored else "")
+                    + (f"; putting back the old {' and '.join(done)} failed too" if done and not restored else "")
+                ) from None
+            done.append(kind)
+            fault_point(f"after_{kind}")
+        marked = [k for k, _tmp in staged if k != "ca"]
+        if manager and marked and not xattr_supported(folders[marked[0]][0].fd):
+            for kind in marked:  # the mark where the filesystem keeps no extended attributes
+                folder, name = folders[kind]
+                side = Path(sidecar_name(name))
+                commit(stage(side, manager.encode() + b"\n", 0o644, None, None, folder), side, pending_dirs, folder)
+    finally:
+        for kind, tmp in staged:
+            discard(tmp, folders[kind][0])  # no-op once renamed
+
+
+def _keep_old(folder: Folder, name: str) -> tuple[bytes, int, int, int] | None:
+    """The old file's bytes, mode and owner, so a later failed rename can put it back
+    atomically (None: there was none; a failure removes the new file instead). Kept in
+    memory, not as a second name on disk: a kill must not leave an old key lying around."""
+    import stat as stat_
+
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder.fd)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        return fh.read(), stat_.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+
+
+def _restore(done: list[str], folders, backups) -> bool:
+    ok = True
+    for kind in reversed(done):
+        folder, name = folders[kind]
         try:
-            commit(tmp, path, pending_dirs)
-        except OSError as exc:
-            for _kind, rest, _path in staged[i + 1 :]:
-                discard(rest)
-            raise DeployError(_os_error(exc, "replace", path)) from None
-        fault_point(f"after_{kind}")
-
-
-def _write_target(cert: DesiredCert, path: Path) -> Path:
-    """Where a write to `path` lands. A symlink is replaced, never written through, unless
-    the entry says "allow_symlink": true: then its final target is (observe followed it too)."""
-    return Path(os.path.realpath(path)) if cert.allow_symlink else path
+            old = backups.get(kind)
+            if old is not None:
+                data, mode, uid, gid = old
+                commit(stage(Path(name), data, mode, uid, gid, folder), Path(name), None, folder)
+            else:
+                os.unlink(name, dir_fd=folder.fd)
+        except OSError:
+            ok = False
+    return ok
 
 
 def apply(
@@ -256,6 +431,7 @@ def apply(
     refuse_hooks: str | None = None,
     skip_hooks: bool = False,
     secrets: tuple[bytes, ...] = (),
+    manager: str | None = None,
 ) -> Result:
     """`cancelled()` true (SIGTERM in --watch): certificates not yet started and hooks are
     left for the next pass; a write in progress finishes. `refuse_hooks`: why no command
@@ -295,7 +471,7 @@ def apply(
         def one(p: CertPlan) -> CertResult | None:
             if cancelled is not None and cancelled():
                 return None
-            return (deploy(p, issuer, pending_dirs), bar.tick())[0]
+            return (deploy(p, issuer, pending_dirs, manager), bar.tick())[0]
 
         for res in pool.map(one, todo):
             if res is None:

@@ -11,6 +11,10 @@ next pass.
 `stage` + `commit` split a write in two, so that several files (a key and its
 certificate) are all written out before any of them replaces its old version: a full
 disk then fails before anything is replaced.
+
+Given a `Folder` (reconciler.folders: opened from / without following a link another
+user planted), every step acts on that folder's descriptor and the file's bare name, so
+swapping a folder on the path for a link mid-write cannot redirect it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import stat
 from pathlib import Path
 
 from reconciler.faults import fault_point
+from reconciler.folders import Folder, open_folder
 
 TMP_MARK = ".reconciler-tmp-"
 
@@ -35,17 +40,32 @@ def is_temporary(name: str) -> bool:
 
 
 def make_parents(folder: Path, mode: int = 0o755) -> None:
-    if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True, mode=mode)
+    """Create `folder` (and the folders above it, 0755) with exactly `mode`, whatever the umask."""
+    open_folder(folder, None, mode).close()
 
 
-def stage(path: Path, data: bytes, mode: int, uid: int | None = None, gid: int | None = None) -> Path:
+def _at(path: Path, folder: Folder | None) -> tuple[str | Path, int | None]:
+    """What to pass to an *at() call: the bare name in `folder`, or the whole path."""
+    return (path.name, folder.fd) if folder is not None else (path, None)
+
+
+def stage(
+    path: Path,
+    data: bytes,
+    mode: int,
+    uid: int | None = None,
+    gid: int | None = None,
+    folder: Folder | None = None,
+    xattrs: dict[str, bytes] | None = None,
+) -> Path:
     """Write `data` to a new temporary file beside `path` with its final owner and mode,
-    fsynced; returns the temporary's path for `commit` (or `discard`)."""
+    fsynced; returns the temporary's path for `commit` (or `discard`). `xattrs` are set
+    on the temporary, so they arrive with the rename (unsupported ones are skipped)."""
     tmp = temporary_name(path)
+    name, dir_fd = _at(tmp, folder)
     # owner bits only, and the umask can only take bits away: until fchown below the file
     # belongs to us, and a folder's setgid group must not be able to read it meanwhile
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o600)
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o600, dir_fd=dir_fd)
     try:
         try:
             fault_point("tmp_created")
@@ -53,6 +73,12 @@ def stage(path: Path, data: bytes, mode: int, uid: int | None = None, gid: int |
                 os.fchmod(fd, mode & 0o600)
                 os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
             os.fchmod(fd, mode & 0o7777)  # after chown, which may clear set-id bits
+            for key, value in (xattrs or {}).items():
+                try:
+                    os.setxattr(fd, key, value)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                        raise
             view = memoryview(data)
             half = len(view) // 2
             for i, chunk in enumerate((view[:half], view[half:])):
@@ -64,28 +90,32 @@ def stage(path: Path, data: bytes, mode: int, uid: int | None = None, gid: int |
         finally:
             os.close(fd)
     except BaseException:
-        discard(tmp)
+        discard(tmp, folder)
         raise
     return tmp
 
 
-def commit(tmp: Path, path: Path, pending_dirs: set[Path] | None = None) -> None:
+def commit(tmp: Path, path: Path, pending_dirs: set[Path] | None = None, folder: Folder | None = None) -> None:
     """Rename a staged temporary over `path` (the rename replaces a symlink, never follows it)."""
     fault_point("before_rename")
+    src, dir_fd = _at(tmp, folder)
+    dst, _ = _at(path, folder)
     try:
-        os.rename(tmp, path)
+        os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        discard(tmp)
+        discard(tmp, folder)
         raise
+    where = folder.path if folder is not None else path.parent
     if pending_dirs is None:
-        fsync_dir(path.parent)
+        fsync_dir(where)
     else:
-        pending_dirs.add(path.parent)
+        pending_dirs.add(where)
 
 
-def discard(tmp: Path) -> None:
+def discard(tmp: Path, folder: Folder | None = None) -> None:
+    name, dir_fd = _at(tmp, folder)
     try:
-        os.unlink(tmp)
+        os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
 
@@ -101,20 +131,21 @@ def write_atomic(
 ) -> None:
     """`pending_dirs`: collect the folder instead of fsyncing it now, so a pass that writes
     many files syncs each folder once (call `fsync_dirs` before anything depends on them)."""
-    folder = path.parent
-    if make_parents and not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True, mode=0o755)
-    commit(stage(path, data, mode, uid, gid), path, pending_dirs)
+    with open_folder(path.parent, None, 0o700 if make_parents else None) as folder:
+        commit(stage(path, data, mode, uid, gid, folder), path, pending_dirs, folder)
 
 
-def set_metadata(path: Path, uid: int | None, gid: int | None, mode: int | None, follow_symlinks: bool = False) -> None:
+def set_metadata(
+    path: Path, uid: int | None, gid: int | None, mode: int | None, follow_symlinks: bool = False, folder: Folder | None = None
+) -> None:
     """chown + chmod of an existing regular file, through one descriptor opened without
     following a symlink (unless asked): a path swapped for a link since it was observed
     fails with ELOOP instead of changing the link's target. While the owner changes the
     mode is first narrowed to what both old and new allow, so no new owner or group ever
     sees the file with more than its final mode."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
-    fd = os.open(path, flags)
+    name, dir_fd = _at(path, folder)
+    fd = os.open(name, flags, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

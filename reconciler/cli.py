@@ -248,6 +248,7 @@ def _main(argv: list[str] | None = None) -> int:
         # the cyclic collector only costs time there (~25 % of a 10k-certificate plan)
         gc.disable()
     setup_logging(args.log_format, args.verbose)
+    from reconciler.folders import FolderError
     from reconciler.issuers import IssuerError
     from reconciler.lock import LockTimeout
     from reconciler.manifest import ManifestError
@@ -268,6 +269,10 @@ def _main(argv: list[str] | None = None) -> int:
             if args.no_hooks:
                 print("error: --no-hooks goes with a single pass (a maintenance window), not with --watch", file=sys.stderr)
                 return EXIT_ERROR
+            from reconciler.folders import require_private
+
+            # refused at start with one clear error, not a retried pass failure
+            require_private(Path(args.state_dir), "state folder")
             if args.plan:
                 print("error: --plan and --watch do not go together; --plan shows one pass and exits", file=sys.stderr)
                 return EXIT_ERROR
@@ -281,7 +286,7 @@ def _main(argv: list[str] | None = None) -> int:
     except LockTimeout as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except (IssuerError, StatusError) as exc:
+    except (IssuerError, StatusError, FolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

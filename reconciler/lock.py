@@ -22,7 +22,11 @@ class PassLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "PassLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        from reconciler.folders import require_private
+
+        # the lock, the status store and the caches are trusted from here on: the folder
+        # must be ours alone (and it is created 0700 whatever the umask)
+        require_private(self.path.parent, "state folder", create=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + self.timeout
         while True:

@@ -665,18 +665,31 @@ def _cross_checks(claims: list[_Claim]) -> list[Issue]:
     issues: list[Issue] = []
     owners: dict[str, tuple[_Claim, str]] = {}
     names: dict[str, _Claim] = {}
+    folders: dict[str, str] = {}
+
+    def same_file(p: str) -> str:
+        """Where `p` really is: two names for one file through a linked folder are one
+        file, and two entries writing it would replace each other's certificate forever."""
+        head, tail = os.path.split(p)
+        if head not in folders:
+            folders[head] = os.path.realpath(head)
+        return os.path.join(folders[head], tail)
+
     for c in claims:
-        if c.cert_path == c.key_path:
+        if same_file(c.cert_path) == same_file(c.key_path):
             issues.append(Issue(f"{c.where}.key_path", f"is the same file as cert_path ({c.cert_path}); give the key its own file"))
         for field in ("cert_path", "key_path"):
             p = getattr(c, field)
-            if p in owners and owners[p][0] is not c:
-                other, other_field = owners[p]
+            real = same_file(p)
+            if real in owners and owners[real][0] is not c:
+                other, other_field = owners[real]
+                theirs = getattr(other, other_field)
+                via = f"; through a linked folder it is the same file as {theirs}" if theirs != p else ""
                 issues.append(
-                    Issue(f"{c.where}.{field}", f"{p} is also the {other_field} of {other.where} ({other.name}); every file belongs to one certificate")
+                    Issue(f"{c.where}.{field}", f"{p} is also the {other_field} of {other.where} ({other.name}){via}; every file belongs to one certificate")
                 )
             else:
-                owners.setdefault(p, (c, field))
+                owners.setdefault(real, (c, field))
         if c.name is None:
             continue
         if c.name in names:
@@ -684,8 +697,8 @@ def _cross_checks(claims: list[_Claim]) -> list[Issue]:
         else:
             names[c.name] = c
     for c in claims:
-        if c.ca_path is not None and c.ca_path in owners:
-            other, other_field = owners[c.ca_path]
+        if c.ca_path is not None and same_file(c.ca_path) in owners:
+            other, other_field = owners[same_file(c.ca_path)]
             issues.append(Issue(f"{c.where}.ca_path", f"{c.ca_path} is the {other_field} of {other.where}; give the CA root its own file"))
     return issues + _shared_ca_owners(claims)
 

@@ -66,7 +66,8 @@ class Observed:
     key_error: str | None = None
     # None: we cannot tell (no trust anchors known for a remote CA)
     chains_to_issuer: bool | None = None
-    # a folder above the files that someone other than root and the owner can write
+    # why these paths cannot be managed: a folder above them that someone other than root
+    # and the owner can write, or files another state folder manages (reconciler.managed)
     folder_problem: str | None = None
     ca_file: FileState | None = None  # None: the entry has no ca_path
     ca_certs: tuple[str, ...] | None = None  # sha256 of each certificate in it; None: no PEM
@@ -348,53 +349,15 @@ def _folders_above(path: Path) -> list[Path]:
 
 def _writable_by_others(target: Path, allowed: set[int]) -> tuple[str, str] | None:
     """(what is wrong, the fix) when someone outside `allowed` (uids) can write `target`."""
+    from reconciler.folders import unsafe
+
     try:
         st = os.stat(target)
     except OSError:
         return None  # not there yet (created when written) or not reachable: the write says so
-    is_dir = stat.S_ISDIR(st.st_mode)
-    if not is_dir and not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode):
         return None  # a file where a folder should be: the write fails with its own error
-    mode = stat.S_IMODE(st.st_mode)
-    owner_ok = st.st_uid in allowed
-    writable = bool(mode & 0o022) and not (is_dir and mode & stat.S_ISVTX)
-    if owner_ok and not writable:
-        return None
-    who = []
-    if not owner_ok:
-        who.append(f"its owner {_user(st.st_uid)}")
-    if writable and mode & 0o020:
-        who.append(f"group {_group(st.st_gid)}")
-    if writable and mode & 0o002:
-        who.append("every user")
-    fixes = []
-    if not owner_ok:
-        fixes.append(f"chown root {target}")
-    if writable:
-        fixes.append(f"chmod go-w {target}")
-    kind = "folder" if is_dir else "file"
-    return (
-        f"{kind} {target} (owner {_user(st.st_uid)}, group {_group(st.st_gid)}, mode {mode:04o}) can be written by {' and '.join(who)}",
-        " && ".join(fixes),
-    )
-
-
-def _user(uid: int) -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _group(gid: int) -> str:
-    import grp
-
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
+    return unsafe(st, target, allowed)
 
 
 def _folders_problem(cert: DesiredCert, memo: dict | None) -> str | None:
@@ -411,12 +374,15 @@ def _folders_problem(cert: DesiredCert, memo: dict | None) -> str | None:
 # --------------------------------------------------------------------------- observe
 
 
-def observe(cert: DesiredCert, trust: Trust, cache: "ObservationCache | None" = None, folders: dict | None = None) -> Observed:
-    """`folders`: a memo of folder checks shared by the certificates of one pass."""
+def observe(
+    cert: DesiredCert, trust: Trust, cache: "ObservationCache | None" = None, folders: dict | None = None, manager: str | None = None
+) -> Observed:
+    """`folders`: a memo of folder checks shared by the certificates of one pass.
+    `manager`: our state folder's identity; files another one manages are a problem."""
     follow = cert.allow_symlink
     cert_file = stat_file(cert.cert_path, follow)
     key_file = stat_file(cert.key_path, follow)
-    problem = _folders_problem(cert, folders)
+    problem = _folders_problem(cert, folders) or _foreign_problem(cert, cert_file, key_file, manager)
     ca = _observe_ca(cert.ca_path, follow, cache) if cert.ca_path is not None else {}
     if cache is not None:
         hit = cache.get(cert, cert_file, key_file, trust)
@@ -494,9 +460,22 @@ def unknown_chain_certificates(certs, observed: dict[str, Observed], trust: Trus
     return [c for fp, c in found.items() if fp not in known]
 
 
-def observe_all(certs, trust: Trust, cache: "ObservationCache | None" = None) -> dict[str, Observed]:
+def observe_all(certs, trust: Trust, cache: "ObservationCache | None" = None, manager: str | None = None) -> dict[str, Observed]:
     folders: dict = {}
-    return {c.name: observe(c, trust, cache, folders) for c in certs}
+    return {c.name: observe(c, trust, cache, folders, manager) for c in certs}
+
+
+def _foreign_problem(cert: DesiredCert, cert_file: FileState, key_file: FileState, manager: str | None) -> str | None:
+    if manager is None:
+        return None
+    from reconciler.managed import foreign, refusal
+
+    for label, path, state in (("cert", cert.cert_path, cert_file), ("key", cert.key_path, key_file)):
+        if state.present:
+            other = foreign(path, manager, cert.allow_symlink)
+            if other:
+                return refusal(label, path, other, manager)
+    return None
 
 
 # --------------------------------------------------------------------------- cache

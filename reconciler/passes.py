@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from reconciler.faults import fault_point
 from reconciler.issuers import Issuer, make_issuer
 from reconciler.model import Desired, IssuerSpec
+from reconciler.managed import identity
 from reconciler.observe import ObservationCache, Observed, Trust, observe_all
 from reconciler.plan import CertPlan, Plan, force_renewal, hooks_for, make_plan
 
@@ -69,8 +70,11 @@ def load_desired(settings: Settings, save_cache: bool = False, raw: bytes | None
 def _load(settings: Settings, raw: bytes | None = None, repair: bool = False):
     """(Desired with its issuer resolved, the validation cache still to be saved): an issuer
     that cannot be resolved stops everything before the state folder is even created."""
+    from reconciler.folders import require_private
     from reconciler.manifest import ValidationCache, build, load, parse_document
 
+    # its validation cache is read from the state folder: refuse one another user can change
+    require_private(settings.state_dir, "state folder")
     cache = ValidationCache(settings.state_dir, repair=repair)  # repair: a damaged cache is set aside
     if raw is None:
         desired = load(settings.manifest, settings.state_dir, cache=cache)
@@ -186,9 +190,10 @@ def snapshot(
     unknown = _unknown_trust(issuer, desired.issuer, fetch_root)
     cache = cache if cache is not None else ObservationCache(settings.state_dir, repair=repair)
     trust = trust_of(issuer, desired.issuer)
-    observed = observe_all(desired.certificates, trust, cache)
+    manager = identity(settings.state_dir)
+    observed = observe_all(desired.certificates, trust, cache, manager=manager)
     if _learn_intermediates(issuer, desired, observed, trust, persist=fetch_root):
-        observed = observe_all(desired.certificates, trust_of(issuer, desired.issuer), cache)
+        observed = observe_all(desired.certificates, trust_of(issuer, desired.issuer), cache, manager=manager)
     serials = {name: (o.cert.serial if o.cert else None) for name, o in observed.items()}
     plan = make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(serials), issuer_unknown=unknown)
     if chosen is not None:
@@ -300,6 +305,7 @@ def run_pass(
                 refuse_hooks=_hook_refusal(settings, desired, work),
                 skip_hooks=skip_hooks,
                 secrets=secrets_of(desired.issuer),
+                manager=identity(settings.state_dir),
             )
         finally:
             snap.issuer.close()
@@ -310,6 +316,8 @@ def run_pass(
             fault_point("before_reobserve")  # --watch race tests change a file here
             trust = trust_of(snap.issuer, desired.issuer)
             changed = {c.name for c in result.certificates if c.ok and c.actions}
-            snap.observed.update(observe_all([c for c in desired.certificates if c.name in changed], trust, snap.cache))
+            snap.observed.update(
+                observe_all([c for c in desired.certificates if c.name in changed], trust, snap.cache, manager=identity(settings.state_dir))
+            )
         snap.cache.save()
         return snap, result

@@ -318,3 +318,278 @@ def test_a_root_owned_manifest_runs_its_hooks_and_the_override_is_in_the_help(si
     reconcile("-m", str(m), state_dir=state, check=0)
     assert marker.exists()
     assert "--allow-untrusted-manifest" in reconcile("--help").stdout
+
+
+# --------------------------------------------------------------------------- folders swapped for links
+
+
+def wait_for(path: Path, proc, deadline: float = 120.0) -> None:
+    import time
+
+    end = time.monotonic() + deadline
+    while not path.exists():
+        assert proc.poll() is None, f"the pass ended before reaching the pause point:\n{proc.stderr.read()}"
+        assert time.monotonic() < end, f"{path} did not appear within {deadline}s"
+        time.sleep(0.02)
+
+
+def as_nobody(*argv: str, cwd: Path) -> None:
+    """Run a command as the unprivileged user `nobody`: the attacker owns the folder."""
+    subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv], cwd=cwd, check=True)
+
+
+@pytest.fixture
+def shared_site():
+    """A site `nobody` can walk into: pytest's own tmp folders are root's alone (0700)."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="reconciler-fs-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    try:
+        yield base
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(base)], capture_output=True)
+        shutil.rmtree(base)
+
+
+def owner_site(base: Path, n: int) -> tuple[Path, Path, Path, list[dict]]:
+    """srv/www (owned by www-data, here nobody) holding tls/, and a victim service's folder."""
+    www = base / "srv" / "www"
+    (www / "tls").mkdir(parents=True)
+    os.chown(www, NOBODY, -1)
+    os.chown(www / "tls", NOBODY, -1)
+    victim = base / "victim"
+    victim.mkdir()
+    (victim / "service.key").write_bytes(b"the victim's own key\n")
+    os.chmod(victim / "service.key", 0o600)
+    entries = [entry(www / "tls", f"c{i:02d}", owner="nobody") for i in range(n)]
+    return www, www / "tls", victim, entries
+
+
+def test_a_folder_the_owner_swaps_for_a_link_mid_pass_redirects_no_write(shared_site):
+    base = shared_site
+    www, tls, victim, entries = owner_site(base, 20)
+    m = write_manifest(base / "m.json", entries)
+    before = tree_snapshot(victim)
+    hold = base / "hold"
+    hold.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    env.update(
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent), NO_COLOR="1", RECONCILER_STATE_DIR=str(base / "state"),
+        RECONCILER_FAULT_HOLD=f"after_cert:{hold}",  # every certificate waits for our go
+    )
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "-m", str(m), "--workers", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(hold / "after_cert.1.held", proc)
+        (hold / "after_cert.1.go").touch()
+        wait_for(hold / "after_cert.2.held", proc)
+        (hold / "after_cert.2.go").touch()
+        wait_for(hold / "after_cert.3.held", proc)
+        # the attack, as the certificate's owner: its folder becomes a link to another service's
+        as_nobody("mv", "tls", "tls.old", cwd=www)
+        as_nobody("ln", "-s", str(victim), "tls", cwd=www)
+        for n in range(3, 21):  # let every later certificate go on (those that get this far)
+            (hold / f"after_cert.{n}.go").touch()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err, err
+    assert tree_snapshot(victim) == before, f"files landed in the victim's folder: {sorted(set(os.listdir(victim)) - {'service.key'})}"
+    assert f"{tls} is a symlink to {victim}" in err and "refusing to follow it" in err, err
+    assert len(list((www / "tls.old").glob("*.crt"))) == 3, "what was written before the swap stayed where it was"
+
+
+@pytest.mark.parametrize("allow_symlink", [False, True])
+def test_a_link_the_owner_planted_in_its_folder_is_never_followed(shared_site, allow_symlink):
+    base = shared_site
+    www, tls, victim, entries = owner_site(base, 2)
+    os.rmdir(tls)
+    as_nobody("ln", "-s", str(victim), "tls", cwd=www)
+    for e in entries:
+        e["allow_symlink"] = allow_symlink
+    m = write_manifest(base / "m.json", entries)
+    before = tree_snapshot(victim)
+    proc = reconcile("-m", str(m), state_dir=base / "state")
+    assert proc.returncode == 1
+    no_traceback(proc)
+    assert f"{tls} is a symlink to {victim}, and folder {www} (owner nobody" in proc.stderr, proc.stderr
+    assert tree_snapshot(victim) == before
+
+
+def test_links_only_root_can_change_are_still_followed(site):
+    tmp, state, out = site
+    real = out / "real"
+    real.mkdir()
+    os.symlink(real, out / "via")  # a root-owned link in a root-owned folder: like /etc/ssl -> ...
+    m = write_manifest(tmp / "m.json", [entry(out / "via" / "deeper")])
+    reconcile("-m", str(m), state_dir=state, check=0)
+    assert (real / "deeper" / "a.crt").exists()
+
+
+# --------------------------------------------------------------------------- umask and private folders
+
+
+def test_umask_000_creates_no_folder_others_can_write(tmp_path):
+    state = tmp_path / "var" / "lib" / "reconciler"
+    out = tmp_path / "etc" / "deep" / "tls"
+    m = write_manifest(tmp_path / "m.json", [entry(out), entry(out / "sub", "b")])
+    old = os.umask(0)
+    try:
+        reconcile("-m", str(m), state_dir=state, check=0)
+    finally:
+        os.umask(old)
+    wide = []
+    for root in (tmp_path / "var", tmp_path / "etc"):
+        for dirpath, dirs, _files in os.walk(root):
+            for d in [dirpath, *(os.path.join(dirpath, x) for x in dirs)]:
+                if stat.S_IMODE(os.stat(d).st_mode) & 0o022:
+                    wide.append(f"{d} {stat.S_IMODE(os.stat(d).st_mode):04o}")
+    assert not wide, wide
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "ca").stat().st_mode) == 0o700
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "etc").stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["state folder world-writable", "state folder owned by nobody", "folder above state writable", "CA folder owned by nobody", "custom CA folder group-writable"],
+)
+def test_a_state_or_ca_folder_another_user_can_change_is_refused_and_nothing_is_issued(site, how):
+    tmp, _state, out = site
+    state = tmp / "var" / "state"
+    state.mkdir(parents=True)
+    e = entry(out, ca_path=str(out / "root.pem"))
+    issuer = {"type": "local"}
+    if how == "state folder world-writable":
+        os.chmod(state, 0o777)
+        named = state
+    elif how == "state folder owned by nobody":
+        os.chown(state, NOBODY, -1)
+        named = state
+    elif how == "folder above state writable":
+        os.chmod(state.parent, 0o777)
+        named = state.parent
+    elif how == "CA folder owned by nobody":
+        (state / "ca").mkdir()
+        os.chown(state / "ca", NOBODY, -1)
+        named = state / "ca"
+    else:
+        ca = tmp / "myca"
+        ca.mkdir()
+        os.chmod(ca, 0o770)
+        issuer["dir"] = str(ca)
+        named = ca
+    m = write_manifest(tmp / "m.json", {"issuer": issuer, "certificates": [e]})
+    runs = [("--plan",), ()] + ([("--watch",)] if "CA" not in how else [])  # a watcher refuses at start
+    for args in runs:
+        proc = reconcile("-m", str(m), *args, state_dir=state, timeout=60)
+        assert proc.returncode == 1, proc.stderr
+        no_traceback(proc)
+        assert "is not safe" in proc.stderr and str(named) in proc.stderr and "Refusing to use it" in proc.stderr, proc.stderr
+    assert os.listdir(out) == [], "nothing was issued"
+
+
+# --------------------------------------------------------------------------- a rename refused half-way
+
+
+def pair_matches(cert: Path, key: Path) -> bool:
+    from cryptography.hazmat.primitives import serialization
+
+    from helpers import load_cert
+
+    k = serialization.load_pem_private_key(key.read_bytes(), None)
+    return load_cert(cert).public_key().public_numbers() == k.public_key().public_numbers()
+
+
+@pytest.mark.parametrize("how", ["immutable certificate", "bind-mounted certificate", "ca_path is a folder"])
+def test_a_rename_that_cannot_happen_keeps_the_working_pair_and_stays_reported(site, how):
+    tmp, state, out = site
+    runs = tmp / "runs"
+    e = entry(out, post_renewal_command=f"echo run >> {runs}")
+    m = write_manifest(tmp / "m.json", [e])
+    reconcile("-m", str(m), state_dir=state, check=0)
+    cert, key = Path(e["cert_path"]), Path(e["key_path"])
+    e["sans"] = ["new.fs.test"]
+    if how == "ca_path is a folder":
+        e["ca_path"] = str(out / "ca")
+        (out / "ca").mkdir()
+    write_manifest(m, [e])
+    mounted = None
+    if how == "immutable certificate":
+        subprocess.run(["chattr", "+i", str(cert)], check=True)
+    elif how == "bind-mounted certificate":
+        mounted = tmp / "elsewhere.crt"
+        mounted.write_bytes(cert.read_bytes())
+        subprocess.run(["mount", "--bind", str(mounted), str(cert)], check=True)
+    def files():  # a key put back is a new inode with the old bytes, mode and owner
+        return {p: (mode, uid, gid, data) for p, (_ino, _mtime, mode, uid, gid, data) in tree_snapshot(out).items()}
+
+    old = files()
+    try:
+        for attempt in range(2):  # the failure stays visible until it is fixed
+            proc = reconcile("-m", str(m), state_dir=state)
+            assert proc.returncode == 1, proc.stderr
+            no_traceback(proc)
+            assert files() == old, f"pass {attempt + 1} changed files"
+            assert pair_matches(cert, key), "the service's key and certificate still belong together"
+            assert runs.read_text().count("run") == 1
+            if how == "immutable certificate":
+                assert "immutable" in proc.stderr and "run as root" not in proc.stderr, proc.stderr
+            elif how == "bind-mounted certificate":
+                assert f"cannot replace {cert}" in proc.stderr and "mount point" in proc.stderr and "the old key was put back" in proc.stderr, proc.stderr
+            else:
+                assert f"ca {out / 'ca'} is a directory; point ca_path at a file inside it" in proc.stderr, proc.stderr
+            assert not [n for n in os.listdir(out) if is_temporary(n)]
+    finally:
+        subprocess.run(["chattr", "-i", str(cert)], capture_output=True)
+        if mounted is not None:
+            subprocess.run(["umount", str(cert)], check=True)
+    if how == "ca_path is a folder":
+        os.rmdir(out / "ca")
+    reconcile("-m", str(m), state_dir=state, check=0)
+    assert cert_sans(cert) == {"a.fs.test", "new.fs.test"} and pair_matches(cert, key)
+    assert runs.read_text().count("run") == 2
+
+
+# --------------------------------------------------------------------------- two writers
+
+
+def test_a_second_state_folder_refuses_files_another_one_manages(site):
+    tmp, state, out = site
+    runs = tmp / "runs"
+    m = write_manifest(tmp / "m.json", [entry(out, post_renewal_command=f"echo run >> {runs}")])
+    reconcile("-m", str(m), state_dir=state, check=0)
+    old = tree_snapshot(out)
+    other = tmp / "other-state"
+    for args in (("--plan",), (), ()):
+        proc = reconcile("-m", str(m), *args, state_dir=other)
+        assert proc.returncode == 1, proc.stderr
+        no_traceback(proc)
+        assert f"is managed by the reconciler with state folder {state}, and this one uses {other}" in proc.stdout + proc.stderr, proc.stderr
+    assert tree_snapshot(out) == old
+    assert runs.read_text().count("run") == 1
+    reconcile("-m", str(m), "--detailed-exitcode", state_dir=state, check=0)  # the first one is undisturbed
+    # a mark naming a state folder that is gone is stale: the file is taken over
+    import shutil
+
+    shutil.rmtree(state)
+    reconcile("-m", str(m), state_dir=other, check=0)
+    reconcile("-m", str(m), "--detailed-exitcode", state_dir=other, check=0)
+
+
+def test_two_entries_naming_one_file_through_a_linked_folder_are_invalid(site):
+    tmp, state, out = site
+    os.symlink(out, tmp / "alias")
+    m = write_manifest(tmp / "m.json", [entry(out), entry(tmp / "alias", "b") | {"cert_path": str(tmp / "alias" / "a.crt")}])
+    proc = reconcile("validate", "-m", str(m))
+    assert proc.returncode == 1
+    no_traceback(proc)
+    assert f"{tmp / 'alias' / 'a.crt'} is also the cert_path of" in proc.stderr and f"the same file as {out / 'a.crt'}" in proc.stderr, proc.stderr

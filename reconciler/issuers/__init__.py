@@ -106,7 +106,14 @@ def make_issuer(spec: "IssuerSpec", state_dir: Path, timeout: float | None = Non
     if spec.type == "local":
         from reconciler.issuers.local import LocalCA
 
-        return LocalCA(spec.dir if spec.dir else state_dir / "ca")
+        from reconciler.folders import private_folder_problem
+
+        folder = spec.dir if spec.dir else state_dir / "ca"
+        # its keys sign and its root is written into every ca_path: nobody else may swap it
+        problem = private_folder_problem(folder, "embedded CA folder")
+        if problem:
+            raise IssuerError(problem, hint="nothing was issued")
+        return LocalCA(folder)
     if spec.type == "step-ca":
         from reconciler.issuers.stepca import StepCA
 

@@ -1,0 +1,302 @@
+"""Folders root writes into: walked one name at a time, never through a link someone else planted.
+
+`os.open(path)` follows every symlink on the way. If a folder above a key can be changed
+by another user (the certificate's owner, say, who may own its folder), that user can
+swap a folder for a link and send root's writes anywhere. So every write starts from `/`
+and opens each folder with `O_NOFOLLOW|O_DIRECTORY` relative to the one above it; the
+temporary file, its owner, its mode and the rename all act on the final folder's
+descriptor, which a later swap of any name on the path cannot redirect.
+
+A symlink on the way is followed only where nobody but root (or the user we run as)
+could have put it there: in a folder owned by root or us that no group or other user can
+write, or in a sticky folder like /tmp when the link itself is ours. A link in a folder the
+certificate's owner (or anyone else) can write is refused: that is the attack.
+
+Each folder opened is also checked like sshd's `StrictModes` (owner root, us or, for
+target folders, the certificate's owner; writable by no group or other user unless sticky)
+on its open descriptor, so what is checked is what is written into.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+_O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
+_MAX_LINKS = 40  # like the kernel's own limit
+
+
+class FolderError(OSError):
+    """A folder on the way cannot be trusted or opened. `str()` is the whole message."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def trusted_uids() -> set[int]:
+    return {0, os.geteuid()}
+
+
+def unsafe(st: os.stat_result, target: Path | str, allowed: set[int], sticky_ok: bool = True) -> tuple[str, str] | None:
+    """(what is wrong, the fix) when someone outside `allowed` (uids) can change the file
+    or folder `st` describes; None when only they can."""
+    is_dir = stat.S_ISDIR(st.st_mode)
+    mode = stat.S_IMODE(st.st_mode)
+    owner_ok = st.st_uid in allowed
+    writable = bool(mode & 0o022) and not (sticky_ok and is_dir and mode & stat.S_ISVTX)
+    if owner_ok and not writable:
+        return None
+    who = []
+    if not owner_ok:
+        who.append(f"its owner {user_name(st.st_uid)}")
+    if writable and mode & 0o020:
+        who.append(f"group {group_name(st.st_gid)}")
+    if writable and mode & 0o002:
+        who.append("every user")
+    fixes = []
+    if not owner_ok:
+        fixes.append(f"chown root {target}")
+    if writable:
+        fixes.append(f"chmod go-w {target}")
+    kind = "folder" if is_dir else "file"
+    return (
+        f"{kind} {target} (owner {user_name(st.st_uid)}, group {group_name(st.st_gid)}, mode {mode:04o}) can be written by {' and '.join(who)}",
+        " && ".join(fixes),
+    )
+
+
+def user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def group_name(gid: int) -> str:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+@dataclass
+class Folder:
+    """An open folder: `fd` for the *at() calls, `path` where it really is (no link in it)."""
+
+    fd: int
+    path: Path
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Folder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _link_trusted(parent: os.stat_result, link: os.stat_result) -> bool:
+    """Only root (or we) could have put this link here, and nobody else can swap it."""
+    trusted = trusted_uids()
+    if parent.st_uid not in trusted:
+        return False
+    mode = stat.S_IMODE(parent.st_mode)
+    if not mode & 0o022:
+        return True
+    return bool(mode & stat.S_ISVTX) and link.st_uid in trusted
+
+
+def open_folder(
+    folder: Path | str,
+    allowed: set[int] | None = None,
+    create_mode: int | None = None,
+    what: str = "folder",
+) -> Folder:
+    """Open `folder` from `/` one name at a time (see the module's docstring).
+
+    `allowed`: uids that may own each folder on the way (root and us always may); None
+    skips that StrictModes check (links are still only followed where trusted).
+    `create_mode`: create missing folders, the last with this mode and the ones above it
+    0755, whatever the umask. `what` names the path in errors ("folder of key /a/b.key")."""
+    path = os.path.normpath(os.path.abspath(os.fspath(folder)))
+    links = 0
+    while True:
+        try:
+            return _walk(path, allowed, create_mode, what)
+        except _Restart as again:
+            links += 1
+            if links > _MAX_LINKS:
+                raise FolderError(errno.ELOOP, f"{what} {folder}: too many levels of symbolic links") from None
+            path = again.path
+
+
+class _Restart(Exception):
+    def __init__(self, path: str):
+        self.path = path
+
+
+def _walk(path: str, allowed: set[int] | None, create_mode: int | None, what: str) -> Folder:
+    names = [n for n in path.split("/") if n]
+    fd = os.open("/", _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    real = "/"
+    try:
+        _check(fd, real, allowed, what)
+        for i, name in enumerate(names):
+            last = i == len(names) - 1
+            here = os.path.join(real, name)
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                if create_mode is None:
+                    raise FolderError(errno.ENOENT, f"{what} {path}: {here} does not exist") from None
+                _make(fd, name, create_mode if last else 0o755)
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                parent = os.fstat(fd)
+                if not _link_trusted(parent, st):
+                    target = _readlink(name, fd)
+                    raise FolderError(errno.ELOOP, _untrusted_link(f"{what} {path}: {here}", target, parent, st, real))
+                target = _readlink(name, fd)
+                rest = names[i + 1 :]
+                raise _Restart(os.path.normpath(os.path.join(real, target, *rest)))
+            try:
+                nfd = os.open(name, _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                    try:
+                        now = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    except OSError:
+                        now = st
+                    if stat.S_ISLNK(now.st_mode):  # swapped for a link since the stat: look again
+                        raise _Restart(path) from None
+                    raise FolderError(errno.ENOTDIR, f"{what} {path}: {here} is not a folder") from None
+                raise
+            os.close(fd)
+            fd, real = nfd, here
+            _check(fd, real, allowed, what)
+        return Folder(fd, Path(real))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _untrusted_link(where: str, target: str, parent: os.stat_result, link: os.stat_result, folder: str) -> str:
+    found = unsafe(parent, folder, trusted_uids())
+    why = found[0] if found else f"sticky folder {folder} holds a link that belongs to {user_name(link.st_uid)}"
+    return (
+        f"{where} is a symlink to {target}, and {why}, not only root; refusing to follow it: "
+        "that user could point it at another service's folder. Point the manifest at the real path"
+    )
+
+
+def _readlink(name: str, fd: int) -> str:
+    try:
+        return os.readlink(name, dir_fd=fd)
+    except OSError:
+        return "?"
+
+
+def _check(fd: int, real: str, allowed: set[int] | None, what: str) -> None:
+    if allowed is None:
+        return
+    found = unsafe(os.fstat(fd), real, allowed | trusted_uids())
+    if found:
+        raise FolderError(
+            errno.EPERM,
+            f"{found[0]}, not only root and the certificate's owner; refusing to write there, "
+            f"as sshd's StrictModes would. Fix: {found[1]}",
+        )
+
+
+def _make(parent_fd: int, name: str, mode: int) -> None:
+    """mkdir with exactly `mode`: created 0700 (nobody else can enter it meanwhile), then
+    chmod'ed, so the umask never widens or narrows it."""
+    try:
+        os.mkdir(name, 0o700, dir_fd=parent_fd)
+    except FileExistsError:
+        return  # someone (another pass) made it meanwhile: it is checked like any other
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def resolve_file(path: Path, allowed: set[int] | None, follow_link: bool, create_mode: int | None = None, what: str = "file") -> tuple[Folder, str]:
+    """The open folder `path` lands in and the file's name there. `follow_link`
+    ("allow_symlink": true): a link at `path` itself is followed to its final target,
+    under the same rule as every folder on the way (only where nobody else could plant it)."""
+    current = os.path.normpath(os.path.abspath(os.fspath(path)))
+    for _ in range(_MAX_LINKS):
+        folder = open_folder(os.path.dirname(current), allowed, create_mode, f"folder of {what}")
+        name = os.path.basename(current)
+        if not follow_link:
+            return folder, name
+        try:
+            st = os.stat(name, dir_fd=folder.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return folder, name
+        except BaseException:
+            folder.close()
+            raise
+        if not stat.S_ISLNK(st.st_mode):
+            return folder, name
+        parent = os.fstat(folder.fd)
+        target = _readlink(name, folder.fd)
+        folder.close()
+        if not _link_trusted(parent, st):
+            raise FolderError(errno.ELOOP, _untrusted_link(f"{what} {path}", target, parent, st, str(folder.path)) + " (even with allow_symlink)")
+        current = os.path.normpath(os.path.join(str(folder.path), target))
+    raise FolderError(errno.ELOOP, f"{what} {path}: too many levels of symbolic links")
+
+
+def private_folder_problem(folder: Path, label: str) -> str | None:
+    """The state folder and the embedded CA's folder: everything the reconciler trusts next
+    (which CA to issue from, which hooks are owed) is read from them, so they and every
+    folder above them must belong to root or us and be writable by nobody else (sticky
+    folders above excepted, like /tmp). None when that holds (or the folder does not exist
+    yet: it is created 0700)."""
+    path = Path(os.path.abspath(folder))
+    chain = [path, *path.parents]
+    real = Path(os.path.realpath(path))
+    if real != path:
+        chain += [real, *real.parents]
+    for f in chain:
+        try:
+            st = os.stat(f)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not there (yet): creating it, or using it, fails with its own error
+        except OSError as exc:
+            return f"{label} {folder}: cannot check {f}: {exc.strerror or exc}"
+        found = unsafe(st, f, trusted_uids(), sticky_ok=f not in (path, real))
+        if found:
+            return (
+                f"{label} {folder} is not safe: {found[0]}, not only root; that user could swap what the reconciler "
+                f"trusts there (the CA it issues from, the hooks it owes). Refusing to use it. Fix: {found[1]}"
+            )
+    return None
+
+
+def require_private(folder: Path, label: str, create: bool = False) -> None:
+    """Raise FolderError unless `folder` passes `private_folder_problem`; `create`: make it
+    (0700, the folders above it 0755, whatever the umask) once the folders above are safe."""
+    problem = private_folder_problem(folder, label)
+    if problem is None and create and not os.path.isdir(folder):
+        open_folder(folder, None, 0o700, label).close()
+        problem = private_folder_problem(folder, label)
+    if problem:
+        raise FolderError(errno.EPERM, problem)
