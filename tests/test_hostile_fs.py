@@ -377,7 +377,7 @@ def test_a_folder_the_owner_swaps_for_a_link_mid_pass_redirects_no_write(shared_
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
     env.update(
         PYTHONPATH=str(Path(__file__).resolve().parent.parent), NO_COLOR="1", RECONCILER_STATE_DIR=str(base / "state"),
-        RECONCILER_FAULT_HOLD=f"after_cert:{hold}",  # every certificate waits for our go
+        RECONCILER_ISSUER="local", RECONCILER_FAULT_HOLD=f"after_cert:{hold}",  # every certificate waits for our go
     )
     import sys
 
