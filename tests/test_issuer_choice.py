@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -263,6 +264,7 @@ def test_fingerprint_only_a_certificate_from_another_ca_is_never_a_match_and_a_p
     m = write_manifest(tmp_path / "m.json", {"issuer": {"type": "local"}, "certificates": [cert]})
     reconcile("-m", str(m), state_dir=tmp_path / "other-state", check=0)
     assert not issued_by_step_ca(step_ca, out / "web.example.crt")
+    shutil.rmtree(tmp_path / "other-state")  # that reconciler is gone: its files may be taken over
 
     pw = password_copy(step_ca, tmp_path)
     issuer = {"type": "step-ca", "url": step_ca.url, "fingerprint": step_ca.fingerprint,
@@ -302,7 +304,8 @@ def test_fingerprint_only_a_pass_checks_a_step_ca_certificate_for_real_and_leave
     env = {**NO_CHOICE, "STEPPATH": str(steppath_with(tmp_path, None))}
     reconcile("-m", str(m), state_dir=tmp_path / "first", env=env, check=0)
     before = (out / "web.example.crt").read_bytes()
-    # a fresh state folder: no cached root, so the pass must fetch it before it plans
+    # a fresh state folder (the first one lost): no cached root, so the pass must fetch it before it plans
+    shutil.rmtree(tmp_path / "first")
     again = reconcile("-m", str(m), "--detailed-exitcode", state_dir=tmp_path / "second", env=env)
     assert again.returncode == 0 and "No changes" in again.stdout, again.stdout + again.stderr
     assert (out / "web.example.crt").read_bytes() == before
