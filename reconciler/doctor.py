@@ -31,6 +31,17 @@ def _state_dir_check(state_dir: Path, label: str = "state folder") -> tuple[bool
         return False, f"{label} {state_dir} is not writable ({exc.strerror})", "run as root, or pass --state-dir to a folder you own"
 
 
+def _private_check(folder: Path, label: str) -> tuple[bool, str, str] | None:
+    """A ✗ line when another user could change `folder` (see folders.private_folder_problem)."""
+    from reconciler.folders import private_folder_problem
+
+    problem = private_folder_problem(folder, label)
+    if problem is None:
+        return None
+    what, _, fix = problem.partition(". Fix: ")
+    return False, what, fix
+
+
 def _folder_check(path: Path) -> tuple[bool, str, str]:
     folder = path.parent
     probe = folder
@@ -64,12 +75,20 @@ def run_doctor(settings) -> int:
     from reconciler.passes import load_desired
     from reconciler.render import plural
 
+    from reconciler.passes import resolve_issuer
+
     checks: list[tuple[bool, str, str]] = []
     desired = None
     spec = None
+    unsafe_state = _private_check(settings.state_dir, "state folder")
     try:
-        desired = load_desired(settings)
-        spec = desired.issuer
+        if unsafe_state:
+            # its validation cache cannot be trusted: check the manifest without it
+            desired = load(settings.manifest)
+            spec = resolve_issuer(desired, settings.issuer_options)
+        else:
+            desired = load_desired(settings)
+            spec = desired.issuer
     except ManifestError as exc:
         checks.append((False, f"manifest {settings.manifest} is invalid: {exc.issues[0]}", f"{plural(len(exc.issues), 'error')}; run `reconcile validate -m {settings.manifest}`"))
     except IssuerConfigError as exc:
@@ -78,7 +97,7 @@ def run_doctor(settings) -> int:
         checks.append((False, str(exc), ""))
     if desired is not None:
         checks.insert(0, (True, f"manifest {settings.manifest} is valid ({plural(len(desired.certificates), 'certificate')})", ""))
-    checks.append(_state_dir_check(settings.state_dir))
+    checks.append(unsafe_state or _state_dir_check(settings.state_dir))
     if desired is not None:
         if spec is not None and spec.type == "step-ca":
             from reconciler.issuers.stepca_doctor import doctor_checks
@@ -89,8 +108,11 @@ def run_doctor(settings) -> int:
 
             folder = spec.ca_dir(settings.state_dir)
             local = LocalCA(folder)
-            problem = local.check()
-            if problem is not None:
+            unsafe_ca = _private_check(folder, "embedded CA folder")
+            problem = None if unsafe_ca else local.check()
+            if unsafe_ca:
+                checks.append(unsafe_ca)
+            elif problem is not None:
                 checks.append((False, problem.args[0], problem.hint))
             elif local.exists():
                 checks.append((True, f"embedded CA in {folder} is present (keys match, the chain verifies, valid now)", ""))

@@ -306,8 +306,17 @@ class Watcher:
         self.thread.start()
 
     def _run_job(self, job: Job) -> None:
+        from reconciler.folders import FolderError
+        from reconciler.statefiles import StatusError
+
         try:
             self.outcome = self._work(job)
+        except (FolderError, StatusError) as exc:
+            # an unsafe or unwritable state folder: the operator must act, so say why on
+            # every pass, touch nothing, and keep retrying so the fix is picked up unaided
+            wait = self.pass_backoff.failed("pass", time.time())
+            log.error("pass refused: %s; trying again in %.0fs", exc, wait)
+            self.outcome = Outcome(failed=True, retry_in=wait)
         except BaseException:  # a bug must not kill the service silently; retry with backoff
             log.exception("pass failed unexpectedly; retrying later")
             wait = self.pass_backoff.failed("pass", time.time())
