@@ -29,12 +29,17 @@ REDACTED = "[REDACTED]"
 _KEY_BLOCK = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S)
 # the end of a block whose beginning is before what was kept
 _KEY_TAIL = re.compile(r"\A(?:(?!-----BEGIN ).)*?-----END [A-Z0-9 ]*PRIVATE KEY-----", re.S)
+# a marker left over when stdout and stderr interleave two copies of one key
+_KEY_MARKER = re.compile(r"-----(?:BEGIN|END) [A-Z0-9 ]*PRIVATE KEY-----")
+# shorter base64 lines (a key's last one) are too likely to occur in ordinary output
+_MIN_BODY_LINE = 16
 
 
 def redact(text: str, secrets: tuple[bytes, ...] = ()) -> str:
     """`text` without private keys (whole, encrypted, cut off at either end) or `secrets`."""
     text = _KEY_TAIL.sub(REDACTED, text)
     text = _KEY_BLOCK.sub(REDACTED, text)
+    text = _KEY_MARKER.sub(REDACTED, text)
     for secret in secrets:
         value = secret.decode("utf-8", "replace")
         if value:
@@ -103,9 +108,22 @@ def run_hook(
             timed_out = True
             _kill_group(proc)
         text = _tail(out)
-    tail = tuple(redact(text, secrets).splitlines()[-TAIL_LINES:])
+    tail = tuple(redact(text, secrets + _key_bodies(certs)).splitlines()[-TAIL_LINES:])
     ok = not timed_out and proc.returncode == 0
     return HookOutcome(command, tuple(c.name for c in certs), ok, proc.returncode, timed_out, tail, time.monotonic() - started)
+
+
+def _key_bodies(certs: list[DesiredCert]) -> tuple[bytes, ...]:
+    """The base64 lines of the keys this hook runs for: a command that prints a key without
+    its BEGIN/END lines (grep -v -- -----) leaks it just the same."""
+    lines: list[bytes] = []
+    for c in certs:
+        try:
+            data = c.key_path.read_bytes()
+        except OSError:
+            continue
+        lines += [l.strip() for l in data.splitlines() if len(l.strip()) >= _MIN_BODY_LINE and not l.startswith(b"-----")]
+    return tuple(lines)
 
 
 def _tail(out) -> str:

@@ -95,3 +95,27 @@ def test_a_hook_whose_background_child_keeps_stdout_open_succeeds_when_its_shell
             except (ProcessLookupError, ValueError):
                 pass
     assert "No changes" in reconcile("-m", str(m), state_dir=state, check=0).stdout
+
+
+def test_a_key_printed_with_crlf_across_stdout_and_stderr_or_without_its_markers_is_redacted(tmp_path):
+    out, state = tmp_path / "out", tmp_path / "state"
+    commands = {
+        "crlf": "sed 's/$/\\r/' \"$RECONCILER_KEY_PATH\"",
+        "interleaved": 'while IFS= read -r l; do echo "$l"; echo "$l" >&2; done < "$RECONCILER_KEY_PATH"',
+        "halves": 'head -n 2 "$RECONCILER_KEY_PATH"; tail -n +3 "$RECONCILER_KEY_PATH" >&2',
+        "body": 'grep -v -- ----- "$RECONCILER_KEY_PATH"; echo after',  # the base64 alone, no PEM markers
+    }
+    m = write_manifest(tmp_path / "m.json", {"issuer": {"type": "local"}, "certificates": [
+        entry(out, name, f"{cmd}; exit 1") for name, cmd in commands.items()
+    ]})
+    proc = reconcile("-m", str(m), "-vv", state_dir=state, check=1)
+    status = (state / "status.json").read_text()
+    records = json.loads(status)["certificates"]
+    for name in commands:
+        forms = key_forms(out / f"{name}.key")
+        tail = "\n".join(records[name]["hook"]["output_tail"])
+        assert leaks(tail, forms) == [], (name, tail)
+        assert "[REDACTED]" in tail, (name, tail)
+    forms = [f for name in commands for f in key_forms(out / f"{name}.key")]
+    assert leaks(status, forms) == [] and leaks(proc.stdout + proc.stderr, forms) == [], proc.stderr
+    assert records["body"]["hook"]["output_tail"][-1] == "after"
