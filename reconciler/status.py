@@ -12,8 +12,9 @@ succeeds, across any number of kills and stops. Hence, in pass order:
     hook_succeeded(run)    the only way an owed hook is ever cleared
 
 A damaged store (wrong shape, wrong types) is set aside as `status.json.bad-<time>` with a
-warning, never a crash (`reconciler.statefiles`); a damaged certificate record counts its
-hook as owed, because running a reload once more is harmless and forgetting one is not.
+warning, never a crash (`reconciler.statefiles`); a damaged certificate record, or a store
+lost whole, counts its hooks as owed, because running a reload once more is harmless and
+forgetting one is not.
 """
 
 from __future__ import annotations
@@ -208,8 +209,13 @@ class StatusStore:
         self.manifest: dict[str, Any] = {}
         self.warning: str | None = None
         self._saved: bytes | None = None
-        found = read_state_file(self.path, self._parse, "status store", repair=repair, consequence="starting afresh from what is on disk")
+        found = read_state_file(
+            self.path, self._parse, "status store", repair=repair,
+            consequence="starting afresh from what is on disk; every post-renewal command runs once more to be safe",
+        )
         self.warning = found.warning
+        # the whole store is gone (not merely absent): it cannot vouch that no hook was owed
+        self.past_lost = found.value is None and found.warning is not None
         if found.value is not None:
             self.records, self.manifest, damaged = found.value
             if damaged:
@@ -263,7 +269,14 @@ class StatusStore:
 
         `serials` (name → serial on disk now) catches a pass killed after writing a
         certificate but before recording it: the record still says "deploying from
-        serial X", and the disk no longer holds X, so the content changed."""
+        serial X", and the disk no longer holds X, so the content changed.
+
+        After the whole store was lost, every certificate on disk owes its hook once: a
+        reload run once more is harmless, one forgotten is not."""
+        if self.past_lost and serials:
+            for name, serial in serials.items():
+                if serial is not None and name not in self.records:
+                    self.records[name] = CertRecord(hook_pending=True)
         return frozenset(
             name
             for name, rec in self.records.items()
