@@ -150,10 +150,17 @@ def test_an_unreadable_state_folder_is_a_clear_error_for_a_user_who_is_not_root(
         state.mkdir(mode=0o700)
         os.chown(state, nobody, nobody)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
-        # the test's interpreter may live under root's 0700 home: the system one, same minor
-        # version, with this checkout and its virtualenv's packages
+        # the checkout, the virtualenv and the interpreter may all sit below folders only root
+        # can enter (root's 0700 home, a 0700 temporary clone): `nobody` runs the system
+        # interpreter of the same minor version on copies of the package and of the
+        # virtualenv's packages, inside the test's own world-readable folder
         site_packages = next(p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix))
-        env.update(NO_COLOR="1", PYTHONPATH=f"{REPO}:{site_packages}", HOME=str(base))
+        lib = base / "lib"
+        shutil.copytree(site_packages, lib, ignore=shutil.ignore_patterns("hypothesis*", "_pytest", "pip", "setuptools", "*.pyc"))
+        shutil.copytree(REPO / "reconciler", lib / "reconciler", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        for folder, _dirs, _files in os.walk(lib):
+            os.chmod(folder, 0o755)
+        env.update(NO_COLOR="1", PYTHONPATH=str(lib), HOME=str(base))
         python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
 
         def run(*args):
