@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import stat
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,9 @@ class Trust:
     authoritative: bool  # an empty set means "nothing chains to it" (embedded CA) vs "unknown"
     digest: str = ""  # of the fingerprints: part of every observation cache key
     root: str | None = None  # fingerprint of the self-signed one: what `ca_path` should hold
+    # anchor fingerprint → its intermediates up to the root: the same for every leaf it signed,
+    # so worked out once (two signature checks per certificate, two thirds of a cold plan)
+    paths: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def of(cls, certs: list, authoritative: bool) -> "Trust":
@@ -246,7 +249,9 @@ def _issuer_path(leaf, chain: list, trust: Trust) -> tuple[str | None, tuple[str
     anchors = list(zip(trust.certs, trust.fingerprints))
     for anchor, fp in anchors:
         if _signed_by(leaf, anchor):
-            return fp, _up_to_root(anchor, fp, anchors), anchor.not_valid_after_utc
+            if fp not in trust.paths:
+                trust.paths[fp] = _up_to_root(anchor, fp, anchors)
+            return fp, trust.paths[fp], anchor.not_valid_after_utc
     for intermediate in chain:
         if _signed_by(leaf, intermediate):
             for anchor, fp in anchors:
