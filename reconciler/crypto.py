@@ -78,3 +78,19 @@ def cert_sans(cert: x509.Certificate) -> frozenset[str]:
         return frozenset()
     # typed: a dNSName "127.0.0.1" is not the iPAddress a client checks an address against
     return from_certificate(ext.get_values_for_type(x509.DNSName), ext.get_values_for_type(x509.IPAddress))
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the DER certificate, lower-case hex: how roots and intermediates are named."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """`child` carries `parent`'s name as issuer and verifies under its key."""
+    if child.issuer != parent.subject:
+        return False  # cheap, and the usual answer when trying every anchor
+    try:
+        child.verify_directly_issued_by(parent)
+        return True
+    except Exception:  # InvalidSignature, unsupported key types
+        return False

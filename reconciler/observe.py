@@ -96,11 +96,11 @@ class Trust:
 
     @classmethod
     def of(cls, certs: list, authoritative: bool) -> "Trust":
-        from cryptography.hazmat.primitives import hashes
+        from reconciler.crypto import fingerprint, issued_by
 
-        fingerprints = tuple(c.fingerprint(hashes.SHA256()).hex() for c in certs)
+        fingerprints = tuple(fingerprint(c) for c in certs)
         digest = hashlib.sha256(",".join(sorted(fingerprints)).encode()).hexdigest()[:16]
-        root = next((fp for c, fp in zip(certs, fingerprints) if _signed_by(c, c)), None)
+        root = next((fp for c, fp in zip(certs, fingerprints) if issued_by(c, c)), None)
         return cls(tuple(certs), fingerprints, authoritative, digest, root)
 
 
@@ -179,7 +179,7 @@ def parse_cert(data: bytes, trust: Trust) -> tuple[CertFacts | None, str | None]
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.x509.oid import NameOID
 
-    from reconciler.crypto import cert_sans
+    from reconciler.crypto import cert_sans, fingerprint
 
     if len(data) > 1024 * 1024:
         return None, "file is larger than 1 MiB; not a certificate"
@@ -203,7 +203,7 @@ def parse_cert(data: bytes, trust: Trust) -> tuple[CertFacts | None, str | None]
             issued_by=issued_by,
             serial=format(leaf.serial_number, "x"),
             usages=_usages(leaf),
-            chain=tuple(_fingerprint(c) for c in certs[1:]),
+            chain=tuple(fingerprint(c) for c in certs[1:]),
             issuer_chain=issuer_chain,
             signer_not_after=signer_not_after,
         )
@@ -213,20 +213,6 @@ def parse_cert(data: bytes, trust: Trust) -> tuple[CertFacts | None, str | None]
     return facts, None
 
 
-def _fingerprint(cert) -> str:
-    from cryptography.hazmat.primitives import hashes
-
-    return cert.fingerprint(hashes.SHA256()).hex()
-
-
-def _signed_by(cert, issuer) -> bool:
-    if cert.issuer != issuer.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(issuer)
-        return True
-    except Exception:  # wrong signature, unsupported algorithm: not ours
-        return False
 
 
 def _usages(leaf) -> frozenset[str]:
@@ -246,27 +232,31 @@ def _issuer_path(leaf, chain: list, trust: Trust) -> tuple[str | None, tuple[str
     the issuer's intermediates from the leaf up to its root, as fingerprints; when the
     certificate that signed the leaf expires). The chain is built from the issuer's own
     certificates, never from the file: it is what the file should hold with include_ca."""
+    from reconciler.crypto import issued_by
+
     anchors = list(zip(trust.certs, trust.fingerprints))
     for anchor, fp in anchors:
-        if _signed_by(leaf, anchor):
+        if issued_by(leaf, anchor):
             if fp not in trust.paths:
                 trust.paths[fp] = _up_to_root(anchor, fp, anchors)
             return fp, trust.paths[fp], anchor.not_valid_after_utc
     for intermediate in chain:
-        if _signed_by(leaf, intermediate):
+        if issued_by(leaf, intermediate):
             for anchor, fp in anchors:
-                if _signed_by(intermediate, anchor):
+                if issued_by(intermediate, anchor):
                     return fp, None, intermediate.not_valid_after_utc
     return None, None, None
 
 
 def _up_to_root(cert, fp: str, anchors: list) -> tuple[str, ...] | None:
+    from reconciler.crypto import issued_by
+
     path: list[str] = []
     for _ in range(len(anchors) + 1):  # a loop among the anchors cannot run forever
-        if _signed_by(cert, cert):
+        if issued_by(cert, cert):
             return tuple(path)
         path.append(fp)
-        parent = next(((a, f) for a, f in anchors if a is not cert and _signed_by(cert, a)), None)
+        parent = next(((a, f) for a, f in anchors if a is not cert and issued_by(cert, a)), None)
         if parent is None:
             return None
         cert, fp = parent
@@ -423,6 +413,8 @@ def _observe_ca(path: Path, follow: bool, cache: "ObservationCache | None") -> d
     parsed fingerprints are cached by the file's stamp like a certificate's facts."""
     from cryptography import x509
 
+    from reconciler.crypto import fingerprint
+
     state = stat_file(path, follow)
     if not state.present:
         return {"ca_file": state}
@@ -433,7 +425,7 @@ def _observe_ca(path: Path, follow: bool, cache: "ObservationCache | None") -> d
     if err:
         return {"ca_file": FileState("unreadable", state.uid, state.gid, state.mode, err, state.stamp)}
     try:
-        certs = tuple(_fingerprint(c) for c in x509.load_pem_x509_certificates(data)) if len(data) <= 1024 * 1024 else None
+        certs = tuple(fingerprint(c) for c in x509.load_pem_x509_certificates(data)) if len(data) <= 1024 * 1024 else None
     except ValueError:
         certs = None
     if cache is not None and certs is not None:
@@ -446,6 +438,8 @@ def unknown_chain_certificates(certs, observed: dict[str, Observed], trust: Trus
     know yet (an intermediate the old `step ca certificate` bundled in): candidates for the
     issuer to verify and learn. Reads only those files, so a converged host reads none."""
     from cryptography import x509
+
+    from reconciler.crypto import fingerprint
 
     known = set(trust.fingerprints)
     found: dict[str, Any] = {}
@@ -461,7 +455,7 @@ def unknown_chain_certificates(certs, observed: dict[str, Observed], trust: Trus
         except ValueError:
             continue
         for c in chain:
-            found.setdefault(_fingerprint(c), c)
+            found.setdefault(fingerprint(c), c)
     return [c for fp, c in found.items() if fp not in known]
 
 

@@ -223,7 +223,7 @@ class StepCA:
         while pending and progress:
             progress = False
             for cert in list(pending):
-                if any(_issued_by(cert, parent) for parent in known):
+                if any(crypto.issued_by(cert, parent) for parent in known):
                     known.append(cert)
                     pending.remove(cert)
                     progress = True
@@ -241,13 +241,13 @@ class StepCA:
         if not known:
             return 0
         have = {fingerprint_of(c) for c in known}
-        pending = [c for c in candidates if _is_ca(c) and not _issued_by(c, c) and fingerprint_of(c) not in have]
+        pending = [c for c in candidates if _is_ca(c) and not crypto.issued_by(c, c) and fingerprint_of(c) not in have]
         learned = 0
         progress = True
         while pending and progress:  # an intermediate may be signed by another one found here
             progress = False
             for cert in list(pending):
-                if any(_issued_by(cert, parent) for parent in known):
+                if any(crypto.issued_by(cert, parent) for parent in known):
                     pending.remove(cert)
                     known.append(cert)
                     self._learned.append(cert)
@@ -766,7 +766,7 @@ class StepCA:
             presented += [
                 c.public_bytes(serialization.Encoding.PEM)
                 for c in self._cached_intermediates()
-                if _issued_by(leaf, c)
+                if crypto.issued_by(leaf, c)
             ]
         ctx = self._ssl_context((b"".join(presented), key_pem))
         del key_pem
@@ -829,7 +829,7 @@ class StepCA:
             intermediates = intermediates[:-1]
         path = [leaf, *intermediates, root]
         for child, parent in zip(path, path[1:]):
-            if not _issued_by(child, parent):
+            if not crypto.issued_by(child, parent):
                 raise bad(
                     f"a certificate that does not chain to the root {self._root_description()}",
                     hint=f"the CA's intermediate is not signed by that root; check {self.spec.where('root')} / {self.spec.where('fingerprint')}",
@@ -894,14 +894,6 @@ def _is_ca(cert: x509.Certificate) -> bool:
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
-        return False
-
-
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(parent)
-        return True
-    except Exception:  # InvalidSignature, unsupported key types
         return False
 
 
