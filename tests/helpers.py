@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 
 from cryptography import x509
@@ -80,3 +83,42 @@ def after_issuer(stdout: str) -> str:
     first, _, rest = stdout.partition("\n")
     assert first.startswith("issuer: "), f"the first line does not name the issuer:\n{stdout}"
     return rest
+
+
+def run_cli_forked(log: Path, argv: list[str], fault: str | None = None, kill_after: float | None = None) -> tuple[int, str, str]:
+    """Fork, run reconciler.cli.main(argv) in the child; SIGKILL at `fault` or after `kill_after` s.
+    In-process, so a fault point is hit exactly where the code
+    reaches it. `log`: the folder for stdout and stderr. Returns (exit status, or -signal; stdout; stderr)."""
+    out, err = log / "stdout", log / "stderr"
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 70
+        try:
+            os.environ.pop("RECONCILER_FAULT_INJECT", None)
+            if fault:
+                os.environ["RECONCILER_FAULT_INJECT"] = fault
+            os.environ["NO_COLOR"] = "1"
+            sys.stdout = open(out, "w")
+            sys.stderr = open(err, "w")
+            fd = os.open(os.devnull, os.O_RDWR)
+            os.dup2(fd, 0)
+            from reconciler.cli import main
+
+            code = main(argv)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    if kill_after is not None:
+        time.sleep(kill_after)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _, status = os.waitpid(pid, 0)
+    rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    return rc, out.read_text(), err.read_text()

@@ -27,14 +27,12 @@ import random
 import signal
 import stat
 import subprocess
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
 
-from helpers import figure
+from helpers import figure, run_cli_forked
 
 from reconciler.atomic import is_temporary
 
@@ -161,44 +159,6 @@ class Site:
             f = self.hooks / f"h{h}"
             out.append(len(f.read_text().splitlines()) if f.exists() else 0)
         return out
-
-
-def run_cli(site: Site, argv: list[str], fault: str | None = None, kill_after: float | None = None) -> tuple[int, str, str]:
-    """Fork, run reconciler.cli.main(argv) in the child; SIGKILL at `fault` or after `kill_after` s.
-    Returns (exit status, or -signal; stdout; stderr)."""
-    out, err = site.log / "stdout", site.log / "stderr"
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 70
-        try:
-            os.environ.pop("RECONCILER_FAULT_INJECT", None)
-            if fault:
-                os.environ["RECONCILER_FAULT_INJECT"] = fault
-            os.environ["NO_COLOR"] = "1"
-            sys.stdout = open(out, "w")
-            sys.stderr = open(err, "w")
-            fd = os.open(os.devnull, os.O_RDWR)
-            os.dup2(fd, 0)
-            from reconciler.cli import main
-
-            code = main(argv)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
-    if kill_after is not None:
-        time.sleep(kill_after)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    _, status = os.waitpid(pid, 0)
-    rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-    return rc, out.read_text(), err.read_text()
 
 
 # --------------------------------------------------------------------------- the checks
@@ -344,11 +304,11 @@ def campaign(args) -> dict:
     problems: list[str] = []
     argv = ["-m", str(site.manifest), "--state-dir", str(site.state)]
     site.write_manifest()
-    rc, out, err = run_cli(site, argv)  # creates the embedded CA and the first 50
+    rc, out, err = run_cli_forked(site.log, argv)  # creates the embedded CA and the first 50
     site.version += 1
     site.write_manifest()
     t0 = time.monotonic()
-    rc2, out, err2 = run_cli(site, argv)  # a warm re-issue of all 50: how long random kills may wait
+    rc2, out, err2 = run_cli_forked(site.log, argv)  # a warm re-issue of all 50: how long random kills may wait
     full_pass = time.monotonic() - t0
     if rc or rc2:
         return {"figures": figures, "per_point": per_point, "problems": [f"first passes exit {rc}/{rc2}: {err[-2000:]}{err2[-2000:]}"]}
@@ -362,9 +322,9 @@ def campaign(args) -> dict:
         hooks_before = site.hook_lines()
         here: list[str] = []
         if point.startswith("random"):
-            rc, out, err = run_cli(site, argv, kill_after=rng.uniform(0.0, full_pass))
+            rc, out, err = run_cli_forked(site.log, argv, kill_after=rng.uniform(0.0, full_pass))
         else:
-            rc, out, err = run_cli(site, argv, fault=point)
+            rc, out, err = run_cli_forked(site.log, argv, fault=point)
             if rc != -signal.SIGKILL:
                 here.append(f"{point}: the pass was not killed (exit {rc}); the point was never reached: {err[-500:]}")
         figures["runs"] += 1
@@ -376,7 +336,7 @@ def campaign(args) -> dict:
         if "Traceback" in err:
             here.append(f"{point}: traceback in the killed pass: {err[-1500:]}")
         check_after_kill(site, kind, old, here, figures)
-        rc, out, err = run_cli(site, argv)
+        rc, out, err = run_cli_forked(site.log, argv)
         if rc != 0:
             here.append(f"{point}: the next pass exited {rc}: {err[-1500:]}")
         figures["recovery_removed_temporaries"] += err.count("a temporary file left by an interrupted pass")

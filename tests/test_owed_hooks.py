@@ -16,12 +16,11 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
 
-from helpers import reconcile
+from helpers import reconcile, run_cli_forked
 
 N_CERTS = 3
 # the phases of a pass, in order (reconciler/faults.py): before anything is recorded, between
@@ -88,28 +87,9 @@ class Site:
 
 
 def run_cli(site: Site, argv: list[str], fault: str | None = None) -> tuple[int, str]:
-    """Fork, run reconciler.cli.main(argv) in the child (SIGKILLed at `fault`); (exit or -signal, stderr)."""
-    err = site.base / "stderr"
-    pid = os.fork()
-    if pid == 0:
-        code = 70
-        try:
-            os.environ.pop("RECONCILER_FAULT_INJECT", None)
-            if fault:
-                os.environ["RECONCILER_FAULT_INJECT"] = fault
-            os.environ["NO_COLOR"] = "1"
-            sys.stdout = open(os.devnull, "w")
-            sys.stderr = open(err, "w")
-            from reconciler.cli import main
-
-            code = main(argv)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return (-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)), err.read_text()
+    """(exit or -signal, stderr) of a forked pass, SIGKILLed at `fault`."""
+    rc, _out, err = run_cli_forked(site.base, argv, fault)
+    return rc, err
 
 
 def sequences() -> list[tuple[str, ...]]:
