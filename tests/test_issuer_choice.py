@@ -19,6 +19,7 @@ import pytest
 from cryptography import x509
 
 from helpers import load_cert, reconcile, write_manifest
+from test_stepca_cli import password_copy
 
 # the harness default (RECONCILER_ISSUER=local) switched off: these tests choose
 NO_CHOICE = {"RECONCILER_ISSUER": None}
@@ -34,13 +35,6 @@ def steppath_with(tmp: Path, defaults: dict | None) -> Path:
     (path / "config").mkdir(parents=True)
     if defaults is not None:
         (path / "config" / "defaults.json").write_text(json.dumps(defaults))
-    return path
-
-
-def password_copy(ca, tmp: Path) -> Path:
-    path = tmp / "provisioner.pass"
-    path.write_text(ca.password + "\n")
-    path.chmod(0o600)
     return path
 
 
