@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,19 +29,42 @@ def manifest(folder: Path, n: int, **extra) -> Path:
     return path
 
 
-def run(args: list[str], state_dir: Path) -> tuple[float, int, int, int]:
-    """Run `python -m reconciler ARGS`; returns (wall seconds, exit code, peak RSS KiB, blocks written)."""
-    # the bare-array manifests of make_manifest use the embedded CA on purpose
-    env = dict(os.environ, RECONCILER_STATE_DIR=str(state_dir), PYTHONPATH=str(REPO), NO_COLOR="1", RECONCILER_ISSUER="local")
+@dataclass(frozen=True)
+class Measured:
+    """One whole process, as wait4 saw it."""
+
+    wall: float  # seconds
+    cpu: float  # seconds, user + system, all threads
+    rss: int  # peak RSS, KiB
+    blocks: int  # blocks written (ru_oublock)
+    code: int
+
+
+def measure(argv: list[str], env: dict[str, str] | None = None, ok: tuple[int, ...] = (0, 2)) -> Measured:
+    """Run ARGV to the end; stops the bench with its stderr when it exits outside `ok`."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "reconciler", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    # stderr is read before the wait so a chatty process cannot block on a full pipe
+    err = proc.stderr.read().decode() if proc.stderr else ""
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
-    err = proc.stderr.read().decode() if proc.stderr else ""
     proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode not in (0, 2):
-        raise SystemExit(f"reconcile {' '.join(args)} failed ({proc.returncode}):\n{err}")
-    return wall, proc.returncode, usage.ru_maxrss, usage.ru_oublock
+    if proc.returncode not in ok:
+        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{err}")
+    return Measured(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, usage.ru_oublock, proc.returncode)
+
+
+def reconcile(args: list[str], state_dir: Path) -> Measured:
+    """`python -m reconciler ARGS` with this checkout on the path and the embedded CA."""
+    # the bare-array manifests of make_manifest use the embedded CA on purpose
+    env = dict(os.environ, RECONCILER_STATE_DIR=str(state_dir), PYTHONPATH=str(REPO), NO_COLOR="1", RECONCILER_ISSUER="local")
+    return measure([sys.executable, "-m", "reconciler", *args], env)
+
+
+def run(args: list[str], state_dir: Path) -> tuple[float, int, int, int]:
+    """Run `python -m reconciler ARGS`; returns (wall seconds, exit code, peak RSS KiB, blocks written)."""
+    m = reconcile(args, state_dir)
+    return m.wall, m.code, m.rss, m.blocks
 
 
 def tree_state(root: Path) -> dict[str, tuple[int, int, int]]:
