@@ -1,0 +1,131 @@
+"""The serve probe against real servers on loopback: nginx (TLS) and PostgreSQL (STARTTLS)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from reconciler.endpoints import ConnectError, Endpoint, parse_connect
+from reconciler.probe import await_leaf, probe
+from reconciler.observe import public_key_id
+from tls_servers import LOOPBACK, self_signed
+
+
+def _serial(cert) -> str:
+    return format(cert.serial_number, "x")
+
+
+def test_probe_reports_the_leaf_nginx_presents(nginx):
+    from helpers import load_cert
+
+    on_disk = load_cert(nginx.cert)
+    served = probe(nginx.endpoint)
+    assert served.error is None
+    assert served.presents(_serial(on_disk), public_key_id(on_disk.public_key()))
+    assert served.not_after == on_disk.not_valid_after_utc
+    assert served.describe().startswith(f"{nginx.connect} serves serial ")
+
+
+def test_probe_sees_the_new_leaf_only_after_nginx_reloads(nginx):
+    from helpers import load_cert
+
+    old = load_cert(nginx.cert)
+    new = self_signed(nginx.cert, nginx.key, nginx.server_name)
+    # the files changed, the running service did not: the probe sees the old leaf
+    assert probe(nginx.endpoint).serial == _serial(old)
+    subprocess.run(nginx.reload_command, shell=True, check=True, timeout=60)
+    served = await_leaf(nginx.endpoint, _serial(new), public_key_id(new.public_key()), settle=60)
+    assert served.presents(_serial(new), public_key_id(new.public_key())), served
+
+
+def test_await_leaf_gives_up_after_the_settle_time_when_nothing_reloads(nginx):
+    from helpers import load_cert
+
+    old = load_cert(nginx.cert)
+    new = self_signed(nginx.cert, nginx.key, nginx.server_name)
+    started = time.monotonic()
+    served = await_leaf(nginx.endpoint, _serial(new), public_key_id(new.public_key()), settle=1.0)
+    assert served.serial == _serial(old)
+    assert time.monotonic() - started >= 1.0
+
+
+def test_a_stopped_server_is_unreachable_with_the_error(nginx):
+    nginx.stop()
+    served = probe(nginx.endpoint)
+    assert not served.reachable
+    assert "refused" in served.error.lower()
+    assert served.describe() == f"{nginx.connect} unreachable: {served.error}"
+
+
+def test_a_server_that_never_answers_times_out_after_the_short_timeout():
+    # a listener whose backlog accepts the connection but never speaks TLS
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        served = probe(Endpoint(f"{LOOPBACK}:{port}", LOOPBACK, port, "silent.test"), timeout=1.0)
+    assert served.error == "timed out"
+    assert time.monotonic() - started < 30  # generous: only "not hanging" is pinned
+
+
+def test_a_server_that_does_not_speak_tls_is_a_handshake_failure():
+    def answer_plain_text(listener):
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1024)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        thread = threading.Thread(target=answer_plain_text, args=(listener,), daemon=True)
+        thread.start()
+        served = probe(Endpoint(f"{LOOPBACK}:{port}", LOOPBACK, port, "plain.test"), timeout=10.0)
+        thread.join(30)
+    assert served.error.startswith("TLS handshake failed"), served.error
+
+
+def test_postgres_starttls_presents_its_leaf_and_a_reload_changes_it(postgres):
+    import os
+
+    from helpers import load_cert
+
+    old = load_cert(postgres.cert)
+    served = probe(postgres.endpoint)
+    assert served.presents(_serial(old), public_key_id(old.public_key())), served
+    new = self_signed(postgres.cert, postgres.key, "db.probe.test")
+    for path in (postgres.cert, postgres.key):
+        os.chown(path, postgres.user.pw_uid, postgres.user.pw_gid)
+    subprocess.run(postgres.reload_command, shell=True, check=True, timeout=60)
+    served = await_leaf(postgres.endpoint, _serial(new), public_key_id(new.public_key()), settle=60)
+    assert served.presents(_serial(new), public_key_id(new.public_key())), served
+
+
+def test_starttls_against_a_server_without_tls_says_so(nginx):
+    # nginx speaks TLS at once: a postgres SSLRequest gets no 'S' back
+    served = probe(Endpoint(nginx.connect, LOOPBACK, nginx.port, "x.test", starttls="postgres"), timeout=5.0)
+    assert not served.reachable and served.error
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("127.0.0.1:443", ("127.0.0.1", 443)), ("[::1]:5432", ("::1", 5432)), ("mail.internal.example:25", ("mail.internal.example", 25))],
+)
+def test_connect_takes_a_host_name_ipv4_or_bracketed_ipv6_with_a_port(text, expected):
+    assert parse_connect(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [("127.0.0.1", "has no port"), ("::1:443", "in brackets"), ("[::1:443", "in brackets"), ("[nope]:443", "not an IPv6 address"),
+     ("host:0", "from 1 to 65535"), ("host:https", "from 1 to 65535"), (":443", "has no port")],
+)
+def test_a_bad_connect_value_says_what_is_wrong(text, words):
+    with pytest.raises(ConnectError, match=words):
+        parse_connect(text)
