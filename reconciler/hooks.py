@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from reconciler.faults import fault_point
+from reconciler.guests.agent import exec_hook_failure
 from reconciler.model import DesiredCert
 from reconciler.sans import ordered
 
@@ -57,10 +58,13 @@ class HookOutcome:
     output_tail: tuple[str, ...]
     seconds: float
     refused: str | None = None  # why it was not run at all
+    inside: str | None = None  # how it failed inside a guest while qm itself exited 0
 
     def describe(self) -> str:
         if self.refused:
             return f"was not run: {self.refused}"
+        if self.inside:
+            return f"failed: {self.inside} (qm guest exec exited 0)"
         if self.timed_out:
             return "timed out and was killed"
         if self.returncode is not None and self.returncode < 0:
@@ -109,8 +113,12 @@ def run_hook(
             _kill_group(proc)
         text = _tail(out)
     tail = tuple(redact(text, secrets + _key_bodies(certs)).splitlines()[-TAIL_LINES:])
-    ok = not timed_out and proc.returncode == 0
-    return HookOutcome(command, tuple(c.name for c in certs), ok, proc.returncode, timed_out, tail, time.monotonic() - started)
+    # qm exits 0 whatever the command in the VM did: its JSON answer says
+    inside = None if timed_out or proc.returncode != 0 else exec_hook_failure(command, text)
+    if inside:
+        inside = redact(inside, secrets + _key_bodies(certs))
+    ok = not timed_out and proc.returncode == 0 and inside is None
+    return HookOutcome(command, tuple(c.name for c in certs), ok, proc.returncode, timed_out, tail, time.monotonic() - started, inside=inside)
 
 
 def _key_bodies(certs: list[DesiredCert]) -> tuple[bytes, ...]:
