@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from reconciler.model import KeySpec
+from reconciler.sans import from_certificate
 
 CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1}
 
@@ -70,8 +71,6 @@ def same_public_key(a, b) -> bool:
 
 def cert_sans(cert: x509.Certificate) -> frozenset[str]:
     """The certificate's SAN set, normalised like a desired one (reconciler.sans)."""
-    from reconciler.sans import from_certificate
-
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

@@ -1,7 +1,10 @@
-"""diff: (Desired, Observed, now, status) → the drifts of one certificate. Pure: no I/O, no clock.
+"""diff: (Desired, Observed, now, context) → the drifts of one certificate. Pure: no I/O, no clock.
 
-Drifts are small (field, observed, desired) records in the drift table's order (docs/design.md); `plan`
-turns them into the minimal actions.
+The drift table (docs/design.md) is `DRIFT_TABLE`: one small function per row,
+`(desired, observed, now, context) -> Drift | None`, in table order. `diff()` walks it for
+`plan`; `readiness()` walks the same rows to say whether the certificate on disk can serve
+now, so "what the next pass would change" and "is it ready" never disagree. Adding a row is
+adding one function here, its place in the tuple, and its test.
 """
 
 from __future__ import annotations
@@ -9,14 +12,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Callable
 
 from reconciler.durations import format_duration
-from reconciler.model import CA_MODE, DesiredCert
-from reconciler.observe import FileState, Observed
+from reconciler.model import CA_MODE, CertFacts, DesiredCert, FileState, Observed
 from reconciler.sans import display
 
-# the drift table (docs/design.md), in order
 ISSUE, REISSUE, RENEW, CHOWN, CHMOD, RUN_HOOK = "issue", "reissue", "renew", "chown", "chmod", "run_hook"
 REWRITE_CHAIN, WRITE_CA = "rewrite_chain", "write_ca"
 CONTENT_ACTIONS = (ISSUE, REISSUE, RENEW)  # a new certificate
@@ -35,10 +36,61 @@ class Drift:
     reason: str
     observed: Any = None
     desired: Any = None
+    # the certificate is past its notAfter: a renewal that no client can wait for
+    expired: bool = False
+
+    @property
+    def unusable(self) -> bool:
+        """The certificate on disk cannot serve as the manifest asks: missing, garbage, not
+        the one asked for (names, key, usage, lifetime, CA, not yet valid) or expired.
+        A renewal of a still valid certificate, a chain, CA file, owner, mode or owed hook
+        leave it usable."""
+        return self.action in (ISSUE, REISSUE) or self.expired
+
+
+@dataclass(frozen=True)
+class Context:
+    """What some rows need beyond desired, observed and now."""
+
+    hook_owed: bool = False  # the status store says the post-renewal command is owed
+    # why the issuer cannot be checked here; certificates are then not trusted
+    issuer_unknown: str | None = None
+
+
+Row = Callable[[DesiredCert, Observed, datetime, Context], "Drift | None"]
 
 
 class Blocked(Exception):
     """The path cannot be managed as it is (a symlink, a folder, a device): needs an operator."""
+
+
+def renewal_due_at(cert: DesiredCert, not_before: datetime, not_after: datetime) -> datetime:
+    """When this certificate enters its renewal window, with a stable per-certificate jitter
+    of up to 5 % of its lifetime (earlier, never later), so a fleet issued together does not
+    renew together."""
+    lifetime = not_after - not_before
+    window = cert.renew_before.window(lifetime)
+    digest = hashlib.sha256(f"{cert.name}\0{not_after.timestamp()}".encode()).digest()
+    fraction = int.from_bytes(digest[:4], "big") / 2**32
+    jitter = timedelta(seconds=lifetime.total_seconds() * JITTER_SHARE * fraction)
+    return not_after - window - jitter
+
+
+# --------------------------------------------------------------------------- blocked paths
+
+
+def blocked(cert: DesiredCert, observed: Observed) -> str | None:
+    """Why the paths cannot be managed as they are (not a drift: nothing is done to them)."""
+    if observed.folder_problem:
+        return observed.folder_problem
+    files = [("cert", cert.cert_path, observed.cert_file), ("key", cert.key_path, observed.key_file)]
+    if cert.ca_path is not None and observed.ca_file is not None:
+        files.append(("ca", cert.ca_path, observed.ca_file))
+    for label, path, state in files:
+        problem = _file_problem(label, path, state, cert.allow_symlink)
+        if problem:
+            return problem
+    return None
 
 
 def _file_problem(label: str, path, state: FileState, allow_symlink: bool) -> str | None:
@@ -54,136 +106,104 @@ def _file_problem(label: str, path, state: FileState, allow_symlink: bool) -> st
     return None
 
 
-def renewal_due_at(cert: DesiredCert, not_before: datetime, not_after: datetime) -> datetime:
-    """When this certificate enters its renewal window, with a stable per-certificate jitter
-    of up to 5 % of its lifetime (earlier, never later), so a fleet issued together does not
-    renew together."""
-    lifetime = not_after - not_before
-    window = cert.renew_before.window(lifetime)
-    digest = hashlib.sha256(f"{cert.name}\0{not_after.timestamp()}".encode()).digest()
-    fraction = int.from_bytes(digest[:4], "big") / 2**32
-    jitter = timedelta(seconds=lifetime.total_seconds() * JITTER_SHARE * fraction)
-    return not_after - window - jitter
+# --------------------------------------------------------------------------- rows: files present, readable, parsing
 
 
-def diff(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: bool = False, issuer_unknown: str | None = None) -> list[Drift]:
-    """Every drift of `cert`, in table order. Raises Blocked when the path cannot be managed.
-    `issuer_unknown`: why the issuer cannot be checked; the certificate is then not trusted."""
-    if observed.folder_problem:
-        raise Blocked(observed.folder_problem)
-    files = [("cert", cert.cert_path, observed.cert_file), ("key", cert.key_path, observed.key_file)]
-    if cert.ca_path is not None and observed.ca_file is not None:
-        files.append(("ca", cert.ca_path, observed.ca_file))
-    for label, path, state in files:
-        problem = _file_problem(label, path, state, cert.allow_symlink)
-        if problem:
-            raise Blocked(problem)
+def _file_missing(label: str, state: FileState) -> Drift | None:
+    if state.kind == "missing":
+        return Drift(f"{label}_file", ISSUE, f"{label} file missing", "missing", "present")
+    if state.kind == "unreadable":
+        return Drift(f"{label}_file", ISSUE, f"{label} file unreadable: {state.detail}", "unreadable", "present")
+    return None
 
-    drifts: list[Drift] = []
-    cf, kf = observed.cert_file, observed.key_file
-    # --- files present and readable
-    for label, state in (("certificate", cf), ("key", kf)):
-        if state.kind == "missing":
-            drifts.append(Drift(f"{label}_file", ISSUE, f"{label} file missing", "missing", "present"))
-        elif state.kind == "unreadable":
-            drifts.append(Drift(f"{label}_file", ISSUE, f"{label} file unreadable: {state.detail}", "unreadable", "present"))
-    if drifts:
-        return drifts + _hook_drift(cert, hook_pending, drifts)
-    # --- parses, key matches
-    if observed.cert is None:
-        drifts.append(Drift("certificate", ISSUE, f"certificate does not parse: {observed.cert_error}", observed.cert_error, "valid"))
-    if observed.key_public_id is None:
-        drifts.append(Drift("key", ISSUE, f"key does not parse: {observed.key_error}", observed.key_error, "valid"))
-    elif observed.cert is not None and not observed.key_matches:
-        drifts.append(Drift("key_match", ISSUE, "key does not match the certificate", "mismatch", "match"))
-    if drifts:
-        return drifts
-    facts = observed.cert
-    assert facts is not None
-    # --- identity
-    if facts.common_name != cert.common_name:
-        drifts.append(
-            Drift("common_name", REISSUE, f"common name is {facts.common_name!r}, want {cert.common_name!r}", facts.common_name, cert.common_name)
-        )
-    have = facts.sans
-    if have != cert.sans:
-        adds = sorted(display(s) for s in cert.sans - have)
-        drops = sorted(display(s) for s in have - cert.sans)
-        words = ", ".join(p for p in (f"adds {', '.join(adds)}" if adds else "", f"drops {', '.join(drops)}" if drops else "") if p)
-        drifts.append(Drift("sans", REISSUE, f"SANs differ: {words}", sorted(display(s) for s in have), sorted(display(s) for s in cert.sans)))
-    want_key = cert.key.describe()
-    if facts.key_type != want_key:
-        drifts.append(Drift("key_type", REISSUE, f"key type is {facts.key_type}, want {want_key}", facts.key_type, want_key))
-    usage = USAGE[cert.cert_type]
+
+def cert_file(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    return _file_missing("certificate", o.cert_file)
+
+
+def key_file(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    return _file_missing("key", o.key_file)
+
+
+def _both_present(o: Observed) -> bool:
+    # a missing file already asks for a new pair: what the other one holds does not matter
+    return o.cert_file.present and o.key_file.present
+
+
+def cert_parses(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    if _both_present(o) and o.cert is None:
+        return Drift("certificate", ISSUE, f"certificate does not parse: {o.cert_error}", o.cert_error, "valid")
+    return None
+
+
+def key_parses(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    if _both_present(o) and o.key_public_id is None:
+        return Drift("key", ISSUE, f"key does not parse: {o.key_error}", o.key_error, "valid")
+    return None
+
+
+def key_matches(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    if _both_present(o) and o.cert is not None and o.key_public_id is not None and not o.key_matches:
+        return Drift("key_match", ISSUE, "key does not match the certificate", "mismatch", "match")
+    return None
+
+
+def _facts(o: Observed) -> CertFacts | None:
+    """The certificate's facts when the pair is usable at all (both parse, key matches):
+    the rows below compare them with the manifest."""
+    return o.cert if o.key_matches else None
+
+
+# --------------------------------------------------------------------------- rows: identity
+
+
+def common_name(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    facts = _facts(o)
+    if facts is None or facts.common_name == cert.common_name:
+        return None
+    return Drift("common_name", REISSUE, f"common name is {facts.common_name!r}, want {cert.common_name!r}", facts.common_name, cert.common_name)
+
+
+def sans(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    facts = _facts(o)
+    if facts is None or facts.sans == cert.sans:
+        return None
+    adds = sorted(display(s) for s in cert.sans - facts.sans)
+    drops = sorted(display(s) for s in facts.sans - cert.sans)
+    words = ", ".join(p for p in (f"adds {', '.join(adds)}" if adds else "", f"drops {', '.join(drops)}" if drops else "") if p)
+    return Drift("sans", REISSUE, f"SANs differ: {words}", sorted(display(s) for s in facts.sans), sorted(display(s) for s in cert.sans))
+
+
+def key_type(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    facts, want = _facts(o), cert.key.describe()
+    if facts is None or facts.key_type == want:
+        return None
+    return Drift("key_type", REISSUE, f"key type is {facts.key_type}, want {want}", facts.key_type, want)
+
+
+def cert_type(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    facts, usage = _facts(o), USAGE[cert.cert_type]
     # step-ca's default template gives every certificate both usages: having more than
     # asked is no drift, or each of its certificates would be re-issued on every pass
-    if usage not in facts.usages and "any" not in facts.usages:
-        have = sorted(facts.usages)
-        drifts.append(
-            Drift("cert_type", REISSUE, f"extended key usage is {', '.join(have) or 'empty'}, a {cert.cert_type} certificate needs {usage}", have, usage)
-        )
+    if facts is None or usage in facts.usages or "any" in facts.usages:
+        return None
+    have = sorted(facts.usages)
+    return Drift("cert_type", REISSUE, f"extended key usage is {', '.join(have) or 'empty'}, a {cert.cert_type} certificate needs {usage}", have, usage)
+
+
+def duration(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    facts = _facts(o)
+    if facts is None:
+        return None
     lifetime = facts.not_after - facts.not_before
-    if _lifetime_differs(lifetime, cert.duration, facts):
-        written = cert.fields.get("duration")
-        have, want = format_duration(lifetime), written if isinstance(written, str) else format_duration(cert.duration)
-        drifts.append(Drift("duration", REISSUE, f"lifetime is {have}, want {want}", have, want))
-    if observed.chains_to_issuer is False:
-        drifts.append(Drift("issuer", REISSUE, "issued by another CA than the configured issuer", facts.issued_by, "configured issuer"))
-    elif observed.chains_to_issuer is None and issuer_unknown:
-        drifts.append(Drift("issuer", REISSUE, f"cannot check the issuer: {issuer_unknown}", "unknown", "configured issuer"))
-    # --- lifetime
-    if now < facts.not_before:
-        # TLS clients refuse it ("certificate is not yet valid") until then; a renewal could
-        # keep that notBefore, so it is a new certificate, from a CA whose clock is right
-        drifts.append(
-            Drift(
-                "not_before",
-                REISSUE,
-                f"not valid until {facts.not_before:%Y-%m-%dT%H:%MZ} (in {format_duration(facts.not_before - now)}); "
-                "the clock may have jumped backwards",
-                facts.not_before.isoformat(),
-                f"at or before {now.isoformat()}",
-            )
-        )
-    if not any(d.action == REISSUE for d in drifts):
-        due = renewal_due_at(cert, facts.not_before, facts.not_after)
-        if now >= facts.not_after:
-            drifts.append(Drift("expiry", RENEW, f"expired {format_duration(now - facts.not_after)} ago", facts.not_after.isoformat(), "valid"))
-        elif now >= due:
-            # the jitter moves the moment earlier than the window alone says: name the moment,
-            # or "expires in 4m17s, inside the 4m window" reads as a contradiction
-            window = cert.renew_before.describe()
-            drifts.append(
-                Drift(
-                    "expiry",
-                    RENEW,
-                    f"renewal due since {format_duration(now - due)} ago (window {window} + jitter); "
-                    f"expires in {format_duration(facts.not_after - now)}",
-                    facts.not_after.isoformat(),
-                    due.isoformat(),
-                )
-            )
-    # --- file content that is not the certificate (rewritten without a new one)
-    drifts += _chain_drift(cert, facts) + _ca_drift(cert, observed)
-    # --- file metadata (fixed without touching the certificate)
-    managed = [("certificate", cf, cert.cert_mode), ("key", kf, cert.key_mode)]
-    if observed.ca_file is not None and observed.ca_file.present:
-        managed.append(("CA file", observed.ca_file, CA_MODE))
-    for label, state, mode in managed:
-        if cert.uid is not None and state.uid != cert.uid or cert.gid is not None and state.gid != cert.gid:
-            want = f"{cert.uid if cert.uid is not None else state.uid}:{cert.gid if cert.gid is not None else state.gid}"
-            drifts.append(Drift(f"{_field(label)}_owner", CHOWN, f"{label} owner {state.uid}:{state.gid}, want {want} ({cert.owner})", f"{state.uid}:{state.gid}", want))
-    for label, state, mode in managed:
-        if state.mode != mode:
-            drifts.append(Drift(f"{_field(label)}_mode", CHMOD, f"{label} mode {state.mode:04o}, want {mode:04o}", f"{state.mode:04o}", f"{mode:04o}"))
-    return drifts + _hook_drift(cert, hook_pending, drifts)
+    if not _lifetime_differs(lifetime, cert.duration, facts):
+        return None
+    written = cert.fields.get("duration")
+    have, want = format_duration(lifetime), written if isinstance(written, str) else format_duration(cert.duration)
+    return Drift("duration", REISSUE, f"lifetime is {have}, want {want}", have, want)
 
 
-def _field(label: str) -> str:
-    return "ca" if label == "CA file" else label
-
-
-def _lifetime_differs(lifetime: timedelta, duration: timedelta, facts) -> bool:
+def _lifetime_differs(lifetime: timedelta, duration: timedelta, facts: CertFacts) -> bool:
     slack = max(LIFETIME_SLACK, duration * LIFETIME_SHARE)
     if abs(lifetime - duration) <= slack:
         return False
@@ -193,12 +213,74 @@ def _lifetime_differs(lifetime: timedelta, duration: timedelta, facts) -> bool:
     return not (lifetime < duration and capped)
 
 
-def _chain_drift(cert: DesiredCert, facts) -> list[Drift]:
+def issuer(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    facts = _facts(o)
+    if facts is None:
+        return None
+    if o.chains_to_issuer is False:
+        return Drift("issuer", REISSUE, "issued by another CA than the configured issuer", facts.issued_by, "configured issuer")
+    if o.chains_to_issuer is None and ctx.issuer_unknown:
+        return Drift("issuer", REISSUE, f"cannot check the issuer: {ctx.issuer_unknown}", "unknown", "configured issuer")
+    return None
+
+
+# --------------------------------------------------------------------------- rows: lifetime
+
+
+def not_yet_valid(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    facts = _facts(o)
+    if facts is None or now >= facts.not_before:
+        return None
+    # TLS clients refuse it ("certificate is not yet valid") until then; a renewal could
+    # keep that notBefore, so it is a new certificate, from a CA whose clock is right
+    return Drift(
+        "not_before",
+        REISSUE,
+        f"not valid until {facts.not_before:%Y-%m-%dT%H:%MZ} (in {format_duration(facts.not_before - now)}); "
+        "the clock may have jumped backwards",
+        facts.not_before.isoformat(),
+        f"at or before {now.isoformat()}",
+    )
+
+
+def expired(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    facts = _facts(o)
+    if facts is None or now < facts.not_after:
+        return None
+    return Drift("expiry", RENEW, f"expired {format_duration(now - facts.not_after)} ago", facts.not_after.isoformat(), "valid", expired=True)
+
+
+def renewal_due(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    facts = _facts(o)
+    if facts is None or now >= facts.not_after:
+        return None  # expired: the row above
+    due = renewal_due_at(cert, facts.not_before, facts.not_after)
+    if now < due:
+        return None
+    # the jitter moves the moment earlier than the window alone says: name the moment,
+    # or "expires in 4m17s, inside the 4m window" reads as a contradiction
+    return Drift(
+        "expiry",
+        RENEW,
+        f"renewal due since {format_duration(now - due)} ago (window {cert.renew_before.describe()} + jitter); "
+        f"expires in {format_duration(facts.not_after - now)}",
+        facts.not_after.isoformat(),
+        due.isoformat(),
+    )
+
+
+# --------------------------------------------------------------------------- rows: file content that is not the certificate
+
+
+def chain(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
     """The certificates after the leaf are exactly the issuer's chain with include_ca, none
     without. Unknown when the issuer's chain is not known here (then only "none" is judged)."""
+    facts = _facts(o)
+    if facts is None:
+        return None
     want = facts.issuer_chain if cert.include_ca else ()
     if want is None or facts.chain == want:
-        return []
+        return None
     if not want:
         n = len(facts.chain)
         reason = f"the certificate file holds a CA chain ({n} certificate{'s' if n != 1 else ''}) that include_ca: false leaves out"
@@ -206,30 +288,162 @@ def _chain_drift(cert: DesiredCert, facts) -> list[Drift]:
         reason = "the certificate file lacks the CA chain include_ca asks for"
     else:
         reason = "the CA chain in the certificate file is not the issuer's (a stale or foreign certificate in it)"
-    return [Drift("chain", REWRITE_CHAIN, reason, list(facts.chain), list(want))]
+    return Drift("chain", REWRITE_CHAIN, reason, list(facts.chain), list(want))
 
 
-def _ca_drift(cert: DesiredCert, observed: Observed) -> list[Drift]:
+def ca_file(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
     """`ca_path` holds exactly the issuer's root. Which root that is may be unknown here (a
     step-ca before its root was fetched): then only a missing or unreadable file is judged."""
-    state = observed.ca_file
+    state, want = o.ca_file, o.issuer_root
     if cert.ca_path is None or state is None:
-        return []
-    want = observed.issuer_root
+        return None
     if not state.present:
         why = "missing" if state.kind == "missing" else f"unreadable: {state.detail}"
-        return [Drift("ca_file", WRITE_CA, f"CA file {cert.ca_path} {why}", state.kind, want)]
-    if observed.ca_certs is None:
-        return [Drift("ca_file", WRITE_CA, f"CA file {cert.ca_path} does not hold a PEM certificate", "not a certificate", want)]
-    if want is not None and observed.ca_certs != (want,):
-        return [Drift("ca_file", WRITE_CA, f"CA file {cert.ca_path} holds another certificate than the issuer's root", list(observed.ca_certs), want)]
-    return []
+        return Drift("ca_file", WRITE_CA, f"CA file {cert.ca_path} {why}", state.kind, want)
+    if o.ca_certs is None:
+        return Drift("ca_file", WRITE_CA, f"CA file {cert.ca_path} does not hold a PEM certificate", "not a certificate", want)
+    if want is not None and o.ca_certs != (want,):
+        return Drift("ca_file", WRITE_CA, f"CA file {cert.ca_path} holds another certificate than the issuer's root", list(o.ca_certs), want)
+    return None
 
 
-def _hook_drift(cert: DesiredCert, hook_pending: bool, drifts: list[Drift]) -> list[Drift]:
+# --------------------------------------------------------------------------- rows: file metadata
+
+
+def _owner(cert: DesiredCert, label: str, field_name: str, state: FileState | None) -> Drift | None:
+    if state is None or not state.present:
+        return None
+    if (cert.uid is None or state.uid == cert.uid) and (cert.gid is None or state.gid == cert.gid):
+        return None
+    want = f"{cert.uid if cert.uid is not None else state.uid}:{cert.gid if cert.gid is not None else state.gid}"
+    return Drift(f"{field_name}_owner", CHOWN, f"{label} owner {state.uid}:{state.gid}, want {want} ({cert.owner})", f"{state.uid}:{state.gid}", want)
+
+
+def _mode(label: str, field_name: str, state: FileState | None, mode: int) -> Drift | None:
+    if state is None or not state.present or state.mode == mode:
+        return None
+    return Drift(f"{field_name}_mode", CHMOD, f"{label} mode {state.mode:04o}, want {mode:04o}", f"{state.mode:04o}", f"{mode:04o}")
+
+
+def cert_owner(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    return _owner(cert, "certificate", "certificate", o.cert_file)
+
+
+def key_owner(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    return _owner(cert, "key", "key", o.key_file)
+
+
+def ca_owner(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    return _owner(cert, "CA file", "ca", o.ca_file)
+
+
+def cert_mode(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    return _mode("certificate", "certificate", o.cert_file, cert.cert_mode)
+
+
+def key_mode(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    return _mode("key", "key", o.key_file, cert.key_mode)
+
+
+def ca_mode(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    return _mode("CA file", "ca", o.ca_file, CA_MODE)
+
+
+def hook(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
     # a pending hook whose command was since removed from the manifest has nothing to run;
     # planning it would report a change on every pass, forever
-    # (a content or file write runs the command anyway)
-    if hook_pending and cert.post_renewal_command and not any(d.action in CONTENT_ACTIONS + FILE_ACTIONS for d in drifts):
-        return [Drift("hook", RUN_HOOK, "the post-renewal command did not succeed after the last deployment", "failed", "succeeded")]
-    return []
+    if ctx.hook_owed and cert.post_renewal_command:
+        return Drift("hook", RUN_HOOK, "the post-renewal command did not succeed after the last deployment", "failed", "succeeded")
+    return None
+
+
+# --------------------------------------------------------------------------- the table
+
+
+DRIFT_TABLE: tuple[Row, ...] = (
+    cert_file, key_file,  # present and readable
+    cert_parses, key_parses, key_matches,  # a usable pair
+    common_name, sans, key_type, cert_type, duration, issuer,  # the certificate asked for
+    not_yet_valid, expired, renewal_due,  # lifetime
+    chain, ca_file,  # content beside the certificate
+    cert_owner, key_owner, ca_owner, cert_mode, key_mode, ca_mode,  # metadata
+    hook,  # owed from an earlier pass
+)
+
+# an earlier drift with one of these actions makes a later one moot: a new pair is written
+# with everything right (so after `issue` only other `issue` rows count), a reissue is no
+# renewal, and any file write runs the hook anyway
+_MOOT_AFTER = {
+    REISSUE: frozenset({ISSUE}),
+    RENEW: frozenset({ISSUE, REISSUE}),
+    REWRITE_CHAIN: frozenset({ISSUE}),
+    WRITE_CA: frozenset({ISSUE}),
+    CHOWN: frozenset({ISSUE}),
+    CHMOD: frozenset({ISSUE}),
+    RUN_HOOK: frozenset(CONTENT_ACTIONS + FILE_ACTIONS),
+}
+
+
+def diff(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: bool = False, issuer_unknown: str | None = None) -> list[Drift]:
+    """Every drift of `cert`, in table order. Raises Blocked when the path cannot be managed.
+    `issuer_unknown`: why the issuer cannot be checked; the certificate is then not trusted."""
+    problem = blocked(cert, observed)
+    if problem:
+        raise Blocked(problem)
+    return walk(cert, observed, now, Context(hook_pending, issuer_unknown))
+
+
+def walk(cert: DesiredCert, observed: Observed, now: datetime, ctx: Context) -> list[Drift]:
+    """The drift table's rows in order, leaving out what an earlier drift makes moot."""
+    drifts: list[Drift] = []
+    actions: set[str] = set()
+    for row in DRIFT_TABLE:
+        d = row(cert, observed, now, ctx)
+        if d is not None and not actions & _MOOT_AFTER.get(d.action, frozenset()):
+            drifts.append(d)
+            actions.add(d.action)
+    return drifts
+
+
+# --------------------------------------------------------------------------- readiness
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """The certificate on disk, judged by the same rows as the plan (docs/design.md, "Ready").
+
+    `ready`: it can serve as the manifest asks now: no unusable drift (Drift.unusable) and
+    the path is not blocked. `pending`: every drift the next pass would act on, in table
+    order; a ready certificate may still have some (a renewal due, chain, CA file, owner,
+    mode, an owed hook)."""
+
+    ready: bool
+    problem: str | None  # why not ready: the blocked path or the first unusable drift's reason
+    pending: tuple[Drift, ...]
+    not_after: datetime | None = None  # of the usable certificate on disk
+    renewal_at: datetime | None = None  # when it enters its (jittered) renewal window
+
+    @property
+    def actions(self) -> tuple[str, ...]:
+        """The pending drifts' actions, each once, in table order."""
+        return tuple(dict.fromkeys(d.action for d in self.pending))
+
+
+def readiness(
+    cert: DesiredCert, observed: Observed, now: datetime, hook_owed: bool = False, issuer_unknown: str | None = None
+) -> Readiness:
+    problem = blocked(cert, observed)
+    if problem:
+        return Readiness(False, problem, ())
+    return readiness_of(cert, observed, walk(cert, observed, now, Context(hook_owed, issuer_unknown)))
+
+
+def readiness_of(cert: DesiredCert, observed: Observed, drifts: list[Drift]) -> Readiness:
+    """Readiness from drifts already walked (plan_cert walks once for both)."""
+    unusable = next((d for d in drifts if d.unusable), None)
+    facts = _facts(observed)
+    due = renewal_due_at(cert, facts.not_before, facts.not_after) if facts is not None else None
+    return Readiness(
+        unusable is None, unusable.reason if unusable else None, tuple(drifts),
+        facts.not_after if facts is not None else None, due,
+    )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
+
+from reconciler.durations import format_duration
 
 # `ca_path` holds a public root that clients of the service read: always this mode
 CA_MODE = 0o644
@@ -72,8 +75,6 @@ class RenewBefore:
         return lifetime * (self.share or 0.0)
 
     def describe(self) -> str:
-        from reconciler.durations import format_duration
-
         if self.fixed is not None:
             return format_duration(self.fixed)
         return f"{round((self.share or 0) * 100)}%"
@@ -107,12 +108,9 @@ class DesiredCert:
     # position in the manifest's list, for error messages ("certificates[3].owner")
     where: str = field(default="", compare=False, repr=False)
 
-
     @property
     def source(self) -> str:
         """Canonical JSON of `fields`; computed on demand (it costs more than a stat)."""
-        import json
-
         return json.dumps(self.fields, sort_keys=True)
 
 
@@ -121,3 +119,64 @@ class Desired:
     issuer: IssuerSpec | None  # None: the manifest names no issuer (flags, env or defaults.json decide)
     certificates: tuple[DesiredCert, ...]
     manifest_path: Path
+
+
+# --------------------------------------------------------------------------- observed
+# What `observe` found on disk: values like the desired ones, so that diff and plan (pure)
+# never import the stage that reads files.
+
+
+@dataclass(frozen=True)
+class FileState:
+    kind: str  # "file" | "missing" | "symlink" | "directory" | "special" | "unreadable"
+    uid: int | None = None
+    gid: int | None = None
+    mode: int | None = None
+    detail: str = ""  # the OS error for "unreadable", the link target for "symlink"
+    stamp: tuple = ()  # (dev, ino, size, mtime_ns, ctime_ns) for the cache
+
+    @property
+    def present(self) -> bool:
+        return self.kind == "file"
+
+
+@dataclass(frozen=True)
+class CertFacts:
+    common_name: str | None
+    sans: frozenset[str]  # normalised like a desired SAN set (reconciler.sans)
+    not_before: datetime
+    not_after: datetime
+    key_type: str  # "EC P-256", "RSA 2048", "Ed25519"
+    public_key_id: str  # sha256 of the SubjectPublicKeyInfo
+    issued_by: str | None  # sha256 of the trust certificate that signed it, if any
+    serial: str
+    # "serverAuth", "clientAuth", or "any" (no EKU extension, or anyExtendedKeyUsage)
+    usages: frozenset[str] = frozenset({"any"})
+    chain: tuple[str, ...] = ()  # sha256 of each certificate after the leaf in the file
+    # sha256 of the intermediates from the leaf up to the issuer's root, as the issuer knows
+    # them (its trust certificates); None: the leaf does not chain through them
+    issuer_chain: tuple[str, ...] | None = None
+    # when the certificate that signed the leaf expires: a CA cannot issue beyond it
+    signer_not_after: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    cert_file: FileState
+    key_file: FileState
+    cert: CertFacts | None = None
+    cert_error: str | None = None  # why a present cert file did not parse
+    key_public_id: str | None = None
+    key_error: str | None = None
+    # None: we cannot tell (no trust anchors known for a remote CA)
+    chains_to_issuer: bool | None = None
+    # why these paths cannot be managed: a folder above them that someone other than root
+    # and the owner can write, or files another state folder manages (reconciler.managed)
+    folder_problem: str | None = None
+    ca_file: FileState | None = None  # None: the entry has no ca_path
+    ca_certs: tuple[str, ...] | None = None  # sha256 of each certificate in it; None: no PEM
+    issuer_root: str | None = None  # sha256 of the issuer's root; None: not known here
+
+    @property
+    def key_matches(self) -> bool:
+        return self.cert is not None and self.key_public_id is not None and self.cert.public_key_id == self.key_public_id

@@ -223,14 +223,14 @@ def defer(plan: Plan, deferral: Deferral) -> Plan:
     kept: list[CertPlan] = []
     for p in plan.certificates:
         if p.actions and p.cert.name in deferral.certificates:
-            p = CertPlan(p.cert, (), p.error)
+            p = replace(p, actions=())
         elif p.content_action is not None and budget is not None:
             if budget <= 0:
-                p = CertPlan(p.cert, (), p.error)
+                p = replace(p, actions=())
             else:
                 budget -= 1
         if p.actions and p.cert.name in deferral.hooks and p.content_action is None:
-            p = CertPlan(p.cert, tuple(a for a in p.actions if a.action != RUN_HOOK), p.error)
+            p = replace(p, actions=tuple(a for a in p.actions if a.action != RUN_HOOK))
         kept.append(p)
     return Plan(tuple(kept), hooks_for(kept), plan.notes)
 

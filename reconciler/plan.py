@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from reconciler.diff import CHMOD, CHOWN, CONTENT_ACTIONS, FILE_ACTIONS, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, Blocked, Drift, diff
-from reconciler.model import Desired, DesiredCert
-from reconciler.observe import Observed
+from reconciler.diff import (
+    CHMOD, CHOWN, CONTENT_ACTIONS, FILE_ACTIONS, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, Context, Drift, Readiness, blocked,
+    readiness_of, walk,
+)
+from reconciler.model import Desired, DesiredCert, Observed
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,9 @@ class CertPlan:
     cert: DesiredCert
     actions: tuple[Action, ...] = ()
     error: str | None = None  # the path cannot be managed; nothing will be done to it
+    # the certificate on disk as the same drift rows judged it (diff.readiness); None for a
+    # plan made by hand. Describes the disk, not the plan: a deferred or forced plan keeps it
+    readiness: Readiness | None = field(default=None, compare=False)
 
     @property
     def content_action(self) -> Action | None:
@@ -59,10 +64,10 @@ class Plan:
 
 
 def plan_cert(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: bool = False, issuer_unknown: str | None = None) -> CertPlan:
-    try:
-        drifts = diff(cert, observed, now, hook_pending, issuer_unknown)
-    except Blocked as exc:
-        return CertPlan(cert, (), str(exc))
+    problem = blocked(cert, observed)
+    if problem:
+        return CertPlan(cert, (), problem, Readiness(False, problem, ()))
+    drifts = walk(cert, observed, now, Context(hook_pending, issuer_unknown))
     content = [d for d in drifts if d.action in CONTENT_ACTIONS]
     actions: list[Action] = []
     if content:
@@ -76,7 +81,7 @@ def plan_cert(cert: DesiredCert, observed: Observed, now: datetime, hook_pending
             found = tuple(d for d in drifts if d.action == kind)
             if found:
                 actions.append(Action(kind, "; ".join(d.reason for d in found), found))
-    return CertPlan(cert, tuple(actions))
+    return CertPlan(cert, tuple(actions), None, readiness_of(cert, observed, drifts))
 
 
 def make_plan(
@@ -112,7 +117,7 @@ def force_renewal(plan: Plan, names: frozenset[str]) -> Plan:
             action = Action(content.action, f"{FORCED}; {content.reason}", content.drifts)
         else:
             action = Action(RENEW, FORCED, (Drift("renewal", RENEW, FORCED, None, "renewed now"),))
-        out.append(CertPlan(p.cert, (action,)))
+        out.append(CertPlan(p.cert, (action,), None, p.readiness))
     return Plan(tuple(out), hooks_for(out), plan.notes)
 
 

@@ -24,12 +24,14 @@ from hypothesis import strategies as st
 
 from reconciler.crypto import key_to_pem
 from reconciler.durations import format_duration
-from reconciler.diff import CHMOD, CHOWN, ISSUE, REISSUE, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, diff, renewal_due_at
+from reconciler.diff import (
+    CHMOD, CHOWN, DRIFT_TABLE, ISSUE, REISSUE, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, Blocked, diff, readiness, renewal_due_at,
+)
 from reconciler.issuers import IssueRequest
 from reconciler.issuers.local import LocalCA
 from reconciler.manifest import build
-from reconciler.model import Desired, DesiredCert
-from reconciler.observe import FileState, Observed, Trust, observe
+from reconciler.model import Desired, DesiredCert, FileState, Observed
+from reconciler.observe import Trust, observe
 from reconciler.plan import make_plan, plan_cert
 from reconciler.sans import display
 
@@ -995,6 +997,123 @@ def test_an_error_certificate_shows_in_the_plan_errors_and_runs_no_hook(tmp_path
     assert [p.cert.name for p in plan.errors] == ["bad"]
     assert plan.hooks == ()
     assert plan.changes  # "new" is to be issued
+
+
+# --------------------------------------------------------------------------- readiness: the same rows
+
+
+def test_a_certificate_made_to_the_manifest_is_ready_with_nothing_pending(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    observed = observe(cert, trust)
+    r = readiness(cert, observed, valid_now(observed))
+    assert (r.ready, r.problem, r.pending) == (True, None, ())
+    assert r.not_after == observed.cert.not_after
+    assert r.renewal_at == renewal_due_at(cert, observed.cert.not_before, observed.cert.not_after)
+
+
+def test_a_renewal_due_leaves_a_still_valid_certificate_ready(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    observed = observe(cert, trust)
+    r = readiness(cert, observed, observed.cert.not_after - timedelta(hours=1))
+    assert r.ready and r.problem is None
+    assert r.actions == (RENEW,)
+
+
+def test_an_expired_certificate_is_not_ready_and_says_since_when(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    observed = observe(cert, trust)
+    r = readiness(cert, observed, observed.cert.not_after + timedelta(minutes=3))
+    assert not r.ready and r.problem == "expired 3m ago"
+    assert r.actions == (RENEW,)
+
+
+@pytest.mark.parametrize("change", ["cert_missing", "garbage_key", "other_sans", "other_ca", "not_yet_valid"])
+def test_a_certificate_that_is_not_the_one_asked_for_is_not_ready(tmp_path, ca, other_ca, trust, change):
+    cert = desire(tmp_path)
+    now = None
+    if change == "other_sans":
+        deploy(ca, cert, sans=["svc.example.com", "old.example.com"])
+    elif change == "other_ca":
+        deploy(other_ca, cert)
+    else:
+        deploy(ca, cert)
+    if change == "cert_missing":
+        cert.cert_path.unlink()
+    elif change == "garbage_key":
+        cert.key_path.write_bytes(b"not a key")
+    observed = observe(cert, trust)
+    if change == "not_yet_valid":
+        now = observed.cert.not_before - timedelta(hours=1)
+    r = readiness(cert, observed, now or (valid_now(observed) if observed.cert else datetime.now(timezone.utc)))
+    want = {
+        "cert_missing": "certificate file missing",
+        "garbage_key": "key does not parse: not a PEM private key",
+        "other_sans": "SANs differ: drops old.example.com",
+        "other_ca": "issued by another CA than the configured issuer",
+        "not_yet_valid": "not valid until",
+    }[change]
+    assert not r.ready and r.problem.startswith(want), r
+
+
+def test_a_wrong_mode_chain_or_owed_hook_leaves_the_certificate_ready_with_work_pending(tmp_path, ca, trust):
+    cert = desire(tmp_path, include_ca=True, post_renewal_command="true")
+    pem, key = issue(ca, replace(cert, include_ca=False))  # the leaf alone: the chain is missing
+    write(cert.cert_path, pem, 0o600)
+    write(cert.key_path, key_to_pem(key), cert.key_mode)
+    observed = observe(cert, trust)
+    r = readiness(cert, observed, valid_now(observed), hook_owed=True)
+    assert r.ready and r.problem is None
+    # the rewritten chain runs the hook anyway: the owed hook is moot, as in the plan
+    assert r.actions == (REWRITE_CHAIN, CHMOD)
+    deploy(ca, cert)  # with its chain and mode: only the owed hook is left
+    observed = observe(cert, trust)
+    r = readiness(cert, observed, valid_now(observed), hook_owed=True)
+    assert r.ready and r.actions == (RUN_HOOK,)
+
+
+def test_a_path_that_cannot_be_managed_is_not_ready_and_names_why(tmp_path, ca, trust):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    cert.key_path.unlink()
+    cert.key_path.mkdir()
+    observed = observe(cert, trust)
+    r = readiness(cert, observed, datetime.now(timezone.utc))
+    assert not r.ready and r.problem == f"key {cert.key_path} is a directory; point key_path at a file inside it"
+    with pytest.raises(Blocked):
+        diff(cert, observed, datetime.now(timezone.utc))
+
+
+def test_the_plan_carries_the_readiness_of_the_same_walk(tmp_path, ca, trust):
+    """plan_cert walks the rows once for both: its readiness is readiness()'s, and a
+    certificate is ready exactly when its plan asks for no new certificate other than the
+    renewal of a valid one."""
+    cases = {"ok": {}, "sans": {"sans": ["x.example.com"]}, "mode": {"key_permissions": "640"}, "missing": {}}
+    for name, fields in cases.items():
+        cert = desire(tmp_path / name, **fields)
+        deploy(ca, desire(tmp_path / name))
+        if name == "missing":
+            cert.key_path.unlink()
+        observed = observe(cert, trust)
+        base = observed.cert.not_before if observed.cert else datetime.now(timezone.utc)
+        for now in (base + timedelta(minutes=5), base + timedelta(hours=23), base + timedelta(days=2)):
+            plan = plan_cert(cert, observed, now)
+            assert plan.readiness == readiness(cert, observed, now), (name, now)
+            content = plan.content_action
+            expected_ready = content is None or (content.action == RENEW and not any(d.expired for d in content.drifts))
+            assert plan.readiness.ready == expected_ready, (name, now, plan)
+
+
+def test_each_row_of_the_drift_table_is_a_named_check_in_table_order():
+    """Adding a row is adding one function to DRIFT_TABLE: pin the order the docs give."""
+    assert [row.__name__ for row in DRIFT_TABLE] == [
+        "cert_file", "key_file", "cert_parses", "key_parses", "key_matches",
+        "common_name", "sans", "key_type", "cert_type", "duration", "issuer",
+        "not_yet_valid", "expired", "renewal_due", "chain", "ca_file",
+        "cert_owner", "key_owner", "ca_owner", "cert_mode", "key_mode", "ca_mode", "hook",
+    ]
 
 
 # --------------------------------------------------------------------------- property: made to the manifest → nothing to do
