@@ -25,7 +25,15 @@ def figure(text: str) -> None:
     FIGURES.append(f"{test}: {text}" if test else text)
 
 
-def reconcile(*args: str, state_dir: Path | None = None, env: dict | None = None, timeout: float = 120, check: int | None = None, cwd=None, wrap: tuple[str, ...] = ()):
+def reconcile(
+    *args: str,
+    state_dir: Path | None = None,
+    env: dict | None = None,
+    timeout: float = 120,
+    check: int | None = None,
+    cwd=None,
+    wrap: tuple[str, ...] = (),
+):
     """Run `python -m reconciler ARGS` as a real subprocess; returns CompletedProcess.
     `wrap`: a command to run it under, e.g. ("faketime", "-f", "+2d").
 
@@ -49,7 +57,9 @@ def reconcile(*args: str, state_dir: Path | None = None, env: dict | None = None
         cwd=cwd,
     )
     if check is not None:
-        assert proc.returncode == check, f"exit {proc.returncode}, want {check}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        assert proc.returncode == check, (
+            f"exit {proc.returncode}, want {check}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 
@@ -65,7 +75,8 @@ def tree_snapshot(root: Path) -> dict[str, tuple]:
         for name in files:
             p = Path(dirpath) / name
             st = os.lstat(p)
-            out[str(p)] = (st.st_ino, st.st_mtime_ns, st.st_mode, st.st_uid, st.st_gid, p.read_bytes() if p.is_file() else None)
+            content = p.read_bytes() if p.is_file() else None
+            out[str(p)] = (st.st_ino, st.st_mtime_ns, st.st_mode, st.st_uid, st.st_gid, content)
     return out
 
 
@@ -75,7 +86,8 @@ def load_cert(path: Path) -> x509.Certificate:
 
 def cert_sans(path: Path) -> set[str]:
     ext = load_cert(path).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return {str(v) for v in ext.get_values_for_type(x509.DNSName)} | {str(v) for v in ext.get_values_for_type(x509.IPAddress)}
+    dns = {str(v) for v in ext.get_values_for_type(x509.DNSName)}
+    return dns | {str(v) for v in ext.get_values_for_type(x509.IPAddress)}
 
 
 def after_issuer(stdout: str) -> str:
@@ -85,7 +97,9 @@ def after_issuer(stdout: str) -> str:
     return rest
 
 
-def run_cli_forked(log: Path, argv: list[str], fault: str | None = None, kill_after: float | None = None) -> tuple[int, str, str]:
+def run_cli_forked(
+    log: Path, argv: list[str], fault: str | None = None, kill_after: float | None = None
+) -> tuple[int, str, str]:
     """Fork, run reconciler.cli.main(argv) in the child; SIGKILL at `fault` or after `kill_after` s.
     In-process, so a fault point is hit exactly where the code
     reaches it. `log`: the folder for stdout and stderr. Returns (exit status, or -signal; stdout; stderr)."""

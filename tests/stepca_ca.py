@@ -78,7 +78,7 @@ def build_harness() -> Path:
         )
     except subprocess.TimeoutExpired as exc:
         raise StepCAError(f"building step-ca harness timed out: {exc}") from exc
-    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or "").splitlines()[-40:])
         raise StepCAError(
@@ -240,7 +240,7 @@ def start_ca(
     log_path = base_dir / "step-ca.log"
 
     last_error: StepCAError | None = None
-    for attempt in range(3):
+    for _attempt in range(3):
         port = free_port()
         if steppath.exists():
             import shutil
