@@ -10,7 +10,8 @@ next pass.
 
 `stage` + `commit` split a write in two, so that several files (a key and its
 certificate) are all written out before any of them replaces its old version: a full
-disk then fails before anything is replaced.
+disk then fails before anything is replaced. `Transaction` does exactly that for a set of
+files, and puts the old files back when a rename is refused after an earlier one succeeded.
 
 Given a `Folder` (reconciler.folders: opened from / without following a link another
 user planted), every step acts on that folder's descriptor and the file's bare name, so
@@ -23,6 +24,7 @@ import errno
 import os
 import secrets
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.faults import fault_point
@@ -201,3 +203,88 @@ def sweep_temporaries(folder: Path) -> list[Path]:
             except OSError:
                 pass
     return removed
+
+
+@dataclass
+class _Staged:
+    label: str  # "key", "cert", "ca": names the fault point after its rename
+    folder: Folder
+    name: str
+    tmp: Path
+    # the old file's bytes, mode and owner (None: there was none), kept in memory and not
+    # as a second name on disk: a kill must not leave an old key lying around
+    old: tuple[bytes, int, int, int] | None
+
+
+class CommitRefused(Exception):
+    """A rename was refused (a bind-mounted file, say). `undone`: the labels of the files
+    already renamed, which were put back (`restored`) or could not be (not `restored`)."""
+
+    def __init__(self, cause: OSError, label: str, undone: tuple[str, ...], restored: bool):
+        super().__init__(str(cause))
+        self.cause, self.label, self.undone, self.restored = cause, label, undone, restored
+
+
+class Transaction:
+    """Several files replaced all or nothing, in the order they were staged.
+
+    Every file is written out in full (`stage`) before the first replaces its old version
+    (`commit`), so a full disk or a failed write leaves the old files together, untouched.
+    A rename refused after an earlier one succeeded puts the earlier old files back, so a
+    service keeps a matching key and certificate. Leaving the `with` block discards
+    whatever was staged and not committed."""
+
+    def __init__(self, pending_dirs: set[Path] | None = None):
+        self.pending_dirs = pending_dirs
+        self._staged: list[_Staged] = []
+
+    def __enter__(self) -> "Transaction":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+    def stage(self, label: str, folder: Folder, name: str, data: bytes, mode: int,
+              uid: int | None = None, gid: int | None = None, xattrs: dict[str, bytes] | None = None) -> None:
+        tmp = stage(Path(name), data, mode, uid, gid, folder, xattrs)
+        self._staged.append(_Staged(label, folder, name, tmp, None))
+        self._staged[-1].old = _keep_old(folder, name)
+
+    def commit(self) -> None:
+        done: list[_Staged] = []
+        for item in self._staged:
+            try:
+                commit(item.tmp, Path(item.name), self.pending_dirs, item.folder)
+            except OSError as exc:
+                raise CommitRefused(exc, item.label, tuple(d.label for d in done), _put_back(done)) from None
+            done.append(item)
+            fault_point(f"after_{item.label}")
+
+    def discard(self) -> None:
+        for item in self._staged:
+            discard(item.tmp, item.folder)  # a no-op once renamed
+        self._staged.clear()
+
+
+def _keep_old(folder: Folder, name: str) -> tuple[bytes, int, int, int] | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder.fd)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        return fh.read(), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+
+
+def _put_back(done: list[_Staged]) -> bool:
+    ok = True
+    for item in reversed(done):
+        try:
+            if item.old is not None:
+                data, mode, uid, gid = item.old
+                commit(stage(Path(item.name), data, mode, uid, gid, item.folder), Path(item.name), None, item.folder)
+            else:
+                os.unlink(item.name, dir_fd=item.folder.fd)  # there was none: the new one goes
+        except OSError:
+            ok = False
+    return ok

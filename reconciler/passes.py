@@ -268,7 +268,8 @@ def run_pass(
     pass, and the manifest's validity to record in the status store; `forced` is for
     `reconcile renew` (see ForcedRenewal). `snap.plan` is the
     whole plan; `snap.observed` is refreshed for what this pass wrote."""
-    from reconciler.apply import apply, sweep
+    from reconciler.apply import ApplyContext, apply, sweep
+    from reconciler.apply_reporter import ApplyReporter
     from reconciler.hooks import secrets_of
     from reconciler.lock import PassLock
     from reconciler.statefiles import check_state_dir, sweep_private
@@ -296,17 +297,17 @@ def run_pass(
         for path in sweep(work, (settings.state_dir, settings.state_dir / "cache")) if sweep_files else ():
             log.warning("removed %s, a temporary file left by an interrupted pass", path)
         try:
-            result = apply(
-                work, snap.issuer, status, settings.workers, progress,
-                before_files=status.save, after_files=status.save,
-                cwd=desired.manifest_path.parent,  # hooks run where relative paths resolve
+            ctx = ApplyContext(
+                snap.issuer, settings.workers,
                 serials={n: (o.cert.serial if o.cert else None) for n, o in snap.observed.items()},
-                cancelled=cancelled,
+                manager=identity(settings.state_dir),
+                cancelled=cancelled or (lambda: False),
                 refuse_hooks=_hook_refusal(settings, desired, work),
                 skip_hooks=skip_hooks,
                 secrets=secrets_of(desired.issuer),
-                manager=identity(settings.state_dir),
+                cwd=desired.manifest_path.parent,  # hooks run where relative paths resolve
             )
+            result = apply(work, ctx, ApplyReporter(status, progress))
         finally:
             snap.issuer.close()
         status.forget_except({c.name for c in desired.certificates})

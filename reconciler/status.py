@@ -19,11 +19,12 @@ forgetting one is not.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from reconciler.atomic import write_atomic
 from reconciler.faults import fault_point
@@ -46,6 +47,21 @@ class HookRun:
     at: str
     output_tail: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_json(cls, raw: Any) -> "HookRun":
+        tail = raw.get("output_tail", []) if isinstance(raw, dict) else None
+        returncode = raw.get("returncode") if isinstance(raw, dict) else None
+        ok = (
+            isinstance(raw, dict)
+            and all(isinstance(raw.get(name), str) for name in ("command", "result", "at"))
+            and (returncode is None or (isinstance(returncode, int) and not isinstance(returncode, bool)))
+            and isinstance(tail, list)
+            and all(isinstance(line, str) for line in tail)
+        )
+        if not ok:
+            raise StateFileDamaged(f"hook is {raw!r}, not a hook run")
+        return cls(raw["command"], raw["result"], returncode, raw["at"], list(tail))
+
 
 @dataclass
 class CertRecord:
@@ -60,6 +76,8 @@ class CertRecord:
     hook_pending: bool = False
     hook_failures: int = 0
     hook: HookRun | None = None
+    # what was owed before a rewrite began (this pass only, never saved): None, none began
+    owed_before_rewrite: bool | None = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------- the owed-hook rule
     @property
@@ -88,17 +106,17 @@ class CertRecord:
                 self.owe_hook()
             self.deploying_from = _UNSET
 
-    def begin_rewrite(self) -> bool:
+    def begin_rewrite(self) -> None:
         """A chain or CA file rewritten under the same certificate keeps the serial, so
-        settle() could not tell it changed: the hook is owed before the write. Returns what
-        was owed before, for cancel_rewrite()."""
-        owed_before = self.hook_pending
+        settle() could not tell it changed: the hook is owed before the write."""
+        self.owed_before_rewrite = self.hook_pending
         self.owe_hook()
-        return owed_before
 
-    def cancel_rewrite(self, owed_before: bool) -> None:
+    def cancel_rewrite(self) -> None:
         """The rewrite failed or never started: only what was owed before stays owed."""
-        self.hook_pending = owed_before
+        if self.owed_before_rewrite is not None:
+            self.hook_pending = self.owed_before_rewrite
+            self.owed_before_rewrite = None
 
     def cancel_deploy(self) -> None:
         """A deployment that never started (a stopping --watch): nothing changed."""
@@ -120,6 +138,15 @@ class CertRecord:
         self.hook = run
         self.hook_pending = True
         self.hook_failures += 1
+
+    def hook_ran(self, run: HookRun) -> None:
+        """Record a run by its result: only "ok" clears what is owed."""
+        if run.result == "ok":
+            self.hook_succeeded(run)
+        elif run.result in ("refused", "skipped"):
+            self.hook_not_run(run)
+        else:
+            self.hook_failed(run)
 
     def hook_not_run(self, run: HookRun) -> None:
         """Refused or skipped (--no-hooks): still owed, not a failure of the command."""
@@ -166,37 +193,30 @@ class CertRecord:
             raise StateFileDamaged(f"a record is {type(raw).__name__}, not an object")
         rec = cls()
         for name in ("last_issued", "last_action", "last_error", "last_error_at"):
-            rec_value = raw.get(name)
-            if rec_value is not None and not isinstance(rec_value, str):
-                raise StateFileDamaged(f"{name} is {rec_value!r}, not text")
-            setattr(rec, name, rec_value)
+            setattr(rec, name, _checked(raw, name, None, _is_text, "not text"))
         for name in ("failures", "hook_failures"):
-            value = raw.get(name, 0)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise StateFileDamaged(f"{name} is {value!r}, not a count")
-            setattr(rec, name, value)
+            setattr(rec, name, _checked(raw, name, 0, _is_count, "not a count"))
         if "deploying_from" in raw:
-            if raw["deploying_from"] is not None and not isinstance(raw["deploying_from"], str):
-                raise StateFileDamaged(f"deploying_from is {raw['deploying_from']!r}, not a serial")
-            rec.deploying_from = raw["deploying_from"]
-        if not isinstance(raw.get("hook_pending", False), bool):
-            raise StateFileDamaged(f"hook_pending is {raw['hook_pending']!r}, not true or false")
-        rec.hook_pending = raw.get("hook_pending", False)
-        hook = raw.get("hook")
-        if hook is not None:
-            ok = (
-                isinstance(hook, dict)
-                and isinstance(hook.get("command"), str)
-                and isinstance(hook.get("result"), str)
-                and isinstance(hook.get("at"), str)
-                and (hook.get("returncode") is None or (isinstance(hook["returncode"], int) and not isinstance(hook["returncode"], bool)))
-                and isinstance(hook.get("output_tail", []), list)
-                and all(isinstance(line, str) for line in hook.get("output_tail", []))
-            )
-            if not ok:
-                raise StateFileDamaged(f"hook is {hook!r}, not a hook run")
-            rec.hook = HookRun(hook["command"], hook["result"], hook.get("returncode"), hook["at"], list(hook.get("output_tail", [])))
+            rec.deploying_from = _checked(raw, "deploying_from", None, _is_text, "not a serial")
+        rec.hook_pending = _checked(raw, "hook_pending", False, lambda v: isinstance(v, bool), "not true or false")
+        if raw.get("hook") is not None:
+            rec.hook = HookRun.from_json(raw["hook"])
         return rec
+
+
+def _checked(raw: dict, name: str, default: Any, valid: Callable[[Any], bool], shape: str) -> Any:
+    value = raw.get(name, default)
+    if value is not None and not valid(value):
+        raise StateFileDamaged(f"{name} is {value!r}, {shape}")
+    return value
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class StatusStore:
@@ -264,6 +284,11 @@ class StatusStore:
             if name in serials:
                 rec.settle(serials[name])
 
+    def nothing_to_run(self, names: set[str]) -> None:
+        """These entries have no post-renewal command (any more): none of them owes one."""
+        for name in names & self.records.keys():
+            self.records[name].nothing_to_run()
+
     def hooks_pending(self, serials: dict[str, str | None] | None = None) -> frozenset[str]:
         """Certificates whose post-renewal command is owed.
 
@@ -300,8 +325,6 @@ class StatusStore:
         try:
             write_atomic(self.path, payload, mode=0o600, make_parents=True)
         except OSError as exc:
-            import errno
-
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             raise StatusError(
                 f"cannot write the status store {self.path}: {exc.strerror or exc}"

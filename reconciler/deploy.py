@@ -1,0 +1,119 @@
+"""Deploying one certificate's plan: the key and certificate (issue, reissue, renew), a
+rewritten chain, the CA file, owner and mode. Carries out the actions it is given and
+never re-decides them; what any CA returns is checked before it is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from reconciler.crypto import cert_sans, fingerprint, generate_key, key_to_pem, load_key, same_public_key
+from reconciler.diff import CHMOD, CHOWN, RENEW, REWRITE_CHAIN, WRITE_CA
+from reconciler.folders import Folder
+from reconciler.issuers import IssueRequest, Issuer, IssuerError
+from reconciler.model import CA_MODE, DesiredCert
+from reconciler.observe import key_type_of
+from reconciler.plan import Action, CertPlan
+from reconciler.sans import ordered
+from reconciler.targets import DeployError, Targets, fix_metadata, open_target, os_error, read
+
+
+def deploy(cert_plan: CertPlan, issuer: Issuer, pending_dirs: set[Path] | None, manager: str | None) -> bool:
+    """Carry out `cert_plan`; True when a file's content changed. Raises DeployError,
+    IssuerError or OSError. `manager`: our state folder's identity (reconciler.managed),
+    marked on every file written; a file marked by another state folder is refused."""
+    cert = cert_plan.cert
+    if cert_plan.content_action is not None:
+        _deploy_content(cert, cert_plan.content_action.action, issuer, pending_dirs, manager)
+        return True
+    kinds = {a.action: a for a in cert_plan.actions}
+    files = []
+    if REWRITE_CHAIN in kinds:
+        files.append(("cert", cert.cert_path, _rewritten_chain(cert, kinds[REWRITE_CHAIN], issuer), cert.cert_mode))
+    if WRITE_CA in kinds and cert.ca_path is not None:
+        files.append(("ca", cert.ca_path, issuer.root_pem(), CA_MODE))
+    if files:
+        with Targets(cert, manager) as targets:
+            targets.write(files, pending_dirs)
+    if CHOWN in kinds or CHMOD in kinds:
+        fix_metadata(cert, CHOWN in kinds, CHMOD in kinds, manager)
+    return bool(files)
+
+
+def _deploy_content(cert: DesiredCert, action: str, issuer: Issuer, pending_dirs: set[Path] | None, manager: str | None) -> None:
+    with Targets(cert, manager) as targets:
+        # every target is checked before the CA is asked: a folder, an immutable file or
+        # another state folder's file fails here, with nothing issued and nothing replaced
+        targets.check("key", cert.key_path)
+        targets.check("cert", cert.cert_path)
+        if cert.ca_path is not None:
+            targets.check("ca", cert.ca_path)
+        current = _current_key(cert, action, targets.existing("key"))
+        reuse = cert.key.rotation == "never" and current is not None and key_type_of(current.public_key()) == cert.key.describe()
+        key = current if reuse else generate_key(cert.key)
+        request = IssueRequest(cert.name, cert.common_name, ordered(cert.sans), cert.duration, cert.cert_type, cert.key)
+        old_cert = targets.existing("cert")
+        if action == RENEW and current is not None and old_cert is not None:
+            issued = issuer.renew(request, key, read(*old_cert), current)
+        else:
+            issued = issuer.issue(request, key)
+        _check_issued(cert, key, issued.leaf_pem)
+        body = issued.leaf_pem.rstrip(b"\n") + b"\n"
+        if cert.include_ca and issued.chain_pem:
+            body += issued.chain_pem.rstrip(b"\n") + b"\n"
+        # key first, then certificate: a crash in between shows as a key mismatch next pass
+        files = [] if reuse else [("key", cert.key_path, key_to_pem(key), cert.key_mode)]
+        files.append(("cert", cert.cert_path, body, cert.cert_mode))
+        if cert.ca_path is not None and issued.root_pem:
+            files.append(("ca", cert.ca_path, issued.root_pem, CA_MODE))
+        targets.write(files, pending_dirs)
+
+
+def _current_key(cert: DesiredCert, action: str, key_file: tuple[Folder, str] | None):
+    """The key on disk when this deployment may keep it (rotation "never") or renew with it;
+    None when there is none or it does not load (a new key is made)."""
+    if key_file is None or (cert.key.rotation != "never" and action != RENEW):
+        return None
+    try:
+        return load_key(read(*key_file))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _check_issued(cert: DesiredCert, key, leaf_pem: bytes) -> None:
+    """Never deploy what we did not ask for: the CA's answer must carry our key and our names."""
+    try:
+        leaf = x509.load_pem_x509_certificates(leaf_pem)[0]
+    except ValueError:
+        raise IssuerError("the CA returned something that is not a PEM certificate", hint="check the CA's logs") from None
+    if not same_public_key(leaf, key):
+        raise IssuerError("the CA returned a certificate for another key than the one requested", hint="check the CA's logs")
+    try:
+        got = cert_sans(leaf)
+    except ValueError as exc:
+        raise IssuerError(f"the CA returned a certificate whose SANs do not parse: {exc}", hint="check the CA's logs") from None
+    if got != cert.sans:
+        raise IssuerError(f"the CA returned a certificate for other SANs ({', '.join(sorted(got))}) than requested", hint="check the CA's policy for this provisioner")
+
+
+def _rewritten_chain(cert: DesiredCert, action: Action, issuer: Issuer) -> bytes:
+    """The certificate file's leaf as it is, followed by the chain the plan names (by
+    fingerprint), taken from the certificates the issuer knows: no CA is contacted."""
+    (drift,) = action.drifts
+    try:
+        folder, name = open_target(cert, "cert", cert.cert_path)
+        with folder:
+            leaf = x509.load_pem_x509_certificates(read(folder, name))[0]
+    except ValueError:
+        raise DeployError(f"cannot rewrite the chain of {cert.cert_path}: it no longer holds a certificate (the next pass re-issues it)") from None
+    except OSError as exc:
+        raise DeployError(os_error(exc, "read", cert.cert_path)) from None
+    known = {fingerprint(c): c for c in issuer.trust_roots()}
+    missing = [fp for fp in drift.desired if fp not in known]
+    if missing:
+        raise DeployError(f"cannot rewrite the chain of {cert.cert_path}: the issuer no longer knows certificate {missing[0]} of it (the next pass plans again)")
+    pem = serialization.Encoding.PEM
+    return b"".join(c.public_bytes(pem) for c in [leaf, *(known[fp] for fp in drift.desired)])
