@@ -20,7 +20,9 @@ on its open descriptor, so what is checked is what is written into.
 from __future__ import annotations
 
 import errno
+import grp
 import os
+import pwd
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +75,6 @@ def unsafe(st: os.stat_result, target: Path | str, allowed: set[int], sticky_ok:
 
 
 def user_name(uid: int) -> str:
-    import pwd
-
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -82,8 +82,6 @@ def user_name(uid: int) -> str:
 
 
 def group_name(gid: int) -> str:
-    import grp
-
     try:
         return grp.getgrgid(gid).gr_name
     except KeyError:

@@ -130,7 +130,7 @@ def _key_bodies(certs: list[DesiredCert]) -> tuple[bytes, ...]:
             data = c.key_path.read_bytes()
         except OSError:
             continue
-        lines += [l.strip() for l in data.splitlines() if len(l.strip()) >= _MIN_BODY_LINE and not l.startswith(b"-----")]
+        lines += [line.strip() for line in data.splitlines() if len(line.strip()) >= _MIN_BODY_LINE and not line.startswith(b"-----")]
     return tuple(lines)
 
 

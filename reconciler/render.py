@@ -73,33 +73,39 @@ def plan_text(plan: Plan, colour: bool = False, issuer: str | None = None) -> st
 
 
 def _plan_body(plan: Plan, colour: bool) -> str:
-
     total = len(plan.certificates)
     changed = [p for p in plan.certificates if p.actions]
     errors = plan.errors
-    lines: list[str] = []
+    if not changed and not errors:
+        return f"No changes: {plural(total, 'certificate')} {'matches' if total == 1 else 'match'} the manifest.\n"
     counts: dict[str, int] = {}
     for p in changed:
         for a in p.actions:
             counts[a.action] = counts.get(a.action, 0) + 1
-    if not changed and not errors:
-        return f"No changes: {plural(total, 'certificate')} {'matches' if total == 1 else 'match'} the manifest.\n"
     summary = ", ".join(f"{n} to {WORDS[a][1] if a in WORDS else a.replace('_', ' ')}" for a, n in counts.items())
     if errors:
         summary = ", ".join(x for x in (summary, f"{len(errors)} cannot be managed") if x)
-    lines.append(f"Plan: {summary} ({total - len(changed) - len(errors)} of {total} unchanged).")
+    lines = [f"Plan: {summary} ({total - len(changed) - len(errors)} of {total} unchanged)."]
     width = max((len(p.cert.name) for p in changed + list(errors)), default=0)
     for p in changed:
         for a in p.actions:
             sym = SYMBOLS[a.action]
-            lines.append(paint(colour, sym, f"  {sym:>3} {p.cert.name:<{width}}  {WORDS[a.action][0] if a.action in WORDS else a.action:<8} {a.reason}"))
-    for p in errors:
-        lines.append(paint(colour, "x", f"  {'x':>3} {p.cert.name:<{width}}  {'error':<8} {p.error}"))
+            lines.append(paint(colour, sym, f"  {sym:>3} {p.cert.name:<{width}}  {_column(a.action):<8} {a.reason}"))
+    lines += _error_lines(plan, colour, width)
     if plan.hooks:
         lines.append("Hooks that would run:")
-        for h in plan.hooks:
-            lines.append(f"  {h.command}   (for {', '.join(h.certificates)})")
+        lines += [f"  {h.command}   (for {', '.join(h.certificates)})" for h in plan.hooks]
     return "\n".join(lines) + "\n"
+
+
+def _column(action: str) -> str:
+    """How an action reads in a plan's or a result's action column."""
+    return WORDS[action][0] if action in WORDS else action
+
+
+def _error_lines(plan: Plan, colour: bool, width: int) -> list[str]:
+    """The certificates that cannot be managed, with why."""
+    return [paint(colour, "x", f"  {'x':>3} {p.cert.name:<{width}}  {'error':<8} {p.error}") for p in plan.errors]
 
 
 def result_text(plan: Plan, result: "Result", colour: bool = False, issuer: str | None = None) -> str:
@@ -111,41 +117,16 @@ def result_text(plan: Plan, result: "Result", colour: bool = False, issuer: str 
 def _result_body(plan: Plan, result: "Result", colour: bool) -> str:
     if not plan.changes and not plan.errors:
         return _plan_body(plan, colour)
-
-    outcomes = {c.name: c for c in result.certificates}
-    hook_ok = {n: h.ok for h in result.hooks if not h.refused for n in h.certificates}
     total = len(plan.certificates)
     changed = [p for p in plan.certificates if p.actions and not p.error]
-    counts: dict[str, list[int]] = {}  # action -> [planned, done, failed]
-    rows: list[tuple[str, str, str]] = []
-    for p in changed:
-        res = outcomes.get(p.cert.name)
-        for a in p.actions:
-            if res is None:
-                done, failed, note = False, False, " (not started)"
-            elif a.action == "run_hook":
-                done, failed = hook_ok.get(p.cert.name) is True, hook_ok.get(p.cert.name) is not True
-                note = "" if done else " (the hook did not succeed)"
-            else:
-                done, failed, note = res.ok, not res.ok, "" if res.ok else " (failed)"
-            n = counts.setdefault(a.action, [0, 0, 0])
-            n[0], n[1], n[2] = n[0] + 1, n[1] + done, n[2] + failed
-            sym = SYMBOLS[a.action] if done else "x"
-            rows.append((sym, p.cert.name, f"{WORDS[a.action][0] if a.action in WORDS else a.action:<8} {a.reason}{note}"))
-    parts = []
-    for action, (planned, done, failed) in counts.items():
-        words = DONE.get(action) or ("hook retried", "hooks retried")
-        if isinstance(words, tuple):  # the noun agrees with the number planned
-            words = words[planned != 1]
-        parts.append(f"{done} of {planned} {words}" + (f", {failed} failed" if failed else ""))
+    counts, rows = _result_rows(changed, result)
+    parts = [_done_count(action, *n) for action, n in counts.items()]
     if plan.errors:
         parts.append(f"{len(plan.errors)} cannot be managed")
     lines = [f"Applied: {'; '.join(parts)} ({total - len(changed) - len(plan.errors)} of {total} unchanged)."]
     width = max((len(p.cert.name) for p in changed + list(plan.errors)), default=0)
-    for sym, name, rest in rows:
-        lines.append(paint(colour, sym, f"  {sym:>3} {name:<{width}}  {rest}"))
-    for p in plan.errors:
-        lines.append(paint(colour, "x", f"  {'x':>3} {p.cert.name:<{width}}  {'error':<8} {p.error}"))
+    lines += [paint(colour, sym, f"  {sym:>3} {name:<{width}}  {rest}") for sym, name, rest in rows]
+    lines += _error_lines(plan, colour, width)
     ran = [h for h in result.hooks if not h.refused]
     if ran:
         lines.append("Hooks run:")
@@ -155,6 +136,39 @@ def _result_body(plan: Plan, result: "Result", colour: bool) -> str:
         lines.append("Hooks held back:")
         lines += [f"  {command}   (for {', '.join(names)}): {reason}" for command, names, reason in held]
     return "\n".join(lines) + "\n"
+
+
+def _result_rows(changed: list, result: "Result") -> tuple[dict[str, list[int]], list[tuple[str, str, str]]]:
+    """Per action [planned, done, failed], and one (symbol, name, text) row per action."""
+    outcomes = {c.name: c for c in result.certificates}
+    hook_ok = {n: h.ok for h in result.hooks if not h.refused for n in h.certificates}
+    counts: dict[str, list[int]] = {}
+    rows: list[tuple[str, str, str]] = []
+    for p in changed:
+        for a in p.actions:
+            done, failed, note = _action_done(a.action, outcomes.get(p.cert.name), hook_ok.get(p.cert.name))
+            n = counts.setdefault(a.action, [0, 0, 0])
+            n[0], n[1], n[2] = n[0] + 1, n[1] + done, n[2] + failed
+            rows.append((SYMBOLS[a.action] if done else "x", p.cert.name, f"{_column(a.action):<8} {a.reason}{note}"))
+    return counts, rows
+
+
+def _action_done(action: str, res, hook_ok: bool | None) -> tuple[bool, bool, str]:
+    """(done, failed, a note for the row) for one planned action of a certificate whose
+    result is `res` (None: not started) and whose hook ran with `hook_ok`."""
+    if res is None:
+        return False, False, " (not started)"
+    if action == "run_hook":
+        return hook_ok is True, hook_ok is not True, "" if hook_ok is True else " (the hook did not succeed)"
+    return res.ok, not res.ok, "" if res.ok else " (failed)"
+
+
+def _done_count(action: str, planned: int, done: int, failed: int) -> str:
+    """"2 of 3 renewed, 1 failed": the noun agrees with the number planned."""
+    words = DONE.get(action) or ("hook retried", "hooks retried")
+    if isinstance(words, tuple):
+        words = words[planned != 1]
+    return f"{done} of {planned} {words}" + (f", {failed} failed" if failed else "")
 
 
 def held_back(plan: Plan, result: "Result") -> list[tuple[str, tuple[str, ...], str]]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import stat
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,26 +85,8 @@ def read_state_file(
         data = path.read_bytes()
     except FileNotFoundError:
         return Found()
-    except NotADirectoryError as exc:
-        # a file where a folder belongs: the state folder itself is an error; a folder
-        # inside it (cache/) is damage like any other, set aside and rebuilt
-        state_dir = Path(state_dir or path.parent)
-        folder = next((p for p in reversed(path.parents) if p.is_relative_to(state_dir) and not p.is_dir()), state_dir)
-        if folder == state_dir:
-            raise _state_dir_error(state_dir, exc) from None
-        return _damaged(folder, what.split(" ")[-1] + " folder", "it is a file, not a folder", repair, consequence)
-    except IsADirectoryError:
-        return _damaged(path, what, "it is a folder, not a file", repair, consequence)
-    except PermissionError as exc:
-        state_dir = Path(state_dir or path.parent)
-        folder = next((p for p in reversed(path.parents) if p.is_relative_to(state_dir) and not os.access(p, os.X_OK)), None)
-        if folder == state_dir:
-            raise _state_dir_error(state_dir, exc) from None
-        if folder is not None:
-            return _damaged(folder, what.split(" ")[-1] + " folder", f"it cannot be entered ({exc.strerror})", repair, consequence)
-        return _damaged(path, what, f"it cannot be read ({exc.strerror})", repair, consequence)
     except OSError as exc:
-        return _damaged(path, what, f"it cannot be read ({exc.strerror or exc})", repair, consequence)
+        return _unreadable(path, exc, what, repair, consequence, Path(state_dir or path.parent))
     try:
         return Found(parse(data), data)
     except StateFileDamaged as exc:
@@ -111,6 +95,27 @@ def read_state_file(
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError, RecursionError) as exc:
         reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
         return _damaged(path, what, f"it has the wrong shape ({reason})", repair, consequence)
+
+
+def _unreadable(path: Path, exc: OSError, what: str, repair: bool, consequence: str, state_dir: Path) -> Found:
+    """A state file that cannot be read. A file where one of the state folder's own folders
+    belongs (cache/), or one of them that cannot be entered, is damage like any other: set
+    aside and rebuilt; the state folder itself being unusable is an error."""
+    folder_what = what.split(" ")[-1] + " folder"
+    if isinstance(exc, NotADirectoryError):
+        folder = next((p for p in reversed(path.parents) if p.is_relative_to(state_dir) and not p.is_dir()), state_dir)
+        if folder == state_dir:
+            raise _state_dir_error(state_dir, exc) from None
+        return _damaged(folder, folder_what, "it is a file, not a folder", repair, consequence)
+    if isinstance(exc, IsADirectoryError):
+        return _damaged(path, what, "it is a folder, not a file", repair, consequence)
+    if isinstance(exc, PermissionError):
+        blocked = next((p for p in reversed(path.parents) if p.is_relative_to(state_dir) and not os.access(p, os.X_OK)), None)
+        if blocked == state_dir:
+            raise _state_dir_error(state_dir, exc) from None
+        if blocked is not None:
+            return _damaged(blocked, folder_what, f"it cannot be entered ({exc.strerror})", repair, consequence)
+    return _damaged(path, what, f"it cannot be read ({exc.strerror or exc})", repair, consequence)
 
 
 def _damaged(path: Path, what: str, reason: str, repair: bool, consequence: str) -> Found:
@@ -152,9 +157,6 @@ def private_dir(state_dir: Path) -> Path:
 def sweep_private(state_dir: Path) -> list[Path]:
     """Remove what a killed pass left in the private folder, and the /tmp/reconciler-mtls-*
     folders of versions that kept client credentials there (ours only, never a link)."""
-    import shutil
-    import tempfile
-
     removed: list[Path] = []
     folders = []
     try:
