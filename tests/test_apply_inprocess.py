@@ -1,0 +1,164 @@
+"""apply in this process, against a fake issuer that signs for real (tests/fakes.py): real
+files, the real status store, real hooks; no root, no subprocess for the reconciler, no CA.
+The end-to-end behaviour through the CLI as root stays in test_apply.py."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from fakes import InProcessPass, desired_from
+
+from reconciler.atomic import CommitRefused, Transaction
+from reconciler.folders import open_folder
+from reconciler.issuers import IssuerError
+
+
+def entry(out: Path, name: str, **extra) -> dict:
+    return {"common_name": f"{name}.example", "cert_path": str(out / f"{name}.crt"), "key_path": str(out / f"{name}.key"), **extra}
+
+
+@pytest.fixture
+def site(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir(mode=0o755)
+    os.chmod(tmp_path, 0o755)  # a folder others may not write: the target folders are checked
+    return tmp_path, out, InProcessPass(tmp_path / "state")
+
+
+def status_json(run: InProcessPass) -> dict:
+    return json.loads((run.state / "status.json").read_text())["certificates"]
+
+
+def test_missing_files_are_issued_chained_to_the_issuer_with_their_modes_and_the_next_plan_is_empty(site):
+    tmp, out, run = site
+    desired = desired_from(tmp, [entry(out, "a", sans=["10.0.0.1"], permissions="640"), entry(out, "b")])
+    plan, result, _status = run.run(desired)
+    assert [a.action for p in plan.certificates for a in p.actions] == ["issue", "issue"]
+    assert result.ok and [c.content_changed for c in result.certificates] == [True, True]
+    leaf = x509.load_pem_x509_certificates((out / "a.crt").read_bytes())[0]
+    leaf.verify_directly_issued_by(run.issuer.intermediate)
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(v) for v in sans.get_values_for_type(x509.IPAddress)} == {"10.0.0.1"}
+    assert stat.S_IMODE((out / "a.key").stat().st_mode) == 0o640
+    assert stat.S_IMODE((out / "b.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((out / "b.crt").stat().st_mode) == 0o644
+    assert status_json(run)["a.example"]["last_action"] == "issue"
+    again, _serials = run.plan(desired)
+    assert not again.changes
+
+
+def test_a_ca_refusal_fails_only_its_certificate_writes_nothing_for_it_and_is_recorded(site):
+    tmp, out, run = site
+    run.issuer.refuse["a.example"] = IssuerError("the CA is down", transient=True)
+    desired = desired_from(tmp, [entry(out, "a"), entry(out, "b")])
+    _plan, result, _status = run.run(desired)
+    by_name = {c.name: c for c in result.certificates}
+    assert not by_name["a.example"].ok and by_name["a.example"].transient
+    assert "the CA is down" in by_name["a.example"].error
+    assert by_name["b.example"].ok
+    assert not (out / "a.crt").exists() and not (out / "a.key").exists()
+    assert (out / "b.crt").exists()
+    record = status_json(run)["a.example"]
+    assert record["failures"] == 1 and "the CA is down" in record["last_error"]
+    assert result.failures() == [f"a.example: {by_name['a.example'].error}"]
+
+
+def test_a_certificate_for_other_names_than_requested_is_never_written(site):
+    tmp, out, run = site
+    run.issuer.other_sans = ("evil.example",)
+    desired = desired_from(tmp, [entry(out, "a")])
+    _plan, result, _status = run.run(desired)
+    (res,) = result.certificates
+    assert not res.ok and "other SANs (evil.example)" in res.error
+    assert sorted(os.listdir(out)) == []
+
+
+def test_a_failed_hook_stays_owed_until_a_later_pass_runs_it_successfully(site):
+    tmp, out, run = site
+    ran = tmp / "ran"
+    fail = tmp / "fail"
+    fail.write_text("")
+    command = f"echo run >> {ran}; test ! -e {fail}"
+    desired = desired_from(tmp, [entry(out, "a", post_renewal_command=command), entry(out, "b", post_renewal_command=command)])
+    _plan, result, _status = run.run(desired)
+    (hook,) = result.hooks
+    assert not hook.ok and hook.certificates == ("a.example", "b.example")
+    assert all(r["hook_pending"] and r["hook"]["result"] == "failed" for r in status_json(run).values())
+
+    fail.unlink()
+    plan, result, _status = run.run(desired)
+    assert [a.action for p in plan.certificates for a in p.actions] == ["run_hook", "run_hook"]
+    assert result.ok and ran.read_text() == "run\nrun\n", "one run per distinct command per pass"
+    assert not any(r.get("hook_pending") for r in status_json(run).values())
+
+
+def test_no_hooks_and_a_refused_hook_converge_the_files_and_leave_the_hook_owed(site):
+    tmp, out, run = site
+    ran = tmp / "ran"
+    desired = desired_from(tmp, [entry(out, "a", post_renewal_command=f"touch {ran}")])
+    _plan, result, _status = run.run(desired, skip_hooks=True)
+    assert result.ok and result.hooks == [] and (out / "a.crt").exists()
+    assert status_json(run)["a.example"]["hook"]["result"] == "skipped"
+
+    plan, result, _status = run.run(desired, refuse_hooks="the manifest is writable by others")
+    assert [a.action for a in plan.certificates[0].actions] == ["run_hook"]
+    (hook,) = result.hooks
+    assert not hook.ok and hook.refused == "the manifest is writable by others"
+    record = status_json(run)["a.example"]
+    assert record["hook_pending"] and record["hook"]["result"] == "refused"
+    assert not ran.exists()
+
+
+def test_a_cancelled_pass_starts_no_certificate_runs_no_hook_and_owes_nothing_new(site):
+    tmp, out, run = site
+    desired = desired_from(tmp, [entry(out, "a", post_renewal_command="true")])
+    _plan, result, _status = run.run(desired, cancelled=lambda: True)
+    assert result.certificates == [] and result.hooks == []
+    assert os.listdir(out) == []
+    assert run.issuer.requests == []
+    record = status_json(run)["a.example"]
+    assert "deploying_from" not in record and not record.get("hook_pending")
+
+
+def test_renewal_with_rotation_never_keeps_the_key_and_replaces_only_the_certificate(site):
+    tmp, out, run = site
+    desired = desired_from(tmp, [entry(out, "a", duration="1h", renew_before="20m", key={"type": "EC", "rotation": "never"})])
+    run.run(desired)
+    key, serial = (out / "a.key").read_bytes(), x509.load_pem_x509_certificates((out / "a.crt").read_bytes())[0].serial_number
+    plan, result, _status = run.run(desired, now=datetime.now(timezone.utc) + timedelta(minutes=50))
+    assert [a.action for a in plan.certificates[0].actions] == ["renew"]
+    assert result.ok and (out / "a.key").read_bytes() == key
+    assert x509.load_pem_x509_certificates((out / "a.crt").read_bytes())[0].serial_number != serial
+
+
+def test_a_refused_rename_puts_the_files_already_replaced_back(tmp_path):
+    """A key replaced, then its certificate's rename refused (here: a folder appeared in
+    its place): the old key is put back, so the service keeps a matching pair."""
+    (tmp_path / "k").write_bytes(b"old key")
+    os.chmod(tmp_path / "k", 0o600)
+    with open_folder(tmp_path, None) as folder, Transaction() as tx:
+        tx.stage("key", folder, "k", b"new key", 0o600)
+        tx.stage("cert", folder, "c", b"new cert", 0o644)
+        (tmp_path / "c").mkdir()
+        (tmp_path / "c" / "x").write_text("")  # a non-empty folder: rename(2) cannot replace it
+        with pytest.raises(CommitRefused) as refused:
+            tx.commit()
+    assert refused.value.label == "cert" and refused.value.undone == ("key",) and refused.value.restored
+    assert refused.value.cause.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST)
+    assert (tmp_path / "k").read_bytes() == b"old key" and stat.S_IMODE((tmp_path / "k").stat().st_mode) == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["c", "k"], "no temporary file is left behind"
+
+
+def test_leaving_a_transaction_uncommitted_discards_what_it_staged(tmp_path):
+    with open_folder(tmp_path, None) as folder, Transaction() as tx:
+        tx.stage("key", folder, "k", b"new key", 0o600)
+        assert len(os.listdir(tmp_path)) == 1
+    assert os.listdir(tmp_path) == []
