@@ -12,6 +12,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from reconciler import defaults
+from reconciler.errors import ReconcilerError
+
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a program whose reader left
 SUBCOMMANDS = ("validate", "status", "doctor", "renew", "schema")
@@ -98,25 +101,34 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < 86400:
+    if not 0 < value < 86400:  # also refuses nan, which compares false with everything
         raise argparse.ArgumentTypeError(f"{text} is not between 0 and 86400 seconds")
     return value
 
 
-def common_options() -> argparse.ArgumentParser:
-    from reconciler.passes import default_state_dir
+def _workers(text: str) -> int:
+    try:
+        value: int | None = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        shown = repr(text) if value is None else text
+        raise argparse.ArgumentTypeError(f"{shown} is not a whole number of at least 1")
+    return value
 
+
+def common_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("common options")
     g.add_argument(
         "-m",
         "--manifest",
-        default=os.environ.get("RECONCILER_MANIFEST", "certificate-manifest.json"),
+        default=defaults.setting(defaults.ENV_MANIFEST, defaults.MANIFEST),
         help="the manifest to reconcile (env RECONCILER_MANIFEST; default ./certificate-manifest.json)",
     )
     g.add_argument(
         "--state-dir",
-        default=os.environ.get("RECONCILER_STATE_DIR") or str(default_state_dir()),
+        default=defaults.setting(defaults.ENV_STATE_DIR) or str(defaults.state_dir()),
         help="where the embedded CA, the status store and the lock live (env RECONCILER_STATE_DIR; "
         "default /var/lib/reconciler as root, $XDG_STATE_HOME/reconciler otherwise; now %(default)s)",
     )
@@ -137,7 +149,8 @@ def common_options() -> argparse.ArgumentParser:
     s.add_argument(
         "--ca-timeout",
         type=_seconds,
-        default=os.environ.get("RECONCILER_CA_TIMEOUT") or "30",  # argparse converts a string default with `type`
+        # a string: argparse converts it with `type`, so a bad variable is reported like a bad flag
+        default=defaults.setting(defaults.ENV_CA_TIMEOUT, f"{defaults.CA_TIMEOUT:g}"),
         metavar="SECONDS",
         help="give up on a step-ca answer that has not finished after this long, plus at most 5 s to connect "
         "(env RECONCILER_CA_TIMEOUT; default 30)",
@@ -155,12 +168,15 @@ def pass_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="converge the files but run no post-renewal command: each is recorded as owed, and the next pass without --no-hooks runs it",
     )
-    p.add_argument("--lock-timeout", type=float, default=60.0, metavar="SECONDS", help="wait this long for another pass to finish (default 60)")
-    p.add_argument("--workers", type=int, default=4, help="certificates issued concurrently (default 4)")
+    p.add_argument(
+        "--lock-timeout", type=_seconds, default=defaults.LOCK_TIMEOUT, metavar="SECONDS",
+        help="wait this long for another pass to finish (default %(default)g)",
+    )
+    p.add_argument("--workers", type=_workers, default=defaults.WORKERS, help="certificates issued concurrently (default %(default)s)")
     p.add_argument(
         "--allow-untrusted-manifest",
         action="store_true",
-        default=os.environ.get("RECONCILER_ALLOW_UNTRUSTED_MANIFEST", "") not in ("", "0"),
+        default=defaults.flag(defaults.ENV_ALLOW_UNTRUSTED_MANIFEST),
         help="as root, run post_renewal_commands even when a user other than root can write the manifest or a "
         "folder above it (they run as root: see docs/security.md; env RECONCILER_ALLOW_UNTRUSTED_MANIFEST=1)",
     )
@@ -192,7 +208,7 @@ def build_parser(sub: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reconcile", parents=[common], description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     pass_options(p)
     p.add_argument("--watch", action="store_true", help="keep running: reconcile on manifest saves, damaged files, renewal deadlines")
-    p.add_argument("--resync", default="10m", help="with --watch: full pass at least this often (default 10m)")
+    p.add_argument("--resync", default=defaults.RESYNC, help="with --watch: full pass at least this often (default %(default)s)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="with --watch: serve Prometheus metrics on /metrics")
     p.add_argument("--metrics-file", metavar="PATH", help="write Prometheus textfile-collector metrics after every pass (a one-shot run writes them once; its counters count that run)")
     p.add_argument("--poll", action="store_true", help="with --watch: poll folders every second instead of inotify (network filesystems)")
@@ -206,17 +222,11 @@ def settings_from(args):
         manifest=Path(args.manifest),
         state_dir=Path(args.state_dir),
         issuer_options=IssuerOptions(args.ca_url, args.root, args.fingerprint, args.provisioner, args.password_file, args.issuer),
-        lock_timeout=getattr(args, "lock_timeout", 60.0),
-        workers=getattr(args, "workers", 4),
+        lock_timeout=getattr(args, "lock_timeout", defaults.LOCK_TIMEOUT),
+        workers=getattr(args, "workers", defaults.WORKERS),
         allow_untrusted_manifest=getattr(args, "allow_untrusted_manifest", False),
         ca_timeout=args.ca_timeout,
     )
-
-
-def print_manifest_errors(exc) -> None:
-    print(f"error: {exc.manifest} is invalid ({len(exc.issues)} error{'s' if len(exc.issues) != 1 else ''}); nothing was changed:", file=sys.stderr)
-    for issue in exc.issues:
-        print(f"  {issue}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,12 +258,6 @@ def _main(argv: list[str] | None = None) -> int:
         # the cyclic collector only costs time there (~25 % of a 10k-certificate plan)
         gc.disable()
     setup_logging(args.log_format, args.verbose)
-    from reconciler.folders import FolderError
-    from reconciler.issuers import IssuerError
-    from reconciler.lock import LockTimeout
-    from reconciler.manifest import ManifestError
-    from reconciler.status import StatusError
-
     try:
         if sub == "validate":
             return cmd_validate(args)
@@ -280,14 +284,8 @@ def _main(argv: list[str] | None = None) -> int:
 
             return run_watch(settings_from(args), args)
         return cmd_plan(args) if args.plan else cmd_apply(args)
-    except ManifestError as exc:
-        print_manifest_errors(exc)
-        return EXIT_ERROR
-    except LockTimeout as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except (IssuerError, StatusError, FolderError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ReconcilerError as exc:  # the one place: message and hint, nothing else to say
+        print(f"error: {exc.explain()}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
@@ -306,16 +304,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_renew(args) -> int:
-    from reconciler.passes import ForcedRenewal, UnknownCertificate
+    from reconciler.passes import ForcedRenewal
 
     if bool(args.names) == args.all:
         build_parser("renew").error("name the certificates to renew, or --all for every one (not both)")
     forced = ForcedRenewal(None if args.all else tuple(args.names))
-    try:
-        return cmd_plan(args, forced) if args.plan else cmd_apply(args, forced)
-    except UnknownCertificate as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    return cmd_plan(args, forced) if args.plan else cmd_apply(args, forced)
 
 
 def cmd_plan(args, forced=None) -> int:

@@ -27,19 +27,24 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.errors import ReconcilerError
+
 _O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
 _MAX_LINKS = 40  # like the kernel's own limit
 
 
-class FolderError(OSError):
-    """A folder on the way cannot be trusted or opened. `str()` is the whole message."""
+class FolderError(ReconcilerError, OSError):
+    """A folder on the way cannot be trusted or opened. `str()` is the whole message, the fix
+    included. An OSError too, so a certificate's write failing on it fails that certificate."""
 
     def __init__(self, code: int, message: str):
-        super().__init__(code, message)
-        self.message = message
+        OSError.__init__(self, code, message)
+        self.hint = ""
+        self._text = message
 
-    def __str__(self) -> str:
-        return self.message
+    @property
+    def message(self) -> str:  # OSError's args are (errno, text)
+        return self._text
 
 
 def trusted_uids() -> set[int]:

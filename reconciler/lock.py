@@ -10,8 +10,10 @@ import os
 import time
 from pathlib import Path
 
+from reconciler.errors import ReconcilerError
 
-class LockTimeout(Exception):
+
+class LockTimeout(ReconcilerError):
     pass
 
 
@@ -38,8 +40,8 @@ class PassLock:
                     holder = self._holder(fd)
                     os.close(fd)
                     raise LockTimeout(
-                        f"another reconcile (pid {holder}) holds {self.path} for more than {self.timeout:g}s; "
-                        "wait for it, or raise --lock-timeout"
+                        f"another reconcile (pid {holder}) holds {self.path} for more than {self.timeout:g}s",
+                        hint="wait for it, or raise --lock-timeout",
                     ) from None
                 time.sleep(0.05)
         self.fd = fd

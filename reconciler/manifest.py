@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.durations import DurationError, parse_duration, parse_share
+from reconciler.errors import ReconcilerError
 from reconciler.model import Desired, DesiredCert, IssuerSpec, KeySpec, RenewBefore
 from reconciler.sans import SANError, display, normalise
 
@@ -56,11 +57,17 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
-class ManifestError(Exception):
+class ManifestError(ReconcilerError):
     def __init__(self, manifest: Path, issues: list[Issue]):
         self.manifest = manifest
         self.issues = issues
         super().__init__(f"{manifest}: {len(issues)} error(s); first: {issues[0]}")
+
+    def explain(self) -> str:
+        """Every error, each with its JSON path, under one line saying nothing was changed."""
+        n = len(self.issues)
+        head = f"{self.manifest} is invalid ({n} error{'s' if n != 1 else ''}); nothing was changed:"
+        return "\n".join([head, *(f"  {issue}" for issue in self.issues)])
 
 
 # --------------------------------------------------------------------------- reading

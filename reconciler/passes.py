@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reconciler import defaults
+from reconciler.errors import ReconcilerError
 from reconciler.faults import fault_point
 from reconciler.issuers import Issuer, make_issuer
 from reconciler.model import Desired, IssuerSpec
@@ -44,18 +46,11 @@ class Settings:
     manifest: Path
     state_dir: Path
     issuer_options: IssuerOptions = field(default_factory=IssuerOptions)
-    lock_timeout: float = 60.0
-    workers: int = 4
+    lock_timeout: float = defaults.LOCK_TIMEOUT
+    workers: int = defaults.WORKERS
     # run post_renewal_commands as root even from a manifest another user can write
     allow_untrusted_manifest: bool = False
     ca_timeout: float | None = None  # seconds for one step-ca request; None: the issuer's default
-
-
-def default_state_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/lib/reconciler")
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "reconciler"
 
 
 def load_desired(settings: Settings, save_cache: bool = False, raw: bytes | None = None) -> Desired:
@@ -89,7 +84,7 @@ def resolve_issuer(desired: Desired, options: IssuerOptions) -> IssuerSpec:
 
     flags = {"url": options.url, "root": options.root, "fingerprint": options.fingerprint,
              "provisioner": options.provisioner, "password_file": options.password_file}
-    return choose_issuer(desired.issuer, desired.manifest_path, options.issuer, flags, os.environ)
+    return choose_issuer(desired.issuer, desired.manifest_path, options.issuer, flags)
 
 
 def trust_of(issuer: Issuer, spec: IssuerSpec) -> Trust:
@@ -97,7 +92,7 @@ def trust_of(issuer: Issuer, spec: IssuerSpec) -> Trust:
     return Trust.of(issuer.trust_roots(), authoritative=spec.type == "local")
 
 
-class UnknownCertificate(ValueError):
+class UnknownCertificate(ReconcilerError, ValueError):
     """`reconcile renew` named a certificate the manifest does not have."""
 
 

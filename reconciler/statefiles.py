@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from reconciler.errors import ReconcilerError
+
 log = logging.getLogger("reconciler.state")
 
 
@@ -30,7 +32,7 @@ class StateFileDamaged(ValueError):
         self.salvaged = salvaged
 
 
-class StatusError(OSError):
+class StatusError(ReconcilerError, OSError):
     """The state folder cannot be used, or the status store cannot be written. A pass stops
     there rather than forget an owed hook; what it already wrote stays, and the next pass
     re-reads it from disk. (Defined here, below the status store, so that the caches the pure

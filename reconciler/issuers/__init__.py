@@ -11,6 +11,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from reconciler.defaults import CA_CONNECT_TIMEOUT
+from reconciler.errors import ReconcilerError
+
 if TYPE_CHECKING:  # pragma: no cover
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
@@ -18,22 +21,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from reconciler.model import IssuerSpec, KeySpec
 
 
-class IssuerError(Exception):
+class IssuerError(ReconcilerError):
     """A CA could not give us a certificate.
 
-    `str(err)` is one line saying what failed and where; `hint` says what to do.
+    `str(err)` is one line saying what failed and where, the hint appended.
     `transient` errors (timeouts, 5xx, connection refused) are worth retrying
     with backoff; the others need an operator.
     """
 
     def __init__(self, message: str, hint: str = "", transient: bool = False):
-        super().__init__(message)
-        self.hint = hint
+        super().__init__(message, hint)
         self.transient = transient
-
-    def __str__(self) -> str:  # one line, hint appended
-        base = super().__str__()
-        return f"{base} (hint: {self.hint})" if self.hint else base
 
 
 class IssuerConfigError(IssuerError):
@@ -119,5 +117,5 @@ def make_issuer(spec: "IssuerSpec", state_dir: Path, timeout: float | None = Non
 
         if timeout is None:
             return StepCA(spec, state_dir)
-        return StepCA(spec, state_dir, connect_timeout=min(5.0, timeout), read_timeout=timeout)
+        return StepCA(spec, state_dir, connect_timeout=min(CA_CONNECT_TIMEOUT, timeout), read_timeout=timeout)
     raise ValueError(f"unknown issuer type {spec.type!r}")

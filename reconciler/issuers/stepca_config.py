@@ -5,28 +5,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from reconciler.crypto import fingerprint
+from reconciler.defaults import CA_CONNECT_TIMEOUT, CA_TIMEOUT, ENV_ISSUER_SETTINGS, ENVIRON
 from reconciler.issuers import IssuerError
 from reconciler.model import IssuerSpec
 
 log = logging.getLogger("reconciler.issuers.stepca")
 
-DEFAULT_CONNECT_TIMEOUT = 5.0
-DEFAULT_READ_TIMEOUT = 30.0
-
-_ENV_OPTIONS = {
-    "url": "RECONCILER_CA_URL",
-    "root": "RECONCILER_ROOT",
-    "fingerprint": "RECONCILER_FINGERPRINT",
-    "provisioner": "RECONCILER_PROVISIONER",
-    "password_file": "RECONCILER_PASSWORD_FILE",
-}
+DEFAULT_CONNECT_TIMEOUT = CA_CONNECT_TIMEOUT
+DEFAULT_READ_TIMEOUT = CA_TIMEOUT
+_ENV_OPTIONS = ENV_ISSUER_SETTINGS
 # keys of $STEPPATH/config/defaults.json, as `step ca bootstrap` writes them
 _DEFAULTS_KEYS = {
     "url": "ca-url",
@@ -47,7 +40,7 @@ _FLAGS = {
 _PATH_SETTINGS = ("root", "password_file")
 
 
-def steppath(env: Mapping[str, str] = os.environ) -> Path:
+def steppath(env: Mapping[str, str] = ENVIRON) -> Path:
     """`$STEPPATH`, or `~/.step` like the step CLI."""
     if env.get("STEPPATH"):
         return Path(env["STEPPATH"]).expanduser()
@@ -55,11 +48,11 @@ def steppath(env: Mapping[str, str] = os.environ) -> Path:
     return (Path(home) if home else Path.home()) / ".step"
 
 
-def defaults_path(env: Mapping[str, str] = os.environ) -> Path:
+def defaults_path(env: Mapping[str, str] = ENVIRON) -> Path:
     return steppath(env) / "config" / "defaults.json"
 
 
-def read_step_defaults(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+def read_step_defaults(env: Mapping[str, str] = ENVIRON) -> dict[str, Any]:
     """`$STEPPATH/config/defaults.json` as a dict; {} when it is absent or unreadable."""
     path = defaults_path(env)
     try:
@@ -86,7 +79,7 @@ def _from_defaults(field: str, env: Mapping[str, str]) -> str:
     return f"{_DEFAULTS_KEYS[field]} in {defaults_path(env)}"
 
 
-def resolve_spec(spec: IssuerSpec, env: Mapping[str, str] = os.environ) -> IssuerSpec:
+def resolve_spec(spec: IssuerSpec, env: Mapping[str, str] = ENVIRON) -> IssuerSpec:
     """Fill what a step-ca issuer block leaves out from `$STEPPATH/config/defaults.json`.
 
     The URL comes from `ca-url` when unset. Trust (`root`, `fingerprint`) is taken as a
@@ -121,7 +114,7 @@ def spec_from_options(
     fingerprint: str | None,
     provisioner: str | None,
     password_file: str | Path | None,
-    env: Mapping[str, str] = os.environ,
+    env: Mapping[str, str] = ENVIRON,
 ) -> IssuerSpec:
     """The step-ca issuer of a bare-array manifest: flags > `RECONCILER_*` env > defaults.json.
 
@@ -158,7 +151,7 @@ def _ways(field: str, bare: bool, env: Mapping[str, str]) -> str:
     return f"issuer.{field} in the manifest, or {_from_defaults(field, env)}"
 
 
-def configuration_lines(spec: IssuerSpec | None, bare: bool, env: Mapping[str, str] = os.environ) -> list[str]:
+def configuration_lines(spec: IssuerSpec | None, bare: bool, env: Mapping[str, str] = ENVIRON) -> list[str]:
     """What a step-ca issuer still lacks (or has wrong), one line per setting with every way
     to give it. `spec` None: list them all (nothing is configured)."""
     lines = []
