@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -335,42 +334,45 @@ def cmd_apply(args, forced=None) -> int:
     from reconciler.render import dumps, failure_headline, held_back, plan_json, result_text
 
     settings = settings_from(args)
-    started = time.monotonic()
-    snap, result = run_pass(settings, forced=forced, skip_hooks=args.no_hooks)
+    snap, outcome = run_pass(settings, forced=forced, skip_hooks=args.no_hooks)
+    result = outcome.result
+    assert result is not None, "a pass always has a result"
     if getattr(args, "metrics_file", None):
         from reconciler.metrics import Metrics
 
         metrics = Metrics()
-        metrics.record_single_pass(snap, result, time.monotonic() - started, time.time())
+        metrics.set_manifest_valid(True)
+        metrics.record(outcome, ca_reachable=not outcome.ca_unreachable)
         metrics.write_file(Path(args.metrics_file))
     issuer = snap.desired.issuer
     if args.output == "json":
-        data = plan_json(snap.plan, issuer.summary(settings.state_dir))
+        data = plan_json(outcome.plan, issuer.summary(settings.state_dir))
         data["result"] = {
-            "ok": result.ok,
-            "failures": result.failures(),
+            "ok": outcome.ok,
+            "failures": outcome.failures(),
             "hooks": [{"command": h.command, "certificates": list(h.certificates), "ok": h.ok, "result": h.describe()} for h in result.hooks],
-            "hooks_held_back": [{"command": c, "certificates": list(names), "reason": why} for c, names, why in held_back(snap.plan, result)],
+            "hooks_held_back": [{"command": c, "certificates": list(names), "reason": why} for c, names, why in held_back(outcome.plan, result)],
         }
         sys.stdout.write(dumps(data))
     else:
-        sys.stdout.write(result_text(snap.plan, result, issuer=issuer.describe(settings.state_dir)))
-    failures = result.failures()
+        sys.stdout.write(result_text(outcome.plan, result, issuer=issuer.describe(settings.state_dir)))
+    failures = outcome.failures()
     if failures:
-        print(f"error: {failure_headline(snap.plan, result)}; everything else was done:", file=sys.stderr)
+        print(f"error: {failure_headline(outcome.plan, result)}; everything else was done:", file=sys.stderr)
         for line in failures:
             print(f"  {line}", file=sys.stderr)
         return EXIT_ERROR
-    return EXIT_CHANGES if args.detailed_exitcode and result.changed else EXIT_OK
+    return EXIT_CHANGES if args.detailed_exitcode and outcome.changed else EXIT_OK
 
 
 def cmd_status(args) -> int:
-    from reconciler.report import all_ready, status_json, status_rows, status_text
+    from reconciler.report import status_json, status_outcome, status_text
 
     settings = settings_from(args)
-    rows, manifest_note, issuer = status_rows(settings)
+    outcome, manifest_note, issuer = status_outcome(settings)
     if args.output == "json":
-        sys.stdout.write(json.dumps(status_json(rows, manifest_note, issuer), indent=2) + "\n")
+        sys.stdout.write(json.dumps(status_json(outcome, manifest_note, issuer), indent=2) + "\n")
     else:
-        sys.stdout.write(status_text(rows, manifest_note, issuer))
-    return EXIT_OK if all_ready(rows, manifest_note) else EXIT_ERROR
+        sys.stdout.write(status_text(outcome, manifest_note, issuer))
+    all_serving = manifest_note is None and (outcome is None or outcome.all_serving)
+    return EXIT_OK if all_serving else EXIT_ERROR

@@ -30,10 +30,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from reconciler.backoff import Backoff
-from reconciler.metrics import pending_after
 from reconciler.tracker import CHANGED, NOT_READY, ManifestTracker
 
 log = logging.getLogger("reconciler.watch")
@@ -132,10 +132,7 @@ class Watcher:
         self.next_renewal: float | None = None  # wall clock
         self.retry_at: float | None = None  # wall clock
         self.first_done = False
-        self._due_memo: dict[tuple, float] = {}
         self.cert_folders: set[str] = set()
-        self._layout_of = None
-        self._layout_cache: tuple = ([], frozenset())
         self.handler = _Handler(self)
         self._too_many_folders_logged = False
         self._refresh_manifest_names()
@@ -496,7 +493,7 @@ class Watcher:
             issue_limit = 1 if now >= self.ca.until[CA] else 0
         deferral = Deferral(self.issue_backoff.waiting(now), self.hook_backoff.waiting(now), issue_limit)
         try:
-            snap, result = run_pass(
+            _snap, outcome = run_pass(
                 self.settings, desired, progress=False, cache=self.cache, deferral=deferral,
                 cancelled=self.cancel.is_set, sweep_files=job.first or job.force, manifest_state=self.tracker.state(),
             )
@@ -511,42 +508,33 @@ class Watcher:
                 self._write_metrics()
             return Outcome(failed=True, retry_in=wait)
         self.pass_backoff.clear()
-        run_again = self._record_failures(result, time.time())
+        run_again = self._record_failures(outcome, time.time())
         # also after a recheck pass: the re-read stamps already hold the damage, so its events
         # compare equal and nothing else would look before the resync (_finish paces repeats)
-        recheck = self._changed_since_written(snap, result)
-        if recheck:
+        if outcome.recheck:
             log.info("a file this pass wrote changed again before the pass ended; looking again")
-        pending = pending_after(snap, result)
-        renewal_at = self._renewal_deadlines(snap)
-        finished = time.time()
-        future = [t for t in renewal_at.values() if t > finished]
-        rows, folders = self._layout(desired)
-        managed: dict[str, tuple[bool, tuple]] = {}
-        for name, cert_path, key_path, follow in rows:
-            o = snap.observed.get(name)
-            if o is not None:
-                managed[cert_path] = (follow, o.cert_file.stamp)
-                managed[key_path] = (follow, o.key_file.stamp)
-        duration = time.monotonic() - started
-        self._log_pass(job, snap, result, pending, duration)
+        level = logging.INFO if outcome.changed or outcome.failures() or job.first or job.force else logging.DEBUG
+        log.log(
+            level, "pass (%s): %d changed, %d failed, %d of %d ready, %.2fs", ", ".join(job.reasons),
+            outcome.changed, len(outcome.failures()), outcome.ready, len(outcome.certificates), outcome.duration,
+        )
         if self.metrics:
-            self.metrics.record_pass(snap, result, pending, renewal_at, duration, finished, not self.ca.active(CA))
+            self.metrics.record(outcome, not self.ca.active(CA))
             self._write_metrics()
         sd_notify(
-            f"STATUS={len(desired.certificates) - len(pending)} of {len(desired.certificates)} certificates ready; "
+            f"STATUS={outcome.ready} of {len(outcome.certificates)} certificates ready; "
             f"manifest {'valid' if self.tracker.valid else 'INVALID'}; last pass {time.strftime('%H:%M:%S')}"
         )
         self._settle_memory(job)
-        return Outcome(ran=True, run_again=run_again, recheck=recheck, next_renewal=min(future) if future else None, managed=managed, folders=set(folders))
-
-    def _layout(self, desired) -> tuple[list[tuple[str, str, str, bool]], frozenset[str]]:
-        """(name, cert path, key path, follow symlinks) per certificate and their folders, per manifest version."""
-        if self._layout_of is not desired:
-            rows = [(c.name, str(c.cert_path), str(c.key_path), c.allow_symlink) for c in desired.certificates]
-            folders = frozenset(os.path.dirname(p) for row in rows for p in row[1:3])
-            self._layout_of, self._layout_cache = desired, (rows, folders)
-        return self._layout_cache
+        next_renewal = outcome.next_renewal(datetime.now(timezone.utc))
+        managed = {}
+        for c in outcome.certificates:
+            managed[c.cert_path], managed[c.key_path] = (c.follow_symlinks, c.stamps[0]), (c.follow_symlinks, c.stamps[1])
+        folders = {os.path.dirname(p) for p in managed}
+        return Outcome(
+            ran=True, run_again=run_again, recheck=outcome.recheck, managed=managed, folders=folders,
+            next_renewal=next_renewal.timestamp() if next_renewal else None,
+        )
 
     def _settle_memory(self, job: Job) -> None:
         """A long-lived process holding 10k certificates' state: move what survived this pass
@@ -559,91 +547,39 @@ class Watcher:
             gc.collect()
         gc.freeze()
 
-    def _record_failures(self, result, now: float) -> bool:
+    def _record_failures(self, outcome, now: float) -> bool:
         """Feed the pass's outcome to the backoffs. True when the CA answers again after an
         outage: everything that waited for it goes in the next pass, at once."""
-        content_ok = any(c.ok and c.content_changed for c in result.certificates)
-        transient = [c for c in result.certificates if not c.ok and c.transient]
+        transient = [c for c in outcome.certificates if c.transient]
         run_again = False
-        if transient and not content_ok:
+        if outcome.ca_unreachable:
             first = not self.ca.active(CA)
             wait = self.ca.failed(CA, now)
             if first:
                 log.warning(
                     "the CA does not answer (%s); until it does, one certificate at a time probes it, next in %.0fs",
-                    transient[0].error, wait,
+                    transient[0].failed, wait,
                 )
             else:
                 log.warning("the CA still does not answer; next probe in %.0fs", wait)
         else:
-            if content_ok and self.ca.succeeded(CA):
+            if any(c.content_changed for c in outcome.certificates) and self.ca.succeeded(CA):
                 log.info("the CA answers again; issuing everything that waited for it now")
                 run_again = True
             for c in transient:  # the CA works for others: this one backs off on its own
                 self.issue_backoff.failed(c.name, now)
-        for c in result.certificates:
-            if c.ok:
+        for c in outcome.certificates:
+            if c.attempted and not c.failed:
                 self.issue_backoff.succeeded(c.name)
-            elif c.actions and not c.transient:
+            elif c.attempted and not c.transient:
                 wait = self.issue_backoff.failed(c.name, now)
                 log.info("%s: next attempt in %.0fs (failure %d in a row)", c.name, wait, self.issue_backoff.failures[c.name])
-        for h in result.hooks:
-            for name in h.certificates:
-                if h.ok:
-                    self.hook_backoff.succeeded(name)
-                else:
-                    wait = self.hook_backoff.failed(name, now)
-                    log.info("%s: post-renewal command runs again in %.0fs", name, wait)
+            if c.hook_ok is True:
+                self.hook_backoff.succeeded(c.name)
+            elif c.hook_ok is False:
+                wait = self.hook_backoff.failed(c.name, now)
+                log.info("%s: post-renewal command runs again in %.0fs", c.name, wait)
         return run_again
-
-    @staticmethod
-    def _changed_since_written(snap, result) -> bool:
-        """Whether a certificate this pass deployed still drifts as re-read after the pass:
-        someone deleted or re-moded it between our write and the end of the pass (hooks can
-        take a while), so its echo events would compare equal to the re-read stamps."""
-        from datetime import datetime, timezone
-
-        from reconciler.diff import RUN_HOOK
-        from reconciler.plan import plan_cert
-
-        written = {c.name for c in result.certificates if c.ok and c.actions}
-        if not written:
-            return False
-        now = datetime.now(timezone.utc)
-        for p in snap.plan.certificates:
-            o = snap.observed.get(p.cert.name)
-            if p.cert.name in written and o is not None:
-                if any(a.action != RUN_HOOK for a in plan_cert(p.cert, o, now).actions):
-                    return True
-        return False
-
-    def _renewal_deadlines(self, snap) -> dict[str, float]:
-        """Each certificate's jittered renewal deadline (Unix time), memoised per certificate on disk."""
-        from reconciler.diff import renewal_due_at
-
-        memo, out = {}, {}
-        for p in snap.plan.certificates:
-            o = snap.observed.get(p.cert.name)
-            facts = o.cert if o is not None else None
-            if facts is None:
-                continue
-            key = (p.cert.name, p.cert.renew_before, facts.not_before, facts.not_after)
-            at = self._due_memo.get(key)
-            if at is None:
-                at = renewal_due_at(p.cert, facts.not_before, facts.not_after).timestamp()
-            memo[key] = out[p.cert.name] = at
-        self._due_memo = memo
-        return out
-
-    def _log_pass(self, job: Job, snap, result, pending: set[str], duration: float) -> None:
-        changed = sum(1 for c in result.certificates if c.ok and c.actions)
-        failed = sum(1 for c in result.certificates if not c.ok) + sum(1 for h in result.hooks if not h.ok)
-        level = logging.INFO if changed or failed or job.first or job.force else logging.DEBUG
-        log.log(
-            level,
-            "pass (%s): %d changed, %d failed, %d of %d ready, %.2fs",
-            ", ".join(job.reasons), changed, failed, len(snap.plan.certificates) - len(pending), len(snap.plan.certificates), duration,
-        )
 
     def _record_manifest_state(self) -> None:
         """No valid manifest to reconcile against: still tell `reconcile status` why."""

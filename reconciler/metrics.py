@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from reconciler.outcome import PassOutcome
 
 log = logging.getLogger("reconciler.metrics")
 
@@ -47,52 +51,34 @@ class Metrics:
         self.ca_reachable.set(1)
         self._names: set[str] = set()
 
-    def record_pass(self, snap, result, pending: set[str], renewal_at: dict[str, float], duration: float, finished_at: float, ca_reachable: bool) -> None:
-        """After a pass: `snap.observed` is the disk after it; `pending` the names left with work
-        to do; `renewal_at` each certificate's renewal deadline (Unix time)."""
+    def record(self, outcome: "PassOutcome", ca_reachable: bool) -> None:
+        """After a pass: the gauges say what its outcome says; the counters count its failures."""
         names = set()
-        for p in snap.plan.certificates:
-            name = p.cert.name
-            names.add(name)
-            facts = snap.observed[name].cert if name in snap.observed else None
-            if facts is not None:
-                self.not_after.labels(name).set(facts.not_after.timestamp())
-                if name in renewal_at:
-                    self.renewal.labels(name).set(renewal_at[name])
+        for c in outcome.certificates:
+            names.add(c.name)
+            if c.not_after is not None:
+                self.not_after.labels(c.name).set(c.not_after.timestamp())
             else:
-                for gauge in (self.not_after, self.renewal):
-                    _remove(gauge, name)
-            self.ready.labels(name).set(0 if (p.error or name in pending) else 1)
-            self.issuance_failures.labels(name)  # the series exists from the start, at 0
-            self.hook_failures.labels(name)
-        for c in result.certificates:
-            if not c.ok and c.actions:  # attempted and failed (a blocked path attempts nothing)
-                self.issuance_failures.labels(c.name).inc()
-        for h in result.hooks:
-            if not h.ok:
-                for name in h.certificates:
-                    self.hook_failures.labels(name).inc()
+                _remove(self.not_after, c.name)
+            if c.renewal_at is not None:
+                self.renewal.labels(c.name).set(c.renewal_at.timestamp())
+            else:
+                _remove(self.renewal, c.name)
+            self.ready.labels(c.name).set(1 if c.ready else 0)
+            failures = self.issuance_failures.labels(c.name)  # the series exists from the start, at 0
+            if c.attempted and c.failed:  # a blocked path attempts nothing
+                failures.inc()
+            hook_failures = self.hook_failures.labels(c.name)
+            if c.hook_ok is False:
+                hook_failures.inc()
         for gone in self._names - names:
             for metric in (self.not_after, self.renewal, self.ready, self.issuance_failures, self.hook_failures):
                 _remove(metric, gone)
         self._names = names
-        self.pass_duration.observe(duration)
-        self.last_pass.set(finished_at)
-        self.passes.labels("ok" if result.ok else "error").inc()
+        self.pass_duration.observe(outcome.duration)
+        self.last_pass.set(outcome.finished_at)
+        self.passes.labels("ok" if outcome.ok else "error").inc()
         self.ca_reachable.set(1 if ca_reachable else 0)
-
-    def record_single_pass(self, snap, result, duration: float, finished_at: float) -> None:
-        """A one-shot `reconcile --metrics-file`: the same series as --watch, from one pass."""
-        from reconciler.diff import renewal_due_at
-
-        renewal_at = {
-            p.cert.name: renewal_due_at(p.cert, facts.not_before, facts.not_after).timestamp()
-            for p in snap.plan.certificates
-            if (facts := snap.observed[p.cert.name].cert) is not None
-        }
-        unreachable = any(c.transient for c in result.certificates if not c.ok)
-        self.set_manifest_valid(True)
-        self.record_pass(snap, result, pending_after(snap, result), renewal_at, duration, finished_at, not unreachable)
 
     def record_failed_pass(self, duration: float, finished_at: float) -> None:
         """A pass that could not run at all (lock held elsewhere, issuer misconfigured)."""
@@ -123,13 +109,6 @@ class Metrics:
         host, port = parse_listen(listen)
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server.server_address[0], server.server_address[1]
-
-
-def pending_after(snap, result) -> set[str]:
-    """Names still left with work after a pass: planned and not done, or a hook that failed."""
-    done = {c.name for c in result.certificates if c.ok}
-    pending = {p.cert.name for p in snap.plan.certificates if p.actions and p.cert.name not in done}
-    return pending | {n for h in result.hooks if not h.ok for n in h.certificates}
 
 
 def _remove(metric, name: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +21,8 @@ from reconciler.issuers import Issuer, make_issuer
 from reconciler.model import Desired, IssuerSpec
 from reconciler.managed import identity
 from reconciler.observe import ObservationCache, Observed, Trust, observe_all
-from reconciler.plan import CertPlan, Plan, force_renewal, hooks_for, make_plan
+from reconciler.outcome import PassOutcome, outcome_of
+from reconciler.plan import CertPlan, Plan, force_renewal, hooks_for, make_plan, plan_cert
 
 if TYPE_CHECKING:  # pragma: no cover
     from reconciler.status import StatusStore
@@ -159,6 +161,7 @@ class Snapshot:
     plan: Plan
     issuer: Issuer
     cache: ObservationCache
+    issuer_unknown: str | None = None  # why certificates could not be checked against the issuer
 
 
 def snapshot(
@@ -189,11 +192,20 @@ def snapshot(
     observed = observe_all(desired.certificates, trust, cache, manager=manager)
     if _learn_intermediates(issuer, desired, observed, trust, persist=fetch_root):
         observed = observe_all(desired.certificates, trust_of(issuer, desired.issuer), cache, manager=manager)
-    serials = {name: (o.cert.serial if o.cert else None) for name, o in observed.items()}
-    plan = make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(serials), issuer_unknown=unknown)
+    plan = make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(_serials(observed)), issuer_unknown=unknown)
     if chosen is not None:
         plan = force_renewal(plan, chosen)
-    return Snapshot(desired, observed, plan, issuer, cache)
+    return Snapshot(desired, observed, plan, issuer, cache, unknown)
+
+
+def _serials(observed: dict[str, Observed]) -> dict[str, str | None]:
+    return {name: (o.cert.serial if o.cert else None) for name, o in observed.items()}
+
+
+def assess(snap: Snapshot, status: "StatusStore", now: datetime | None = None) -> PassOutcome:
+    """The read-only snapshot's outcome (`reconcile status`): each certificate as it is."""
+    now = now or datetime.now(timezone.utc)
+    return outcome_of(snap.plan, snap.observed, status.records, status.hooks_pending(_serials(snap.observed)), now)
 
 
 @dataclass(frozen=True)
@@ -255,14 +267,14 @@ def run_pass(
     manifest_state: dict | None = None,
     forced: ForcedRenewal | None = None,
     skip_hooks: bool = False,
-):
-    """A full pass under the lock: sweep, plan, apply, record. Returns (snapshot, result).
+) -> tuple[Snapshot, PassOutcome]:
+    """A full pass under the lock: sweep, plan, apply, record. Returns (snapshot, outcome).
 
     The keyword arguments are for `--watch`: a `cache` kept across passes, a `deferral`
     (backoff), `cancelled()` (SIGTERM: stop starting new work), no sweep after the first
     pass, and the manifest's validity to record in the status store; `forced` is for
-    `reconcile renew` (see ForcedRenewal). `snap.plan` is the
-    whole plan; `snap.observed` is refreshed for what this pass wrote."""
+    `reconcile renew` (see ForcedRenewal). `snap.plan` is the whole plan; `snap.observed`
+    is refreshed for what this pass wrote; the outcome judges each certificate after it."""
     from reconciler.apply import ApplyContext, apply, sweep
     from reconciler.apply_reporter import ApplyReporter
     from reconciler.hooks import secrets_of
@@ -270,6 +282,7 @@ def run_pass(
     from reconciler.statefiles import check_state_dir, sweep_private
     from reconciler.status import StatusStore
 
+    started = time.monotonic()
     validation_cache = None
     if desired is None:
         # before the lock, which creates the state folder: a manifest whose CA is unclear
@@ -294,7 +307,7 @@ def run_pass(
         try:
             ctx = ApplyContext(
                 snap.issuer, settings.workers,
-                serials={n: (o.cert.serial if o.cert else None) for n, o in snap.observed.items()},
+                serials=_serials(snap.observed),
                 manager=identity(settings.state_dir),
                 cancelled=cancelled or (lambda: False),
                 refuse_hooks=_hook_refusal(settings, desired, work),
@@ -307,13 +320,26 @@ def run_pass(
             snap.issuer.close()
         status.forget_except({c.name for c in desired.certificates})
         status.save()  # only if something changed: a pass with nothing to do writes nothing
-        # what we just wrote is what the next pass will see: re-observe it once now
-        if result.changed:
-            fault_point("before_reobserve")  # --watch race tests change a file here
-            trust = trust_of(snap.issuer, desired.issuer)
-            changed = {c.name for c in result.certificates if c.ok and c.actions}
-            snap.observed.update(
-                observe_all([c for c in desired.certificates if c.name in changed], trust, snap.cache, manager=identity(settings.state_dir))
-            )
+        after = _reobserve(settings, snap, result, status)
         snap.cache.save()
-        return snap, result
+        outcome = outcome_of(
+            snap.plan, snap.observed, status.records, status.hooks_pending(_serials(snap.observed)),
+            datetime.now(timezone.utc), result, after, time.monotonic() - started,
+        )
+        return snap, outcome
+
+
+def _reobserve(settings: Settings, snap: Snapshot, result, status: "StatusStore") -> dict[str, CertPlan]:
+    """What this pass wrote is what the next pass will see: re-read it once now, and plan it
+    again, so the outcome judges the disk as the pass left it (and sees a file someone
+    changed again before the pass ended). Returns those certificates' new plans."""
+    written = {c.name for c in result.certificates if c.ok and c.actions}
+    if not written:
+        return {}
+    fault_point("before_reobserve")  # --watch race tests change a file here
+    trust = trust_of(snap.issuer, snap.desired.issuer)
+    certs = [c for c in snap.desired.certificates if c.name in written]
+    snap.observed.update(observe_all(certs, trust, snap.cache, manager=identity(settings.state_dir)))
+    owed = status.hooks_pending(_serials(snap.observed))
+    now = datetime.now(timezone.utc)
+    return {c.name: plan_cert(c, snap.observed[c.name], now, c.name in owed, snap.issuer_unknown) for c in certs}

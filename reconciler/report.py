@@ -5,9 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from reconciler.diff import CHMOD, CHOWN, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, renewal_due_at
 from reconciler.durations import format_duration
-from reconciler.sans import ordered
+from reconciler.outcome import READY, PassOutcome
 
 LAST_VALID = "last-valid-manifest.json"
 
@@ -34,78 +33,54 @@ def _desired(settings):
             return None, note, store
 
 
-def status_rows(settings, now: datetime | None = None) -> tuple[list[dict], str | None, dict | None]:
-    """(rows, why the manifest is invalid or None, the issuer's summary or None)."""
-    from reconciler.passes import snapshot
+def status_outcome(settings, now: datetime | None = None) -> tuple[PassOutcome | None, str | None, dict | None]:
+    """(each certificate as it is, why the manifest is invalid or None, the issuer's summary
+    or None). Reads only: the read-only snapshot and the status store."""
+    from reconciler.passes import assess, snapshot
 
     now = now or datetime.now(timezone.utc)
     desired, note, store = _desired(settings)
     if desired is None:
-        return [], note, None
-    snap = snapshot(settings, desired, store, now)
-    owed = store.hooks_pending({n: (o.cert.serial if o.cert else None) for n, o in snap.observed.items()})
-    rows = []
-    for p in snap.plan.certificates:
-        c, o = p.cert, snap.observed[p.cert.name]
-        record = store.get(c.name)
-        actions = {a.action for a in p.actions}
-        facts = o.cert
-        if p.error or record.last_error:
-            state = "error"
-        elif not o.cert_file.present or not o.key_file.present:
-            state = "missing"
-        elif RUN_HOOK in actions or record.hook_pending:
-            state = "hook pending"
-        elif facts is not None and now >= facts.not_after:
-            state = "expired"
-        elif RENEW in actions:
-            state = "renewal due"
-        elif p.content_action is not None:
-            state = "error"  # present but wrong: unparsable, mismatched, other identity
-        elif actions & {CHOWN, CHMOD, REWRITE_CHAIN, WRITE_CA}:
-            # the right certificate, but not the owner, mode, chain or CA file asked for:
-            # a service reading the file (or the CA file) does not see what the manifest says
-            state = "repair due"
-        else:
-            state = "ready"
-        rows.append(
-            {
-                "name": c.name,
-                "state": state,
-                "cert_path": str(c.cert_path),
-                "not_after": facts.not_after.isoformat() if facts else None,
-                "expires_in": format_duration(facts.not_after - now) if facts else None,
-                "renewal_due_at": renewal_due_at(c, facts.not_before, facts.not_after).isoformat() if facts else None,
-                "sans": list(ordered(c.sans)),
-                "owner_ok": CHOWN not in actions,
-                "mode_ok": CHMOD not in actions,
-                "last_issued": record.last_issued,
-                "last_hook": record.hook.result if record.hook else None,
-                "last_hook_at": record.hook.at if record.hook else None,
-                "hook_owed": c.name in owed,
-                "problem": p.error or record.last_error or (p.actions[0].reason if p.actions else None),
-            }
-        )
-    return rows, note, desired.issuer.summary(settings.state_dir)
+        return None, note, None
+    outcome = assess(snapshot(settings, desired, store, now), store, now)
+    return outcome, note, desired.issuer.summary(settings.state_dir)
 
 
-# a certificate in these states serves and needs nothing from an operator: `status` exits 0.
-# "renewal due" is still valid, and a renewal that fails turns it into "error".
-READY_STATES = ("ready", "renewal due")
+def status_rows(outcome: PassOutcome | None) -> list[dict]:
+    """`reconcile status --output json`'s certificates: the outcome, as the contract spells it."""
+    if outcome is None:
+        return []
+    now = datetime.fromtimestamp(outcome.finished_at, timezone.utc)
+    return [
+        {
+            "name": c.name,
+            "state": c.state,
+            "cert_path": c.cert_path,
+            "not_after": c.not_after.isoformat() if c.not_after else None,
+            "expires_in": format_duration(c.not_after - now) if c.not_after else None,
+            "renewal_due_at": c.renewal_at.isoformat() if c.renewal_at else None,
+            "sans": list(c.sans),
+            "owner_ok": c.owner_ok,
+            "mode_ok": c.mode_ok,
+            "last_issued": c.last_issued,
+            "last_hook": c.last_hook,
+            "last_hook_at": c.last_hook_at,
+            "hook_owed": c.hook_owed,
+            "problem": c.problem,
+        }
+        for c in outcome.certificates
+    ]
 
 
-def all_ready(rows: list[dict], note: str | None) -> bool:
-    return note is None and all(r["state"] in READY_STATES for r in rows)
-
-
-def status_json(rows: list[dict], note: str | None, issuer: dict | None = None) -> dict:
+def status_json(outcome: PassOutcome | None, note: str | None, issuer: dict | None = None) -> dict:
     return {
         "format_version": 1, **({"issuer": issuer} if issuer else {}),
-        "manifest_valid": note is None, "manifest_problem": note, "certificates": rows,
+        "manifest_valid": note is None, "manifest_problem": note, "certificates": status_rows(outcome),
     }
 
 
-def status_text(rows: list[dict], note: str | None, issuer: dict | None = None) -> str:
+def status_text(outcome: PassOutcome | None, note: str | None, issuer: dict | None = None) -> str:
+    rows = status_rows(outcome)
     lines = [f"issuer: {issuer['description']}"] if issuer else []
     if note:
         lines.append(note)
@@ -128,6 +103,6 @@ def status_text(rows: list[dict], note: str | None, issuer: dict | None = None) 
     for row in table:
         lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + row[-1])
     for r in rows:
-        if r["state"] not in ("ready",) and r["problem"]:
+        if r["state"] != READY and r["problem"]:
             lines.append(f"{r['name']}: {r['problem']}")
     return "\n".join(lines) + "\n"

@@ -495,6 +495,36 @@ def test_metrics_endpoint_and_file_carry_the_right_values(tmp_path, watch_factor
     w.stop()
 
 
+def test_the_pass_log_systemd_metrics_and_status_agree_that_a_blocked_certificate_is_not_ready(tmp_path, watch_factory):
+    """One outcome per pass: a certificate whose path cannot be managed (here a folder where
+    the certificate file should be) is "error" in `reconcile status`, 0 in the ready gauge,
+    and not counted ready in the pass log or systemd's status line."""
+    import socket
+
+    out = tmp_path / "out"
+    (out / "blocked.crt").mkdir(parents=True)
+    manifest = tmp_path / "m.json"
+    write_json(manifest, manifest_doc([entry("good", out), entry("blocked", out)]))
+    prom = tmp_path / "reconciler.prom"
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(30)
+        w = watch_factory(manifest, "--metrics-file", str(prom), env={"NOTIFY_SOCKET": address})
+        messages: list[str] = []
+        while not any(m.startswith("STATUS=") for m in messages):
+            messages.append(sock.recv(4096).decode())
+    w.wait_passes(1)
+    assert re.search(r"pass \([^)]*\): 1 changed, 1 failed, 1 of 2 ready", w.log()), w.log()
+    assert any(m.startswith("STATUS=1 of 2 certificates ready") for m in messages), messages
+    gauges = _families(prom.read_text())
+    assert (gauges[("reconciler_certificate_ready", "good")], gauges[("reconciler_certificate_ready", "blocked")]) == (1, 0)
+    w.stop()
+    proc = reconcile("status", "-m", str(manifest), "--state-dir", str(w.state), "--output", "json")
+    states = {r["name"]: r["state"] for r in json.loads(proc.stdout)["certificates"]}
+    assert (proc.returncode, states) == (1, {"good": "ready", "blocked": "error"})
+
+
 # --------------------------------------------------------------------------- timers and backoff
 
 

@@ -1,0 +1,212 @@
+"""What one pass (or the read-only snapshot behind `--plan` and `status`) found and did,
+per certificate, computed once. `reconcile status`, the CLI's summary, the metrics and
+`--watch` only read it; none of them re-derives a state, a deadline or a failure.
+
+A certificate's state is judged from the plan for the disk as it is now (after a pass:
+as re-read after the pass's writes) and the status store's record:
+
+    error         the path cannot be managed, the last attempt failed, or the file holds
+                  another certificate than the manifest asks for (the next pass reissues it)
+    missing       the certificate or key file is not there
+    hook pending  its post-renewal command still has to succeed
+    expired       past notAfter
+    renewal due   still valid, inside its renewal window: the next pass renews it
+    repair due    the right certificate, but not the owner, mode, chain or CA file asked for
+    ready         nothing left to do
+
+`ready` (nothing left to do) is what the metrics and the watch's log count; `serving`
+(ready or only due for renewal) is what `reconcile status` exits 0 for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from reconciler.diff import CHMOD, CHOWN, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, renewal_due_at
+from reconciler.plan import CertPlan, Plan
+from reconciler.sans import ordered
+
+if TYPE_CHECKING:  # pragma: no cover
+    from reconciler.apply import Result
+    from reconciler.status import CertRecord
+
+READY, RENEWAL_DUE, MISSING, EXPIRED, ERROR, HOOK_PENDING, REPAIR_DUE = (
+    "ready", "renewal due", "missing", "expired", "error", "hook pending", "repair due",
+)
+# a certificate in these states serves and needs nothing from an operator: `status` exits 0.
+# "renewal due" is still valid, and a renewal that fails turns it into "error".
+SERVING_STATES = (READY, RENEWAL_DUE)
+REPAIRS = frozenset({CHOWN, CHMOD, REWRITE_CHAIN, WRITE_CA})
+
+
+def cert_state(plan: CertPlan, observed, now: datetime, last_error: str | None, hook_owed: bool) -> str:
+    """The one place a certificate's state is decided (see the module's docstring)."""
+    actions = {a.action for a in plan.actions}
+    facts = observed.cert
+    if plan.error or last_error:
+        return ERROR
+    if not observed.cert_file.present or not observed.key_file.present:
+        return MISSING
+    if RUN_HOOK in actions or hook_owed:
+        return HOOK_PENDING
+    if facts is not None and now >= facts.not_after:
+        return EXPIRED
+    if RENEW in actions:
+        return RENEWAL_DUE
+    if plan.content_action is not None:
+        return ERROR  # present but wrong: unparsable, mismatched, another identity
+    if actions & REPAIRS:
+        # the right certificate, but a service reading the file (or the CA file) does not
+        # see the owner, mode, chain or CA file the manifest asks for
+        return REPAIR_DUE
+    return READY
+
+
+@dataclass(frozen=True)
+class CertOutcome:
+    name: str
+    cert_path: str
+    key_path: str
+    follow_symlinks: bool
+    sans: tuple[str, ...]
+    state: str
+    problem: str | None  # why it is not ready (None: it is)
+    not_after: datetime | None
+    renewal_at: datetime | None  # when it enters its jittered renewal window
+    owner_ok: bool
+    mode_ok: bool
+    hook_owed: bool
+    # what this pass did (all empty for the read-only snapshot)
+    changed: tuple[str, ...] = ()  # actions carried out
+    content_changed: bool = False  # a new certificate was written
+    attempted: bool = False  # the pass tried something for it (a blocked path tries nothing)
+    failed: str | None = None  # why this pass's attempt failed
+    transient: bool = False  # ...because the CA did not answer (worth a retry soon)
+    hook_ok: bool | None = None  # its post-renewal command ran this pass: did it succeed
+    still_drifts: bool = False  # written this pass, yet the re-read disk still differs
+    # (dev, inode, size, mtime, ctime) of the files as the pass left them: --watch compares
+    # the events it gets against these, so its own writes do not wake it
+    stamps: tuple[tuple, tuple] = ((), ())
+    # from the status store
+    last_issued: str | None = None
+    last_hook: str | None = None
+    last_hook_at: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == READY
+
+    @property
+    def serving(self) -> bool:
+        return self.state in SERVING_STATES
+
+
+@dataclass(frozen=True)
+class PassOutcome:
+    """One pass (`result` set) or the read-only snapshot (`result` None). `plan` is the plan
+    the pass was given, as printed; the states are judged after it."""
+
+    certificates: tuple[CertOutcome, ...]
+    plan: Plan
+    result: "Result | None" = None
+    duration: float = 0.0
+    finished_at: float = 0.0  # Unix time
+
+    @property
+    def ok(self) -> bool:
+        return self.result is None or self.result.ok
+
+    @property
+    def changed(self) -> int:
+        """Certificates this pass changed anything of."""
+        return sum(1 for c in self.certificates if c.changed)
+
+    def failures(self) -> list[str]:
+        return self.result.failures() if self.result is not None else []
+
+    @property
+    def ready(self) -> int:
+        return sum(1 for c in self.certificates if c.ready)
+
+    @property
+    def all_serving(self) -> bool:
+        return all(c.serving for c in self.certificates)
+
+    @property
+    def recheck(self) -> bool:
+        """A file this pass wrote changed again before the pass ended."""
+        return any(c.still_drifts for c in self.certificates)
+
+    @property
+    def ca_unreachable(self) -> bool:
+        """The CA did not answer, and no certificate got through to it this pass."""
+        return any(c.transient for c in self.certificates) and not any(c.content_changed for c in self.certificates)
+
+    def next_renewal(self, after: datetime) -> datetime | None:
+        future = [c.renewal_at for c in self.certificates if c.renewal_at is not None and c.renewal_at > after]
+        return min(future) if future else None
+
+
+def outcome_of(
+    plan: Plan,
+    observed: dict,
+    records: dict[str, "CertRecord"],
+    owed: frozenset[str],
+    now: datetime,
+    result: "Result | None" = None,
+    after: dict[str, CertPlan] | None = None,
+    duration: float = 0.0,
+) -> PassOutcome:
+    """Each certificate's outcome from what the pass saw and did. `observed`: the disk as it
+    is now; `after`: the plans of what this pass wrote, made again from the re-read disk (a
+    certificate missing here is judged by `plan`, which nothing changed). `records`: the
+    status store's records; `owed`: names whose post-renewal command is owed."""
+    done = {c.name: c for c in result.certificates} if result is not None else {}
+    hooks: dict[str, bool] = {}
+    for h in result.hooks if result is not None else ():
+        for name in h.certificates:
+            hooks[name] = hooks.get(name, True) and h.ok
+    after = after or {}
+    certs = []
+    for p in plan.certificates:
+        name = p.cert.name
+        o = observed[name]
+        record = records.get(name)
+        now_plan = after.get(name, p)
+        ran = done.get(name)
+        certs.append(_cert_outcome(p.cert, now_plan, o, record, name in owed, now, ran, hooks.get(name), name in after))
+    return PassOutcome(tuple(certs), plan, result, duration, now.timestamp())
+
+
+def _cert_outcome(cert, plan: CertPlan, o, record, owed: bool, now: datetime, ran, hook_ok, rewritten: bool) -> CertOutcome:
+    actions = {a.action for a in plan.actions}
+    facts = o.cert
+    last_error = record.last_error if record is not None else None
+    written = ran is not None and ran.ok and bool(ran.actions)
+    return CertOutcome(
+        name=cert.name,
+        cert_path=str(cert.cert_path),
+        key_path=str(cert.key_path),
+        follow_symlinks=cert.allow_symlink,
+        sans=tuple(ordered(cert.sans)),
+        state=cert_state(plan, o, now, last_error, owed),
+        problem=plan.error or last_error or (plan.actions[0].reason if plan.actions else None),
+        not_after=facts.not_after if facts else None,
+        renewal_at=renewal_due_at(cert, facts.not_before, facts.not_after) if facts else None,
+        owner_ok=CHOWN not in actions,
+        mode_ok=CHMOD not in actions,
+        hook_owed=owed,
+        changed=tuple(ran.actions) if written else (),
+        content_changed=bool(ran is not None and ran.ok and ran.content_changed),
+        attempted=ran is not None and bool(ran.actions),
+        failed=(ran.error or "failed") if ran is not None and not ran.ok else None,
+        transient=bool(ran is not None and not ran.ok and ran.transient),
+        hook_ok=hook_ok,
+        still_drifts=written and rewritten and any(a.action != RUN_HOOK for a in plan.actions),
+        stamps=(o.cert_file.stamp, o.key_file.stamp),
+        last_issued=record.last_issued if record is not None else None,
+        last_hook=record.hook.result if record is not None and record.hook else None,
+        last_hook_at=record.hook.at if record is not None and record.hook else None,
+    )
