@@ -2,14 +2,16 @@
 per certificate, computed once. `reconcile status`, the CLI's summary, the metrics and
 `--watch` only read it; none of them re-derives a state, a deadline or a failure.
 
-A certificate's state is judged from the plan for the disk as it is now (after a pass:
-as re-read after the pass's writes) and the status store's record:
+A certificate's state is judged from the drift rows' readiness (diff.readiness, carried by
+each CertPlan) for the disk as it is now (after a pass: as re-read after the pass's
+writes) and the status store's record:
 
     error         the path cannot be managed, the last attempt failed, or the file holds
                   another certificate than the manifest asks for (the next pass reissues it)
-    missing       the certificate or key file is not there
-    hook pending  its post-renewal command still has to succeed
+    missing       the certificate or key file is not there (or cannot be read)
     expired       past notAfter
+    (the three above: not ready in the drift rows' sense, the certificate cannot serve)
+    hook pending  its post-renewal command still has to succeed
     renewal due   still valid, inside its renewal window: the next pass renews it
     repair due    the right certificate, but not the owner, mode, chain or CA file asked for
     ready         nothing left to do
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from reconciler.diff import CHMOD, CHOWN, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, renewal_due_at
+from reconciler.diff import CHMOD, CHOWN, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, Readiness
 from reconciler.plan import CertPlan, Plan
 from reconciler.sans import ordered
 
@@ -39,25 +41,27 @@ READY, RENEWAL_DUE, MISSING, EXPIRED, ERROR, HOOK_PENDING, REPAIR_DUE = (
 # "renewal due" is still valid, and a renewal that fails turns it into "error".
 SERVING_STATES = (READY, RENEWAL_DUE)
 REPAIRS = frozenset({CHOWN, CHMOD, REWRITE_CHAIN, WRITE_CA})
+FILE_ROWS = ("certificate_file", "key_file")  # the drift fields of a missing or unreadable file
 
 
-def cert_state(plan: CertPlan, observed, now: datetime, last_error: str | None, hook_owed: bool) -> str:
-    """The one place a certificate's state is decided (see the module's docstring)."""
-    actions = {a.action for a in plan.actions}
-    facts = observed.cert
-    if plan.error or last_error:
+def cert_state(readiness: Readiness, last_error: str | None, hook_owed: bool) -> str:
+    """The one place a certificate's state is decided (see the module's docstring), from the
+    drift rows' own judgement (diff.readiness) and the status store's."""
+    if last_error:
         return ERROR
-    if not observed.cert_file.present or not observed.key_file.present:
-        return MISSING
-    if RUN_HOOK in actions or hook_owed:
+    if not readiness.ready:
+        first = next((d for d in readiness.pending if d.unusable), None)
+        if first is None:
+            return ERROR  # a blocked path: nothing is done to it until an operator acts
+        if first.field in FILE_ROWS:
+            return MISSING
+        return EXPIRED if first.expired else ERROR  # otherwise present but not what is asked
+    pending = set(readiness.actions)
+    if RUN_HOOK in pending or hook_owed:
         return HOOK_PENDING
-    if facts is not None and now >= facts.not_after:
-        return EXPIRED
-    if RENEW in actions:
+    if RENEW in pending:
         return RENEWAL_DUE
-    if plan.content_action is not None:
-        return ERROR  # present but wrong: unparsable, mismatched, another identity
-    if actions & REPAIRS:
+    if pending & REPAIRS:
         # the right certificate, but a service reading the file (or the CA file) does not
         # see the owner, mode, chain or CA file the manifest asks for
         return REPAIR_DUE
@@ -176,13 +180,14 @@ def outcome_of(
         record = records.get(name)
         now_plan = after.get(name, p)
         ran = done.get(name)
-        certs.append(_cert_outcome(p.cert, now_plan, o, record, name in owed, now, ran, hooks.get(name), name in after))
+        certs.append(_cert_outcome(p.cert, now_plan, o, record, name in owed, ran, hooks.get(name), name in after))
     return PassOutcome(tuple(certs), plan, result, duration, now.timestamp())
 
 
-def _cert_outcome(cert, plan: CertPlan, o, record, owed: bool, now: datetime, ran, hook_ok, rewritten: bool) -> CertOutcome:
+def _cert_outcome(cert, plan: CertPlan, o, record, owed: bool, ran, hook_ok, rewritten: bool) -> CertOutcome:
     actions = {a.action for a in plan.actions}
-    facts = o.cert
+    judged = plan.readiness
+    assert judged is not None, "plan_cert judges every certificate it plans"
     last_error = record.last_error if record is not None else None
     written = ran is not None and ran.ok and bool(ran.actions)
     return CertOutcome(
@@ -191,10 +196,10 @@ def _cert_outcome(cert, plan: CertPlan, o, record, owed: bool, now: datetime, ra
         key_path=str(cert.key_path),
         follow_symlinks=cert.allow_symlink,
         sans=tuple(ordered(cert.sans)),
-        state=cert_state(plan, o, now, last_error, owed),
+        state=cert_state(judged, last_error, owed),
         problem=plan.error or last_error or (plan.actions[0].reason if plan.actions else None),
-        not_after=facts.not_after if facts else None,
-        renewal_at=renewal_due_at(cert, facts.not_before, facts.not_after) if facts else None,
+        not_after=judged.not_after,
+        renewal_at=judged.renewal_at,
         owner_ok=CHOWN not in actions,
         mode_ok=CHMOD not in actions,
         hook_owed=owed,
