@@ -291,7 +291,7 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def cmd_validate(args) -> int:
-    from reconciler.passes import load_desired
+    from reconciler.desired import load_desired
 
     # the issuer too: a first pass would stop on it, so validate says so before
     settings = settings_from(args)
@@ -312,7 +312,8 @@ def cmd_renew(args) -> int:
 
 
 def cmd_plan(args, forced=None) -> int:
-    from reconciler.passes import load_desired, snapshot
+    from reconciler.desired import load_desired
+    from reconciler.passes import snapshot
     from reconciler.render import dumps, plan_json, plan_text, use_colour
     from reconciler.status import read_only
 

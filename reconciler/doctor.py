@@ -72,10 +72,10 @@ def _hook_check(command: str) -> tuple[bool, str, str]:
 def run_doctor(settings) -> int:
     from reconciler.issuers import IssuerConfigError
     from reconciler.manifest import load
-    from reconciler.passes import load_desired
+    from reconciler.desired import load_desired
     from reconciler.render import plural
 
-    from reconciler.passes import resolve_issuer
+    from reconciler.desired import resolve_issuer
 
     checks: list[tuple[bool, str, str]] = []
     desired = None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reconciler import defaults
+from reconciler.desired import load_with_cache
 from reconciler.errors import ReconcilerError
 from reconciler.faults import fault_point
 from reconciler.issuers import Issuer, make_issuer
@@ -53,40 +54,6 @@ class Settings:
     # run post_renewal_commands as root even from a manifest another user can write
     allow_untrusted_manifest: bool = False
     ca_timeout: float | None = None  # seconds for one step-ca request; None: the issuer's default
-
-
-def load_desired(settings: Settings, save_cache: bool = False, raw: bytes | None = None) -> Desired:
-    """`raw`: the manifest's bytes as already read (--watch keeps exactly what it validated).
-    Raises ManifestError, or IssuerConfigError when it is not clear which CA is meant."""
-    desired, cache = _load(settings, raw, repair=save_cache)
-    if save_cache:
-        cache.save()
-    return desired
-
-
-def _load(settings: Settings, raw: bytes | None = None, repair: bool = False):
-    """(Desired with its issuer resolved, the validation cache still to be saved): an issuer
-    that cannot be resolved stops everything before the state folder is even created."""
-    from reconciler.folders import require_private
-    from reconciler.manifest import ValidationCache, build, load, parse_document
-
-    # its validation cache is read from the state folder: refuse one another user can change
-    require_private(settings.state_dir, "state folder")
-    cache = ValidationCache(settings.state_dir, repair=repair)  # repair: a damaged cache is set aside
-    if raw is None:
-        desired = load(settings.manifest, settings.state_dir, cache=cache)
-    else:
-        path = Path(os.path.abspath(settings.manifest))
-        desired = build(parse_document(raw, path), path, settings.state_dir, cache=cache)
-    return replace(desired, issuer=resolve_issuer(desired, settings.issuer_options)), cache
-
-
-def resolve_issuer(desired: Desired, options: IssuerOptions) -> IssuerSpec:
-    from reconciler.issuers.choice import choose_issuer
-
-    flags = {"url": options.url, "root": options.root, "fingerprint": options.fingerprint,
-             "provisioner": options.provisioner, "password_file": options.password_file}
-    return choose_issuer(desired.issuer, desired.manifest_path, options.issuer, flags)
 
 
 def trust_of(issuer: Issuer, spec: IssuerSpec) -> Trust:
@@ -181,7 +148,7 @@ def snapshot(
     `repair`: set a damaged cache aside (passes only: `--plan` and `status` never write)."""
     from reconciler.statefiles import check_state_dir
 
-    assert desired.issuer is not None, "load_desired resolves the issuer"
+    assert desired.issuer is not None, "desired.load_desired resolves the issuer"
     chosen = forced.chosen(desired) if forced is not None else None
     check_state_dir(settings.state_dir)
     issuer = make_issuer(desired.issuer, settings.state_dir, settings.ca_timeout)
@@ -287,7 +254,7 @@ def run_pass(
     if desired is None:
         # before the lock, which creates the state folder: a manifest whose CA is unclear
         # (or that is invalid) leaves no trace
-        desired, validation_cache = _load(settings, repair=True)
+        desired, validation_cache = load_with_cache(settings, repair=True)
     check_state_dir(settings.state_dir)
     with PassLock(settings.state_dir, settings.lock_timeout):
         # credentials a killed pass left in the private folder (step-ca mTLS): nobody but

@@ -3,41 +3,27 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from pathlib import Path
 
+from reconciler.desired import load_or_last_valid
 from reconciler.durations import format_duration
 from reconciler.outcome import READY, PassOutcome
-
-LAST_VALID = "last-valid-manifest.json"
-
+from reconciler.passes import assess, snapshot
+from reconciler.status import read_only
 
 def _desired(settings):
-    """The manifest as it is, or, when it is invalid, the last valid one `--watch` kept."""
-    from reconciler.manifest import ManifestError, build, parse_document
-    from reconciler.passes import load_desired, resolve_issuer
-    from reconciler.status import read_only
-
+    """The manifest as it is, or, when it is invalid, the last valid one `--watch` kept;
+    with why it is invalid, and the status store."""
     store = read_only(settings.state_dir)
-    try:
-        return load_desired(settings), None, store
-    except ManifestError as exc:
-        since = store.manifest.get("invalid_since") or datetime.now(timezone.utc).isoformat(timespec="seconds")
-        note = f"manifest invalid since {since}: {exc.issues[0]}"
-        kept = settings.state_dir / LAST_VALID
-        try:
-            desired = build(parse_document(kept.read_bytes(), kept), Path(settings.manifest).resolve())
-            from dataclasses import replace
-
-            return replace(desired, issuer=resolve_issuer(desired, settings.issuer_options)), note, store
-        except (OSError, ManifestError):
-            return None, note, store
+    desired, invalid = load_or_last_valid(settings)
+    if invalid is None:
+        return desired, None, store
+    since = store.manifest.get("invalid_since") or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return desired, f"manifest invalid since {since}: {invalid.issues[0]}", store
 
 
 def status_outcome(settings, now: datetime | None = None) -> tuple[PassOutcome | None, str | None, dict | None]:
     """(each certificate as it is, why the manifest is invalid or None, the issuer's summary
     or None). Reads only: the read-only snapshot and the status store."""
-    from reconciler.passes import assess, snapshot
-
     now = now or datetime.now(timezone.utc)
     desired, note, store = _desired(settings)
     if desired is None:

@@ -17,12 +17,15 @@ import json
 import logging
 import os
 import stat
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from reconciler.atomic import write_atomic
+from reconciler.desired import last_valid_path, load_desired, load_last_valid
+from reconciler.issuers import IssuerError
+from reconciler.manifest import MAX_MANIFEST_BYTES, ManifestError
 from reconciler.model import Desired
 
 log = logging.getLogger("reconciler.watch")
@@ -94,11 +97,9 @@ def describe_entry_change(old_source: str, new_source: str) -> list[str]:
 
 class ManifestTracker:
     def __init__(self, settings):
-        from reconciler.report import LAST_VALID
-
         self.settings = settings
         self.path = Path(os.path.abspath(settings.manifest))
-        self.copy_path = Path(settings.state_dir) / LAST_VALID
+        self.copy_path = last_valid_path(settings)
         self.desired: Desired | None = None  # the last valid manifest: what passes reconcile against
         self.sources: dict[str, str] = {}
         self.stamp: tuple | None = None  # the file as last read, valid or not
@@ -126,10 +127,6 @@ class ManifestTracker:
         """Look at the manifest again. Costs a stat when the file did not change (unless
         `force`). `final`: the burst of writes has settled, so a manifest that does not
         load is invalid; otherwise it is only "not ready yet"."""
-        from reconciler.issuers import IssuerError
-        from reconciler.manifest import MAX_MANIFEST_BYTES, ManifestError
-        from reconciler.passes import load_desired
-
         before = file_stamp(self.path)
         if not force and self.valid is not None and before == self.stamp:
             return Refresh(UNCHANGED)
@@ -174,21 +171,17 @@ class ManifestTracker:
 
     def _fall_back_to_copy(self) -> None:
         """At start with an invalid manifest: the copy kept by an earlier run, if it still loads."""
-        from reconciler.manifest import ManifestError, build, parse_document
-        from reconciler.passes import resolve_issuer
-
         try:
-            raw = self.copy_path.read_bytes()
-            desired = build(parse_document(raw, self.copy_path), self.path)
-            desired = replace(desired, issuer=resolve_issuer(desired, self.settings.issuer_options))
-        except (OSError, ManifestError, Exception) as exc:  # a damaged copy is no reason to stop
-            if not isinstance(exc, FileNotFoundError):
-                log.warning("cannot use the last valid copy %s: %s", self.copy_path, exc)
+            kept = load_last_valid(self.settings)
+        except Exception as exc:  # a damaged copy is no reason to stop
+            log.warning("cannot use the last valid copy %s: %s", self.copy_path, exc)
             return
-        self.desired = desired
-        self.sources = {c.name: c.source for c in desired.certificates}
-        self.valid_at = datetime.fromtimestamp(self.copy_path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
-        self._copy_digest = hashlib.sha256(raw).hexdigest()
+        if kept is None:
+            return
+        self.desired = kept.desired
+        self.sources = {c.name: c.source for c in kept.desired.certificates}
+        self.valid_at = kept.saved_at
+        self._copy_digest = kept.digest
         log.warning("using %s, the last valid manifest (saved %s), until the manifest is fixed", self.copy_path, self.valid_at)
 
     def _valid(self, desired: Desired, raw: bytes | None) -> Refresh:

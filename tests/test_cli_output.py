@@ -179,6 +179,26 @@ def test_status_exits_1_for_a_failed_issuance_and_an_owed_hook(site):
     assert status(m, state) == (1, {"a": "error"})
 
 
+def test_status_of_an_invalid_manifest_lists_the_last_valid_copy_and_says_why(site):
+    tmp, state, out = site
+    m = write_manifest(tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "a")]})
+    reconcile("-m", str(m), state_dir=state, check=0)
+    (state / "last-valid-manifest.json").write_bytes(m.read_bytes())  # as --watch keeps it
+    m.write_text('{"issuer": {"type": "local"}, "certificates": [{"name": 1}]}')
+    proc = reconcile("status", "-m", str(m), "--output", "json", state_dir=state)
+    no_traceback(proc)
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 1 and not doc["manifest_valid"]
+    assert doc["manifest_problem"].startswith("manifest invalid since ") and "certificates[0]" in doc["manifest_problem"]
+    assert [(c["name"], c["state"]) for c in doc["certificates"]] == [("a", "ready")]
+
+    (state / "last-valid-manifest.json").write_text("{ damaged")
+    proc = reconcile("status", "-m", str(m), "--output", "json", state_dir=state)
+    no_traceback(proc)
+    doc = json.loads(proc.stdout)
+    assert (proc.returncode, doc["certificates"]) == (1, []) and "certificates[0]" in doc["manifest_problem"]
+
+
 def test_status_help_documents_the_exit_codes(site):
     proc = reconcile("status", "--help", check=0)
     assert "Exit codes" in proc.stdout and "not ready" in proc.stdout

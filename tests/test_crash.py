@@ -256,7 +256,8 @@ def check_after_kill(site: Site, kind: str, old: dict, problems: list[str], figu
 
 
 def check_converged(site: Site, kind: str, hooks_before: list[int], problems: list[str], figures: dict, point: str) -> None:
-    from reconciler.passes import Settings, load_desired, snapshot
+    from reconciler.desired import load_desired
+    from reconciler.passes import Settings, snapshot
     from reconciler.status import StatusStore
 
     for folder in {p.parent for _w, _i, p in site.managed()} | {site.state, site.state / "cache"}:

@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.diff import CHMOD, CHOWN, ISSUE, REISSUE, RENEW, REWRITE_CHAIN, WRITE_CA
-from reconciler.passes import Settings, load_desired, run_pass, snapshot
+from reconciler.desired import load_desired
+from reconciler.passes import Settings, run_pass, snapshot
 from reconciler.render import plan_json, plan_text
 from reconciler.status import StatusStore
 

@@ -17,7 +17,8 @@ import pytest
 from helpers import load_cert
 from reconciler.diff import renewal_due_at
 from reconciler.outcome import ERROR, HOOK_PENDING, MISSING, READY
-from reconciler.passes import Settings, assess, load_desired, run_pass, snapshot
+from reconciler.desired import load_desired
+from reconciler.passes import Settings, assess, run_pass, snapshot
 from reconciler.status import read_only
 
 

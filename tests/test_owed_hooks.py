@@ -103,7 +103,8 @@ def sequences() -> list[tuple[str, ...]]:
 
 
 def test_an_owed_hook_survives_every_sequence_of_up_to_three_kills(tmp_path, capsys):
-    from reconciler.passes import Settings, load_desired, snapshot
+    from reconciler.desired import load_desired
+    from reconciler.passes import Settings, snapshot
     from reconciler.status import StatusStore
 
     site = Site(tmp_path / "site")
