@@ -19,6 +19,7 @@ from reconciler.deploy import deploy
 from reconciler.faults import fault_point
 from reconciler.hooks import HookOutcome, run_hook
 from reconciler.issuers import Issuer, IssuerError
+from reconciler.model import Written
 from reconciler.plan import CertPlan, HookRun, Plan
 from reconciler.targets import DeployError, os_error
 
@@ -33,6 +34,7 @@ class CertResult:
     error: str | None = None
     content_changed: bool = False
     transient: bool = False
+    written: Written | None = None  # the new certificate and key, parsed (re-observation reuses it)
 
 
 @dataclass
@@ -137,8 +139,8 @@ def _deploy_one(p: CertPlan, ctx: ApplyContext, pending_dirs: set[Path]) -> Cert
     cert = p.cert
     names = tuple(a.action for a in p.actions)
     try:
-        changed = deploy(p, ctx.issuer, pending_dirs, ctx.manager)
-        return CertResult(cert.name, names, True, content_changed=changed)
+        changed, written = deploy(p, ctx.issuer, pending_dirs, ctx.manager)
+        return CertResult(cert.name, names, True, content_changed=changed, written=written)
     except IssuerError as exc:
         return CertResult(cert.name, names, False, str(exc), transient=exc.transient)
     except DeployError as exc:

@@ -13,22 +13,22 @@ from cryptography.hazmat.primitives import serialization
 from reconciler.crypto import cert_sans, fingerprint, generate_key, key_to_pem, load_key, same_public_key
 from reconciler.diff import CHMOD, CHOWN, RENEW, REWRITE_CHAIN, WRITE_CA
 from reconciler.folders import Folder
-from reconciler.issuers import IssueRequest, Issuer, IssuerError
-from reconciler.model import CA_MODE, DesiredCert
-from reconciler.observe import key_type_of
+from reconciler.issuers import Issued, IssueRequest, Issuer, IssuerError
+from reconciler.model import CA_MODE, DesiredCert, Written
+from reconciler.observe import key_type_of, public_key_id
 from reconciler.plan import Action, CertPlan
 from reconciler.sans import ordered
 from reconciler.targets import DeployError, Targets, fix_metadata, open_target, os_error, read
 
 
-def deploy(cert_plan: CertPlan, issuer: Issuer, pending_dirs: set[Path] | None, manager: str | None) -> bool:
-    """Carry out `cert_plan`; True when a file's content changed. Raises DeployError,
-    IssuerError or OSError. `manager`: our state folder's identity (reconciler.managed),
-    marked on every file written; a file marked by another state folder is refused."""
+def deploy(cert_plan: CertPlan, issuer: Issuer, pending_dirs: set[Path] | None, manager: str | None) -> tuple[bool, Written | None]:
+    """Carry out `cert_plan`: (whether a file's content changed, the new certificate and key
+    as written, already parsed). Raises DeployError, IssuerError or OSError. `manager`: our
+    state folder's identity (reconciler.managed), marked on every file written; a file
+    marked by another state folder is refused."""
     cert = cert_plan.cert
     if cert_plan.content_action is not None:
-        _deploy_content(cert, cert_plan.content_action.action, issuer, pending_dirs, manager)
-        return True
+        return True, _deploy_content(cert, cert_plan.content_action.action, issuer, pending_dirs, manager)
     kinds = {a.action: a for a in cert_plan.actions}
     files = []
     if REWRITE_CHAIN in kinds:
@@ -40,10 +40,10 @@ def deploy(cert_plan: CertPlan, issuer: Issuer, pending_dirs: set[Path] | None, 
             targets.write(files, pending_dirs)
     if CHOWN in kinds or CHMOD in kinds:
         fix_metadata(cert, CHOWN in kinds, CHMOD in kinds, manager)
-    return bool(files)
+    return bool(files), None
 
 
-def _deploy_content(cert: DesiredCert, action: str, issuer: Issuer, pending_dirs: set[Path] | None, manager: str | None) -> None:
+def _deploy_content(cert: DesiredCert, action: str, issuer: Issuer, pending_dirs: set[Path] | None, manager: str | None) -> Written:
     with Targets(cert, manager) as targets:
         # every target is checked before the CA is asked: a folder, an immutable file or
         # another state folder's file fails here, with nothing issued and nothing replaced
@@ -60,16 +60,33 @@ def _deploy_content(cert: DesiredCert, action: str, issuer: Issuer, pending_dirs
             issued = issuer.renew(request, key, read(*old_cert), current)
         else:
             issued = issuer.issue(request, key)
-        _check_issued(cert, key, issued.leaf_pem)
-        body = issued.leaf_pem.rstrip(b"\n") + b"\n"
-        if cert.include_ca and issued.chain_pem:
-            body += issued.chain_pem.rstrip(b"\n") + b"\n"
+        leaf = _check_issued(cert, key, issued.leaf_pem)
+        written = _as_written(cert, leaf, issued, None if reuse else key)
         # key first, then certificate: a crash in between shows as a key mismatch next pass
-        files = [] if reuse else [("key", cert.key_path, key_to_pem(key), cert.key_mode)]
-        files.append(("cert", cert.cert_path, body, cert.cert_mode))
+        files = [] if written.key_pem is None else [("key", cert.key_path, written.key_pem, cert.key_mode)]
+        files.append(("cert", cert.cert_path, written.cert_pem, cert.cert_mode))
         if cert.ca_path is not None and issued.root_pem:
             files.append(("ca", cert.ca_path, issued.root_pem, CA_MODE))
         targets.write(files, pending_dirs)
+        return written
+
+
+def _as_written(cert: DesiredCert, leaf: x509.Certificate, issued: Issued, new_key) -> Written:
+    """The certificate file's bytes (the leaf, then the chain with include_ca) and the new
+    key's, with the parse the re-observation of this pass reuses. The signer is the chain's
+    certificate named as the leaf's issuer: the issuer verified that signature."""
+    try:
+        chain = x509.load_pem_x509_certificates(issued.chain_pem) if issued.chain_pem.strip() else []
+    except ValueError:
+        raise IssuerError("the CA returned a chain that is not PEM certificates", hint="check the CA's logs") from None
+    signer = next((fingerprint(c) for c in chain if c.subject == leaf.issuer), None)
+    body = issued.leaf_pem.rstrip(b"\n") + b"\n"
+    if cert.include_ca and chain:
+        body += issued.chain_pem.rstrip(b"\n") + b"\n"
+    certs = (leaf, *chain) if cert.include_ca else (leaf,)
+    if new_key is None:
+        return Written(body, certs, signer=signer)
+    return Written(body, certs, key_to_pem(new_key), public_key_id(new_key.public_key()), signer)
 
 
 def _current_key(cert: DesiredCert, action: str, key_file: tuple[Folder, str] | None):
@@ -83,8 +100,9 @@ def _current_key(cert: DesiredCert, action: str, key_file: tuple[Folder, str] | 
         return None
 
 
-def _check_issued(cert: DesiredCert, key, leaf_pem: bytes) -> None:
-    """Never deploy what we did not ask for: the CA's answer must carry our key and our names."""
+def _check_issued(cert: DesiredCert, key, leaf_pem: bytes) -> x509.Certificate:
+    """Never deploy what we did not ask for: the CA's answer must carry our key and our
+    names. Returns the leaf, parsed."""
     try:
         leaf = x509.load_pem_x509_certificates(leaf_pem)[0]
     except ValueError:
@@ -97,6 +115,7 @@ def _check_issued(cert: DesiredCert, key, leaf_pem: bytes) -> None:
         raise IssuerError(f"the CA returned a certificate whose SANs do not parse: {exc}", hint="check the CA's logs") from None
     if got != cert.sans:
         raise IssuerError(f"the CA returned a certificate for other SANs ({', '.join(sorted(got))}) than requested", hint="check the CA's policy for this provisioner")
+    return leaf
 
 
 def _rewritten_chain(cert: DesiredCert, action: Action, issuer: Issuer) -> bytes:

@@ -180,3 +180,18 @@ class Observed:
     @property
     def key_matches(self) -> bool:
         return self.cert is not None and self.key_public_id is not None and self.cert.public_key_id == self.key_public_id
+
+
+@dataclass(frozen=True)
+class Written:
+    """What apply wrote for one certificate, parsed once there. Re-observing a file whose
+    bytes are exactly `cert_pem` (or `key_pem`) reuses that parse instead of a second one;
+    a file changed since is read and parsed as any other. `signer`: the fingerprint of the
+    certificate that signed the leaf, whose signature the issuer verified before it answered
+    (the Issuer protocol), so it is not checked twice."""
+
+    cert_pem: bytes
+    certs: tuple = field(repr=False)  # the x509 leaf and the chain after it, as in cert_pem
+    key_pem: bytes | None = field(default=None, repr=False)  # None: the key on disk was kept
+    key_id: str | None = None
+    signer: str | None = None

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from reconciler.model import CertFacts, DesiredCert, FileState, Observed
+from reconciler.model import CertFacts, DesiredCert, FileState, Observed, Written
 
 CACHE_VERSION = 4  # 3: SANs read typed (a dNSName that spells an address is no IP SAN); 4: usages, chains, CA files
 
@@ -118,7 +118,8 @@ def public_key_id(public_key) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def parse_cert(data: bytes, trust: Trust) -> tuple[CertFacts | None, str | None]:
+def parse_cert(data: bytes, trust: Trust, written: Written | None = None) -> tuple[CertFacts | None, str | None]:
+    """`written`: what apply just wrote; bytes equal to it are not parsed again."""
     from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.x509.oid import NameOID
@@ -127,8 +128,9 @@ def parse_cert(data: bytes, trust: Trust) -> tuple[CertFacts | None, str | None]
 
     if len(data) > 1024 * 1024:
         return None, "file is larger than 1 MiB; not a certificate"
+    ours = written is not None and data == written.cert_pem
     try:
-        certs = x509.load_pem_x509_certificates(data)
+        certs = list(written.certs) if ours else x509.load_pem_x509_certificates(data)  # type: ignore[union-attr]
     except ValueError:
         return None, "not a PEM X.509 certificate"
     leaf = certs[0]
@@ -136,7 +138,7 @@ def parse_cert(data: bytes, trust: Trust) -> tuple[CertFacts | None, str | None]
         cn_attrs = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         cn = str(cn_attrs[0].value) if cn_attrs else None
         public_key = leaf.public_key()
-        issued_by, issuer_chain, signer_not_after = _issuer_path(leaf, certs[1:], trust)
+        issued_by, issuer_chain, signer_not_after = _issuer_path(leaf, certs[1:], trust, written.signer if ours else None)  # type: ignore[union-attr]
         facts = CertFacts(
             common_name=cn,
             sans=cert_sans(leaf),  # the same canonical form as a desired SAN set
@@ -171,16 +173,17 @@ def _usages(leaf) -> frozenset[str]:
     return frozenset(names[u] for u in ekus if u in names)
 
 
-def _issuer_path(leaf, chain: list, trust: Trust) -> tuple[str | None, tuple[str, ...] | None, datetime | None]:
+def _issuer_path(leaf, chain: list, trust: Trust, signer: str | None = None) -> tuple[str | None, tuple[str, ...] | None, datetime | None]:
     """(fingerprint of the trust certificate `leaf` chains to, directly or through `chain`;
     the issuer's intermediates from the leaf up to its root, as fingerprints; when the
     certificate that signed the leaf expires). The chain is built from the issuer's own
-    certificates, never from the file: it is what the file should hold with include_ca."""
+    certificates, never from the file: it is what the file should hold with include_ca.
+    `signer`: the anchor whose signature on `leaf` the issuer already verified."""
     from reconciler.crypto import issued_by
 
     anchors = list(zip(trust.certs, trust.fingerprints))
     for anchor, fp in anchors:
-        if issued_by(leaf, anchor):
+        if (fp == signer and leaf.issuer == anchor.subject) or issued_by(leaf, anchor):
             if fp not in trust.paths:
                 trust.paths[fp] = _up_to_root(anchor, fp, anchors)
             return fp, trust.paths[fp], anchor.not_valid_after_utc
@@ -314,10 +317,12 @@ def _folders_problem(cert: DesiredCert, memo: dict | None) -> str | None:
 
 
 def observe(
-    cert: DesiredCert, trust: Trust, cache: "ObservationCache | None" = None, folders: dict | None = None, manager: str | None = None
+    cert: DesiredCert, trust: Trust, cache: "ObservationCache | None" = None, folders: dict | None = None, manager: str | None = None,
+    written: Written | None = None,
 ) -> Observed:
     """`folders`: a memo of folder checks shared by the certificates of one pass.
-    `manager`: our state folder's identity; files another one manages are a problem."""
+    `manager`: our state folder's identity; files another one manages are a problem.
+    `written`: what apply just wrote there (files still holding it are not parsed again)."""
     follow = cert.allow_symlink
     cert_file = stat_file(cert.cert_path, follow)
     key_file = stat_file(cert.key_path, follow)
@@ -333,13 +338,14 @@ def observe(
         if err:
             cert_file = FileState("unreadable", cert_file.uid, cert_file.gid, cert_file.mode, err, cert_file.stamp)
         else:
-            facts, cert_error = parse_cert(data, trust)
+            facts, cert_error = parse_cert(data, trust, written)
     if key_file.present:
         data, err = _read(cert.key_path)
         if err:
             key_file = FileState("unreadable", key_file.uid, key_file.gid, key_file.mode, err, key_file.stamp)
         else:
-            key_id, key_error = parse_key(data)
+            ours = written is not None and written.key_pem == data
+            key_id, key_error = (written.key_id, None) if ours else parse_key(data)  # type: ignore[union-attr]
     chains = None
     if facts is not None:
         if facts.issued_by is not None:
@@ -403,9 +409,13 @@ def unknown_chain_certificates(certs, observed: dict[str, Observed], trust: Trus
     return [c for fp, c in found.items() if fp not in known]
 
 
-def observe_all(certs, trust: Trust, cache: "ObservationCache | None" = None, manager: str | None = None) -> dict[str, Observed]:
+def observe_all(
+    certs, trust: Trust, cache: "ObservationCache | None" = None, manager: str | None = None, written: dict[str, Written] | None = None
+) -> dict[str, Observed]:
+    """`written`: by certificate name, what this pass's apply wrote (see observe)."""
     folders: dict = {}
-    return {c.name: observe(c, trust, cache, folders, manager) for c in certs}
+    written = written or {}
+    return {c.name: observe(c, trust, cache, folders, manager, written.get(c.name)) for c in certs}
 
 
 def _foreign_problem(cert: DesiredCert, cert_file: FileState, key_file: FileState, manager: str | None) -> str | None:

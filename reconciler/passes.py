@@ -306,7 +306,8 @@ def _reobserve(settings: Settings, snap: Snapshot, result, status: "StatusStore"
     fault_point("before_reobserve")  # --watch race tests change a file here
     trust = trust_of(snap.issuer, snap.desired.issuer)
     certs = [c for c in snap.desired.certificates if c.name in written]
-    snap.observed.update(observe_all(certs, trust, snap.cache, manager=identity(settings.state_dir)))
+    parsed = {c.name: c.written for c in result.certificates if c.written is not None}  # not parsed twice
+    snap.observed.update(observe_all(certs, trust, snap.cache, manager=identity(settings.state_dir), written=parsed))
     owed = status.hooks_pending(_serials(snap.observed))
     now = datetime.now(timezone.utc)
     return {c.name: plan_cert(c, snap.observed[c.name], now, c.name in owed, snap.issuer_unknown) for c in certs}

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import stat
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from fakes import InProcessPass, desired_from
 from reconciler.atomic import CommitRefused, Transaction
 from reconciler.folders import open_folder
 from reconciler.issuers import IssuerError
+from reconciler.observe import Trust, observe
 
 
 def entry(out: Path, name: str, **extra) -> dict:
@@ -137,6 +139,25 @@ def test_renewal_with_rotation_never_keeps_the_key_and_replaces_only_the_certifi
     assert [a.action for a in plan.certificates[0].actions] == ["renew"]
     assert result.ok and (out / "a.key").read_bytes() == key
     assert x509.load_pem_x509_certificates((out / "a.crt").read_bytes())[0].serial_number != serial
+
+
+@pytest.mark.parametrize("include_ca", [False, True])
+def test_re_observing_what_apply_wrote_reuses_its_parse_with_the_same_facts_and_sees_a_later_change(site, include_ca):
+    tmp, out, run = site
+    desired = desired_from(tmp, [entry(out, "a", include_ca=include_ca), entry(out, "b")])
+    _plan, result, _status = run.run(desired)
+    written = result.certificates[0].written
+    assert written is not None and written.cert_pem == (out / "a.crt").read_bytes()
+    cert, trust = desired.certificates[0], Trust.of(run.issuer.trust_roots(), authoritative=True)
+    fresh = observe(cert, trust)
+    assert fresh.cert.issued_by is not None and fresh.key_matches
+    assert observe(cert, trust, written=written) == fresh
+    # and it is not parsed again: facts come from what apply parsed (here swapped to show it)
+    other = x509.load_pem_x509_certificates((out / "b.crt").read_bytes())[0]
+    assert observe(cert, trust, written=replace(written, certs=(other,))).cert.common_name == "b.example"
+    # someone puts another certificate there after the pass wrote it: that one is read
+    (out / "a.crt").write_bytes((out / "b.crt").read_bytes())
+    assert observe(cert, trust, written=written).cert.common_name == "b.example"
 
 
 def test_a_refused_rename_puts_the_files_already_replaced_back(tmp_path):
