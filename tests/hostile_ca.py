@@ -74,6 +74,27 @@ def pem(cert) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def jwk_provisioner(name: str, password: str, kid: str = "test-kid"):
+    """(the provisioner's entry as step-ca lists it, its private JWK): an EC P-256 key
+    encrypted with `password` the way `step ca provisioner add --create` does."""
+    from jwcrypto import jwa, jwe, jwk
+
+    key = jwk.JWK.generate(kty="EC", crv="P-256", kid=kid, alg="ES256")
+    before = jwa.default_max_pbkdf2_iterations
+    jwa.default_max_pbkdf2_iterations = 100_000
+    try:
+        token = jwe.JWE(
+            key.export_private().encode(),
+            json.dumps({"alg": "PBES2-HS256+A128KW", "enc": "A256GCM", "p2c": 100_000, "cty": "jwk+json"}),
+        )
+        token.add_recipient(jwk.JWK.from_password(password))
+        encrypted = token.serialize(compact=True)
+    finally:
+        jwa.default_max_pbkdf2_iterations = before
+    entry = {"type": "JWK", "name": name, "key": json.loads(key.export_public()), "encryptedKey": encrypted}
+    return entry, key
+
+
 
 
 class HostileCA:
@@ -85,8 +106,6 @@ class HostileCA:
     answer and never finishes it). `clock_offset`: how far its Date header is off."""
 
     def __init__(self, tmp_path: Path):
-        from jwcrypto import jwa, jwe, jwk
-
         self.ca_cert, self.ca_key = make_ca("hostile test root")
         server_key = ec_key()
         server_cert = sign_leaf(self.ca_cert, self.ca_key, server_key.public_key(), "127.0.0.1", ["localhost"], ["127.0.0.1"])
@@ -99,30 +118,14 @@ class HostileCA:
         )
         self.password_file = tmp_path / "hostile-password"
         self.password_file.write_text("hostile-secret\n")
-        provisioner_key = jwk.JWK.generate(kty="EC", crv="P-256", kid="hostile-kid", alg="ES256")
-        before = jwa.default_max_pbkdf2_iterations
-        jwa.default_max_pbkdf2_iterations = 100_000
-        try:
-            token = jwe.JWE(
-                provisioner_key.export_private().encode(),
-                json.dumps({"alg": "PBES2-HS256+A128KW", "enc": "A256GCM", "p2c": 100_000, "cty": "jwk+json"}),
-            )
-            token.add_recipient(jwk.JWK.from_password("hostile-secret"))
-            encrypted = token.serialize(compact=True)
-        finally:
-            jwa.default_max_pbkdf2_iterations = before
         self.password = "hostile-secret"
+        entry, provisioner_key = jwk_provisioner("admin", self.password, kid="hostile-kid")
         # what only a successful decryption gives: the secret half of the provisioner key
         self.provisioner_secret = json.loads(provisioner_key.export_private())["d"]
         # two pages, so that finding "admin" means following nextCursor
         self.pages = {
             "": {"provisioners": [{"type": "ACME", "name": "acme"}], "nextCursor": "page-2"},
-            "page-2": {
-                "provisioners": [
-                    {"type": "JWK", "name": "admin", "key": json.loads(provisioner_key.export_public()), "encryptedKey": encrypted}
-                ],
-                "nextCursor": "",
-            },
+            "page-2": {"provisioners": [entry], "nextCursor": ""},
         }
         self.mode = "ok"
         self.clock_offset = timedelta(0)
