@@ -30,10 +30,10 @@ from stepca_ca import build_harness, start_ca  # noqa: E402
 # stderr line, so stdout stays the CLI's own.
 LAUNCHER = r"""
 import json, sys, threading, time
-import reconciler.issuers.stepca as stepca
+import reconciler.issuers.stepca_provisioner as provisioner
 counts = {"decrypt": 0, "decrypt_seconds": 0.0, "provisioner_listings": 0}
 lock = threading.Lock()
-real_decrypt, real_list = stepca.decrypt_provisioner_key, stepca.StepCA._provisioners
+real_decrypt, real_list = provisioner.decrypt_provisioner_key, provisioner.Provisioner.listing
 def decrypt(*a, **k):
     t = time.perf_counter()
     try:
@@ -46,7 +46,7 @@ def listing(self):
     with lock:
         counts["provisioner_listings"] += 1
     return real_list(self)
-stepca.decrypt_provisioner_key, stepca.StepCA._provisioners = decrypt, listing
+provisioner.decrypt_provisioner_key, provisioner.Provisioner.listing = decrypt, listing
 from reconciler.cli import main
 try:
     code = main(sys.argv[1:])

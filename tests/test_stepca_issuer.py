@@ -23,19 +23,20 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from reconciler.issuers import IssueRequest, IssuerError
-from reconciler.issuers.stepca import (
-    StepCA,
-    build_csr,
-    doctor_checks,
-    resolve_spec,
-    spec_from_options,
-)
+from reconciler.issuers.stepca import StepCA, build_csr
+from reconciler.issuers.stepca_config import resolve_spec, spec_from_options
 from reconciler.model import IssuerSpec, KeySpec
 
 from hostile_ca import HostileCA as _Hostile, ec_key, make_ca, pem, sign_leaf
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def doctor_checks(spec: IssuerSpec, state_dir) -> list:
+    """`reconcile doctor`'s checks of a step-ca issuer: the issuer's own diagnose()."""
+    with StepCA(spec, state_dir) as ca:
+        return ca.diagnose()
 
 
 def request_for(common_name: str, *sans: str, duration=timedelta(hours=1), cert_type="server", name=None) -> IssueRequest:
@@ -254,7 +255,7 @@ def test_server_errors_are_transient_and_quote_the_ca(hostile, tmp_path):
 def test_stalled_server_times_out_within_the_configured_deadline(hostile, tmp_path):
     hostile.mode = "stall"
     ca = StepCA(hostile.spec(), tmp_path / "state", connect_timeout=1, read_timeout=1)
-    ca._provisioner_key()  # decrypting the key is not part of the deadline under test
+    ca.provisioner.key()  # decrypting the key is not part of the deadline under test
     started = time.monotonic()
     with pytest.raises(IssuerError, match=r"did not answer POST /1.0/sign within 1s") as err:
         ca.issue(request_for("svc.test", "127.0.0.9"), ec_key())
@@ -265,17 +266,17 @@ def test_stalled_server_times_out_within_the_configured_deadline(hostile, tmp_pa
 
 
 def test_the_provisioner_key_is_decrypted_once_per_instance_even_when_concurrent(hostile, tmp_path, monkeypatch):
-    from reconciler.issuers import stepca
+    from reconciler.issuers import stepca_provisioner
 
     calls = []
-    real = stepca.decrypt_provisioner_key
+    real = stepca_provisioner.decrypt_provisioner_key
 
     def counting(*args):
         calls.append(1)
         time.sleep(0.2)
         return real(*args)
 
-    monkeypatch.setattr(stepca, "decrypt_provisioner_key", counting)
+    monkeypatch.setattr(stepca_provisioner, "decrypt_provisioner_key", counting)
     ca = StepCA(hostile.spec(), tmp_path / "state")
     errors = []
 

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from reconciler.defaults import CA_CONNECT_TIMEOUT
 from reconciler.errors import ReconcilerError
+from reconciler.folders import private_folder_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
+    from reconciler.checks import Check
     from reconciler.model import IssuerSpec, KeySpec
 
 
@@ -96,15 +98,19 @@ class Issuer(Protocol):
         """The root certificate `ca_path` files hold (PEM). May set the issuer up as its
         first issuance would: create the embedded CA, fetch a step-ca root by fingerprint."""
 
+    def diagnose(self) -> "list[Check]":
+        """`reconcile doctor`'s checks of this issuer, in dependency order, each with a hint
+        when it fails. Reads only: creates no CA, asks a CA for no certificate."""
+
     def close(self) -> None: ...
 
 
 def make_issuer(spec: "IssuerSpec", state_dir: Path, timeout: float | None = None) -> Issuer:
     """`timeout`: seconds a step-ca request may take in all (connect at most 5 of them)."""
+    # the implementations are imported when chosen: they import this module for the shared
+    # types, and step-ca's pulls in httpx and jwcrypto, which an embedded-CA host never needs
     if spec.type == "local":
         from reconciler.issuers.local import LocalCA
-
-        from reconciler.folders import private_folder_problem
 
         folder = spec.dir if spec.dir else state_dir / "ca"
         # its keys sign and its root is written into every ca_path: nobody else may swap it

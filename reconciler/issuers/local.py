@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from reconciler.atomic import write_atomic
+from reconciler.checks import Check, writable_folder
 from reconciler.crypto import cert_sans, extended_key_usage, general_names, key_to_pem, same_public_key, signing_hash
 from reconciler.durations import format_duration
 from reconciler.issuers import IssueRequest, Issued, IssuerError
@@ -67,6 +68,15 @@ class LocalCA:
         except IssuerError as exc:
             return exc
         return None
+
+    def diagnose(self) -> list[Check]:
+        problem = self.check()
+        if problem is not None:
+            return [Check(False, problem.message, problem.hint)]
+        if self.exists():
+            return [Check(True, f"embedded CA in {self.folder} is present (keys match, the chain verifies, valid now)")]
+        can = writable_folder(self.folder, "embedded CA folder")
+        return [can._replace(what=f"embedded CA in {self.folder} will be created on the first pass") if can.ok else can]
 
     def root_pem(self) -> bytes:
         return self._ensure()[3]

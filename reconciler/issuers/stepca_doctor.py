@@ -1,120 +1,131 @@
-"""`reconcile doctor`'s checks of a step-ca issuer, in dependency order."""
+"""`StepCA.diagnose()`: `reconcile doctor`'s checks of a step-ca issuer, in dependency order.
+
+Configuration, DNS, TCP, TLS against the trust root, then the CA's health, the provisioner,
+the password file and whether it decrypts the provisioner's key. A check whose prerequisite
+failed is not run; the password file, a local matter, is checked regardless. Only the
+client's public parts are used.
+"""
 
 from __future__ import annotations
 
 import socket
 import ssl
-from pathlib import Path
+from typing import TYPE_CHECKING, Callable, TypeVar
 
+from reconciler.checks import Check
 from reconciler.issuers import IssuerError
-from reconciler.issuers.stepca_config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
-from reconciler.model import IssuerSpec
 
-def doctor_checks(
-    spec: IssuerSpec, state_dir: Path, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-    read_timeout: float = DEFAULT_READ_TIMEOUT,
-) -> list[tuple[bool, str, str]]:
-    """(ok, what was checked, hint) for `reconcile doctor`, in dependency order.
+if TYPE_CHECKING:  # pragma: no cover
+    from reconciler.issuers.stepca import StepCA
 
-    A check whose prerequisite failed is not run; the password file is checked regardless.
-    """
-    from reconciler.issuers.stepca import StepCA, decrypt_provisioner_key  # the client, at call time
+T = TypeVar("T")
 
-    results: list[tuple[bool, str, str]] = []
-    ca = StepCA(spec, state_dir, connect_timeout=connect_timeout, read_timeout=read_timeout)
 
-    def ok(what: str) -> None:
-        results.append((True, what, ""))
+def diagnose(ca: "StepCA") -> list[Check]:
+    results: list[Check] = []
+    prerequisites: tuple[Callable[["StepCA"], Check | None], ...] = (_configured, _dns, _tcp, _tls)
+    for step in prerequisites:
+        check = step(ca)
+        if check is not None:
+            results.append(check)
+            if not check.ok:
+                return results + [_password(ca)[0]]
+    results.append(_health(ca))
+    found, entry = _provisioner(ca)
+    results.append(found)
+    password_check, password = _password(ca)
+    if entry is None:
+        return results + [password_check]
+    results.append(password_check)
+    if password is not None:
+        results.append(_decrypts(ca, entry, password))
+    return results
 
-    def fail(what: str, hint: str) -> None:
-        results.append((False, what, hint))
 
-    def password_check() -> bytes | None:
-        try:
-            password = ca._read_password()
-        except IssuerError as exc:
-            fail(exc.args[0], exc.hint)
-            return None
-        ok(f"password file {spec.password_file} is readable")
-        return password
+def _failed(exc: IssuerError, prefix: str = "") -> Check:
+    return Check(False, prefix + exc.message, exc.hint)
 
+
+def _configured(ca: "StepCA") -> Check | None:
     try:
-        try:
-            ca._check_configured()
-        except IssuerError as exc:
-            fail(exc.args[0], exc.hint)
-            password_check()
-            return results
-        host, port = ca.host, ca.port
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            addresses = sorted({i[4][0] for i in infos})
-            ok(f"DNS: {host} resolves to {', '.join(addresses)}")
-        except OSError as exc:
-            fail(f"DNS: {host} cannot be resolved ({exc})", f"check the host name in {spec.where('url')} and this host's DNS")
-            password_check()
-            return results
-        try:
-            with socket.create_connection((host, port), timeout=connect_timeout):
-                pass
-            ok(f"TCP: connected to {ca.hostport}")
-        except OSError as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            fail(
-                f"TCP: cannot connect to {ca.hostport} ({reason})",
-                f"check the CA container/service is running and the firewall allows port {port}",
-            )
-            password_check()
-            return results
-        try:
-            ctx = ca._ssl_context()
-            with socket.create_connection((host, port), timeout=connect_timeout) as sock:
-                sock.settimeout(read_timeout)
-                with ctx.wrap_socket(sock, server_hostname=host) as tls:
-                    version = tls.version()
-            ok(f"TLS: {ca.hostport} verified against root {ca._root_description()} ({version})")
-        except IssuerError as exc:
-            fail(f"TLS: {exc.args[0]}", exc.hint)
-            password_check()
-            return results
-        except ssl.SSLCertVerificationError as exc:
-            fail(
-                f"TLS: verification of {ca.hostport} failed against root {ca._root_description()}: "
-                f"{exc.verify_message or exc}",
-                "that root (or fingerprint) is not this CA's: fetch the right one with `step ca root`",
-            )
-            password_check()
-            return results
-        except (OSError, ssl.SSLError) as exc:
-            fail(f"TLS: handshake with {ca.hostport} failed: {exc}", "check that the port is step-ca's HTTPS port")
-            password_check()
-            return results
-        try:
-            _, data = ca._call("GET", "/health", what="checking health")
-            status = data.get("status") if isinstance(data, dict) else None
-            if status == "ok":
-                ok(f"health: GET {ca.url}/health says ok")
-            else:
-                said = f"says {status!r}" if status is not None else "gives no status"
-                fail(f"health: GET {ca.url}/health {said}", "see the step-ca log")
-        except IssuerError as exc:
-            fail(f"health: {exc.args[0]}", exc.hint)
-        try:
-            provisioner = ca._find_provisioner()
-            ok(f"provisioner '{spec.provisioner}' ({provisioner.get('type') or 'type not given'}) is present")
-        except IssuerError as exc:
-            fail(exc.args[0], exc.hint)
-            password_check()
-            return results
-        password = password_check()
-        if password is not None:
-            try:
-                decrypt_provisioner_key(
-                    provisioner.get("encryptedKey") or "", password, str(spec.provisioner), str(spec.password_file)
-                )
-                ok(f"the password in {spec.password_file} decrypts the key of provisioner '{spec.provisioner}'")
-            except IssuerError as exc:
-                fail(exc.args[0], exc.hint)
-        return results
-    finally:
-        ca.close()
+        ca.check_configured()
+    except IssuerError as exc:
+        return _failed(exc)
+    return None
+
+
+def _dns(ca: "StepCA") -> Check:
+    host, port = ca.transport.host, ca.transport.port
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return Check(False, f"DNS: {host} cannot be resolved ({exc})", f"check the host name in {ca.spec.where('url')} and this host's DNS")
+    addresses = sorted({str(i[4][0]) for i in infos})
+    return Check(True, f"DNS: {host} resolves to {', '.join(addresses)}")
+
+
+def _tcp(ca: "StepCA") -> Check:
+    t = ca.transport
+    try:
+        with socket.create_connection((t.host, t.port), timeout=t.connect_timeout):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        return Check(False, f"TCP: cannot connect to {t.hostport} ({reason})",
+                     f"check the CA container/service is running and the firewall allows port {t.port}")
+    return Check(True, f"TCP: connected to {t.hostport}")
+
+
+def _tls(ca: "StepCA") -> Check:
+    t = ca.transport
+    try:
+        ctx = t.ssl_context()
+        with socket.create_connection((t.host, t.port), timeout=t.connect_timeout) as sock:
+            sock.settimeout(t.read_timeout)
+            with ctx.wrap_socket(sock, server_hostname=t.host) as tls:
+                version = tls.version()
+    except IssuerError as exc:  # the root itself could not be had
+        return _failed(exc, "TLS: ")
+    except ssl.SSLCertVerificationError as exc:
+        return Check(False, f"TLS: verification of {t.hostport} failed against root {ca.trust.description()}: "
+                     f"{exc.verify_message or exc}",
+                     "that root (or fingerprint) is not this CA's: fetch the right one with `step ca root`")
+    except (OSError, ssl.SSLError) as exc:
+        return Check(False, f"TLS: handshake with {t.hostport} failed: {exc}", "check that the port is step-ca's HTTPS port")
+    return Check(True, f"TLS: {t.hostport} verified against root {ca.trust.description()} ({version})")
+
+
+def _health(ca: "StepCA") -> Check:
+    try:
+        _, data = ca.transport.call("GET", "/health", what="checking health")
+    except IssuerError as exc:
+        return _failed(exc, "health: ")
+    status = data.get("status") if isinstance(data, dict) else None
+    if status == "ok":
+        return Check(True, f"health: GET {ca.url}/health says ok")
+    said = f"says {status!r}" if status is not None else "gives no status"
+    return Check(False, f"health: GET {ca.url}/health {said}", "see the step-ca log")
+
+
+def _attempt(get: Callable[[], T], says: Callable[[T], str]) -> tuple[Check, T | None]:
+    """(✓ what `says` about the value, the value), or (✗ the IssuerError, None)."""
+    try:
+        value = get()
+    except IssuerError as exc:
+        return _failed(exc), None
+    return Check(True, says(value)), value
+
+
+def _provisioner(ca: "StepCA") -> tuple[Check, dict | None]:
+    return _attempt(ca.provisioner.find,
+                    lambda entry: f"provisioner '{ca.spec.provisioner}' ({entry.get('type') or 'type not given'}) is present")
+
+
+def _password(ca: "StepCA") -> tuple[Check, bytes | None]:
+    return _attempt(ca.provisioner.read_password, lambda _: f"password file {ca.spec.password_file} is readable")
+
+
+def _decrypts(ca: "StepCA", entry: dict, password: bytes) -> Check:
+    spec = ca.spec
+    return _attempt(lambda: ca.provisioner.decrypt(entry, password),
+                    lambda _: f"the password in {spec.password_file} decrypts the key of provisioner '{spec.provisioner}'")[0]

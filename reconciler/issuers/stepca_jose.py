@@ -20,7 +20,7 @@ STEP_PBKDF2_ITERATIONS = 100_000
 _PBKDF2_CAP_LOCK = threading.Lock()
 
 
-def _default_alg(jwk) -> str:
+def default_alg(jwk) -> str:
     kty = jwk.get("kty")
     if kty == "EC":
         return {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}.get(jwk.get("crv"), "ES256")
