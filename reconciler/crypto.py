@@ -1,7 +1,9 @@
-"""Keys and CSRs: the small amount of cryptography both issuers and `apply` share."""
+"""Keys, CSRs and certificate fingerprints: the small amount of cryptography the issuers,
+`parse`, `apply` and the serve probe share."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 
 from cryptography import x509
@@ -75,8 +77,34 @@ def cert_sans(cert: x509.Certificate) -> frozenset[str]:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return frozenset()
-    # typed: a dNSName "127.0.0.1" is not the iPAddress a client checks an address against
-    return from_certificate(ext.get_values_for_type(x509.DNSName), ext.get_values_for_type(x509.IPAddress))
+    # typed: a dNSName "127.0.0.1" is not the iPAddress a client checks an address against.
+    # One walk over the names (get_values_for_type walks them once per type)
+    dns, ips = [], []
+    for name in ext:
+        if isinstance(name, x509.DNSName):
+            dns.append(name.value)
+        elif isinstance(name, x509.IPAddress):
+            ips.append(name.value)
+    return from_certificate(dns, ips)
+
+
+def key_type_of(public_key) -> str:
+    """"EC P-256", "RSA 2048", "Ed25519": how the manifest's key spec describes itself."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return {"secp256r1": "EC P-256", "secp384r1": "EC P-384", "secp521r1": "EC P-521"}.get(
+            public_key.curve.name, f"EC {public_key.curve.name}"
+        )
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return f"RSA {public_key.key_size}"
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    return type(public_key).__name__
+
+
+def public_key_id(public_key) -> str:
+    """SHA-256 of the SubjectPublicKeyInfo: a certificate and its key share it."""
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
 
 
 def fingerprint(cert: x509.Certificate) -> str:

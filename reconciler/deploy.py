@@ -10,12 +10,11 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from reconciler.crypto import cert_sans, fingerprint, generate_key, key_to_pem, load_key, same_public_key
+from reconciler.crypto import cert_sans, fingerprint, generate_key, key_to_pem, key_type_of, load_key, public_key_id, same_public_key
 from reconciler.diff import CHMOD, CHOWN, RENEW, REWRITE_CHAIN, WRITE_CA
 from reconciler.folders import Folder
 from reconciler.issuers import Issued, IssueRequest, Issuer, IssuerError
 from reconciler.model import CA_MODE, DesiredCert, Written
-from reconciler.observe import key_type_of, public_key_id
 from reconciler.plan import Action, CertPlan
 from reconciler.sans import ordered
 from reconciler.targets import DeployError, Targets, fix_metadata, open_target, os_error, read

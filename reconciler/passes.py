@@ -214,7 +214,7 @@ def _hook_refusal(settings: Settings, desired: Desired, plan: Plan) -> str | Non
     other than root while we run as root (docs/security.md). None: run them."""
     if not plan.hooks or settings.allow_untrusted_manifest:
         return None
-    from reconciler.observe import manifest_trust_problem
+    from reconciler.folder_checks import manifest_trust_problem
 
     problem = manifest_trust_problem(desired.manifest_path)
     if problem:

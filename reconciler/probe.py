@@ -117,7 +117,7 @@ def _is_address(name: str) -> bool:
 def _served(connect: str, der: bytes) -> Served:
     from cryptography import x509
 
-    from reconciler.observe import public_key_id
+    from reconciler.crypto import public_key_id
 
     leaf = x509.load_der_x509_certificate(der)
     return Served(connect, format(leaf.serial_number, "x"), leaf.not_valid_after_utc, public_key_id(leaf.public_key()))

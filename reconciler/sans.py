@@ -34,17 +34,25 @@ def normalise(value: str) -> str:
         return value
     text = value.strip()
     _refuse_non_ascii(value, text)
+    ip = _address(value, text)
+    return "IP:" + str(ip) if ip is not None else _dns_name(value, text)
+
+
+def _address(value: str, text: str):
+    """The IP address `text` spells (brackets allowed), or None when it spells none."""
     candidate = text[1:-1] if text.startswith("[") and text.endswith("]") else text
     try:
         # only strings that could be addresses pay for the attempt (exceptions are slow)
         ip = ipaddress.ip_address(candidate) if _MAYBE_IP.match(candidate) else None
     except ValueError:
-        ip = None
-    if ip is not None:
-        if getattr(ip, "scope_id", None):
-            # a zone index ("%eth0") only means something on this host; no certificate can carry it
-            raise SANError(f"{value!r} has a zone index; a certificate can only hold the address, write {str(ip).split('%')[0]!r}")
-        return "IP:" + str(ip)
+        return None
+    if ip is not None and getattr(ip, "scope_id", None):
+        # a zone index ("%eth0") only means something on this host; no certificate can carry it
+        raise SANError(f"{value!r} has a zone index; a certificate can only hold the address, write {str(ip).split('%')[0]!r}")
+    return ip
+
+
+def _dns_name(value: str, text: str) -> str:
     name = text.lower().rstrip(".")
     if len(name) > 253:
         raise SANError(f"{value!r} is longer than 253 characters")

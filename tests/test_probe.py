@@ -11,7 +11,7 @@ import pytest
 
 from reconciler.endpoints import ConnectError, Endpoint, parse_connect
 from reconciler.probe import await_leaf, probe
-from reconciler.observe import public_key_id
+from reconciler.crypto import public_key_id
 from tls_servers import LOOPBACK, self_signed
 
 

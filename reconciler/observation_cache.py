@@ -1,0 +1,203 @@
+"""The observation cache (`<state-dir>/cache/observed.json`): parsed certificate facts keyed
+by the files' identity, so a steady-state pass costs a `stat` per file.
+
+A row is keyed by the cert and key paths and holds (dev, inode, size, mtime, ctime) of both
+files and the digest of the trust anchors it was checked against; any change of either
+means the row is not used. What a run observes is kept as values and turned into rows only
+when a pass saves (`--plan` never does, so it never pays for it). Damaged or stale rows are
+re-read from the certificates, never an error (docs/design.md, "Caches").
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from reconciler.atomic import write_atomic
+from reconciler.model import CertFacts, DesiredCert, FileState, Observed
+from reconciler.parse import Trust
+from reconciler.statefiles import StateFileDamaged, read_state_file
+
+CACHE_VERSION = 4  # 3: SANs read typed (a dNSName that spells an address is no IP SAN); 4: usages, chains, CA files
+
+
+class ObservationCache:
+    """Parsed facts keyed by the files' identity; stale or damaged entries are simply re-read."""
+
+    def __init__(self, state_dir: Path | None, repair: bool = True):
+        self.path = state_dir / "cache" / "observed.json" if state_dir else None
+        self.entries: dict[str, Any] = {}  # rows, as read or as last saved
+        # observed in this process and not yet a row: (Observed, trust digest) by key
+        self.fresh: dict[str, tuple[Observed, str]] = {}
+        self.dirty = False
+        if self.path:
+            # `repair`: only passes that may write set a damaged cache aside (--plan never writes)
+            found = read_state_file(self.path, _parse_cache, "observation cache", repair=repair, consequence="re-reading the certificates", state_dir=state_dir)
+            self.entries = found.value or {}
+
+    @staticmethod
+    def _key(cert: DesiredCert) -> str:
+        return f"{cert.cert_path}\0{cert.key_path}"
+
+    def get(self, cert: DesiredCert, cert_file: FileState, key_file: FileState, trust: Trust) -> Observed | None:
+        if not cert_file.present or not key_file.present:
+            return None
+        key = self._key(cert)
+        if key in self.fresh:
+            o, digest = self.fresh[key]
+            if o.cert_file.stamp != cert_file.stamp or o.key_file.stamp != key_file.stamp or digest != trust.digest:
+                return None
+            return Observed(cert_file, key_file, o.cert, None, o.key_public_id, None, o.chains_to_issuer, issuer_root=trust.root)
+        row = self.entries.get(key)
+        if not row or row[0] != list(cert_file.stamp) or row[1] != list(key_file.stamp) or row[2] != trust.digest:
+            return None
+        try:
+            return Observed(cert_file, key_file, _facts_of(row[3]), None, row[4], None, row[5], issuer_root=trust.root)
+        except (KeyError, TypeError, ValueError, IndexError):
+            return None
+
+    def put(self, cert: DesiredCert, observed: Observed, trust: Trust) -> None:
+        key = self._key(cert)
+        if observed.cert is None or observed.key_public_id is None:
+            gone = self.entries.pop(key, None) is not None
+            if self.fresh.pop(key, None) is not None or gone:
+                self.dirty = True
+            return
+        self.fresh[key] = (observed, trust.digest)
+        self.dirty = True
+
+    def get_ca(self, path: Path, state: FileState) -> tuple[str, ...] | None:
+        row = self.entries.get(f"ca\0{path}")
+        if not isinstance(row, list) or len(row) != 2 or row[0] != list(state.stamp) or not isinstance(row[1], list):
+            return None
+        return tuple(row[1])
+
+    def put_ca(self, path: Path, state: FileState, certs: tuple[str, ...]) -> None:
+        row = [list(state.stamp), list(certs)]
+        if self.entries.get(f"ca\0{path}") != row:
+            self.entries[f"ca\0{path}"] = row
+            self.dirty = True
+
+    def save(self) -> None:
+        """Write the cache when it changed (only from passes that may write): so a pass
+        rebuilds a missing or stale cache even when it changes nothing else, and the
+        steady state writes nothing."""
+        if not self.path or not self.dirty:
+            return
+        for key, (observed, digest) in self.fresh.items():
+            self.entries[key] = _row(observed, digest)
+        self.fresh.clear()
+        try:
+            data = json.dumps({"version": CACHE_VERSION, "entries": self.entries}, separators=(",", ":")).encode()
+            write_atomic(self.path, data, mode=0o600, make_parents=True)
+            self.dirty = False  # a cache kept across passes (--watch) is written only when it changed
+        except OSError:
+            pass
+
+
+def _row(o: Observed, digest: str) -> list:
+    f = o.cert
+    assert f is not None
+    facts = {
+        "common_name": f.common_name,
+        "sans": sorted(f.sans),
+        "not_before": f.not_before.timestamp(),
+        "not_after": f.not_after.timestamp(),
+        "key_type": f.key_type,
+        "public_key_id": f.public_key_id,
+        "issued_by": f.issued_by,
+        "serial": f.serial,
+        "usages": sorted(f.usages),
+        "chain": list(f.chain),
+        "issuer_chain": None if f.issuer_chain is None else list(f.issuer_chain),
+        "signer_not_after": None if f.signer_not_after is None else f.signer_not_after.timestamp(),
+    }
+    return [list(o.cert_file.stamp), list(o.key_file.stamp), digest, facts, o.key_public_id, o.chains_to_issuer]
+
+
+def _facts_of(f: dict) -> CertFacts:
+    return CertFacts(
+        f["common_name"],
+        frozenset(f["sans"]),
+        datetime.fromtimestamp(f["not_before"], timezone.utc),
+        datetime.fromtimestamp(f["not_after"], timezone.utc),
+        f["key_type"],
+        f["public_key_id"],
+        f["issued_by"],
+        f["serial"],
+        frozenset(f["usages"]),
+        tuple(f["chain"]),
+        None if f["issuer_chain"] is None else tuple(f["issuer_chain"]),
+        None if f["signer_not_after"] is None else datetime.fromtimestamp(f["signer_not_after"], timezone.utc),
+    )
+
+
+# --------------------------------------------------------------------------- reading: every row checked
+
+
+def _parse_cache(data: bytes) -> dict[str, Any]:
+    """The cache's entries, each checked so that get() cannot trip over a wrong shape."""
+    raw = json.loads(data)
+    if not isinstance(raw, dict) or not isinstance(raw.get("entries"), dict):
+        raise StateFileDamaged("not an observation cache (no 'entries' object)")
+    if raw.get("version") != CACHE_VERSION:
+        return {}  # another version's format: rebuilt, not damaged
+    for key, row in raw["entries"].items():
+        problem = _ca_row_problem(row) if key.startswith("ca\0") else _row_problem(row)
+        if problem:
+            raise StateFileDamaged(f"entry {key.replace(chr(0), ' + ')!r}: {problem}")
+    return raw["entries"]
+
+
+# these run for every row of a warm pass: exact type checks (`type(x) is int` also refuses
+# a bool) and no per-call closures keep them a small part of reading 10,000 rows
+_OPTIONAL_TEXT = (str, type(None))
+
+
+def _ints(v: Any) -> bool:
+    return type(v) is list and all(type(x) is int for x in v)
+
+
+def _ca_row_problem(row: Any) -> str | None:
+    """A `ca_path` file's row (put_ca): its stamp and the fingerprints it holds."""
+    if not (type(row) is list and len(row) == 2 and type(row[0]) is list and type(row[1]) is list):
+        return "not a list of a file stamp and fingerprints"
+    if not _ints(row[0]) or not all(type(x) is str for x in row[1]):
+        return "file stamp or fingerprints of the wrong type"
+    return None
+
+
+def _row_problem(row: Any) -> str | None:
+    if type(row) is not list or len(row) != 6:
+        return "not a list of 6 fields"
+    if not (_ints(row[0]) and _ints(row[1]) and type(row[2]) in _OPTIONAL_TEXT and type(row[4]) in _OPTIONAL_TEXT
+            and row[5] in (True, False, None)):
+        return "file stamps, trust, key id or chain flag of the wrong type"
+    f = row[3]
+    if type(f) is not dict:
+        return "certificate facts are not an object"
+    return _facts_problem(f)
+
+
+def _facts_problem(f: dict) -> str | None:
+    get = f.get
+    if not (type(get("common_name")) in _OPTIONAL_TEXT and type(get("issued_by")) in _OPTIONAL_TEXT
+            and type(get("key_type")) is str and type(get("public_key_id")) is str and type(get("serial")) is str):
+        return "certificate facts of the wrong type"
+    sans = get("sans")
+    if type(sans) is not list or not all(type(x) is str for x in sans):
+        return "SANs are not a list of names"
+    for name in ("not_before", "not_after"):
+        value = get(name)
+        if type(value) not in (int, float):
+            return f"{name} is not a time"
+        if not _MIN_TIME <= value <= _MAX_TIME:
+            return f"{name} {value!r} is out of range"
+    return None
+
+
+# what datetime.fromtimestamp accepts (years 1 to 9999), so a row that passes cannot overflow
+_MIN_TIME = datetime(1, 1, 2, tzinfo=timezone.utc).timestamp()
+_MAX_TIME = datetime(9999, 12, 30, tzinfo=timezone.utc).timestamp()

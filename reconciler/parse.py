@@ -1,0 +1,154 @@
+"""parse: what a certificate file and a key file say, and whether the certificate chains to
+the issuer's trust anchors. Bytes in, facts out: no I/O (observe reads the files).
+
+Garbage is an answer ("not a PEM X.509 certificate"), never an exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from reconciler.crypto import cert_sans, fingerprint, issued_by, key_type_of, public_key_id
+from reconciler.model import CertFacts, Written
+
+# nothing the reconciler manages is this large; a bigger file is not read further
+LIMIT = 1024 * 1024
+_USAGE_NAMES = {
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "any",
+}
+
+
+@dataclass(frozen=True)
+class Trust:
+    """The issuer's trust anchors as fingerprint → certificate, plus whether absence means "no"."""
+
+    certs: tuple  # tuple[x509.Certificate, ...]
+    fingerprints: tuple[str, ...]
+    authoritative: bool  # an empty set means "nothing chains to it" (embedded CA) vs "unknown"
+    digest: str = ""  # of the fingerprints: part of every observation cache key
+    root: str | None = None  # fingerprint of the self-signed one: what `ca_path` should hold
+    # anchor fingerprint → its intermediates up to the root, and a file's intermediate
+    # (by fingerprint) → the anchor it chains to: the same for every leaf they signed, so
+    # worked out once per pass (signature checks are most of a cold plan)
+    paths: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    via: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @classmethod
+    def of(cls, certs: list, authoritative: bool) -> "Trust":
+        fingerprints = tuple(fingerprint(c) for c in certs)
+        digest = hashlib.sha256(",".join(sorted(fingerprints)).encode()).hexdigest()[:16]
+        root = next((fp for c, fp in zip(certs, fingerprints) if issued_by(c, c)), None)
+        return cls(tuple(certs), fingerprints, authoritative, digest, root)
+
+
+def parse_cert(data: bytes, trust: Trust, written: Written | None = None) -> tuple[CertFacts | None, str | None]:
+    """`written`: what apply just wrote; bytes equal to it are not parsed again."""
+    if len(data) > LIMIT:
+        return None, "file is larger than 1 MiB; not a certificate"
+    ours = written is not None and data == written.cert_pem
+    try:
+        certs = list(written.certs) if written is not None and ours else x509.load_pem_x509_certificates(data)
+    except ValueError:
+        return None, "not a PEM X.509 certificate"
+    leaf, chain = certs[0], certs[1:]
+    try:
+        cn_attrs = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        public_key = leaf.public_key()
+        chain_fps = tuple(fingerprint(c) for c in chain)
+        signer = written.signer if written is not None and ours else None
+        issuer, issuer_chain, signer_not_after = _issuer_path(leaf, chain, chain_fps, trust, signer)
+        facts = CertFacts(
+            common_name=str(cn_attrs[0].value) if cn_attrs else None,
+            sans=cert_sans(leaf),  # the same canonical form as a desired SAN set
+            not_before=leaf.not_valid_before_utc,
+            not_after=leaf.not_valid_after_utc,
+            key_type=key_type_of(public_key),
+            public_key_id=public_key_id(public_key),
+            issued_by=issuer,
+            serial=format(leaf.serial_number, "x"),
+            usages=_usages(leaf),
+            chain=chain_fps,
+            issuer_chain=issuer_chain,
+            signer_not_after=signer_not_after,
+        )
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # UnsupportedAlgorithm: a public key type cryptography cannot load (a foreign file)
+        return None, f"certificate does not parse: {exc}"
+    return facts, None
+
+
+def _usages(leaf) -> frozenset[str]:
+    try:
+        ekus = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return frozenset({"any"})  # no EKU: usable for anything
+    return frozenset(_USAGE_NAMES[u] for u in ekus if u in _USAGE_NAMES)
+
+
+def _issuer_path(
+    leaf, chain: list, chain_fps: tuple[str, ...], trust: Trust, signer: str | None = None
+) -> tuple[str | None, tuple[str, ...] | None, datetime | None]:
+    """(fingerprint of the trust certificate `leaf` chains to, directly or through `chain`;
+    the issuer's intermediates from the leaf up to its root, as fingerprints; when the
+    certificate that signed the leaf expires). The chain is built from the issuer's own
+    certificates, never from the file: it is what the file should hold with include_ca.
+    The leaf's own signature is checked every time (unless `signer`: the anchor whose
+    signature on it the issuer verified before it answered); what lies above it, once per pass."""
+    anchors = list(zip(trust.certs, trust.fingerprints))
+    for anchor, fp in anchors:
+        if (fp == signer and leaf.issuer == anchor.subject) or issued_by(leaf, anchor):
+            if fp not in trust.paths:
+                trust.paths[fp] = _up_to_root(anchor, fp, anchors)
+            return fp, trust.paths[fp], anchor.not_valid_after_utc
+    for intermediate, ifp in zip(chain, chain_fps):
+        if issued_by(leaf, intermediate):
+            if ifp not in trust.via:
+                trust.via[ifp] = next((fp for anchor, fp in anchors if issued_by(intermediate, anchor)), None)
+            if trust.via[ifp] is not None:
+                return trust.via[ifp], None, intermediate.not_valid_after_utc
+    return None, None, None
+
+
+def _up_to_root(cert, fp: str, anchors: list) -> tuple[str, ...] | None:
+    path: list[str] = []
+    for _ in range(len(anchors) + 1):  # a loop among the anchors cannot run forever
+        if issued_by(cert, cert):
+            return tuple(path)
+        path.append(fp)
+        parent = next(((a, f) for a, f in anchors if a is not cert and issued_by(cert, a)), None)
+        if parent is None:
+            return None
+        cert, fp = parent
+    return None
+
+
+def parse_key(data: bytes) -> tuple[str | None, str | None]:
+    """(the public key's id, None) or (None, why it is not a usable private key)."""
+    if len(data) > LIMIT:
+        return None, "file is larger than 1 MiB; not a private key"
+    try:
+        key = serialization.load_pem_private_key(data, password=None, unsafe_skip_rsa_key_validation=True)
+    except TypeError:
+        return None, "private key is encrypted; the reconciler manages unencrypted keys only"
+    except (ValueError, Exception) as exc:  # cryptography raises several types for garbage
+        return None, "not a PEM private key" if "PEM" in str(exc) or "Could not deserialize" in str(exc) else "not a usable private key"
+    return public_key_id(key.public_key()), None
+
+
+def pem_certificates(data: bytes) -> list | None:
+    """Every certificate in a PEM file (a CA file, a bundle), or None when it holds none."""
+    if len(data) > LIMIT:
+        return None
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        return None

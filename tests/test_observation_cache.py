@@ -1,0 +1,106 @@
+"""The observation cache on a real host: a pass rebuilds one that is missing or stale even
+when it changes nothing else, the steady state writes nothing, `--plan` never writes, and a
+row saved by a pass reads back as the same facts (docs/design.md, "Caches")."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from helpers import reconcile, tree_snapshot, write_manifest
+from reconciler.manifest import build
+from reconciler.observation_cache import CACHE_VERSION, ObservationCache
+from reconciler.observe import observe_all
+from reconciler.parse import Trust
+from reconciler.issuers.local import LocalCA
+from reconciler.plan import make_plan
+
+
+@pytest.fixture
+def host(tmp_path):
+    """Three converged certificates (one with a ca_path) and their state folder."""
+    entries = [
+        {"name": f"c{i}", "common_name": f"c{i}.example.com", "cert_path": f"tls/c{i}.crt", "key_path": f"tls/c{i}.key"}
+        for i in range(3)
+    ]
+    entries[0]["ca_path"] = "tls/ca.crt"
+    manifest = write_manifest(tmp_path / "certificate-manifest.json", entries)
+    state = tmp_path / "state"
+    reconcile("-m", str(manifest), state_dir=state, check=0)
+    return manifest, state
+
+
+def cache_file(state: Path) -> Path:
+    return state / "cache" / "observed.json"
+
+
+def test_a_pass_rebuilds_a_missing_cache_though_nothing_else_changes(host):
+    manifest, state = host
+    cache_file(state).unlink()
+    before = tree_snapshot(manifest.parent / "tls")
+    out = reconcile("-m", str(manifest), state_dir=state, check=0)
+    assert "No changes" in out.stdout
+    assert tree_snapshot(manifest.parent / "tls") == before
+    rows = json.loads(cache_file(state).read_bytes())["entries"]
+    assert len([k for k in rows if not k.startswith("ca\0")]) == 3 and any(k.startswith("ca\0") for k in rows)
+
+
+def test_a_pass_rewrites_a_stale_cache_though_nothing_else_changes(host):
+    manifest, state = host
+    doc = json.loads(cache_file(state).read_bytes())
+    doc["version"] = CACHE_VERSION - 1  # an older format: every row is stale
+    cache_file(state).write_text(json.dumps(doc))
+    reconcile("-m", str(manifest), state_dir=state, check=0)
+    again = json.loads(cache_file(state).read_bytes())
+    assert again["version"] == CACHE_VERSION and len(again["entries"]) == len(doc["entries"])
+
+
+def test_the_steady_state_writes_nothing_and_plan_never_writes(host):
+    manifest, state = host
+    reconcile("-m", str(manifest), state_dir=state, check=0)
+    settled = tree_snapshot(state)
+    reconcile("-m", str(manifest), state_dir=state, check=0)
+    assert tree_snapshot(state) == settled
+    cache_file(state).unlink()
+    gone = tree_snapshot(state)
+    reconcile("-m", str(manifest), "--plan", state_dir=state, check=0)
+    assert tree_snapshot(state) == gone  # --plan reads around a missing cache, saves nothing
+
+
+def test_a_saved_row_reads_back_as_the_facts_observed(host):
+    """What a pass keeps as values until it saves must be what a later run reads."""
+    manifest, state = host
+    desired = build(json.loads(manifest.read_bytes()), manifest)
+    trust = Trust.of(LocalCA(state / "ca").trust_roots(), authoritative=True)
+    fresh = ObservationCache(None)
+    observed = observe_all(desired.certificates, trust, fresh)
+    # kept as values until a pass saves: --plan never pays for turning them into rows
+    assert fresh.dirty and len(fresh.fresh) == 3 and all(k.startswith("ca\0") for k in fresh.entries)
+    cached = ObservationCache(state)
+    assert not cached.dirty
+    hits = observe_all(desired.certificates, trust, cached)
+    assert not cached.dirty  # every row was a hit
+    assert hits == observed
+    now = datetime.now(timezone.utc)
+    assert make_plan(desired, hits, now) == make_plan(desired, observed, now)
+
+
+def test_a_cache_kept_across_passes_answers_from_what_it_observed_until_a_file_changes(host):
+    """--watch keeps one cache: a second observation of unchanged files is a hit from the
+    values kept, and a changed file is read again."""
+    manifest, state = host
+    desired = build(json.loads(manifest.read_bytes()), manifest)
+    trust = Trust.of(LocalCA(state / "ca").trust_roots(), authoritative=True)
+    cache = ObservationCache(None)
+    first = observe_all(desired.certificates, trust, cache)
+    assert observe_all(desired.certificates, trust, cache) == first
+    c0 = desired.certificates[0]
+    c0.key_path.write_bytes(b"not a key")
+    os.utime(c0.key_path, ns=(1, 1))
+    again = observe_all(desired.certificates, trust, cache)
+    assert again["c0"].key_public_id is None and "not a PEM private key" in again["c0"].key_error
+    assert again["c1"] == first["c1"]
