@@ -12,9 +12,11 @@ pytest_plugins = ["stepca_ca", "tls_servers"]
 # cannot be forgotten on a new test.
 STEPCA_FIXTURES = frozenset({"step_ca", "other_step_ca", "step_ca_factory", "step_ca_binary"})
 
-# A test module that needs root (chown to other users, mount, run as `nobody`) says so
-# with an autouse `_root` fixture that fails, never skips, without it.
-ROOT_FIXTURES = frozenset({"_root"})
+# Fixtures that cannot be set up without root: a test module's autouse `_root` (it chowns
+# to other users, mounts, runs commands as `nobody`; fails, never skips, without root), the
+# Proxmox stand-ins' `cluster` (busybox guests entered with chroot) and `postgres` (the
+# server runs as its own user). A single test that needs root is marked `root` by hand.
+ROOT_FIXTURES = frozenset({"_root", "cluster", "postgres"})
 
 
 def pytest_collection_modifyitems(config, items):

@@ -678,6 +678,7 @@ def test_a_ca_file_holding_the_issuers_root_plans_nothing(tmp_path, ca, trust):
     assert observed.ca_file.kind == "file"
 
 
+@pytest.mark.root  # chowns the files to 4242:4343
 def test_a_ca_file_with_another_mode_or_owner_is_chmodded_and_chowned(tmp_path, ca, trust):
     cert = desire(tmp_path, ca_path="ca.crt", owner="4242:4343")
     deploy(ca, cert)
