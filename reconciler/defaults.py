@@ -51,6 +51,11 @@ def flag(name: str, env: Mapping[str, str] = ENVIRON) -> bool:
     return setting(name, "", env) not in ("", "0")
 
 
+def colour_allowed(env: Mapping[str, str] = ENVIRON) -> bool:
+    """Colour on a terminal unless NO_COLOR is set (no-color.org) or TERM says it cannot."""
+    return "NO_COLOR" not in env and env.get("TERM") != "dumb"
+
+
 def state_dir(env: Mapping[str, str] = ENVIRON) -> Path:
     """Where the state folder is when neither --state-dir nor RECONCILER_STATE_DIR says."""
     if os.geteuid() == 0:

@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from reconciler.defaults import ENVIRON
 from reconciler.faults import fault_point
 from reconciler.guests.agent import exec_hook_failure
 from reconciler.model import DesiredCert
@@ -75,7 +76,7 @@ class HookOutcome:
 def hook_environment(certs: list[DesiredCert], actions: dict[str, str], ca_path_default: str = "") -> dict[str, str]:
     """The certificate the command runs for is the first; all are listed in RECONCILER_CERTIFICATES."""
     first = certs[0]
-    env = dict(os.environ)
+    env = dict(ENVIRON)  # the command sees the reconciler's own environment, plus what it runs for
     env.update(
         RECONCILER_COMMON_NAME=first.common_name,
         RECONCILER_CERT_PATH=str(first.cert_path),

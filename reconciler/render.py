@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import TYPE_CHECKING
 
+from reconciler.defaults import colour_allowed
 from reconciler.plan import Plan
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,7 +28,7 @@ def plural(n: int, noun: str, many: str | None = None) -> str:
 
 
 def use_colour(stream=sys.stdout) -> bool:
-    return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+    return stream.isatty() and colour_allowed()
 
 
 def plan_json(plan: Plan, issuer: dict | None = None) -> dict:
