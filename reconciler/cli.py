@@ -12,7 +12,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from reconciler import defaults
+from reconciler.desired import load_desired
+from reconciler.doctor import run_doctor
 from reconciler.errors import ReconcilerError
+from reconciler.folders import require_private
+from reconciler.loop import run_watch
+from reconciler.manifest import schema_bytes
+from reconciler.metrics import Metrics
+from reconciler.passes import ForcedRenewal, IssuerOptions, Settings, run_pass, snapshot
+from reconciler.render import dumps, failure_headline, held_back, plan_json, plan_text, result_text, use_colour
+from reconciler.report import status_json, status_outcome, status_text
+from reconciler.status import read_only
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a program whose reader left
@@ -215,8 +225,6 @@ def build_parser(sub: str | None) -> argparse.ArgumentParser:
 
 
 def settings_from(args):
-    from reconciler.passes import IssuerOptions, Settings
-
     return Settings(
         manifest=Path(args.manifest),
         state_dir=Path(args.state_dir),
@@ -248,8 +256,6 @@ def _main(argv: list[str] | None = None) -> int:
     # intermixed: `renew a -m m.json --plan b` takes both names, as users expect of a CLI
     args = build_parser(sub).parse_intermixed_args(argv[1:] if sub else argv)
     if sub == "schema":
-        from reconciler.manifest import schema_bytes
-
         sys.stdout.write(schema_bytes().decode("utf-8"))
         return EXIT_OK
     if not getattr(args, "watch", False):
@@ -265,22 +271,16 @@ def _main(argv: list[str] | None = None) -> int:
         if sub == "renew":
             return cmd_renew(args)
         if sub == "doctor":
-            from reconciler.doctor import run_doctor
-
             return run_doctor(settings_from(args))
         if args.watch:
             if args.no_hooks:
                 print("error: --no-hooks goes with a single pass (a maintenance window), not with --watch", file=sys.stderr)
                 return EXIT_ERROR
-            from reconciler.folders import require_private
-
             # refused at start with one clear error, not a retried pass failure
             require_private(Path(args.state_dir), "state folder")
             if args.plan:
                 print("error: --plan and --watch do not go together; --plan shows one pass and exits", file=sys.stderr)
                 return EXIT_ERROR
-            from reconciler.loop import run_watch
-
             return run_watch(settings_from(args), args)
         return cmd_plan(args) if args.plan else cmd_apply(args)
     except ReconcilerError as exc:  # the one place: message and hint, nothing else to say
@@ -291,8 +291,6 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def cmd_validate(args) -> int:
-    from reconciler.desired import load_desired
-
     # the issuer too: a first pass would stop on it, so validate says so before
     settings = settings_from(args)
     desired = load_desired(settings)
@@ -303,8 +301,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_renew(args) -> int:
-    from reconciler.passes import ForcedRenewal
-
     if bool(args.names) == args.all:
         build_parser("renew").error("name the certificates to renew, or --all for every one (not both)")
     forced = ForcedRenewal(None if args.all else tuple(args.names))
@@ -312,11 +308,6 @@ def cmd_renew(args) -> int:
 
 
 def cmd_plan(args, forced=None) -> int:
-    from reconciler.desired import load_desired
-    from reconciler.passes import snapshot
-    from reconciler.render import dumps, plan_json, plan_text, use_colour
-    from reconciler.status import read_only
-
     settings = settings_from(args)
     desired = load_desired(settings)
     snap = snapshot(settings, desired, read_only(settings.state_dir), forced=forced)
@@ -331,16 +322,11 @@ def cmd_plan(args, forced=None) -> int:
 
 
 def cmd_apply(args, forced=None) -> int:
-    from reconciler.passes import run_pass
-    from reconciler.render import dumps, failure_headline, held_back, plan_json, result_text
-
     settings = settings_from(args)
     snap, outcome = run_pass(settings, forced=forced, skip_hooks=args.no_hooks)
     result = outcome.result
     assert result is not None, "a pass always has a result"
     if getattr(args, "metrics_file", None):
-        from reconciler.metrics import Metrics
-
         metrics = Metrics()
         metrics.set_manifest_valid(True)
         metrics.record(outcome, ca_reachable=not outcome.ca_unreachable)
@@ -367,8 +353,6 @@ def cmd_apply(args, forced=None) -> int:
 
 
 def cmd_status(args) -> int:
-    from reconciler.report import status_json, status_outcome, status_text
-
     settings = settings_from(args)
     outcome, manifest_note, issuer = status_outcome(settings)
     if args.output == "json":

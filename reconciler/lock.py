@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from reconciler.errors import ReconcilerError
+from reconciler.folders import require_private
 
 
 class LockTimeout(ReconcilerError):
@@ -24,8 +25,6 @@ class PassLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "PassLock":
-        from reconciler.folders import require_private
-
         # the lock, the status store and the caches are trusted from here on: the folder
         # must be ours alone (and it is created 0700 whatever the umask)
         require_private(self.path.parent, "state folder", create=True)
