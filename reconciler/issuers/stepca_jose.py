@@ -8,6 +8,8 @@ import json
 import threading
 from typing import Iterator
 
+from jwcrypto import jwa, jwe, jwk
+
 from reconciler.issuers import IssuerError
 
 
@@ -20,10 +22,11 @@ STEP_PBKDF2_ITERATIONS = 100_000
 _PBKDF2_CAP_LOCK = threading.Lock()
 
 
-def default_alg(jwk) -> str:
-    kty = jwk.get("kty")
+def default_alg(key) -> str:
+    """The JWS algorithm a JWK signs with when its provisioner names none."""
+    kty = key.get("kty")
     if kty == "EC":
-        return {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}.get(jwk.get("crv"), "ES256")
+        return {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}.get(key.get("crv"), "ES256")
     if kty == "OKP":
         return "EdDSA"
     return "RS256"
@@ -43,8 +46,6 @@ def _jwe_header(token: str) -> dict:
 @contextlib.contextmanager
 def _pbkdf2_cap(iterations: int) -> Iterator[None]:
     """Lift jwcrypto's PBKDF2 cap to `iterations` (bounded) while decrypting."""
-    import jwcrypto.jwa as jwa
-
     with _PBKDF2_CAP_LOCK:
         before = jwa.default_max_pbkdf2_iterations
         jwa.default_max_pbkdf2_iterations = max(before, min(iterations, STEP_PBKDF2_ITERATIONS))
@@ -56,8 +57,6 @@ def _pbkdf2_cap(iterations: int) -> Iterator[None]:
 
 def decrypt_provisioner_key(encrypted_key: str, password: bytes, name: str, password_file: str):
     """Decrypt a step-ca provisioner's `encryptedKey` (JWE, PBES2-HS256+A128KW / A256GCM)."""
-    from jwcrypto import jwe, jwk
-
     undecryptable = IssuerError(
         f"provisioner key for '{name}' cannot be decrypted with the password in {password_file}",
         hint="put the provisioner's password in that file (the one given to `step ca init` or "
