@@ -78,13 +78,10 @@ def cert_sans(cert: x509.Certificate) -> frozenset[str]:
     except x509.ExtensionNotFound:
         return frozenset()
     # typed: a dNSName "127.0.0.1" is not the iPAddress a client checks an address against.
-    # One walk over the names (get_values_for_type walks them once per type)
-    dns, ips = [], []
-    for name in ext:
-        if isinstance(name, x509.DNSName):
-            dns.append(name.value)
-        elif isinstance(name, x509.IPAddress):
-            ips.append(name.value)
+    # Exact type tests: GeneralName is an ABC, and isinstance through its metaclass is most
+    # of the cost of reading SANs from 10,000 certificates (cryptography builds exact types)
+    dns = [n.value for n in ext if type(n) is x509.DNSName]
+    ips = [n.value for n in ext if type(n) is x509.IPAddress]
     return from_certificate(dns, ips)
 
 
