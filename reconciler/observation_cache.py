@@ -24,13 +24,16 @@ CACHE_VERSION = 4  # 3: SANs read typed (a dNSName that spells an address is no 
 
 
 class ObservationCache:
-    """Parsed facts keyed by the files' identity; stale or damaged entries are simply re-read."""
+    """Parsed facts keyed by the files' identity; stale or damaged entries are simply re-read.
+    Every method that reads or writes a row marks its key used: save() drops the others."""
 
     def __init__(self, state_dir: Path | None, repair: bool = True):
         self.path = state_dir / "cache" / "observed.json" if state_dir else None
         self.entries: dict[str, Any] = {}  # rows, as read or as last saved
         # observed in this process and not yet a row: (Observed, trust digest) by key
         self.fresh: dict[str, tuple[Observed, str]] = {}
+        # keys asked for since the last save: a row no one asked for is a file no longer managed
+        self.used: set[str] = set()
         self.dirty = False
         if self.path:
             # `repair`: only passes that may write set a damaged cache aside (--plan never writes)
@@ -42,9 +45,10 @@ class ObservationCache:
         return f"{cert.cert_path}\0{cert.key_path}"
 
     def get(self, cert: DesiredCert, cert_file: FileState, key_file: FileState, trust: Trust) -> Observed | None:
+        key = self._key(cert)
+        self.used.add(key)
         if not cert_file.present or not key_file.present:
             return None
-        key = self._key(cert)
         if key in self.fresh:
             o, digest = self.fresh[key]
             if o.cert_file.stamp != cert_file.stamp or o.key_file.stamp != key_file.stamp or digest != trust.digest:
@@ -60,6 +64,7 @@ class ObservationCache:
 
     def put(self, cert: DesiredCert, observed: Observed, trust: Trust) -> None:
         key = self._key(cert)
+        self.used.add(key)
         if observed.cert is None or observed.key_public_id is None:
             gone = self.entries.pop(key, None) is not None
             if self.fresh.pop(key, None) is not None or gone:
@@ -69,12 +74,14 @@ class ObservationCache:
         self.dirty = True
 
     def get_ca(self, path: Path, state: FileState) -> tuple[str, ...] | None:
+        self.used.add(f"ca\0{path}")
         row = self.entries.get(f"ca\0{path}")
         if not isinstance(row, list) or len(row) != 2 or row[0] != list(state.stamp) or not isinstance(row[1], list):
             return None
         return tuple(row[1])
 
     def put_ca(self, path: Path, state: FileState, certs: tuple[str, ...]) -> None:
+        self.used.add(f"ca\0{path}")
         row = [list(state.stamp), list(certs)]
         if self.entries.get(f"ca\0{path}") != row:
             self.entries[f"ca\0{path}"] = row
@@ -83,8 +90,17 @@ class ObservationCache:
     def save(self) -> None:
         """Write the cache when it changed (only from passes that may write): so a pass
         rebuilds a missing or stale cache even when it changes nothing else, and the
-        steady state writes nothing."""
-        if not self.path or not self.dirty:
+        steady state writes nothing. Rows no one asked for since the last save (entries
+        removed from the manifest, paths renamed) are dropped: a pass observes every entry."""
+        if not self.path:
+            return
+        if self.used:
+            gone = [k for k in self.entries if k not in self.used]
+            for k in gone:
+                del self.entries[k]
+            self.dirty = self.dirty or bool(gone)
+            self.used = set()
+        if not self.dirty:
             return
         for key, (observed, digest) in self.fresh.items():
             self.entries[key] = _row(observed, digest)

@@ -104,3 +104,17 @@ def test_a_cache_kept_across_passes_answers_from_what_it_observed_until_a_file_c
     again = observe_all(desired.certificates, trust, cache)
     assert again["c0"].key_public_id is None and "not a PEM private key" in again["c0"].key_error
     assert again["c1"] == first["c1"]
+
+
+def test_rows_of_certificates_gone_from_the_manifest_are_dropped_once(host):
+    """A renamed or removed entry's row is never read again: kept, it would be read (and
+    checked) by every later run forever. Dropping it is one write; then nothing is."""
+    manifest, state = host
+    entries = json.loads(manifest.read_bytes())
+    write_manifest(manifest, entries[1:])  # c0 (with the ca_path) is no longer managed
+    reconcile("-m", str(manifest), state_dir=state, check=0)
+    rows = json.loads(cache_file(state).read_bytes())["entries"]
+    assert sorted(k.split("\0")[0].rsplit("/", 1)[-1] for k in rows) == ["c1.crt", "c2.crt"]
+    settled = tree_snapshot(state)
+    reconcile("-m", str(manifest), state_dir=state, check=0)
+    assert tree_snapshot(state) == settled
