@@ -14,9 +14,10 @@ from pathlib import Path
 from reconciler import defaults
 from reconciler.desired import load_desired
 from reconciler.doctor import run_doctor
+from reconciler.durations import DurationError, parse_duration
 from reconciler.errors import ReconcilerError
 from reconciler.folders import require_private
-from reconciler.loop import run_watch
+from reconciler.loop import WatchSettings, run_watch
 from reconciler.manifest import schema_bytes
 from reconciler.metrics import Metrics
 from reconciler.passes import ForcedRenewal, IssuerOptions, Settings, run_pass, snapshot
@@ -281,13 +282,25 @@ def _main(argv: list[str] | None = None) -> int:
             if args.plan:
                 print("error: --plan and --watch do not go together; --plan shows one pass and exits", file=sys.stderr)
                 return EXIT_ERROR
-            return run_watch(settings_from(args), args)
+            return cmd_watch(args)
         return cmd_plan(args) if args.plan else cmd_apply(args)
     except ReconcilerError as exc:  # the one place: message and hint, nothing else to say
         print(f"error: {exc.explain()}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def cmd_watch(args) -> int:
+    try:
+        resync = parse_duration(args.resync).total_seconds()
+    except DurationError as exc:
+        print(f"error: --resync: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return run_watch(WatchSettings(
+        settings_from(args), resync, poll=args.poll, metrics_listen=args.metrics_listen,
+        metrics_file=Path(args.metrics_file) if args.metrics_file else None,
+    ))
 
 
 def cmd_validate(args) -> int:

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING
 from reconciler.diff import CHMOD, CHOWN, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, Readiness
 from reconciler.plan import CertPlan, Plan
 from reconciler.sans import ordered
+from reconciler.status import CertRecord
 
 if TYPE_CHECKING:  # pragma: no cover
-    from reconciler.apply import Result
-    from reconciler.status import CertRecord
+    from reconciler.apply import CertResult, Result
 
 READY, RENEWAL_DUE, MISSING, EXPIRED, ERROR, HOOK_PENDING, REPAIR_DUE = (
     "ready", "renewal due", "missing", "expired", "error", "hook pending", "repair due",
@@ -156,7 +156,7 @@ class PassOutcome:
 def outcome_of(
     plan: Plan,
     observed: dict,
-    records: dict[str, "CertRecord"],
+    records: dict[str, CertRecord],
     owed: frozenset[str],
     now: datetime,
     result: "Result | None" = None,
@@ -188,30 +188,37 @@ def _cert_outcome(cert, plan: CertPlan, o, record, owed: bool, ran, hook_ok, rew
     actions = {a.action for a in plan.actions}
     judged = plan.readiness
     assert judged is not None, "plan_cert judges every certificate it plans"
-    last_error = record.last_error if record is not None else None
-    written = ran is not None and ran.ok and bool(ran.actions)
+    record = record or CertRecord()
     return CertOutcome(
         name=cert.name,
         cert_path=str(cert.cert_path),
         key_path=str(cert.key_path),
         follow_symlinks=cert.allow_symlink,
         sans=tuple(ordered(cert.sans)),
-        state=cert_state(judged, last_error, owed),
-        problem=plan.error or last_error or (plan.actions[0].reason if plan.actions else None),
+        state=cert_state(judged, record.last_error, owed),
+        problem=plan.error or record.last_error or (plan.actions[0].reason if plan.actions else None),
         not_after=judged.not_after,
         renewal_at=judged.renewal_at,
         owner_ok=CHOWN not in actions,
         mode_ok=CHMOD not in actions,
         hook_owed=owed,
-        changed=tuple(ran.actions) if written else (),
-        content_changed=bool(ran is not None and ran.ok and ran.content_changed),
-        attempted=ran is not None and bool(ran.actions),
-        failed=(ran.error or "failed") if ran is not None and not ran.ok else None,
-        transient=bool(ran is not None and not ran.ok and ran.transient),
         hook_ok=hook_ok,
-        still_drifts=written and rewritten and any(a.action != RUN_HOOK for a in plan.actions),
         stamps=(o.cert_file.stamp, o.key_file.stamp),
-        last_issued=record.last_issued if record is not None else None,
-        last_hook=record.hook.result if record is not None and record.hook else None,
-        last_hook_at=record.hook.at if record is not None and record.hook else None,
+        last_issued=record.last_issued,
+        last_hook=record.hook.result if record.hook else None,
+        last_hook_at=record.hook.at if record.hook else None,
+        **(_attempt(ran, plan, rewritten) if ran is not None else {}),
     )
+
+
+def _attempt(ran: "CertResult", plan: CertPlan, rewritten: bool) -> dict:
+    """What this pass did for one certificate, and whether the re-read disk still differs."""
+    if not ran.ok:
+        return {"attempted": bool(ran.actions), "failed": ran.error or "failed", "transient": ran.transient}
+    written = bool(ran.actions)
+    return {
+        "attempted": written,
+        "changed": tuple(ran.actions),
+        "content_changed": ran.content_changed,
+        "still_drifts": written and rewritten and any(a.action != RUN_HOOK for a in plan.actions),
+    }

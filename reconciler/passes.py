@@ -12,21 +12,27 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from reconciler import defaults
+from reconciler.apply import ApplyContext, apply, sweep
+from reconciler.apply_reporter import ApplyReporter
 from reconciler.desired import load_with_cache
+from reconciler.diff import RUN_HOOK
 from reconciler.errors import ReconcilerError
 from reconciler.faults import fault_point
-from reconciler.issuers import Issuer, make_issuer
-from reconciler.model import Desired, IssuerSpec
+from reconciler.hooks import secrets_of
+from reconciler.issuers import Issuer, IssuerError, make_issuer
+from reconciler.lock import LockTimeout, PassLock
 from reconciler.managed import identity
-from reconciler.observe import ObservationCache, Observed, Trust, observe_all
+from reconciler.model import Desired, IssuerSpec, Observed
+from reconciler.folder_checks import manifest_trust_problem
+from reconciler.observation_cache import ObservationCache
+from reconciler.observe import observe_all, unknown_chain_certificates
 from reconciler.outcome import PassOutcome, outcome_of
+from reconciler.parse import Trust
 from reconciler.plan import CertPlan, Plan, force_renewal, hooks_for, make_plan, plan_cert
-
-if TYPE_CHECKING:  # pragma: no cover
-    from reconciler.status import StatusStore
+from reconciler.statefiles import check_state_dir, sweep_private
+from reconciler.status import StatusStore
 
 log = logging.getLogger("reconciler")
 
@@ -96,8 +102,6 @@ def _unknown_trust(issuer: Issuer, spec: IssuerSpec, fetch: bool) -> str | None:
     downloaded and verified first, so the issuer check is real."""
     if spec.type != "step-ca" or issuer.trust_roots():
         return None
-    from reconciler.issuers import IssuerError
-
     if fetch:
         try:
             issuer.fetch_root()  # type: ignore[attr-defined]
@@ -115,8 +119,6 @@ def _learn_intermediates(issuer: Issuer, desired: Desired, observed: dict[str, O
     learn = getattr(issuer, "learn_intermediates", None)
     if learn is None or not trust.fingerprints:
         return False
-    from reconciler.observe import unknown_chain_certificates
-
     candidates = unknown_chain_certificates(desired.certificates, observed, trust)
     return bool(candidates) and learn(candidates, persist) > 0
 
@@ -134,7 +136,7 @@ class Snapshot:
 def snapshot(
     settings: Settings,
     desired: Desired,
-    status: "StatusStore",
+    status: StatusStore,
     now: datetime | None = None,
     cache: ObservationCache | None = None,
     forced: ForcedRenewal | None = None,
@@ -146,8 +148,6 @@ def snapshot(
     `forced`: `reconcile renew`; an unknown name raises UnknownCertificate before anything is read.
     `fetch_root`: a pass may download a step-ca root known by its fingerprint (see _unknown_trust).
     `repair`: set a damaged cache aside (passes only: `--plan` and `status` never write)."""
-    from reconciler.statefiles import check_state_dir
-
     assert desired.issuer is not None, "desired.load_desired resolves the issuer"
     chosen = forced.chosen(desired) if forced is not None else None
     check_state_dir(settings.state_dir)
@@ -169,7 +169,7 @@ def _serials(observed: dict[str, Observed]) -> dict[str, str | None]:
     return {name: (o.cert.serial if o.cert else None) for name, o in observed.items()}
 
 
-def assess(snap: Snapshot, status: "StatusStore", now: datetime | None = None) -> PassOutcome:
+def assess(snap: Snapshot, status: StatusStore, now: datetime | None = None) -> PassOutcome:
     """The read-only snapshot's outcome (`reconcile status`): each certificate as it is."""
     now = now or datetime.now(timezone.utc)
     return outcome_of(snap.plan, snap.observed, status.records, status.hooks_pending(_serials(snap.observed)), now)
@@ -191,8 +191,6 @@ class Deferral:
 
 def defer(plan: Plan, deferral: Deferral) -> Plan:
     """`plan` without what `deferral` leaves for later; hooks recomputed for what remains."""
-    from reconciler.diff import RUN_HOOK
-
     budget = deferral.issue_limit
     kept: list[CertPlan] = []
     for p in plan.certificates:
@@ -214,8 +212,6 @@ def _hook_refusal(settings: Settings, desired: Desired, plan: Plan) -> str | Non
     other than root while we run as root (docs/security.md). None: run them."""
     if not plan.hooks or settings.allow_untrusted_manifest:
         return None
-    from reconciler.folder_checks import manifest_trust_problem
-
     problem = manifest_trust_problem(desired.manifest_path)
     if problem:
         log.error("%s", problem)
@@ -242,13 +238,6 @@ def run_pass(
     pass, and the manifest's validity to record in the status store; `forced` is for
     `reconcile renew` (see ForcedRenewal). `snap.plan` is the whole plan; `snap.observed`
     is refreshed for what this pass wrote; the outcome judges each certificate after it."""
-    from reconciler.apply import ApplyContext, apply, sweep
-    from reconciler.apply_reporter import ApplyReporter
-    from reconciler.hooks import secrets_of
-    from reconciler.lock import PassLock
-    from reconciler.statefiles import check_state_dir, sweep_private
-    from reconciler.status import StatusStore
-
     started = time.monotonic()
     validation_cache = None
     if desired is None:
@@ -296,7 +285,19 @@ def run_pass(
         return snap, outcome
 
 
-def _reobserve(settings: Settings, snap: Snapshot, result, status: "StatusStore") -> dict[str, CertPlan]:
+def record_manifest_state(settings: Settings, state: dict) -> None:
+    """No valid manifest to reconcile against (--watch): still tell `reconcile status` why."""
+    try:
+        with PassLock(settings.state_dir, settings.lock_timeout):
+            store = StatusStore(settings.state_dir)
+            store.manifest.clear()
+            store.manifest.update(state)
+            store.save()
+    except (LockTimeout, OSError) as exc:
+        log.warning("cannot record the manifest's state: %s", exc)
+
+
+def _reobserve(settings: Settings, snap: Snapshot, result, status: StatusStore) -> dict[str, CertPlan]:
     """What this pass wrote is what the next pass will see: re-read it once now, and plan it
     again, so the outcome judges the disk as the pass left it (and sees a file someone
     changed again before the pass ended). Returns those certificates' new plans."""
