@@ -20,12 +20,12 @@ from reconciler.desired import load_with_cache
 from reconciler.diff import RUN_HOOK
 from reconciler.errors import ReconcilerError
 from reconciler.faults import fault_point
+from reconciler.folder_checks import manifest_trust_problem
 from reconciler.hooks import secrets_of
 from reconciler.issuers import Issuer, IssuerError, make_issuer
 from reconciler.lock import LockTimeout, PassLock
 from reconciler.managed import identity
 from reconciler.model import Desired, IssuerSpec, Observed
-from reconciler.folder_checks import manifest_trust_problem
 from reconciler.observation_cache import ObservationCache
 from reconciler.observe import observe_all, unknown_chain_certificates
 from reconciler.outcome import PassOutcome, outcome_of
