@@ -46,10 +46,6 @@ class Result:
     def ok(self) -> bool:
         return all(c.ok for c in self.certificates) and all(h.ok for h in self.hooks)
 
-    @property
-    def changed(self) -> bool:
-        return any(c.actions for c in self.certificates if c.ok)
-
     def failures(self) -> list[str]:
         out = [f"{c.name}: {c.error}" for c in self.certificates if not c.ok]
         out += [f"hook {h.command!r} for {', '.join(h.certificates)} {h.describe()}" for h in self.hooks if not h.ok]

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # pragma: no cover
-    from reconciler.outcome import PassOutcome
+from reconciler.atomic import write_atomic
+from reconciler.outcome import PassOutcome
 
 log = logging.getLogger("reconciler.metrics")
 
@@ -30,6 +29,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 class Metrics:
     def __init__(self):
+        # third-party, and only --watch and --metrics-file need it: not imported by other runs
         import prometheus_client
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -51,7 +51,7 @@ class Metrics:
         self.ca_reachable.set(1)
         self._names: set[str] = set()
 
-    def record(self, outcome: "PassOutcome", ca_reachable: bool) -> None:
+    def record(self, outcome: PassOutcome, ca_reachable: bool) -> None:
         """After a pass: the gauges say what its outcome says; the counters count its failures."""
         names = set()
         for c in outcome.certificates:
@@ -95,8 +95,6 @@ class Metrics:
 
     def write_file(self, path: Path) -> None:
         """Textfile-collector format, atomically (node_exporter never reads half a file)."""
-        from reconciler.atomic import write_atomic
-
         try:
             write_atomic(path, self.exposition(), mode=0o644)
         except OSError as exc:

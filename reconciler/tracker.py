@@ -70,6 +70,8 @@ def _comparable(source: str) -> dict[str, Any]:
 def describe_entry_change(old_source: str, new_source: str) -> list[str]:
     """Field-level changes of one entry, e.g. ['duration "24h" → "48h"', 'sans + "b.example"'].
     Empty when the entries are equal once normalised (only the SAN order moved)."""
+    # deepdiff is third-party and slow to import, and only --watch describes edits
+    # (run_watch imports it at start, so the first save does not wait for it)
     from deepdiff import DeepDiff
     from deepdiff.helper import notpresent
 
