@@ -130,7 +130,6 @@ class Snapshot:
     plan: Plan
     issuer: Issuer
     cache: ObservationCache
-    issuer_unknown: str | None = None  # why certificates could not be checked against the issuer
 
 
 def snapshot(
@@ -162,7 +161,7 @@ def snapshot(
     plan = make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(_serials(observed)), issuer_unknown=unknown)
     if chosen is not None:
         plan = force_renewal(plan, chosen)
-    return Snapshot(desired, observed, plan, issuer, cache, unknown)
+    return Snapshot(desired, observed, plan, issuer, cache)
 
 
 def _serials(observed: dict[str, Observed]) -> dict[str, str | None]:
@@ -311,4 +310,6 @@ def _reobserve(settings: Settings, snap: Snapshot, result, status: StatusStore) 
     snap.observed.update(observe_all(certs, trust, snap.cache, manager=identity(settings.state_dir), written=parsed))
     owed = status.hooks_pending(_serials(snap.observed))
     now = datetime.now(timezone.utc)
-    return {c.name: plan_cert(c, snap.observed[c.name], now, c.name in owed, snap.issuer_unknown) for c in certs}
+    # what the issuer knows now (a step-ca learns its chain by issuing), never fetched here
+    unknown = _unknown_trust(snap.issuer, snap.desired.issuer, fetch=False)
+    return {c.name: plan_cert(c, snap.observed[c.name], now, c.name in owed, unknown) for c in certs}
