@@ -32,6 +32,7 @@ The cluster lives in the folder $PVE_STANDIN:
   pve/nodes/<node>/lxc/<vmid>.conf, pve/nodes/<node>/qemu-server/<vmid>.conf  (/etc/pve)
   guests/<vmid>/rootfs/      the guest: a chroot of Debian's busybox-static; commands run in it
   guests/<vmid>/running      present while the guest runs
+  calls.log                  every command line the stand-ins were given, one JSON list a line
 and $PVE_STANDIN_NODE names the node this command runs on (default pve1). Tests steer a
 guest with marker files in guests/<vmid>/: `agent-down` (the VM's agent does not answer),
 `fail-inside` (every command run in the guest fails: exit 1, "boom" on stderr), `hang`
@@ -43,7 +44,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -380,6 +380,9 @@ def pvesh(args: list[str]) -> int:
 
 def main() -> int:
     tool = Path(sys.argv[0]).name
+    if ROOT.is_dir():  # every command line, so tests can show no key was ever on one
+        with open(ROOT / "calls.log", "a") as log:
+            log.write(json.dumps([tool, *sys.argv[1:]]) + "\n")
     try:
         return {"pct": pct, "qm": qm, "pvesh": pvesh}[tool](sys.argv[1:])
     except Die as exc:
@@ -388,5 +391,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())
