@@ -17,6 +17,8 @@ from reconciler.apply_reporter import ApplyReporter
 from reconciler.atomic import fsync_dirs, sweep_temporaries
 from reconciler.deploy import deploy
 from reconciler.faults import fault_point
+from reconciler.guests.proxmox import ProxmoxCLI
+from reconciler.guests.stage import DeliveryContext, DeliveryOutcome, deliver_all
 from reconciler.hooks import HookOutcome, run_hook
 from reconciler.issuers import Issuer, IssuerError
 from reconciler.model import Written
@@ -41,14 +43,16 @@ class CertResult:
 class Result:
     certificates: list[CertResult] = field(default_factory=list)
     hooks: list[HookOutcome] = field(default_factory=list)
+    deliveries: list[DeliveryOutcome] = field(default_factory=list)  # into Proxmox guests
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.certificates) and all(h.ok for h in self.hooks)
+        return all(c.ok for c in self.certificates) and all(h.ok for h in self.hooks) and all(d.ok for d in self.deliveries)
 
     def failures(self) -> list[str]:
         out = [f"{c.name}: {c.error}" for c in self.certificates if not c.ok]
         out += [f"hook {h.command!r} for {', '.join(h.certificates)} {h.describe()}" for h in self.hooks if not h.ok]
+        out += [d.describe() for d in self.deliveries if not d.ok]
         return out
 
 
@@ -90,6 +94,7 @@ class ApplyContext:
     skip_hooks: bool = False
     secrets: tuple[bytes, ...] = ()
     cwd: Path | None = None
+    guests: ProxmoxCLI | None = None  # how Proxmox guests are reached (None: pct/qm in PATH)
 
 
 def apply(plan: Plan, ctx: ApplyContext, reporter: ApplyReporter) -> Result:
@@ -102,15 +107,29 @@ def apply(plan: Plan, ctx: ApplyContext, reporter: ApplyReporter) -> Result:
     outcomes = _deploy_all(todo, ctx, reporter)
     result.certificates += outcomes.values()
     reporter.files_done(plan, todo, outcomes)
+    delivered = _deliver(todo, outcomes, ctx, reporter)
+    result.deliveries += delivered.values()
     fault_point("before_hooks")
     by_name = {p.cert.name: p for p in plan.certificates}
     for hook in plan.hooks:
-        ready = [n for n in hook.certificates if n in outcomes and outcomes[n].ok]
+        # a legacy guest entry's command moves the delivered files: not before they are there
+        ready = [n for n in hook.certificates if n in outcomes and outcomes[n].ok and _delivered(delivered.get(n))]
         if ready:
             outcome = _run(hook, [by_name[n] for n in ready], ctx, reporter)
             if outcome is not None:
                 result.hooks.append(outcome)
     return result
+
+
+def _deliver(todo: list[CertPlan], outcomes: dict[str, CertResult], ctx: ApplyContext, reporter: ApplyReporter) -> dict[str, DeliveryOutcome]:
+    """Into Proxmox guests, for the certificates whose host files are in place."""
+    status = reporter.status
+    dctx = DeliveryContext(status.cert, reporter.save_now, ctx.issuer.root_pem, ctx.guests, ctx.workers)
+    return deliver_all([p for p in todo if p.cert.name in outcomes and outcomes[p.cert.name].ok], dctx)
+
+
+def _delivered(outcome: DeliveryOutcome | None) -> bool:
+    return outcome is None or (outcome.ok and outcome.owed is None)
 
 
 def _deploy_all(todo: list[CertPlan], ctx: ApplyContext, reporter: ApplyReporter) -> dict[str, CertResult]:

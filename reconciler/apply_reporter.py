@@ -44,6 +44,10 @@ class ApplyReporter:
         if self.save:
             self.status.save()
 
+    def save_now(self) -> None:
+        """For stages that record as they go (guest deliveries: reload owed before the files move)."""
+        self._save()
+
     # ----------------------------------------------------------------- before any file
     def starting(self, plan: Plan, todo: list[CertPlan], serials: Mapping[str, str | None]) -> None:
         # a killed pass's deployments first: a certificate it replaced owes its hook,

@@ -17,6 +17,7 @@ from reconciler.doctor import run_doctor
 from reconciler.durations import DurationError, parse_duration
 from reconciler.errors import ReconcilerError
 from reconciler.folders import require_private
+from reconciler.guestfacts import validate_notes
 from reconciler.loop import WatchSettings, run_watch
 from reconciler.manifest import schema_bytes
 from reconciler.metrics import Metrics
@@ -310,6 +311,8 @@ def cmd_validate(args) -> int:
     n = len(desired.certificates)
     print(f"issuer: {desired.issuer.describe(settings.state_dir)}")
     print(f"ok: {n} certificate{'s' if n != 1 else ''}")
+    for note in validate_notes(desired.certificates):
+        print(note)
     return EXIT_OK
 
 

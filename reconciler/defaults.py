@@ -19,6 +19,7 @@ WORKERS = 4  # certificates issued concurrently
 CA_CONNECT_TIMEOUT = 5.0  # seconds to connect to a step-ca (never more than the request timeout)
 CA_TIMEOUT = 30.0  # seconds one step-ca request may take once connected
 RESYNC = "10m"  # --watch: a full pass at least this often
+PVE_CLUSTER_DIR = Path("/etc/pve")  # a manifest in it is a Proxmox cluster's shared one
 
 # Variables of our own. The issuer ones (URL, root, ...) are a step-ca setting's third
 # source, after the manifest and the flags (issuers/stepca_config.py).
@@ -27,6 +28,8 @@ ENV_STATE_DIR = "RECONCILER_STATE_DIR"
 ENV_CA_TIMEOUT = "RECONCILER_CA_TIMEOUT"
 ENV_ALLOW_UNTRUSTED_MANIFEST = "RECONCILER_ALLOW_UNTRUSTED_MANIFEST"
 ENV_ISSUER = "RECONCILER_ISSUER"
+# cluster mode for a manifest shared among Proxmox nodes some other way than /etc/pve
+ENV_PVE_CLUSTER = "RECONCILER_PROXMOX_CLUSTER"
 ENV_ISSUER_SETTINGS = {
     "url": "RECONCILER_CA_URL",
     "root": "RECONCILER_ROOT",

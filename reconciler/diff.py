@@ -70,6 +70,7 @@ DRIFT_TABLE: tuple[Row, ...] = (
     rows.not_yet_valid, rows.expired, rows.renewal_due,  # lifetime
     rows.chain, rows.ca_file,  # content beside the certificate
     rows.cert_owner, rows.key_owner, rows.ca_owner, rows.cert_mode, rows.key_mode, rows.ca_mode,  # metadata
+    rows.guest_copy, rows.guest_reload,  # the Proxmox guest's copy (reconciler.guestfacts)
     rows.hook,  # owed from an earlier pass
 )
 

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from reconciler.durations import format_duration
+from reconciler.guestfacts import DELIVER, RELOAD, GuestSeen, guest_drifts
 from reconciler.model import CA_MODE, CertFacts, DesiredCert, FileState, Observed
 from reconciler.sans import display
 
@@ -313,6 +314,27 @@ def key_mode(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Dri
 
 def ca_mode(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
     return _mode("CA file", "ca", o.ca_file, CA_MODE)
+
+
+# --------------------------------------------------------------------------- rows: the guest's copy
+
+
+def _guest_row(cert: DesiredCert, o: Observed, action: str) -> Drift | None:
+    if cert.guest is None:
+        return None
+    seen = o.guest or GuestSeen()
+    found = guest_drifts(cert.guest, seen.source, seen.record, seen.view, content_changes=False)
+    return next((Drift(*row) for row in found if row[1] == action), None)
+
+
+def guest_copy(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    """The guest's copy missing or different, or the host files changed since the last delivery."""
+    return _guest_row(cert, o, DELIVER)
+
+
+def guest_reload(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    """A delivery whose reload inside the guest did not succeed."""
+    return _guest_row(cert, o, RELOAD)
 
 
 def hook(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:

@@ -142,6 +142,16 @@ class DeliveryRecord:
         return rec
 
 
+@dataclass(frozen=True)
+class GuestSeen:
+    """A certificate's guest as observed: the last delivery (status store) and, when the
+    guest was looked at, what it holds; `source` is host_source() of the host files now."""
+
+    record: DeliveryRecord | None = None
+    view: GuestView | None = None
+    source: dict | None = field(default=None, hash=False)
+
+
 def host_source(cert_stamp: tuple, key_stamp: tuple, ca: Any) -> dict[str, Any]:
     """What identifies the host files a delivery copies: (dev, inode, size, mtime) of the
     certificate and key files (a replacement is a new inode; chown/chmod change neither),
@@ -183,16 +193,106 @@ def _deliver_reason(spec: GuestSpec, source: dict | None, record: DeliveryRecord
     wanted = {t.path: t for t in spec.targets()}
     if set(record.files) != set(wanted) or any(record.files[p].get("owner") != t.owner or record.files[p].get("mode") != t.mode for p, t in wanted.items()):
         return f"the manifest's files for {spec.describe()} changed"
-    if view is None or view.files is None:
+    # a legacy entry's command moves the /tmp files away: their absence is the normal state
+    if view is None or view.files is None or spec.legacy:
         return None
-    for path, target in wanted.items():
-        have = view.files.get(path)
-        if have is None or have.sha256 is None:
-            return f"{path} missing in {spec.describe()}"
-        if have.sha256 != record.files[path]["sha256"]:
-            return f"{path} in {spec.describe()} differs from what was delivered"
-        if not have.owned_as(target):
-            return f"{path} in {spec.describe()} is owned by {have.user}:{have.group}, want {target.owner}"
-        if have.mode != target.mode:
-            return f"{path} in {spec.describe()} has mode {have.mode:04o}, want {target.mode:04o}" if have.mode is not None else f"{path} in {spec.describe()} has no mode"
+    return next((why for t in wanted.values() if (why := _copy_differs(spec, t, view.files.get(t.path), record.files[t.path]))), None)
+
+
+def _copy_differs(spec: GuestSpec, target: GuestTarget, have: InGuestFile | None, delivered: dict) -> str | None:
+    """How the guest's copy of one file differs from what was delivered (None: it does not)."""
+    where = f"{target.path} in {spec.describe()}"
+    if have is None or have.sha256 is None:
+        return f"{target.path} missing in {spec.describe()}"
+    if have.sha256 != delivered["sha256"]:
+        return f"{where} differs from what was delivered"
+    if not have.owned_as(target):
+        return f"{where} is owned by {have.user}:{have.group}, want {target.owner}"
+    if have.mode != target.mode:
+        return f"{where} has mode {have.mode:04o}, want {target.mode:04o}" if have.mode is not None else f"{where} has no mode"
     return None
+
+
+# --------------------------------------------------------------------------- from the manifest
+
+
+def guest_spec_of(entry: dict) -> tuple[GuestSpec | None, list[tuple[str, str]]]:
+    """The entry's GuestSpec (the `guest` object, or a legacy guest_id + guest_type) and the
+    problems the schema cannot express, as (field, message). The schema has run."""
+    raw = entry.get("guest")
+    if raw is None:
+        gid, gtype = entry.get("guest_id"), entry.get("guest_type")
+        if gid is not None and gtype in ("lxc", "vm"):
+            return legacy_spec(str(gid), gtype, bool(entry.get("include_ca"))), []
+        return None, []
+    if entry.get("guest_id") is not None or entry.get("guest_type") is not None:
+        return None, [("guest", "give either the guest object or the legacy guest_id + guest_type, not both; the guest object says all the legacy fields said")]
+    spec = GuestSpec(
+        str(raw["id"]), raw["type"], raw["cert_path"], raw["key_path"], raw.get("ca_path"), raw.get("owner"),
+        int(raw.get("cert_permissions", "644"), 8), int(raw.get("key_permissions", "600"), 8), raw.get("reload"),
+    )
+    problems = []
+    if spec.key_mode & 0o007:
+        problems.append(("guest.key_permissions", f'"{raw["key_permissions"]}" would make the private key readable by every user of the guest; set "600" (or "640" with an owner group)'))
+    if spec.cert_mode & 0o002:
+        problems.append(("guest.cert_permissions", f'"{raw["cert_permissions"]}" would let every user of the guest replace the certificate; set "644"'))
+    paths = [t.path for t in spec.targets()]
+    if len(set(paths)) != len(paths):
+        problems.append(("guest", "cert_path, key_path and ca_path inside the guest must be three different files"))
+    return spec, problems
+
+
+def validate_notes(certs) -> list[str]:
+    """What `validate` adds for guest entries (DesiredCerts): for each legacy entry the guest
+    object it means, and a warning where legacy entries of one guest share the /tmp files."""
+    import json
+
+    notes, by_guest = [], {}
+    for cert in certs:
+        spec = cert.guest
+        if spec is None or not spec.legacy:
+            continue
+        by_guest.setdefault(spec.key, []).append(cert.name)
+        obj = {"id": int(spec.id), "type": spec.type, "cert_path": LEGACY_CERT, "key_path": LEGACY_KEY}
+        if spec.ca_path:
+            obj["ca_path"] = LEGACY_CA
+        notes.append(
+            f"hint: {cert.name} ({cert.where or 'entry'}): guest_id + guest_type deliver as certificate-renewal-manager.sh did, "
+            f'the same as "guest": {json.dumps(obj)}; name the final paths there (with "owner", "reload") '
+            "and the post-renewal command that moves the /tmp files is no longer needed"
+        )
+    for key, names in by_guest.items():
+        if len(names) > 1:
+            notes.append(
+                f"warning: {', '.join(names)} all deliver to /tmp/cert.pem and /tmp/key.pem in {key}; each pass delivers them one "
+                "after another, so a post-renewal command that runs later moves another entry's files: give each a guest object"
+            )
+    return notes
+
+
+# --------------------------------------------------------------------------- one manifest for a cluster
+
+
+def for_this_node(certs, node: str, placement: dict[str, str]) -> tuple[list, list[str]]:
+    """A Proxmox cluster's shared manifest, as one node acts on it: entries whose guest runs
+    on `node` (placement: guest key → node, from /cluster/resources), entries marked
+    `"node": node`, and host entries marked for no node. Returns (kept, why each other one
+    is left to another node)."""
+    kept, left = [], []
+    for cert in certs:
+        if cert.guest is not None:
+            where = placement.get(cert.guest.key)
+            if where == node:
+                kept.append(cert)
+            else:
+                left.append(f"{cert.name}: {cert.guest.describe()} " + (f"runs on {where}" if where else "is not in the cluster"))
+        elif cert.node is None or cert.node == node:
+            kept.append(cert)
+        else:
+            left.append(f"{cert.name}: marked for node {cert.node}")
+    return kept, left
+
+
+def placement_of(resources: list) -> dict[str, str]:
+    """guest key → node, from `pvesh get /cluster/resources --type vm` output."""
+    return {str(r["id"]): str(r["node"]) for r in resources if isinstance(r, dict) and r.get("type") in ("lxc", "qemu") and "id" in r and "node" in r}

@@ -22,6 +22,7 @@ from typing import Any
 
 from reconciler.durations import DurationError, parse_duration, parse_share
 from reconciler.errors import ReconcilerError
+from reconciler.guestfacts import guest_spec_of
 from reconciler.model import Desired, DesiredCert, IssuerSpec, KeySpec, RenewBefore
 from reconciler.sans import SANError, display, normalise
 
@@ -564,6 +565,8 @@ def _resolve(
         if problem:
             issues.append(Issue(at(field), problem))
 
+    guest, problems = guest_spec_of(e)
+    issues += [Issue(at(field), message) for field, message in problems]
     if issues:
         return None, issues
     guest_id = e.get("guest_id")
@@ -592,6 +595,8 @@ def _resolve(
             guest_id=None if guest_id is None else str(guest_id),
             guest_type=e.get("guest_type"),
             allow_symlink=bool(e.get("allow_symlink", False)),
+            guest=guest,
+            node=e.get("node"),
             fields=e,
             where=where,
         ),

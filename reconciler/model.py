@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from reconciler.durations import format_duration
+from reconciler.guestfacts import GuestSeen, GuestSpec
 
 # `ca_path` holds a public root that clients of the service read: always this mode
 CA_MODE = 0o644
@@ -103,6 +104,9 @@ class DesiredCert:
     guest_id: str | None = None
     guest_type: str | None = None
     allow_symlink: bool = False
+    # where the files go inside a Proxmox guest (the `guest` object, or legacy guest_id + guest_type)
+    guest: GuestSpec | None = None
+    node: str | None = None  # a Proxmox cluster's node this host entry is for (None: every node)
     # the entry as written, after defaults: what `--watch` compares between saves
     fields: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
     # position in the manifest's list, for error messages ("certificates[3].owner")
@@ -176,6 +180,7 @@ class Observed:
     ca_file: FileState | None = None  # None: the entry has no ca_path
     ca_certs: tuple[str, ...] | None = None  # sha256 of each certificate in it; None: no PEM
     issuer_root: str | None = None  # sha256 of the issuer's root; None: not known here
+    guest: GuestSeen | None = None  # the entry's guest: what was delivered, what it holds now
 
     @property
     def key_matches(self) -> bool:

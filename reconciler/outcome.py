@@ -12,6 +12,8 @@ writes) and the status store's record:
     expired       past notAfter
     (the three above: not ready in the drift rows' sense, the certificate cannot serve)
     hook pending  its post-renewal command still has to succeed
+    delivery owed its Proxmox guest does not hold it yet, or the reload there has to succeed
+                  (a stopped guest, a failed delivery: reconciler.guests)
     renewal due   still valid, inside its renewal window: the next pass renews it
     repair due    the right certificate, but not the owner, mode, chain or CA file asked for
     ready         nothing left to do
@@ -27,6 +29,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from reconciler.diff import CHMOD, CHOWN, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, Readiness
+from reconciler.guestfacts import DELIVER, RELOAD
 from reconciler.plan import CertPlan, Plan
 from reconciler.sans import ordered
 from reconciler.status import CertRecord
@@ -37,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 READY, RENEWAL_DUE, MISSING, EXPIRED, ERROR, HOOK_PENDING, REPAIR_DUE = (
     "ready", "renewal due", "missing", "expired", "error", "hook pending", "repair due",
 )
+DELIVERY_OWED = "delivery owed"
 # a certificate in these states serves and needs nothing from an operator: `status` exits 0.
 # "renewal due" is still valid, and a renewal that fails turns it into "error".
 SERVING_STATES = (READY, RENEWAL_DUE)
@@ -59,6 +63,8 @@ def cert_state(readiness: Readiness, last_error: str | None, hook_owed: bool) ->
     pending = set(readiness.actions)
     if RUN_HOOK in pending or hook_owed:
         return HOOK_PENDING
+    if pending & {DELIVER, RELOAD}:
+        return DELIVERY_OWED
     if RENEW in pending:
         return RENEWAL_DUE
     if pending & REPAIRS:

@@ -21,6 +21,8 @@ from reconciler.diff import RUN_HOOK
 from reconciler.errors import ReconcilerError
 from reconciler.faults import fault_point
 from reconciler.folder_checks import manifest_trust_problem
+from reconciler.guests.cluster import local_share
+from reconciler.guests.stage import observe_guests
 from reconciler.hooks import secrets_of
 from reconciler.issuers import Issuer, IssuerError, make_issuer
 from reconciler.lock import LockTimeout, PassLock
@@ -149,6 +151,7 @@ def snapshot(
     `repair`: set a damaged cache aside (passes only: `--plan` and `status` never write)."""
     assert desired.issuer is not None, "desired.load_desired resolves the issuer"
     chosen = forced.chosen(desired) if forced is not None else None
+    desired, elsewhere = local_share(desired)  # a Proxmox cluster's manifest: this node's share
     check_state_dir(settings.state_dir)
     issuer = make_issuer(desired.issuer, settings.state_dir, settings.ca_timeout)
     unknown = _unknown_trust(issuer, desired.issuer, fetch_root)
@@ -158,9 +161,14 @@ def snapshot(
     observed = observe_all(desired.certificates, trust, cache, manager=manager)
     if _learn_intermediates(issuer, desired, observed, trust, persist=fetch_root):
         observed = observe_all(desired.certificates, trust_of(issuer, desired.issuer), cache, manager=manager)
+    # what each Proxmox guest was given and, where the plan needs it, holds now
+    records = {c.name: status.get(c.name).delivery for c in desired.certificates}
+    observed = observe_guests(desired.certificates, observed, records, workers=settings.workers)
     plan = make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(_serials(observed)), issuer_unknown=unknown)
     if chosen is not None:
         plan = force_renewal(plan, chosen)
+    if elsewhere:
+        plan = replace(plan, notes=plan.notes + elsewhere)
     return Snapshot(desired, observed, plan, issuer, cache)
 
 

@@ -9,6 +9,7 @@ from reconciler.diff import (
     CHMOD, CHOWN, CONTENT_ACTIONS, FILE_ACTIONS, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, Context, Drift, Readiness, blocked,
     readiness_of, walk,
 )
+from reconciler.guestfacts import DELIVER, RELOAD, GuestSeen, guest_drifts
 from reconciler.model import Desired, DesiredCert, Observed
 
 
@@ -38,8 +39,15 @@ class CertPlan:
         return any(a.action in CONTENT_ACTIONS + FILE_ACTIONS for a in self.actions)
 
     @property
+    def delivers(self) -> bool:
+        return any(a.action == DELIVER for a in self.actions)
+
+    @property
     def runs_hook(self) -> bool:
-        return bool(self.cert.post_renewal_command) and (self.writes_files or any(a.action == RUN_HOOK for a in self.actions))
+        # a legacy guest entry's command moves the delivered /tmp files into place: a
+        # delivery runs it, as the old script did
+        delivered = self.delivers and self.cert.guest is not None and self.cert.guest.legacy
+        return bool(self.cert.post_renewal_command) and (self.writes_files or delivered or any(a.action == RUN_HOOK for a in self.actions))
 
 
 @dataclass(frozen=True)
@@ -77,11 +85,30 @@ def plan_cert(cert: DesiredCert, observed: Observed, now: datetime, hook_pending
         actions.append(Action(first, "; ".join(d.reason for d in same), same))
     else:
         # a new certificate is written with the right chain, CA file, owner and mode anyway
-        for kind in (REWRITE_CHAIN, WRITE_CA, CHOWN, CHMOD, RUN_HOOK):
+        for kind in (REWRITE_CHAIN, WRITE_CA, CHOWN, CHMOD, DELIVER, RELOAD, RUN_HOOK):
             found = tuple(d for d in drifts if d.action == kind)
             if found:
                 actions.append(Action(kind, "; ".join(d.reason for d in found), found))
-    return CertPlan(cert, tuple(actions), None, readiness_of(cert, observed, drifts))
+    return CertPlan(cert, _with_delivery(cert, actions, observed.guest), None, readiness_of(cert, observed, drifts))
+
+
+def _with_delivery(cert: DesiredCert, actions: list[Action], seen: GuestSeen | None) -> tuple[Action, ...]:
+    """New host files go to the guest too, and a delivery is followed by the guest's reload."""
+    if cert.guest is None:
+        return tuple(actions)
+    kinds = {a.action for a in actions}
+    out = [a for a in actions if a.action not in (DELIVER, RELOAD, RUN_HOOK)]
+    if kinds & set(CONTENT_ACTIONS + FILE_ACTIONS) and DELIVER not in kinds:
+        seen = seen or GuestSeen()
+        rows = guest_drifts(cert.guest, seen.source, seen.record, seen.view, content_changes=True)
+        out += [Action(DELIVER, rows[0][2], (Drift(*rows[0]),))]
+    else:
+        out += [a for a in actions if a.action == DELIVER]
+    if any(a.action == DELIVER for a in out) and cert.guest.reload and not cert.guest.legacy:
+        out.append(Action(RELOAD, f"after the delivery, inside {cert.guest.describe()}: {cert.guest.reload}", ()))
+    else:
+        out += [a for a in actions if a.action == RELOAD]
+    return tuple(out + [a for a in actions if a.action == RUN_HOOK])
 
 
 def make_plan(
@@ -117,7 +144,8 @@ def force_renewal(plan: Plan, names: frozenset[str]) -> Plan:
             action = Action(content.action, f"{FORCED}; {content.reason}", content.drifts)
         else:
             action = Action(RENEW, FORCED, (Drift("renewal", RENEW, FORCED, None, "renewed now"),))
-        out.append(CertPlan(p.cert, (action,), None, p.readiness))
+        delivery = [a for a in p.actions if a.action == DELIVER]
+        out.append(CertPlan(p.cert, _with_delivery(p.cert, [action, *delivery], None), None, p.readiness))
     return Plan(tuple(out), hooks_for(out), plan.notes)
 
 

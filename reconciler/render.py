@@ -13,13 +13,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from reconciler.apply import Result
 
 FORMAT_VERSION = 1
-SYMBOLS = {"issue": "+", "reissue": "-/+", "renew": "~", "rewrite_chain": "~", "write_ca": "+", "chown": "~", "chmod": "~", "run_hook": "!"}
+SYMBOLS = {"issue": "+", "reissue": "-/+", "renew": "~", "rewrite_chain": "~", "write_ca": "+", "chown": "~", "chmod": "~", "run_hook": "!", "deliver": ">", "reload": "!"}
 # how an action reads in the text plan: (the column, the summary's "N to ...")
 WORDS = {"rewrite_chain": ("rewrite chain", "rewrite the chain"), "write_ca": ("write CA file", "write the CA file")}
-COLOURS = {"+": "32", "-/+": "33", "~": "33", "!": "35", "x": "31"}
+COLOURS = {">": "36", "+": "32", "-/+": "33", "~": "33", "!": "35", "x": "31"}
 # what was done, for "N of M <done>" after a pass (run_hook counts certificates)
 DONE = {"issue": "issued", "reissue": "reissued", "renew": "renewed", "chown": "chowned", "chmod": "chmodded",
-        "rewrite_chain": ("chain rewritten", "chains rewritten"), "write_ca": ("CA file written", "CA files written")}
+        "rewrite_chain": ("chain rewritten", "chains rewritten"), "write_ca": ("CA file written", "CA files written"),
+        "deliver": "delivered to guests", "reload": ("reloaded in its guest", "reloaded in their guests")}
 
 
 def plural(n: int, noun: str, many: str | None = None) -> str:
@@ -142,11 +143,15 @@ def _result_rows(changed: list, result: "Result") -> tuple[dict[str, list[int]],
     """Per action [planned, done, failed], and one (symbol, name, text) row per action."""
     outcomes = {c.name: c for c in result.certificates}
     hook_ok = {n: h.ok for h in result.hooks if not h.refused for n in h.certificates}
+    guests = {d.name: d for d in result.deliveries}
     counts: dict[str, list[int]] = {}
     rows: list[tuple[str, str, str]] = []
     for p in changed:
         for a in p.actions:
-            done, failed, note = _action_done(a.action, outcomes.get(p.cert.name), hook_ok.get(p.cert.name))
+            if a.action in ("deliver", "reload"):
+                done, failed, note = _delivery_done(a.action, guests.get(p.cert.name))
+            else:
+                done, failed, note = _action_done(a.action, outcomes.get(p.cert.name), hook_ok.get(p.cert.name))
             n = counts.setdefault(a.action, [0, 0, 0])
             n[0], n[1], n[2] = n[0] + 1, n[1] + done, n[2] + failed
             rows.append((SYMBOLS[a.action] if done else "x", p.cert.name, f"{_column(a.action):<8} {a.reason}{note}"))
@@ -161,6 +166,19 @@ def _action_done(action: str, res, hook_ok: bool | None) -> tuple[bool, bool, st
     if action == "run_hook":
         return hook_ok is True, hook_ok is not True, "" if hook_ok is True else " (the hook did not succeed)"
     return res.ok, not res.ok, "" if res.ok else " (failed)"
+
+
+def _delivery_done(action: str, outcome) -> tuple[bool, bool, str]:
+    """(done, failed, note) of a delivery into a Proxmox guest or the reload there: a guest
+    that is not running owes it (not a failure)."""
+    if outcome is None:
+        return False, False, " (not started)"
+    if outcome.owed:
+        return False, False, f" (owed: {outcome.owed})"
+    if not outcome.ok:
+        return False, True, f" (failed: {outcome.error})"
+    done = outcome.delivered if action == "deliver" else outcome.reloaded
+    return done, False, ""
 
 
 def _done_count(action: str, planned: int, done: int, failed: int) -> str:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from reconciler.atomic import write_atomic
 from reconciler.faults import fault_point
+from reconciler.guestfacts import DeliveryRecord
 from reconciler.statefiles import StateFileDamaged, StatusError, read_state_file  # noqa: F401  (StatusError: re-exported)
 
 VERSION = 1
@@ -76,6 +77,8 @@ class CertRecord:
     hook_pending: bool = False
     hook_failures: int = 0
     hook: HookRun | None = None
+    # the last delivery into the entry's Proxmox guest (reconciler.guestfacts)
+    delivery: DeliveryRecord | None = None
     # what was owed before a rewrite began (this pass only, never saved): None, none began
     owed_before_rewrite: bool | None = field(default=None, repr=False, compare=False)
 
@@ -184,6 +187,8 @@ class CertRecord:
             out["hook_failures"] = self.hook_failures
         if self.hook is not None:
             out["hook"] = dict(vars(self.hook))
+        if self.delivery is not None:
+            out["delivery"] = self.delivery.to_json()
         return out
 
     @classmethod
@@ -201,6 +206,11 @@ class CertRecord:
         rec.hook_pending = _checked(raw, "hook_pending", False, lambda v: isinstance(v, bool), "not true or false")
         if raw.get("hook") is not None:
             rec.hook = HookRun.from_json(raw["hook"])
+        if raw.get("delivery") is not None:
+            try:
+                rec.delivery = DeliveryRecord.from_json(raw["delivery"])
+            except ValueError as exc:
+                raise StateFileDamaged(str(exc)) from None
         return rec
 
 

@@ -47,7 +47,7 @@ def test_a_qm_guest_exec_hook_that_succeeds_in_the_vm_succeeds(tmp_path, cluster
 
 def test_a_qm_guest_exec_hook_cut_off_by_its_timeout_is_a_failed_hook(tmp_path, cluster):
     cluster.add(201, "vm")
-    cluster.hang(201)  # qm warns "timeout reached, returning pid", prints {"pid": N} and exits 0
-    entry = legacy_entry(tmp_path / "out", "web", 201, "vm", "qm guest exec 201 --timeout 1 -- sh -c 'systemctl reload nginx'")
+    # at its --timeout qm warns "timeout reached, returning pid", prints {"pid": N} and exits 0
+    entry = legacy_entry(tmp_path / "out", "web", 201, "vm", "qm guest exec 201 --timeout 1 -- sh -c 'sleep 60'")
     proc = _run(tmp_path, cluster, [entry], check=1)
     assert "did not finish before qm's --timeout" in proc.stdout + proc.stderr

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
+from reconciler.errors import ReconcilerError
 from reconciler.guests.agent import GuestRun, run_of
 
 # one call's limit: pct/qm start a Perl interpreter (a second or two on a busy node)
@@ -27,15 +28,8 @@ AGENT_TIMEOUT = 30
 RUNNING = "running"
 
 
-class GuestError(Exception):
+class GuestError(ReconcilerError):
     """A guest could not be reached or a command in it failed. `hint`: what to do."""
-
-    def __init__(self, message: str, hint: str = ""):
-        super().__init__(message)
-        self.message, self.hint = message, hint
-
-    def __str__(self) -> str:
-        return self.message + (f" ({self.hint})" if self.hint else "")
 
 
 class GuestMissing(GuestError):

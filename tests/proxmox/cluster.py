@@ -53,6 +53,9 @@ class Cluster:
         (rootfs / "etc" / "passwd").write_text(PASSWD)
         (rootfs / "etc" / "group").write_text(GROUP)
         subprocess.run(["chroot", str(rootfs), "/bin/busybox", "--install", "-s", "/bin"], check=True)
+        # the published hooks say `bash -c`; busybox's shell understands what they ask of it
+        (rootfs / "bin" / "bash").write_text('#!/bin/sh\nexec /bin/sh "$@"\n')
+        os.chmod(rootfs / "bin" / "bash", 0o755)
 
     def add(self, vmid: int, kind: str = "lxc", node: str | None = None, running: bool = True, agent: bool = True) -> Path:
         """A guest (`kind` "lxc" or "vm") on `node`; returns its root folder as the host sees it."""
@@ -94,6 +97,17 @@ class Cluster:
 
     def lose_agent(self, vmid: int, on: bool = True) -> None:
         self._mark(vmid, "agent-down", on)
+
+    def migrate(self, vmid: int, kind: str, target: str) -> None:
+        """Offline migration: the guest's configuration moves to `target` (pmxcfs does it atomically)."""
+        tool = "pct" if kind == "lxc" else "qm"
+        node = next(p.parent.parent.name for p in (self.root / "pve" / "nodes").glob(f"*/*/{vmid}.conf"))
+        was_running = (self.guest_dir(vmid) / "running").exists()
+        self.stop(vmid)
+        proc = self.run(tool, "migrate", str(vmid), target, node=node)
+        assert proc.returncode == 0, proc.stderr
+        if was_running:
+            self.start(vmid)
 
     def run(self, tool: str, *args: str, node: str | None = None, input: bytes | None = None) -> subprocess.CompletedProcess:
         """Run a stand-in as the reconciler would (tests of the contracts themselves)."""
