@@ -2,7 +2,8 @@
 
 The checks run in dependency order: the manifest, the state folder, the issuer (its own
 `diagnose()`: the embedded CA's files, or step-ca's DNS, TCP, TLS, health, provisioner and
-password), then what every certificate needs (its folders, owners, hook programs)."""
+password), then what every certificate needs (its folders, owners, hook programs), then the
+Proxmox guests entries deliver into (reconciler.guests.diagnose)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from reconciler.issuers import IssuerConfigError, IssuerError, make_issuer
 from reconciler.manifest import ManifestError, load
 from reconciler.model import Desired, IssuerSpec
 from reconciler.desired import load_desired, resolve_issuer
+from reconciler.guests.diagnose import guest_checks
 from reconciler.passes import Settings
 from reconciler.render import plural
 
@@ -115,6 +117,7 @@ def run_doctor(settings: Settings) -> int:
         if spec is not None:
             checks += _issuer_checks(spec, settings.state_dir)
         checks += _target_checks(desired)
+        checks += guest_checks(desired)
     if spec is not None:
         print(f"issuer: {spec.describe(settings.state_dir)}")
     for check in checks:

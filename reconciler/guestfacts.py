@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,9 +246,8 @@ def guest_spec_of(entry: dict) -> tuple[GuestSpec | None, list[tuple[str, str]]]
 def validate_notes(certs) -> list[str]:
     """What `validate` adds for guest entries (DesiredCerts): for each legacy entry the guest
     object it means, and a warning where legacy entries of one guest share the /tmp files."""
-    import json
-
-    notes, by_guest = [], {}
+    notes: list[str] = []
+    by_guest: dict[str, list[str]] = {}
     for cert in certs:
         spec = cert.guest
         if spec is None or not spec.legacy:

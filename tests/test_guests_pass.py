@@ -218,3 +218,20 @@ def test_a_guest_object_beside_legacy_guest_fields_is_refused(site):
     site.write([entry])
     proc = reconcile("validate", "-m", str(site.manifest), "--state-dir", str(site.state), check=1)
     assert "either the guest object or the legacy guest_id + guest_type" in proc.stderr
+
+
+def test_doctor_checks_each_guest_runs_its_agent_answers_and_its_target_folders_exist(site):
+    site.cluster.add(101, "lxc")
+    site.cluster.add(102, "lxc", running=False)
+    site.cluster.add(201, "vm")
+    site.cluster.lose_agent(201)
+    site.write([site.entry("a", 101, key_path="/etc/nope/a.key"), site.entry("b", 102), site.entry("c", 201, "vm"), site.entry("d", 999)])
+    proc = reconcile("doctor", "-m", str(site.manifest), "--state-dir", str(site.state), env=site.cluster.env(), check=1)
+    out = proc.stdout
+    assert "✓ pct is present" in out and "✓ qm is present" in out
+    assert "✓ container 101 exists and runs" in out
+    assert "✓ container 101: target folder /etc/nginx/ssl exists" in out
+    assert "✗ container 101: target folder /etc/nope does not exist" in out
+    assert "✗ container 102 is stopped" in out and "pct start 102" in out
+    assert "✗ VM 201: QEMU guest agent is not running" in out and "agent: 1" in out
+    assert "✗ container 999 does not exist on this node" in out

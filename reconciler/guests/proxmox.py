@@ -189,7 +189,7 @@ def _error_of(guest: Guest, argv: list[str], proc: subprocess.CompletedProcess) 
     if "failed to get uid" in said or "failed to get gid" in said:
         return GuestError(f"{what} into {guest} failed: {said}", "the owner must exist inside the guest")
     if "guest agent" in said:
-        return GuestError(f"{what} {guest.id} failed: {said}", "start qemu-guest-agent inside the VM and enable the agent option")
+        return GuestError(f"{guest}: {said}", "start qemu-guest-agent inside the VM and enable the agent option (agent: 1)")
     return GuestError(f"{what} {guest.id} failed: {said}")
 
 
