@@ -73,3 +73,24 @@ def test_every_error_the_cli_reports_derives_from_one_base_with_a_hint():
     assert (err.message, err.hint) == ("the thing at /x is broken", "fix /x")
     assert str(err) == "the thing at /x is broken (hint: fix /x)"
     assert str(ReconcilerError("no hint here")) == "no hint here"
+
+
+def test_a_bad_timeout_in_the_environment_is_reported_like_the_flag_it_stands_for(tmp_path):
+    manifest = bare_manifest(tmp_path)
+    before = tree_snapshot(tmp_path)
+    proc = reconcile("-m", str(manifest), state_dir=tmp_path / "state", env={"RECONCILER_CA_TIMEOUT": "soon"})
+    assert proc.returncode == 2, proc.stderr
+    assert "argument --ca-timeout: 'soon' is not a number of seconds" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert tree_snapshot(tmp_path) == before
+
+
+def test_defaults_read_the_environment_they_are_given_not_the_process_one():
+    from reconciler import defaults
+
+    env = {"RECONCILER_STATE_DIR": "", "RECONCILER_ALLOW_UNTRUSTED_MANIFEST": "0"}
+    assert defaults.setting("RECONCILER_STATE_DIR", "/fallback", env) == "/fallback"  # empty counts as unset
+    assert not defaults.flag("RECONCILER_ALLOW_UNTRUSTED_MANIFEST", env)
+    assert defaults.flag("RECONCILER_ALLOW_UNTRUSTED_MANIFEST", {"RECONCILER_ALLOW_UNTRUSTED_MANIFEST": "yes"})
+    assert not defaults.colour_allowed({"NO_COLOR": ""}) and not defaults.colour_allowed({"TERM": "dumb"})
+    assert defaults.colour_allowed({"TERM": "xterm"})
