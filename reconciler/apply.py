@@ -61,7 +61,12 @@ def sweep(plan: Plan, extra: tuple[Path, ...] = ()) -> list[Path]:
     `extra` folders: the state folder, where the status store is written)."""
     folders = {p.cert.cert_path.parent for p in plan.certificates} | {p.cert.key_path.parent for p in plan.certificates}
     folders |= {p.cert.ca_path.parent for p in plan.certificates if p.cert.ca_path is not None}
-    folders |= {Path(os.path.realpath(path)).parent for p in plan.certificates if p.cert.allow_symlink for path in (p.cert.cert_path, p.cert.key_path)}
+    folders |= {
+        Path(os.path.realpath(path)).parent
+        for p in plan.certificates
+        if p.cert.allow_symlink
+        for path in (p.cert.cert_path, p.cert.key_path)
+    }
     folders |= set(extra)
     removed: list[Path] = []
     for folder in sorted(folders):

@@ -32,8 +32,13 @@ class ApplyReporter:
     """`save`: write the store at the moments the owed-hook rule needs (a pass); False
     keeps the records in memory only. `progress`: a bar on stderr (None: when a TTY)."""
 
-    def __init__(self, status: StatusStore, progress: bool | None = None, save: bool = True,
-                 now: Callable[[], datetime] = _utcnow):
+    def __init__(
+        self,
+        status: StatusStore,
+        progress: bool | None = None,
+        save: bool = True,
+        now: Callable[[], datetime] = _utcnow,
+    ):
         self.status = status
         self.save = save
         self.now = now
@@ -106,10 +111,16 @@ class ApplyReporter:
         run = HookRun(command, "skipped", None, self.now().isoformat())
         for name in ready:
             self.status.cert(name).hook_ran(run)
-        log.warning("hook %r for %s not run (--no-hooks); recorded as owed, the next pass without --no-hooks runs it", command, ", ".join(ready))
+        log.warning(
+            "hook %r for %s not run (--no-hooks); recorded as owed, the next pass without --no-hooks runs it",
+            command,
+            ", ".join(ready),
+        )
 
     def hook_finished(self, outcome: HookOutcome, ready: list[str]) -> None:
-        run = HookRun(outcome.command, _result(outcome), outcome.returncode, self.now().isoformat(), list(outcome.output_tail))
+        run = HookRun(
+            outcome.command, _result(outcome), outcome.returncode, self.now().isoformat(), list(outcome.output_tail)
+        )
         for name in ready:
             self.status.cert(name).hook_ran(run)
         if outcome.ok:
@@ -118,7 +129,10 @@ class ApplyReporter:
             return
         log.error(
             "hook %r for %s %s; it will run again on the next pass. Last output: %s",
-            outcome.command, ", ".join(ready), outcome.describe(), " | ".join(outcome.output_tail[-3:]) or "(none)",
+            outcome.command,
+            ", ".join(ready),
+            outcome.describe(),
+            " | ".join(outcome.output_tail[-3:]) or "(none)",
         )
 
 
@@ -147,7 +161,10 @@ class _Progress:
             if self.count % 10 == 0 or self.count == self.total:
                 width = 30
                 filled = int(width * min(self.count, self.total) / self.total)
-                sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {min(self.count, self.total)}/{self.total} certificates")
+                sys.stderr.write(
+                    f"\r[{'#' * filled}{'.' * (width - filled)}] "
+                    f"{min(self.count, self.total)}/{self.total} certificates"
+                )
                 sys.stderr.flush()
 
     def done(self) -> None:

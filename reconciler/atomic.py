@@ -138,7 +138,12 @@ def write_atomic(
 
 
 def set_metadata(
-    path: Path, uid: int | None, gid: int | None, mode: int | None, follow_symlinks: bool = False, folder: Folder | None = None
+    path: Path,
+    uid: int | None,
+    gid: int | None,
+    mode: int | None,
+    follow_symlinks: bool = False,
+    folder: Folder | None = None,
 ) -> None:
     """chown + chmod of an existing regular file, through one descriptor opened without
     following a symlink (unless asked): a path swapped for a link since it was observed
@@ -244,8 +249,17 @@ class Transaction:
     def __exit__(self, *exc) -> None:
         self.discard()
 
-    def stage(self, label: str, folder: Folder, name: str, data: bytes, mode: int,
-              uid: int | None = None, gid: int | None = None, xattrs: dict[str, bytes] | None = None) -> None:
+    def stage(
+        self,
+        label: str,
+        folder: Folder,
+        name: str,
+        data: bytes,
+        mode: int,
+        uid: int | None = None,
+        gid: int | None = None,
+        xattrs: dict[str, bytes] | None = None,
+    ) -> None:
         tmp = stage(Path(name), data, mode, uid, gid, folder, xattrs)
         self._staged.append(_Staged(label, folder, name, tmp, None))
         self._staged[-1].old = _keep_old(folder, name)

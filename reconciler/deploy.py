@@ -20,7 +20,9 @@ from reconciler.sans import ordered
 from reconciler.targets import DeployError, Targets, fix_metadata, open_target, os_error, read
 
 
-def deploy(cert_plan: CertPlan, issuer: Issuer, pending_dirs: set[Path] | None, manager: str | None) -> tuple[bool, Written | None]:
+def deploy(
+    cert_plan: CertPlan, issuer: Issuer, pending_dirs: set[Path] | None, manager: str | None
+) -> tuple[bool, Written | None]:
     """Carry out `cert_plan`: (whether a file's content changed, the new certificate and key
     as written, already parsed). Raises DeployError, IssuerError or OSError. `manager`: our
     state folder's identity (reconciler.managed), marked on every file written; a file
@@ -42,7 +44,9 @@ def deploy(cert_plan: CertPlan, issuer: Issuer, pending_dirs: set[Path] | None, 
     return bool(files), None
 
 
-def _deploy_content(cert: DesiredCert, action: str, issuer: Issuer, pending_dirs: set[Path] | None, manager: str | None) -> Written:
+def _deploy_content(
+    cert: DesiredCert, action: str, issuer: Issuer, pending_dirs: set[Path] | None, manager: str | None
+) -> Written:
     with Targets(cert, manager) as targets:
         # every target is checked before the CA is asked: a folder, an immutable file or
         # another state folder's file fails here, with nothing issued and nothing replaced
@@ -51,7 +55,11 @@ def _deploy_content(cert: DesiredCert, action: str, issuer: Issuer, pending_dirs
         if cert.ca_path is not None:
             targets.check("ca", cert.ca_path)
         current = _current_key(cert, action, targets.existing("key"))
-        reuse = cert.key.rotation == "never" and current is not None and key_type_of(current.public_key()) == cert.key.describe()
+        reuse = (
+            cert.key.rotation == "never"
+            and current is not None
+            and key_type_of(current.public_key()) == cert.key.describe()
+        )
         key = current if reuse else generate_key(cert.key)
         request = IssueRequest(cert.name, cert.common_name, ordered(cert.sans), cert.duration, cert.cert_type, cert.key)
         old_cert = targets.existing("cert")
@@ -105,15 +113,24 @@ def _check_issued(cert: DesiredCert, key, leaf_pem: bytes) -> x509.Certificate:
     try:
         leaf = x509.load_pem_x509_certificates(leaf_pem)[0]
     except ValueError:
-        raise IssuerError("the CA returned something that is not a PEM certificate", hint="check the CA's logs") from None
+        raise IssuerError(
+            "the CA returned something that is not a PEM certificate", hint="check the CA's logs"
+        ) from None
     if not same_public_key(leaf, key):
-        raise IssuerError("the CA returned a certificate for another key than the one requested", hint="check the CA's logs")
+        raise IssuerError(
+            "the CA returned a certificate for another key than the one requested", hint="check the CA's logs"
+        )
     try:
         got = cert_sans(leaf)
     except ValueError as exc:
-        raise IssuerError(f"the CA returned a certificate whose SANs do not parse: {exc}", hint="check the CA's logs") from None
+        raise IssuerError(
+            f"the CA returned a certificate whose SANs do not parse: {exc}", hint="check the CA's logs"
+        ) from None
     if got != cert.sans:
-        raise IssuerError(f"the CA returned a certificate for other SANs ({', '.join(sorted(got))}) than requested", hint="check the CA's policy for this provisioner")
+        raise IssuerError(
+            f"the CA returned a certificate for other SANs ({', '.join(sorted(got))}) than requested",
+            hint="check the CA's policy for this provisioner",
+        )
     return leaf
 
 
@@ -126,12 +143,18 @@ def _rewritten_chain(cert: DesiredCert, action: Action, issuer: Issuer) -> bytes
         with folder:
             leaf = x509.load_pem_x509_certificates(read(folder, name))[0]
     except ValueError:
-        raise DeployError(f"cannot rewrite the chain of {cert.cert_path}: it no longer holds a certificate (the next pass re-issues it)") from None
+        raise DeployError(
+            f"cannot rewrite the chain of {cert.cert_path}: it no longer holds a certificate "
+            "(the next pass re-issues it)"
+        ) from None
     except OSError as exc:
         raise DeployError(os_error(exc, "read", cert.cert_path)) from None
     known = {fingerprint(c): c for c in issuer.trust_roots()}
     missing = [fp for fp in drift.desired if fp not in known]
     if missing:
-        raise DeployError(f"cannot rewrite the chain of {cert.cert_path}: the issuer no longer knows certificate {missing[0]} of it (the next pass plans again)")
+        raise DeployError(
+            f"cannot rewrite the chain of {cert.cert_path}: the issuer no longer knows certificate {missing[0]} "
+            "of it (the next pass plans again)"
+        )
     pem = serialization.Encoding.PEM
     return b"".join(c.public_bytes(pem) for c in [leaf, *(known[fp] for fp in drift.desired)])

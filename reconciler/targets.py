@@ -39,7 +39,8 @@ def os_error(exc: OSError, what: str, path: Path) -> str:
         errno.EPERM: "operation not permitted; run as root (chown needs it)",
         errno.EROFS: "the filesystem is read-only",
         errno.ELOOP: "it is a symlink now; refusing to follow it",
-        errno.EBUSY: "it is a mount point (a bind mount?); unmount it, or point the manifest at the mounted file's own path",
+        errno.EBUSY: "it is a mount point (a bind mount?); unmount it, "
+        "or point the manifest at the mounted file's own path",
         errno.EISDIR: "it is a directory; point the manifest at a file inside it",
     }
     if os.geteuid() == 0:  # root already: "run as root" would send the operator the wrong way
@@ -54,7 +55,9 @@ def open_target(cert: DesiredCert, label: str, path: Path, create: bool = False)
     """The folder a write to `path` lands in, and the file's name there. A symlink at `path`
     itself is replaced, never written through, unless the entry says "allow_symlink": true:
     then its final target is (observe followed it too)."""
-    return resolve_file(path, {cert.uid} if cert.uid is not None else set(), cert.allow_symlink, 0o755 if create else None, label)
+    return resolve_file(
+        path, {cert.uid} if cert.uid is not None else set(), cert.allow_symlink, 0o755 if create else None, label
+    )
 
 
 def refuse_foreign(folder: Folder, name: str, label: str, path: Path, manager: str | None) -> None:
@@ -145,7 +148,9 @@ class Targets:
             for label, path, data, mode in files:
                 folder, name = self._opened[label]  # type: ignore[misc]
                 try:
-                    tx.stage(label, folder, name, data, mode, self.cert.uid, self.cert.gid, marks if label != "ca" else None)
+                    tx.stage(
+                        label, folder, name, data, mode, self.cert.uid, self.cert.gid, marks if label != "ca" else None
+                    )
                 except OSError as exc:
                     raise DeployError(os_error(exc, "write", path)) from None
             try:
@@ -186,7 +191,9 @@ def _preflight(folder: Folder, name: str, label: str, path: Path, manager: str |
     if label != "ca":  # one CA root file may serve several reconcilers
         refuse_foreign(folder, name, label, path, manager)
     if stat.S_ISREG(st.st_mode) and _immutable(folder, name):
-        raise DeployError(os_error(OSError(errno.EPERM, "the file has the immutable or append-only attribute"), "replace", path))
+        raise DeployError(
+            os_error(OSError(errno.EPERM, "the file has the immutable or append-only attribute"), "replace", path)
+        )
 
 
 def _immutable(folder: Folder, name: str) -> bool:

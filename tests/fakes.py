@@ -113,7 +113,9 @@ class InProcessPass:
     state: Path
     issuer: FakeIssuer = field(default_factory=FakeIssuer)
 
-    def plan(self, desired: Desired, status: StatusStore | None = None, now: datetime | None = None) -> tuple[Plan, dict[str, str | None]]:
+    def plan(
+        self, desired: Desired, status: StatusStore | None = None, now: datetime | None = None
+    ) -> tuple[Plan, dict[str, str | None]]:
         status = status or StatusStore(self.state)
         observed = observe_all(desired.certificates, Trust.of(self.issuer.trust_roots(), authoritative=True))
         serials = {name: (o.cert.serial if o.cert else None) for name, o in observed.items()}

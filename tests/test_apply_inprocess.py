@@ -24,7 +24,12 @@ from reconciler.observe import Trust, observe
 
 
 def entry(out: Path, name: str, **extra) -> dict:
-    return {"common_name": f"{name}.example", "cert_path": str(out / f"{name}.crt"), "key_path": str(out / f"{name}.key"), **extra}
+    return {
+        "common_name": f"{name}.example",
+        "cert_path": str(out / f"{name}.crt"),
+        "key_path": str(out / f"{name}.key"),
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -89,7 +94,9 @@ def test_a_failed_hook_stays_owed_until_a_later_pass_runs_it_successfully(site):
     fail = tmp / "fail"
     fail.write_text("")
     command = f"echo run >> {ran}; test ! -e {fail}"
-    desired = desired_from(tmp, [entry(out, "a", post_renewal_command=command), entry(out, "b", post_renewal_command=command)])
+    desired = desired_from(
+        tmp, [entry(out, "a", post_renewal_command=command), entry(out, "b", post_renewal_command=command)]
+    )
     _plan, result, _status = run.run(desired)
     (hook,) = result.hooks
     assert not hook.ok and hook.certificates == ("a.example", "b.example")
@@ -132,9 +139,14 @@ def test_a_cancelled_pass_starts_no_certificate_runs_no_hook_and_owes_nothing_ne
 
 def test_renewal_with_rotation_never_keeps_the_key_and_replaces_only_the_certificate(site):
     tmp, out, run = site
-    desired = desired_from(tmp, [entry(out, "a", duration="1h", renew_before="20m", key={"type": "EC", "rotation": "never"})])
+    desired = desired_from(
+        tmp, [entry(out, "a", duration="1h", renew_before="20m", key={"type": "EC", "rotation": "never"})]
+    )
     run.run(desired)
-    key, serial = (out / "a.key").read_bytes(), x509.load_pem_x509_certificates((out / "a.crt").read_bytes())[0].serial_number
+    key, serial = (
+        (out / "a.key").read_bytes(),
+        x509.load_pem_x509_certificates((out / "a.crt").read_bytes())[0].serial_number,
+    )
     plan, result, _status = run.run(desired, now=datetime.now(timezone.utc) + timedelta(minutes=50))
     assert [a.action for a in plan.certificates[0].actions] == ["renew"]
     assert result.ok and (out / "a.key").read_bytes() == key
