@@ -73,7 +73,9 @@ class Issued:
 
 class Issuer(Protocol):
     def issue(self, request: IssueRequest, key: "CertificateIssuerPrivateKeyTypes") -> Issued:
-        """Sign a new certificate for `key` (the CSR is built from request + key)."""
+        """Sign a new certificate for `key` (the CSR is built from request + key). What is
+        returned has been checked: the leaf's signature verifies under the first certificate
+        of `chain_pem` named as its issuer (apply does not verify it a second time)."""
 
     def renew(
         self,
