@@ -10,11 +10,21 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from reconciler.crypto import cert_sans, fingerprint, generate_key, key_to_pem, key_type_of, load_key, public_key_id, same_public_key
+from reconciler.crypto import (
+    cert_sans,
+    fingerprint,
+    generate_key,
+    key_to_pem,
+    key_type_of,
+    load_key,
+    public_key_id,
+    same_public_key,
+)
 from reconciler.diff import CHMOD, CHOWN, RENEW, REWRITE_CHAIN, WRITE_CA
 from reconciler.folders import Folder
 from reconciler.issuers import Issued, IssueRequest, Issuer, IssuerError
 from reconciler.model import CA_MODE, DesiredCert, Written
+from reconciler.parse import content_digest
 from reconciler.plan import Action, CertPlan
 from reconciler.sans import ordered
 from reconciler.targets import DeployError, Targets, fix_metadata, open_target, os_error, read
@@ -67,33 +77,31 @@ def _deploy_content(
             issued = issuer.renew(request, key, read(*old_cert), current)
         else:
             issued = issuer.issue(request, key)
-        leaf = _check_issued(cert, key, issued.leaf_pem)
-        written = _as_written(cert, leaf, issued, None if reuse else key)
+        signer = _signer(_check_issued(cert, key, issued.leaf_pem), issued)
+        body = issued.leaf_pem.rstrip(b"\n") + b"\n"
+        if cert.include_ca and issued.chain_pem:
+            body += issued.chain_pem.rstrip(b"\n") + b"\n"
+        written = Written(content_digest(body), signer)
         # key first, then certificate: a crash in between shows as a key mismatch next pass
-        files = [] if written.key_pem is None else [("key", cert.key_path, written.key_pem, cert.key_mode)]
-        files.append(("cert", cert.cert_path, written.cert_pem, cert.cert_mode))
+        files = [("cert", cert.cert_path, body, cert.cert_mode)]
+        if not reuse:
+            key_pem = key_to_pem(key)
+            files.insert(0, ("key", cert.key_path, key_pem, cert.key_mode))
+            written = Written(written.cert_digest, signer, content_digest(key_pem), public_key_id(key.public_key()))
         if cert.ca_path is not None and issued.root_pem:
             files.append(("ca", cert.ca_path, issued.root_pem, CA_MODE))
         targets.write(files, pending_dirs)
         return written
 
 
-def _as_written(cert: DesiredCert, leaf: x509.Certificate, issued: Issued, new_key) -> Written:
-    """The certificate file's bytes (the leaf, then the chain with include_ca) and the new
-    key's, with the parse the re-observation of this pass reuses. The signer is the chain's
-    certificate named as the leaf's issuer: the issuer verified that signature."""
+def _signer(leaf: x509.Certificate, issued: Issued) -> str | None:
+    """The fingerprint of the chain's certificate named as the leaf's issuer: the issuer
+    verified the leaf's signature under it before it answered (the Issuer protocol)."""
     try:
         chain = x509.load_pem_x509_certificates(issued.chain_pem) if issued.chain_pem.strip() else []
     except ValueError:
         raise IssuerError("the CA returned a chain that is not PEM certificates", hint="check the CA's logs") from None
-    signer = next((fingerprint(c) for c in chain if c.subject == leaf.issuer), None)
-    body = issued.leaf_pem.rstrip(b"\n") + b"\n"
-    if cert.include_ca and chain:
-        body += issued.chain_pem.rstrip(b"\n") + b"\n"
-    certs = (leaf, *chain) if cert.include_ca else (leaf,)
-    if new_key is None:
-        return Written(body, certs, signer=signer)
-    return Written(body, certs, key_to_pem(new_key), public_key_id(new_key.public_key()), signer)
+    return next((fingerprint(c) for c in chain if c.subject == leaf.issuer), None)
 
 
 def _current_key(cert: DesiredCert, action: str, key_file: tuple[Folder, str] | None):

@@ -189,14 +189,14 @@ class Observed:
 
 @dataclass(frozen=True)
 class Written:
-    """What apply wrote for one certificate, parsed once there. Re-observing a file whose
-    bytes are exactly `cert_pem` (or `key_pem`) reuses that parse instead of a second one;
-    a file changed since is read and parsed as any other. `signer`: the fingerprint of the
-    certificate that signed the leaf, whose signature the issuer verified before it answered
-    (the Issuer protocol), so it is not checked twice."""
+    """What apply wrote for one certificate, as SHA-256 digests of the bytes (kept small:
+    a pass may write thousands). Re-observing a file whose bytes still have that digest
+    reuses what apply already knows: `signer`, the fingerprint of the certificate that
+    signed the leaf, whose signature the issuer verified before it answered (the Issuer
+    protocol), and `key_id`, the new key's public key id. Any other file is read and
+    checked as usual."""
 
-    cert_pem: bytes
-    certs: tuple = field(repr=False)  # the x509 leaf and the chain after it, as in cert_pem
-    key_pem: bytes | None = field(default=None, repr=False)  # None: the key on disk was kept
-    key_id: str | None = None
+    cert_digest: str
     signer: str | None = None
+    key_digest: str | None = None  # None: the key on disk was kept, not written
+    key_id: str | None = None

@@ -17,7 +17,7 @@ from reconciler.folder_checks import folders_problem
 from reconciler.managed import foreign, refusal
 from reconciler.model import CertFacts, DesiredCert, FileState, Observed, Written
 from reconciler.observation_cache import ObservationCache
-from reconciler.parse import LIMIT, Trust, parse_cert, parse_key, pem_certificates
+from reconciler.parse import LIMIT, Trust, content_digest, parse_cert, parse_key, pem_certificates
 
 
 def observe_all(
@@ -66,7 +66,7 @@ def _read_parsed(path: Path, state: FileState, parse):
 
 
 def _parse_key(data: bytes, written: Written | None) -> tuple[str | None, str | None]:
-    if written is not None and written.key_pem == data:
+    if written is not None and written.key_digest is not None and content_digest(data) == written.key_digest:
         return written.key_id, None  # the key apply just wrote, parsed there
     return parse_key(data)
 

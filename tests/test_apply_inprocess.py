@@ -8,16 +8,16 @@ import errno
 import json
 import os
 import stat
-from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from fakes import InProcessPass, desired_from
+from fakes import FakeIssuer, InProcessPass, desired_from
 
 from reconciler.atomic import CommitRefused, Transaction
+from reconciler.crypto import fingerprint
 from reconciler.folders import open_folder
 from reconciler.issuers import IssuerError
 from reconciler.observe import Trust, observe
@@ -154,22 +154,26 @@ def test_renewal_with_rotation_never_keeps_the_key_and_replaces_only_the_certifi
 
 
 @pytest.mark.parametrize("include_ca", [False, True])
-def test_re_observing_what_apply_wrote_reuses_its_parse_with_the_same_facts_and_sees_a_later_change(site, include_ca):
+def test_re_observing_what_apply_wrote_gives_the_facts_of_a_fresh_read_and_sees_a_later_change(site, include_ca):
     tmp, out, run = site
     desired = desired_from(tmp, [entry(out, "a", include_ca=include_ca), entry(out, "b")])
     _plan, result, _status = run.run(desired)
     written = result.certificates[0].written
-    assert written is not None and written.cert_pem == (out / "a.crt").read_bytes()
+    assert written is not None and written.signer == fingerprint(run.issuer.intermediate)
     cert, trust = desired.certificates[0], Trust.of(run.issuer.trust_roots(), authoritative=True)
     fresh = observe(cert, trust)
-    assert fresh.cert.issued_by is not None and fresh.key_matches
+    assert fresh.cert.issued_by == written.signer and fresh.key_matches
     assert observe(cert, trust, written=written) == fresh
-    # and it is not parsed again: facts come from what apply parsed (here swapped to show it)
-    other = x509.load_pem_x509_certificates((out / "b.crt").read_bytes())[0]
-    assert observe(cert, trust, written=replace(written, certs=(other,))).cert.common_name == "b.example"
-    # someone puts another certificate there after the pass wrote it: that one is read
-    (out / "a.crt").write_bytes((out / "b.crt").read_bytes())
-    assert observe(cert, trust, written=written).cert.common_name == "b.example"
+    # the issuer's word is taken only for the bytes it vouched for: another certificate put
+    # there after the pass (here one the fake CA's root never signed) is checked in full
+    stranger = FakeIssuer()
+    stranger.intermediate = run.issuer.intermediate  # same name, other key: only the signature tells
+    stranger_pass = InProcessPass(tmp / "other-state", stranger)
+    elsewhere = tmp / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    stranger_pass.run(desired_from(elsewhere, [entry(elsewhere, "a")]))
+    (out / "a.crt").write_bytes((elsewhere / "a.crt").read_bytes())
+    assert observe(cert, trust, written=written).cert.issued_by is None
 
 
 def test_a_refused_rename_puts_the_files_already_replaced_back(tmp_path):
