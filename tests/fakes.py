@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -51,9 +52,15 @@ def _ca(name: str, key, issuer_name: x509.Name | None, signer, now: datetime, pa
 class FakeIssuer:
     """A CA in memory. `refuse`: certificate name → the error its issue and renew raise (a
     CA that says no); `other_sans`: names signed instead of those requested (a CA whose
-    policy rewrites them). `requests` lists every request it was sent, renewals included."""
+    policy rewrites them); `tamper`: rewrites each answer. `requests` lists every request it
+    was sent, renewals included."""
 
-    def __init__(self, refuse: dict[str, IssuerError] | None = None, other_sans: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        refuse: dict[str, IssuerError] | None = None,
+        other_sans: tuple[str, ...] | None = None,
+        tamper: Callable[[Issued], Issued] | None = None,
+    ):
         now = datetime.now(timezone.utc)
         self._root_key = ec.generate_private_key(ec.SECP256R1())
         self.root = _ca("Fake Root CA", self._root_key, None, self._root_key, now, 1)
@@ -61,6 +68,7 @@ class FakeIssuer:
         self.intermediate = _ca("Fake Intermediate CA", self._int_key, self.root.subject, self._root_key, now, 0)
         self.refuse = dict(refuse or {})
         self.other_sans = other_sans
+        self.tamper = tamper  # rewrites each answer: a CA (or a path to it) that garbles it
         self.requests: list[IssueRequest] = []
         self.closed = False
 
@@ -82,7 +90,8 @@ class FakeIssuer:
             .add_extension(x509.SubjectAlternativeName(general_names(self.other_sans or request.sans)), critical=False)
             .sign(self._int_key, signing_hash(self._int_key))
         )
-        return Issued(leaf.public_bytes(PEM), self.intermediate.public_bytes(PEM), self.root.public_bytes(PEM))
+        issued = Issued(leaf.public_bytes(PEM), self.intermediate.public_bytes(PEM), self.root.public_bytes(PEM))
+        return self.tamper(issued) if self.tamper else issued
 
     def renew(self, request: IssueRequest, key, current_cert_pem: bytes, current_key) -> Issued:
         return self.issue(request, key)

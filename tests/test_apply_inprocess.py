@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import stat
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -86,6 +87,27 @@ def test_a_certificate_for_other_names_than_requested_is_never_written(site):
     (res,) = result.certificates
     assert not res.ok and "other SANs (evil.example)" in res.error
     assert sorted(os.listdir(out)) == []
+
+
+@pytest.mark.parametrize(
+    "tamper, error",
+    [
+        (lambda i: replace(i, leaf_pem=b"<html>502 Bad Gateway</html>"), "not a PEM certificate"),
+        (
+            lambda i: replace(i, chain_pem=b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n"),
+            "a chain that is not PEM",
+        ),
+    ],
+    ids=["leaf", "chain"],
+)
+def test_a_ca_answer_that_is_not_pem_is_refused_with_a_clear_error_and_nothing_is_written(site, tamper, error):
+    tmp, out, run = site
+    run.issuer.tamper = tamper
+    _plan, result, _status = run.run(desired_from(tmp, [entry(out, "a", include_ca=True)]))
+    (res,) = result.certificates
+    assert not res.ok and error in res.error and "check the CA's logs" in res.error
+    assert "Traceback" not in res.error and "unexpected error" not in res.error
+    assert os.listdir(out) == []
 
 
 def test_a_failed_hook_stays_owed_until_a_later_pass_runs_it_successfully(site):
