@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -21,7 +21,7 @@ from reconciler.guests.proxmox import ProxmoxCLI
 from reconciler.guests.stage import DeliveryContext, DeliveryOutcome, deliver_all
 from reconciler.hooks import HookOutcome, run_hook
 from reconciler.issuers import Issuer, IssuerError
-from reconciler.model import Written
+from reconciler.model import DesiredCert, Written
 from reconciler.plan import CertPlan, HookRun, Plan
 from reconciler.targets import DeployError, os_error
 
@@ -88,7 +88,9 @@ class ApplyContext:
     --watch): certificates not yet started and hooks are left for the next pass; a write in
     progress finishes. `refuse_hooks`: why no command may run this pass (an untrusted
     manifest); each hook is reported failed and stays owed. `skip_hooks` (--no-hooks): the
-    files converge, every hook is recorded as owed, not run. `cwd`: where hooks run."""
+    files converge, every hook is recorded as owed, not run. `cwd`: where hooks run.
+    `confirm_reload(certs)`: after a command exited 0, why its services still present the
+    old certificate (reconciler.probe); the command then counts as failed and stays owed."""
 
     issuer: Issuer
     workers: int = 4
@@ -100,6 +102,7 @@ class ApplyContext:
     secrets: tuple[bytes, ...] = ()
     cwd: Path | None = None
     guests: ProxmoxCLI | None = None  # how Proxmox guests are reached (None: pct/qm in PATH)
+    confirm_reload: Callable[[list[DesiredCert]], str | None] | None = None
 
 
 def apply(plan: Plan, ctx: ApplyContext, reporter: ApplyReporter) -> Result:
@@ -190,5 +193,8 @@ def _run(hook: HookRun, plans: list[CertPlan], ctx: ApplyContext, reporter: Appl
         actions = {p.cert.name: (p.content_action or p.actions[0]).action for p in plans}
         timeout = max(c.hook_timeout for c in certs).total_seconds()
         outcome = run_hook(hook.command, certs, actions, timeout, ctx.cwd, secrets=ctx.secrets)
+        not_taken = ctx.confirm_reload(certs) if outcome.ok and ctx.confirm_reload is not None else None
+        if not_taken:
+            outcome = replace(outcome, ok=False, not_taken=not_taken)
     reporter.hook_finished(outcome, ready)
     return outcome

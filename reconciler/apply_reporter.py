@@ -141,6 +141,8 @@ def _result(outcome: HookOutcome) -> str:
         return "ok"
     if outcome.timed_out:
         return "timeout"
+    if outcome.not_taken:
+        return "not taken"  # exited 0, but a `serve` endpoint kept the old certificate
     return "refused" if outcome.refused else "failed"
 
 

@@ -72,6 +72,7 @@ DRIFT_TABLE: tuple[Row, ...] = (
     rows.cert_owner, rows.key_owner, rows.ca_owner, rows.cert_mode, rows.key_mode, rows.ca_mode,  # metadata
     rows.guest_copy, rows.guest_reload,  # the Proxmox guest's copy (reconciler.guestfacts)
     rows.hook,  # owed from an earlier pass
+    rows.served,  # a service still presenting another leaf
 )
 
 # an earlier drift with one of these actions makes a later one moot: a new pair is written

@@ -3,7 +3,8 @@
 The checks run in dependency order: the manifest, the state folder, the issuer (its own
 `diagnose()`: the embedded CA's files, or step-ca's DNS, TCP, TLS, health, provisioner and
 password), then what every certificate needs (its folders, owners, hook programs), then the
-Proxmox guests entries deliver into (reconciler.guests.diagnose)."""
+Proxmox guests entries deliver into (reconciler.guests.diagnose), then every `serve` endpoint,
+probed once (reconciler.probe)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from reconciler.model import Desired, IssuerSpec
 from reconciler.desired import load_desired, resolve_issuer
 from reconciler.guests.diagnose import guest_checks
 from reconciler.passes import Settings
+from reconciler.probe import doctor_checks as serve_checks
 from reconciler.render import plural
 
 SHELL_BUILTINS = frozenset({"echo", "test", "[", "true", "false", "cd", "exit", "printf", ":", "set", "export", "if", "for", "{", "("})
@@ -118,6 +120,7 @@ def run_doctor(settings: Settings) -> int:
             checks += _issuer_checks(spec, settings.state_dir)
         checks += _target_checks(desired)
         checks += guest_checks(desired)
+        checks += serve_checks(desired.certificates)
     if spec is not None:
         print(f"issuer: {spec.describe(settings.state_dir)}")
     for check in checks:

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from reconciler.durations import format_duration
+from reconciler.endpoints import stale_reason
 from reconciler.guestfacts import DELIVER, RELOAD, GuestSeen, guest_drifts
 from reconciler.model import CA_MODE, CertFacts, DesiredCert, FileState, Observed
 from reconciler.sans import display
@@ -343,3 +344,12 @@ def hook(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift |
     if ctx.hook_owed and cert.post_renewal_command:
         return Drift("hook", RUN_HOOK, "the post-renewal command did not succeed after the last deployment", "failed", "succeeded")
     return None
+
+
+def served(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
+    """A command can exit 0 and change nothing: a `serve` endpoint still presenting another
+    leaf than the file owes it again. An unreachable endpoint is its own state (status,
+    metrics), never a reason to rerun the command; without a command there is nothing to run."""
+    facts = usable_facts(o)
+    why = stale_reason(o.served, facts) if facts is not None and cert.post_renewal_command else None
+    return Drift("serve", RUN_HOOK, why, "another certificate", facts.serial) if why and facts else None

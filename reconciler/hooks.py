@@ -59,11 +59,15 @@ class HookOutcome:
     output_tail: tuple[str, ...]
     seconds: float
     refused: str | None = None  # why it was not run at all
+    # exited 0, but a `serve` endpoint still presents the old certificate (reconciler.probe)
+    not_taken: str | None = None
     inside: str | None = None  # how it failed inside a guest while qm itself exited 0
 
     def describe(self) -> str:
         if self.refused:
             return f"was not run: {self.refused}"
+        if self.not_taken:
+            return f"exited 0 but the service did not take the new certificate: {self.not_taken}"
         if self.inside:
             return f"failed: {self.inside} (qm guest exec exited 0)"
         if self.timed_out:

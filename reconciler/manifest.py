@@ -16,11 +16,13 @@ import pwd
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import starmap
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from reconciler.durations import DurationError, parse_duration, parse_share
+from reconciler.endpoints import endpoints_of
 from reconciler.errors import ReconcilerError
 from reconciler.guestfacts import guest_spec_of
 from reconciler.model import Desired, DesiredCert, IssuerSpec, KeySpec, RenewBefore
@@ -32,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "renew_before": "12h",
     "duration": "24h",
     "hook_timeout": "5m",
+    "serve_settle": "5s",
     "include_ca": False,
     "cert_type": "server",
     "key": {"type": "EC", "curve": "P-256"},
@@ -509,7 +512,7 @@ def _resolve(
     sans = frozenset(names)  # the desired SAN set: SANs plus the common name, normalised
 
     durations: dict[str, timedelta] = {}
-    for field in ("duration", "hook_timeout"):
+    for field in ("duration", "hook_timeout", "serve_settle"):
         try:
             durations[field] = parse_duration(e[field])
         except DurationError as exc:
@@ -567,6 +570,8 @@ def _resolve(
 
     guest, problems = guest_spec_of(e)
     issues += [Issue(at(field), message) for field, message in problems]
+    serve, problems = endpoints_of(e.get("serve", []), common_name, at)
+    issues += starmap(Issue, problems)
     if issues:
         return None, issues
     guest_id = e.get("guest_id")
@@ -597,6 +602,8 @@ def _resolve(
             allow_symlink=bool(e.get("allow_symlink", False)),
             guest=guest,
             node=e.get("node"),
+            serve=serve,
+            serve_settle=durations["serve_settle"],
             fields=e,
             where=where,
         ),

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from reconciler.atomic import write_atomic
+from reconciler.endpoints import CURRENT, UNREACHABLE
 from reconciler.outcome import PassOutcome
 
 log = logging.getLogger("reconciler.metrics")
@@ -48,8 +49,23 @@ class Metrics:
         self.pass_duration = Histogram("reconciler_pass_duration_seconds", "Duration of reconcile passes.", buckets=PASS_BUCKETS, registry=r)
         self.last_pass = Gauge("reconciler_last_pass_timestamp_seconds", "When the last pass finished (Unix time).", registry=r)
         self.passes = Counter("reconciler_passes_total", "Passes by outcome.", ["result"], registry=r)
+        by_endpoint = ["name", "endpoint"]
+        self.served_not_after = Gauge(
+            "reconciler_served_certificate_not_after_timestamp_seconds",
+            "Expiry of the certificate a serve endpoint presents (Unix time); absent while it is unreachable.",
+            by_endpoint, registry=r,
+        )
+        self.served_current = Gauge(
+            "reconciler_served_certificate_current", "1 when the serve endpoint presents the certificate on disk.",
+            by_endpoint, registry=r,
+        )
+        self.endpoint_up = Gauge(
+            "reconciler_serve_endpoint_up", "1 when the serve endpoint completed a TLS handshake.",
+            by_endpoint, registry=r,
+        )
         self.ca_reachable.set(1)
         self._names: set[str] = set()
+        self._endpoints: set[tuple[str, str]] = set()
 
     def record(self, outcome: PassOutcome, ca_reachable: bool) -> None:
         """After a pass: the gauges say what its outcome says; the counters count its failures."""
@@ -75,10 +91,31 @@ class Metrics:
             for metric in (self.not_after, self.renewal, self.ready, self.issuance_failures, self.hook_failures):
                 _remove(metric, gone)
         self._names = names
+        self._record_served(outcome)
         self.pass_duration.observe(outcome.duration)
         self.last_pass.set(outcome.finished_at)
         self.passes.labels("ok" if outcome.ok else "error").inc()
         self.ca_reachable.set(1 if ca_reachable else 0)
+
+    def _record_served(self, outcome: "PassOutcome") -> None:
+        """Per `serve` endpoint: what it presents, so an alert fires when a service presents a
+        certificate about to expire although the file is fresh (docs/operations.md)."""
+        seen: set[tuple[str, str]] = set()
+        for c in outcome.certificates:
+            for e in c.served:
+                key = (c.name, e.served.connect)
+                seen.add(key)
+                self.endpoint_up.labels(*key).set(0 if e.state == UNREACHABLE else 1)
+                if e.served.not_after is not None:
+                    self.served_not_after.labels(*key).set(e.served.not_after.timestamp())
+                    self.served_current.labels(*key).set(1 if e.state == CURRENT else 0)
+                else:
+                    for gauge in (self.served_not_after, self.served_current):
+                        _remove(gauge, *key)
+        for gone in self._endpoints - seen:
+            for gauge in (self.served_not_after, self.served_current, self.endpoint_up):
+                _remove(gauge, *gone)
+        self._endpoints = seen
 
     def record_failed_pass(self, duration: float, finished_at: float) -> None:
         """A pass that could not run at all (lock held elsewhere, issuer misconfigured)."""
@@ -109,8 +146,8 @@ class Metrics:
         return server.server_address[0], server.server_address[1]
 
 
-def _remove(metric, name: str) -> None:
+def _remove(metric, *labels: str) -> None:
     try:
-        metric.remove(name)
+        metric.remove(*labels)
     except KeyError:
         pass

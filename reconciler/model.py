@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from reconciler.durations import format_duration
+from reconciler.endpoints import Endpoint, Served
 from reconciler.guestfacts import GuestSeen, GuestSpec
 
 # `ca_path` holds a public root that clients of the service read: always this mode
@@ -107,6 +108,8 @@ class DesiredCert:
     # where the files go inside a Proxmox guest (the `guest` object, or legacy guest_id + guest_type)
     guest: GuestSpec | None = None
     node: str | None = None  # a Proxmox cluster's node this host entry is for (None: every node)
+    serve: tuple[Endpoint, ...] = ()  # where the service should present this certificate
+    serve_settle: timedelta = timedelta(seconds=5)  # how long a reloaded service may take to present it
     # the entry as written, after defaults: what `--watch` compares between saves
     fields: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
     # position in the manifest's list, for error messages ("certificates[3].owner")
@@ -181,6 +184,9 @@ class Observed:
     ca_certs: tuple[str, ...] | None = None  # sha256 of each certificate in it; None: no PEM
     issuer_root: str | None = None  # sha256 of the issuer's root; None: not known here
     guest: GuestSeen | None = None  # the entry's guest: what was delivered, what it holds now
+    # what each of the entry's `serve` endpoints presents (reconciler.probe), in manifest
+    # order; never cached: it is the running service, not the files
+    served: tuple[Served, ...] = ()
 
     @property
     def key_matches(self) -> bool:

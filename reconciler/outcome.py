@@ -16,6 +16,9 @@ writes) and the status store's record:
                   (a stopped guest, a failed delivery: reconciler.guests)
     renewal due   still valid, inside its renewal window: the next pass renews it
     repair due    the right certificate, but not the owner, mode, chain or CA file asked for
+    endpoint unreachable   the files need nothing, but a `serve` endpoint does not answer
+    service stale          ...but a `serve` endpoint presents another certificate, and the
+                  entry has no post-renewal command to run for it (with one: hook pending)
     ready         nothing left to do
 
 `ready` (nothing left to do) is what the metrics and the watch's log count; `serving`
@@ -29,6 +32,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from reconciler.diff import CHMOD, CHOWN, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, Readiness
+from reconciler.endpoints import EndpointState, endpoint_states, service_state
 from reconciler.guestfacts import DELIVER, RELOAD
 from reconciler.plan import CertPlan, Plan
 from reconciler.sans import ordered
@@ -48,7 +52,9 @@ REPAIRS = frozenset({CHOWN, CHMOD, REWRITE_CHAIN, WRITE_CA})
 FILE_ROWS = ("certificate_file", "key_file")  # the drift fields of a missing or unreadable file
 
 
-def cert_state(readiness: Readiness, last_error: str | None, hook_owed: bool) -> str:
+def cert_state(
+    readiness: Readiness, last_error: str | None, hook_owed: bool, served: tuple[EndpointState, ...] = ()
+) -> str:
     """The one place a certificate's state is decided (see the module's docstring), from the
     drift rows' own judgement (diff.readiness) and the status store's."""
     if last_error:
@@ -71,7 +77,7 @@ def cert_state(readiness: Readiness, last_error: str | None, hook_owed: bool) ->
         # the right certificate, but a service reading the file (or the CA file) does not
         # see the owner, mode, chain or CA file the manifest asks for
         return REPAIR_DUE
-    return READY
+    return service_state(served) or READY  # the files are right; are the services?
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,8 @@ class CertOutcome:
     last_issued: str | None = None
     last_hook: str | None = None
     last_hook_at: str | None = None
+    # what each `serve` endpoint presents, judged against the file (reconciler.endpoints)
+    served: tuple[EndpointState, ...] = ()
 
     @property
     def ready(self) -> bool:
@@ -186,11 +194,14 @@ def outcome_of(
         record = records.get(name)
         now_plan = after.get(name, p)
         ran = done.get(name)
-        certs.append(_cert_outcome(p.cert, now_plan, o, record, name in owed, ran, hooks.get(name), name in after))
+        served = endpoint_states(o.served, o.cert, record.served if record is not None else {}, now.isoformat())
+        certs.append(
+            _cert_outcome(p.cert, now_plan, o, record, name in owed, ran, hooks.get(name), name in after, served)
+        )
     return PassOutcome(tuple(certs), plan, result, duration, now.timestamp())
 
 
-def _cert_outcome(cert, plan: CertPlan, o, record, owed: bool, ran, hook_ok, rewritten: bool) -> CertOutcome:
+def _cert_outcome(cert, plan: CertPlan, o, record, owed: bool, ran, hook_ok, rewritten: bool, served=()) -> CertOutcome:
     actions = {a.action for a in plan.actions}
     judged = plan.readiness
     assert judged is not None, "plan_cert judges every certificate it plans"
@@ -201,7 +212,7 @@ def _cert_outcome(cert, plan: CertPlan, o, record, owed: bool, ran, hook_ok, rew
         key_path=str(cert.key_path),
         follow_symlinks=cert.allow_symlink,
         sans=tuple(ordered(cert.sans)),
-        state=cert_state(judged, record.last_error, owed),
+        state=cert_state(judged, record.last_error, owed, served),
         problem=plan.error or record.last_error or (plan.actions[0].reason if plan.actions else None),
         not_after=judged.not_after,
         renewal_at=judged.renewal_at,
@@ -214,6 +225,7 @@ def _cert_outcome(cert, plan: CertPlan, o, record, owed: bool, ran, hook_ok, rew
         last_hook=record.hook.result if record.hook else None,
         last_hook_at=record.hook.at if record.hook else None,
         **(_attempt(ran, plan, rewritten) if ran is not None else {}),
+        served=served,
     )
 
 

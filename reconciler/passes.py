@@ -33,6 +33,7 @@ from reconciler.observe import observe_all, unknown_chain_certificates
 from reconciler.outcome import PassOutcome, outcome_of
 from reconciler.parse import Trust
 from reconciler.plan import CertPlan, Plan, force_renewal, hooks_for, make_plan, plan_cert
+from reconciler.probe import ReloadCheck, observe_served
 from reconciler.statefiles import check_state_dir, sweep_private
 from reconciler.status import StatusStore
 
@@ -164,7 +165,11 @@ def snapshot(
     # what each Proxmox guest was given and, where the plan needs it, holds now
     records = {c.name: status.get(c.name).delivery for c in desired.certificates}
     observed = observe_guests(desired.certificates, observed, records, workers=settings.workers)
+    # the running services too: which leaf each `serve` endpoint presents (read-only)
+    observed, probed = observe_served(desired.certificates, observed)
     plan = make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(_serials(observed)), issuer_unknown=unknown)
+    if probed:
+        plan = replace(plan, notes=plan.notes + (probed,))
     if chosen is not None:
         plan = force_renewal(plan, chosen)
     if elsewhere:
@@ -267,6 +272,7 @@ def run_pass(
             status.manifest.update(manifest_state)
         for path in sweep(work, (settings.state_dir, settings.state_dir / "cache")) if sweep_files else ():
             log.warning("removed %s, a temporary file left by an interrupted pass", path)
+        reload_check = ReloadCheck()  # after each command: did its services take the certificate?
         try:
             ctx = ApplyContext(
                 snap.issuer, settings.workers,
@@ -277,13 +283,16 @@ def run_pass(
                 skip_hooks=skip_hooks,
                 secrets=secrets_of(desired.issuer),
                 cwd=desired.manifest_path.parent,  # hooks run where relative paths resolve
+                confirm_reload=reload_check,
             )
             result = apply(work, ctx, ApplyReporter(status, progress))
         finally:
             snap.issuer.close()
         status.forget_except({c.name for c in desired.certificates})
+        served = _record_served(status, snap.observed, reload_check.served)
         status.save()  # only if something changed: a pass with nothing to do writes nothing
         after = _reobserve(settings, snap, result, status)
+        snap.observed.update({n: replace(o, served=served[n]) for n, o in snap.observed.items() if served.get(n)})
         snap.cache.save()
         outcome = outcome_of(
             snap.plan, snap.observed, status.records, status.hooks_pending(_serials(snap.observed)),
@@ -302,6 +311,17 @@ def record_manifest_state(settings: Settings, state: dict) -> None:
             store.save()
     except (LockTimeout, OSError) as exc:
         log.warning("cannot record the manifest's state: %s", exc)
+
+
+def _record_served(status: StatusStore, observed: dict[str, Observed], after_hooks: dict) -> dict:
+    """What each `serve` endpoint presents, and since when, in the status store: the probe
+    after a command ran if there was one, else the pass's own. Returns the latest per name."""
+    stamp = datetime.now(timezone.utc).isoformat()
+    latest = {name: after_hooks.get(name, o.served) for name, o in observed.items()}
+    for name, served in latest.items():
+        if served or name in status.records:
+            status.cert(name).saw_served(served, stamp)
+    return latest
 
 
 def _reobserve(settings: Settings, snap: Snapshot, result, status: StatusStore) -> dict[str, CertPlan]:

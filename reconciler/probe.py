@@ -12,9 +12,15 @@ import ssl
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable
+from dataclasses import replace
+from datetime import datetime
+from typing import Callable, Iterable, NamedTuple
 
-from reconciler.endpoints import Endpoint, Served
+from cryptography import x509
+
+from reconciler.endpoints import Endpoint, Served, stale_reason
+from reconciler.checks import Check
+from reconciler.crypto import public_key_id
 
 PROBE_TIMEOUT = 5.0  # seconds for one endpoint: connect, upgrade and handshake together
 PROBE_WORKERS = 8
@@ -85,10 +91,18 @@ def _starttls_postgres(sock: socket.socket) -> None:
     sock.sendall(POSTGRES_SSL_REQUEST)
     answer = sock.recv(1)
     if answer != b"S":
-        raise ProbeError("the PostgreSQL server does not offer TLS (ssl = off)" if answer == b"N" else f"not a PostgreSQL server (answered {answer!r})")
+        raise ProbeError(
+            "the PostgreSQL server does not offer TLS (ssl = off)"
+            if answer == b"N"
+            else f"not a PostgreSQL server (answered {answer!r})"
+        )
 
 
-UPGRADES: dict[str, Callable[[socket.socket], None]] = {"smtp": _starttls_smtp, "imap": _starttls_imap, "postgres": _starttls_postgres}
+UPGRADES: dict[str, Callable[[socket.socket], None]] = {
+    "smtp": _starttls_smtp,
+    "imap": _starttls_imap,
+    "postgres": _starttls_postgres,
+}
 
 
 def _handshake(endpoint: Endpoint, timeout: float) -> bytes:
@@ -115,10 +129,6 @@ def _is_address(name: str) -> bool:
 
 
 def _served(connect: str, der: bytes) -> Served:
-    from cryptography import x509
-
-    from reconciler.crypto import public_key_id
-
     leaf = x509.load_der_x509_certificate(der)
     return Served(connect, format(leaf.serial_number, "x"), leaf.not_valid_after_utc, public_key_id(leaf.public_key()))
 
@@ -157,8 +167,15 @@ def probe_all(wanted: Iterable[tuple[str, Endpoint]], timeout: float = PROBE_TIM
     return {name: tuple(s) for name, s in out.items()}
 
 
-def await_leaf(endpoint: Endpoint, serial: str, public_key_id: str, settle: float, timeout: float = PROBE_TIMEOUT,
-               clock: Callable[[], float] = time.monotonic, pause: Callable[[float], None] = time.sleep) -> Served:
+def await_leaf(
+    endpoint: Endpoint,
+    serial: str,
+    public_key_id: str,
+    settle: float,
+    timeout: float = PROBE_TIMEOUT,
+    clock: Callable[[], float] = time.monotonic,
+    pause: Callable[[float], None] = time.sleep,
+) -> Served:
     """Probe until the endpoint presents the leaf (`serial`, `public_key_id`) or `settle`
     seconds have passed (a reload takes effect asynchronously); the last observation."""
     deadline = clock() + settle
@@ -167,3 +184,94 @@ def await_leaf(endpoint: Endpoint, serial: str, public_key_id: str, settle: floa
         if served.presents(serial, public_key_id) or clock() >= deadline:
             return served
         pause(min(RETRY_EVERY, max(0.0, deadline - clock())))
+
+
+def observe_served(certs, observed: dict, timeout: float = PROBE_TIMEOUT) -> tuple[dict, str | None]:
+    """`observed` with what every `serve` endpoint of `certs` presents now, and a note for
+    the plan saying that they were probed (None: no entry has an endpoint)."""
+    served = probe_all(((c.name, e) for c in certs for e in c.serve), timeout)
+    if not served:
+        return observed, None
+    out = {name: replace(o, served=served[name]) if name in served else o for name, o in observed.items()}
+    every = [s for found in served.values() for s in found]
+    down = [s.describe() for s in every if not s.reachable]
+    note = f"probed {len(every)} serve endpoint{'s' if len(every) != 1 else ''} (a TLS handshake each, read-only)"
+    if down:
+        note += f"; {len(down)} unreachable: " + "; ".join(down[:5]) + (" …" if len(down) > 5 else "")
+    return out, note
+
+
+class FileLeaf(NamedTuple):
+    serial: str
+    public_key_id: str
+    not_after: datetime
+
+
+def file_leaf(path) -> FileLeaf | None:
+    """The leaf in a certificate file, as a probe compares it; None: none readable."""
+    try:
+        with open(path, "rb") as fh:
+            leaf = x509.load_pem_x509_certificates(fh.read())[0]
+    except (OSError, ValueError):
+        return None
+    return FileLeaf(format(leaf.serial_number, "x"), public_key_id(leaf.public_key()), leaf.not_valid_after_utc)
+
+
+class ReloadCheck:
+    """After a post-renewal command exited 0: did the services take the new certificate?
+
+    Called with the certificates the command ran for, it waits until every `serve` endpoint
+    presents the leaf now in its file, at most the entry's `serve_settle`, and returns why the
+    command did not take (None: every reachable endpoint presents it; an unreachable one is its
+    own state, never the command's failure). `served` keeps what each endpoint presented last."""
+
+    def __init__(self, timeout: float = PROBE_TIMEOUT):
+        self.timeout = timeout
+        self.served: dict[str, tuple[Served, ...]] = {}
+
+    def __call__(self, certs) -> str | None:
+        waits = []
+        for c in certs:
+            leaf = file_leaf(c.cert_path) if c.serve else None
+            if leaf is not None:
+                waits += [(c.name, e, leaf, c.serve_settle.total_seconds()) for e in c.serve]
+        if not waits:
+            return None
+
+        def settle(wait) -> Served:
+            _name, endpoint, leaf, seconds = wait
+            return await_leaf(endpoint, leaf.serial, leaf.public_key_id, seconds, self.timeout)
+
+        with ThreadPoolExecutor(min(PROBE_WORKERS, len(waits)), thread_name_prefix="probe") as pool:
+            found = list(pool.map(settle, waits))
+        served: dict[str, list[Served]] = {}
+        stale: list[str] = []
+        for (name, _endpoint, leaf, _seconds), s in zip(waits, found, strict=True):
+            served.setdefault(name, []).append(s)
+            stale += filter(None, [stale_reason((s,), leaf)])
+        self.served.update({name: tuple(s) for name, s in served.items()})
+        return "; ".join(stale) or None
+
+
+STALE_HINT = "the service did not reload; the next pass runs post_renewal_command again"
+NO_COMMAND_HINT = "reload the service; a post_renewal_command that does would run after each renewal"
+
+
+def doctor_checks(certs, timeout: float = PROBE_TIMEOUT) -> list[Check]:
+    """`reconcile doctor`: every `serve` endpoint probed once, one Check each."""
+    certs = [c for c in certs if c.serve]
+    served = probe_all(((c.name, e) for c in certs for e in c.serve), timeout)
+    checks = []
+    for c in certs:
+        leaf = file_leaf(c.cert_path)
+        for s in served.get(c.name, ()):
+            stale = stale_reason((s,), leaf) if leaf is not None else None
+            if not s.reachable:
+                checks.append(Check(False, f"{c.name}: {s.describe()}", "start the service, or correct serve[].connect"))
+            elif stale:
+                checks.append(Check(False, f"{c.name}: {stale}", STALE_HINT if c.post_renewal_command else NO_COMMAND_HINT))
+            elif leaf is None:
+                checks.append(Check(True, f"{c.name}: {s.describe()} (no certificate in {c.cert_path} yet)", ""))
+            else:
+                checks.append(Check(True, f"{c.name}: {s.connect} presents the certificate in {c.cert_path}", ""))
+    return checks

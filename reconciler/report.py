@@ -53,9 +53,18 @@ def status_rows(outcome: PassOutcome | None) -> list[dict]:
             "last_hook_at": c.last_hook_at,
             "hook_owed": c.hook_owed,
             "problem": c.problem,
+            "served": [_endpoint_row(e) for e in c.served],
         }
         for c in outcome.certificates
     ]
+
+
+def _endpoint_row(e) -> dict:
+    s = e.served
+    return {
+        "connect": s.connect, "state": e.state, "serial": s.serial,
+        "not_after": s.not_after.isoformat() if s.not_after else None, "error": s.error, "since": e.since,
+    }
 
 
 def status_json(outcome: PassOutcome | None, note: str | None, issuer: dict | None = None) -> dict:
@@ -91,4 +100,17 @@ def status_text(outcome: PassOutcome | None, note: str | None, issuer: dict | No
     for r in rows:
         if r["state"] != READY and r["problem"]:
             lines.append(f"{r['name']}: {r['problem']}")
+    lines += [_endpoint_line(r["name"], e) for r in rows for e in r["served"]]
     return "\n".join(lines) + "\n"
+
+
+def _endpoint_line(name: str, e: dict) -> str:
+    """web at 127.0.0.1:443: current, serial 4f…, expires 2026-12-01 10:00 (since ...)."""
+    def when(iso: str) -> str:
+        return iso[:16].replace("T", " ")
+
+    if e["error"]:
+        what = f"unreachable: {e['error']}"
+    else:
+        what = f"{e['state']}, serial {e['serial']}, expires {when(e['not_after'])}"
+    return f"{name} at {e['connect']}: {what} (since {when(e['since'])})"

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from reconciler.atomic import write_atomic
+from reconciler.endpoints import remembered
 from reconciler.faults import fault_point
 from reconciler.guestfacts import DeliveryRecord
 from reconciler.statefiles import StateFileDamaged, StatusError, read_state_file  # noqa: F401  (StatusError: re-exported)
@@ -43,7 +44,8 @@ class HookRun:
     """The last run of a certificate's post-renewal command."""
 
     command: str
-    result: str  # ok | failed | timeout | refused | skipped
+    # ok | failed | timeout | refused | skipped | not taken (exited 0; a `serve` endpoint kept the old leaf)
+    result: str
     returncode: int | None
     at: str
     output_tail: list[str] = field(default_factory=list)
@@ -79,6 +81,9 @@ class CertRecord:
     hook: HookRun | None = None
     # the last delivery into the entry's Proxmox guest (reconciler.guestfacts)
     delivery: DeliveryRecord | None = None
+    # per `serve` endpoint ("127.0.0.1:443"): what it presents ("serial", "not_after") or
+    # "error" (unreachable), and "since" when a pass first saw that state
+    served: dict[str, dict[str, str]] = field(default_factory=dict)
     # what was owed before a rewrite began (this pass only, never saved): None, none began
     owed_before_rewrite: bool | None = field(default=None, repr=False, compare=False)
 
@@ -161,6 +166,11 @@ class CertRecord:
         self.hook_pending = False
 
     # ------------------------------------------------------------- other facts
+    def saw_served(self, served, stamp: str) -> None:
+        """The latest probe of each `serve` endpoint (reconciler.endpoints.Served); "since"
+        moves only when it starts presenting another leaf or becomes (un)reachable."""
+        self.served = {s.connect: remembered(s, self.served.get(s.connect), stamp) for s in served}
+
     def succeeded(self, stamp: str, content_action: str | None) -> None:
         self.last_error = self.last_error_at = None
         self.failures = 0
@@ -189,6 +199,8 @@ class CertRecord:
             out["hook"] = dict(vars(self.hook))
         if self.delivery is not None:
             out["delivery"] = self.delivery.to_json()
+        if self.served:
+            out["served"] = self.served
         return out
 
     @classmethod
@@ -211,6 +223,7 @@ class CertRecord:
                 rec.delivery = DeliveryRecord.from_json(raw["delivery"])
             except ValueError as exc:
                 raise StateFileDamaged(str(exc)) from None
+        rec.served = _checked(raw, "served", {}, _is_served, "not endpoint states")
         return rec
 
 
@@ -227,6 +240,16 @@ def _is_text(value: Any) -> bool:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_served(value: Any) -> bool:
+    """{"127.0.0.1:443": {"serial": ..., "not_after": ..., "since": ...}, ...} (or "error")."""
+    return isinstance(value, dict) and all(
+        isinstance(state, dict)
+        and isinstance(state.get("since"), str)
+        and all(isinstance(v, str) for v in state.values())
+        for state in value.values()
+    )
 
 
 class StatusStore:

@@ -1114,6 +1114,7 @@ def test_each_row_of_the_drift_table_is_a_named_check_in_table_order():
         "common_name", "sans", "key_type", "cert_type", "duration", "issuer",
         "not_yet_valid", "expired", "renewal_due", "chain", "ca_file",
         "cert_owner", "key_owner", "ca_owner", "cert_mode", "key_mode", "ca_mode", "guest_copy", "guest_reload", "hook",
+        "served",
     ]
 
 

@@ -8,11 +8,11 @@ import threading
 import time
 
 import pytest
+from tls_servers import LOOPBACK, self_signed
 
 from reconciler.endpoints import ConnectError, Endpoint, parse_connect
-from reconciler.probe import await_leaf, probe
 from reconciler.crypto import public_key_id
-from tls_servers import LOOPBACK, self_signed
+from reconciler.probe import await_leaf, probe
 
 
 def _serial(cert) -> str:
@@ -115,7 +115,11 @@ def test_starttls_against_a_server_without_tls_says_so(nginx):
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("127.0.0.1:443", ("127.0.0.1", 443)), ("[::1]:5432", ("::1", 5432)), ("mail.internal.example:25", ("mail.internal.example", 25))],
+    [
+        ("127.0.0.1:443", ("127.0.0.1", 443)),
+        ("[::1]:5432", ("::1", 5432)),
+        ("mail.internal.example:25", ("mail.internal.example", 25)),
+    ],
 )
 def test_connect_takes_a_host_name_ipv4_or_bracketed_ipv6_with_a_port(text, expected):
     assert parse_connect(text) == expected
@@ -123,8 +127,15 @@ def test_connect_takes_a_host_name_ipv4_or_bracketed_ipv6_with_a_port(text, expe
 
 @pytest.mark.parametrize(
     "text, words",
-    [("127.0.0.1", "has no port"), ("::1:443", "in brackets"), ("[::1:443", "in brackets"), ("[nope]:443", "not an IPv6 address"),
-     ("host:0", "from 1 to 65535"), ("host:https", "from 1 to 65535"), (":443", "has no port")],
+    [
+        ("127.0.0.1", "has no port"),
+        ("::1:443", "in brackets"),
+        ("[::1:443", "in brackets"),
+        ("[nope]:443", "not an IPv6 address"),
+        ("host:0", "from 1 to 65535"),
+        ("host:https", "from 1 to 65535"),
+        (":443", "has no port"),
+    ],
 )
 def test_a_bad_connect_value_says_what_is_wrong(text, words):
     with pytest.raises(ConnectError, match=words):

@@ -46,13 +46,19 @@ def self_signed(cert_path: Path, key_path: Path, name: str, days: int = 30) -> x
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.now(timezone.utc)
     cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=1))
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
         .not_valid_after(now + timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     os.chmod(key_path, 0o600)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert
@@ -124,11 +130,14 @@ http {{
         return " ".join(self.command("-s", "reload"))
 
     def start(self) -> "Nginx":
-        for _attempt in range(3):  # another test may take the free port before nginx binds it
-            self.port = free_port()
+        for attempt in range(3):  # another test may take the free port before nginx binds it
+            if attempt or not self.port:  # a restart keeps its port: the manifest names it
+                self.port = free_port()
             self._write_conf()
             self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wait_until(lambda: self.proc.poll() is not None or probe(self.endpoint, 2.0).reachable, "nginx to accept TLS")
+            wait_until(
+                lambda: self.proc.poll() is not None or probe(self.endpoint, 2.0).reachable, "nginx to accept TLS"
+            )
             if self.proc.poll() is None:
                 return self
             if "Address already in use" not in self.log():
@@ -197,8 +206,12 @@ class Postgres:
         self.tls.mkdir()
         for path in (self.base, self.tls):
             os.chown(path, self.user.pw_uid, self.user.pw_gid)
-        subprocess.run(self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"),
-                       check=True, capture_output=True, timeout=300)
+        subprocess.run(
+            self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"),
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
 
     @property
     def reload_command(self) -> str:
@@ -210,12 +223,29 @@ class Postgres:
             self.port = free_port()
             log = self.base / "postgres.log"
             self.proc = subprocess.Popen(
-                self._as_postgres(str(self.bin / "postgres"), "-D", str(self.data), "-k", str(self.base), "-p", str(self.port),
-                                  "-c", f"listen_addresses={LOOPBACK}", "-c", "ssl=on",
-                                  "-c", f"ssl_cert_file={self.cert}", "-c", f"ssl_key_file={self.key}"),
-                stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                self._as_postgres(
+                    str(self.bin / "postgres"),
+                    "-D",
+                    str(self.data),
+                    "-k",
+                    str(self.base),
+                    "-p",
+                    str(self.port),
+                    "-c",
+                    f"listen_addresses={LOOPBACK}",
+                    "-c",
+                    "ssl=on",
+                    "-c",
+                    f"ssl_cert_file={self.cert}",
+                    "-c",
+                    f"ssl_key_file={self.key}",
+                ),
+                stdout=open(log, "ab"),
+                stderr=subprocess.STDOUT,
             )
-            wait_until(lambda: self.proc.poll() is not None or probe(self.endpoint, 2.0).reachable, "PostgreSQL to accept TLS")
+            wait_until(
+                lambda: self.proc.poll() is not None or probe(self.endpoint, 2.0).reachable, "PostgreSQL to accept TLS"
+            )
             if self.proc.poll() is None:
                 return self
             if "could not bind" not in log.read_text(errors="replace"):
