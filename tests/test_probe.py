@@ -140,3 +140,29 @@ def test_connect_takes_a_host_name_ipv4_or_bracketed_ipv6_with_a_port(text, expe
 def test_a_bad_connect_value_says_what_is_wrong(text, words):
     with pytest.raises(ConnectError, match=words):
         parse_connect(text)
+
+
+def test_smtp_starttls_against_postfix_presents_its_leaf_and_a_reload_changes_it(postfix):
+    from helpers import load_cert
+
+    old = load_cert(postfix.cert)
+    served = probe(postfix.endpoint)
+    assert served.presents(_serial(old), public_key_id(old.public_key())), served
+    # without STARTTLS the same port speaks plain SMTP: no handshake
+    assert not probe(Endpoint(postfix.connect, LOOPBACK, postfix.port, "mx.probe.test"), timeout=5.0).reachable
+    new = self_signed(postfix.cert, postfix.key, postfix.server_name)
+    subprocess.run(postfix.reload_command, shell=True, check=True, timeout=60)
+    served = await_leaf(postfix.endpoint, _serial(new), public_key_id(new.public_key()), settle=60)
+    assert served.presents(_serial(new), public_key_id(new.public_key())), served
+
+
+def test_imap_starttls_against_dovecot_presents_its_leaf_and_a_reload_changes_it(dovecot):
+    from helpers import load_cert
+
+    old = load_cert(dovecot.cert)
+    served = probe(dovecot.endpoint)
+    assert served.presents(_serial(old), public_key_id(old.public_key())), served
+    new = self_signed(dovecot.cert, dovecot.key, dovecot.server_name)
+    subprocess.run(dovecot.reload_command, shell=True, check=True, timeout=60)
+    served = await_leaf(dovecot.endpoint, _serial(new), public_key_id(new.public_key()), settle=60)
+    assert served.presents(_serial(new), public_key_id(new.public_key())), served

@@ -156,3 +156,20 @@ def test_doctor_probes_every_endpoint_once(tmp_path, nginx):
     manifest.write_text(json.dumps(document))
     sick = _run(tmp_path, manifest, "doctor", check=1)
     assert f"✗ web: {down} unreachable: " in sick.stdout and "start the service" in sick.stdout, sick.stdout
+
+
+def test_a_postfix_reload_is_confirmed_over_smtp_starttls(tmp_path, postfix):
+    entry = {
+        "name": "mx",
+        "common_name": postfix.server_name,
+        "cert_path": str(postfix.cert),
+        "key_path": str(postfix.key),
+        "post_renewal_command": postfix.reload_command,
+        "serve": [{"connect": postfix.connect, "starttls": "smtp"}],
+        "serve_settle": "60s",
+    }
+    manifest = write_manifest(tmp_path / "m.json", {"issuer": {"type": "local"}, "certificates": [entry]})
+    _run(tmp_path, manifest, check=0)
+    assert probe(postfix.endpoint).serial == format(load_cert(postfix.cert).serial_number, "x")
+    [endpoint] = _status(tmp_path, manifest)["certificates"][0]["served"]
+    assert endpoint["state"] == "current", endpoint

@@ -279,3 +279,212 @@ def postgres():
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+POSTFIX = "/usr/sbin/postfix"
+
+
+class Postfix:
+    """A private Postfix instance (its own config_directory, queue and log) whose smtpd offers
+    STARTTLS on 127.0.0.1:<port>. Run as `postfix start-fg`, so the test holds its master."""
+
+    def __init__(self, base: Path, cert: Path, key: Path, server_name: str = "mx.probe.test"):
+        self.base, self.cert, self.key, self.server_name = base, cert, key, server_name
+        self.conf, self.queue, self.log_path = base / "conf", base / "queue", base / "maillog"
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def connect(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.connect, LOOPBACK, self.port, self.server_name, starttls="smtp")
+
+    @property
+    def reload_command(self) -> str:
+        """A post-renewal command that makes new smtpd processes read the certificate again."""
+        return f"{POSTFIX} -c {self.conf} reload"
+
+    def _configure(self) -> None:
+        self.conf.mkdir(exist_ok=True)
+        data = self.base / "data"
+        for folder in (self.queue, data):
+            folder.mkdir(exist_ok=True)
+        postfix_user = pwd.getpwnam("postfix")
+        os.chown(data, postfix_user.pw_uid, postfix_user.pw_gid)
+        settings = {
+            "compatibility_level": "3.6",
+            "queue_directory": self.queue,
+            "data_directory": data,
+            "inet_interfaces": LOOPBACK,
+            "inet_protocols": "ipv4",
+            "mydestination": "",
+            "alias_maps": "",
+            "alias_database": "",
+            "myhostname": self.server_name,
+            "maillog_file_prefixes": self.base,
+            # no syslog needed: the log (and any fatal error at start) goes to a file here
+            "maillog_file": self.log_path,
+            "smtpd_tls_cert_file": self.cert,
+            "smtpd_tls_key_file": self.key,
+            "smtpd_tls_security_level": "may",
+        }
+        (self.conf / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
+        # the package's own services, with smtpd moved to our port and nothing chrooted
+        master = Path("/etc/postfix/master.cf").read_text()
+        master = "\n".join(
+            f"{LOOPBACK}:{self.port} inet n - n - - smtpd" if line.startswith("smtp ") and " inet " in line else line
+            for line in master.splitlines()
+        )
+        (self.conf / "master.cf").write_text(master + "\n")
+        subprocess.run(["postconf", "-c", str(self.conf), "-F", "*/*/chroot = n"], check=True, timeout=60)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else "(no mail log)"
+
+    def start(self) -> "Postfix":
+        for attempt in range(3):
+            if attempt or not self.port:
+                self.port = free_port()
+            self._configure()
+            self.proc = subprocess.Popen(
+                [POSTFIX, "-c", str(self.conf), "start-fg"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            wait_until(lambda: self.proc.poll() is not None or probe(self.endpoint, 2.0).reachable, "Postfix STARTTLS")
+            if self.proc.poll() is None:
+                return self
+            if "Address already in use" not in self.log():
+                break
+        raise AssertionError(f"Postfix did not start (exit {self.proc and self.proc.poll()}):\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            subprocess.run([POSTFIX, "-c", str(self.conf), "stop"], capture_output=True, timeout=START_DEADLINE)
+            try:
+                self.proc.wait(START_DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def postfix():
+    """Postfix offering STARTTLS with a stand-in self-signed certificate from <base>/mail. Its
+    folder is outside pytest's tmp_path, which only root may enter: smtpd runs as `postfix`."""
+    base = Path(tempfile.mkdtemp(prefix="reconciler-postfix-"))
+    base.chmod(0o755)
+    (base / "mail").mkdir()
+    server = Postfix(base, base / "mail" / "mx.crt", base / "mail" / "mx.key")
+    try:
+        self_signed(server.cert, server.key, server.server_name)
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+DOVECOT = "/usr/sbin/dovecot"
+
+
+class Dovecot:
+    """A private Dovecot (its own configuration, base_dir and log) offering IMAP STARTTLS on
+    127.0.0.1:<port>, run in the foreground (`dovecot -F`) so the test holds its master."""
+
+    def __init__(self, base: Path, cert: Path, key: Path, server_name: str = "imap.probe.test"):
+        self.base, self.cert, self.key, self.server_name = base, cert, key, server_name
+        self.conf, self.log_path = base / "dovecot.conf", base / "dovecot.log"
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def connect(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.connect, LOOPBACK, self.port, self.server_name, starttls="imap")
+
+    @property
+    def reload_command(self) -> str:
+        return f"{DOVECOT} -c {self.conf} reload"
+
+    def _configure(self) -> None:
+        b = self.base
+        self.conf.write_text(
+            f"""base_dir = {b}/run
+state_dir = {b}/state
+log_path = {self.log_path}
+protocols = imap
+listen = {LOOPBACK}
+ssl = yes
+ssl_cert = <{self.cert}
+ssl_key = <{self.key}
+passdb {{
+  driver = static
+  args = nopassword=y
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home={b}/home
+}}
+service imap-login {{
+  chroot =
+  inet_listener imap {{
+    address = {LOOPBACK}
+    port = {self.port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+"""
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else "(no log)"
+
+    def start(self) -> "Dovecot":
+        for attempt in range(3):
+            if attempt or not self.port:
+                self.port = free_port()
+            self._configure()
+            self.proc = subprocess.Popen(
+                [DOVECOT, "-F", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            wait_until(lambda: self.proc.poll() is not None or probe(self.endpoint, 2.0).reachable, "Dovecot STARTTLS")
+            if self.proc.poll() is None:
+                return self
+            if "Address already in use" not in self.log():
+                break
+        raise AssertionError(f"Dovecot did not start (exit {self.proc and self.proc.poll()}):\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # the master shuts its children down on SIGTERM
+            try:
+                self.proc.wait(START_DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def dovecot():
+    """Dovecot offering IMAP STARTTLS with a stand-in self-signed certificate; outside pytest's
+    tmp_path, which only root may enter (its login processes run as dovenull)."""
+    base = Path(tempfile.mkdtemp(prefix="reconciler-dovecot-"))
+    base.chmod(0o755)
+    server = Dovecot(base, base / "imap.crt", base / "imap.key")
+    try:
+        self_signed(server.cert, server.key, server.server_name)
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
