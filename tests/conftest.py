@@ -14,9 +14,11 @@ STEPCA_FIXTURES = frozenset({"step_ca", "other_step_ca", "step_ca_factory", "ste
 
 # Fixtures that cannot be set up without root: a test module's autouse `_root` (it chowns
 # to other users, mounts, runs commands as `nobody`; fails, never skips, without root), the
-# Proxmox stand-ins' `cluster` (busybox guests entered with chroot) and `postgres` (the
-# server runs as its own user). A single test that needs root is marked `root` by hand.
-ROOT_FIXTURES = frozenset({"_root", "cluster", "postgres"})
+# Proxmox stand-ins' `cluster` (busybox guests entered with chroot), and the serve-probe
+# servers that run Debian's daemons under their own users: `postgres`, `postfix` (master as
+# root, smtpd as postfix) and `dovecot` (login as dovenull). A single test that needs root is
+# marked `root` by hand.
+ROOT_FIXTURES = frozenset({"_root", "cluster", "postgres", "postfix", "dovecot"})
 
 
 def pytest_collection_modifyitems(config, items):
