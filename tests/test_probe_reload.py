@@ -12,25 +12,31 @@ from helpers import load_cert, reconcile, write_manifest
 from reconciler.probe import probe
 
 
-def _manifest(tmp_path, nginx, command: str, settle: str = "60s"):
+def document(server, command: str, settle: str = "60s", name: str = "web") -> dict:
+    """A manifest whose one entry is the certificate `server` (tls_servers) presents."""
+    serve = {"connect": server.connect, **({"starttls": server.STARTTLS} if server.STARTTLS else {})}
     entry = {
-        "name": "web",
-        "common_name": nginx.server_name,
-        "cert_path": str(nginx.cert),
-        "key_path": str(nginx.key),
+        "name": name,
+        "common_name": server.server_name,
+        "cert_path": str(server.cert),
+        "key_path": str(server.key),
         "post_renewal_command": command,
-        "serve": [{"connect": nginx.connect}],
+        "serve": [serve],
         "serve_settle": settle,
     }
-    return write_manifest(tmp_path / "m.json", {"issuer": {"type": "local"}, "certificates": [entry]})
+    return {"issuer": {"type": "local"}, "certificates": [entry]}
+
+
+def _manifest(tmp_path, server, command: str, settle: str = "60s"):
+    return write_manifest(tmp_path / "m.json", document(server, command, settle))
 
 
 def _run(tmp_path, manifest, *args, check=None):
     return reconcile(*args, "-m", str(manifest), "--state-dir", str(tmp_path / "state"), check=check)
 
 
-def _file_serial(nginx) -> str:
-    return format(load_cert(nginx.cert).serial_number, "x")
+def _file_serial(server) -> str:
+    return format(load_cert(server.cert).serial_number, "x")
 
 
 def _plan(tmp_path, manifest) -> dict:
@@ -159,17 +165,8 @@ def test_doctor_probes_every_endpoint_once(tmp_path, nginx):
 
 
 def test_a_postfix_reload_is_confirmed_over_smtp_starttls(tmp_path, postfix):
-    entry = {
-        "name": "mx",
-        "common_name": postfix.server_name,
-        "cert_path": str(postfix.cert),
-        "key_path": str(postfix.key),
-        "post_renewal_command": postfix.reload_command,
-        "serve": [{"connect": postfix.connect, "starttls": "smtp"}],
-        "serve_settle": "60s",
-    }
-    manifest = write_manifest(tmp_path / "m.json", {"issuer": {"type": "local"}, "certificates": [entry]})
+    manifest = _manifest(tmp_path, postfix, postfix.reload_command)
     _run(tmp_path, manifest, check=0)
-    assert probe(postfix.endpoint).serial == format(load_cert(postfix.cert).serial_number, "x")
+    assert probe(postfix.endpoint).serial == _file_serial(postfix)
     [endpoint] = _status(tmp_path, manifest)["certificates"][0]["served"]
     assert endpoint["state"] == "current", endpoint

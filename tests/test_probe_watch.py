@@ -8,27 +8,15 @@ import json
 
 from helpers import load_cert
 from reconciler.probe import probe
+from test_probe_reload import document
 from test_watch import wait_for, watch_factory  # noqa: F401  (fixture)
 
 NOT_TAKEN = "exited 0 but the service did not take the new certificate"
 
 
-def _document(nginx, command: str) -> dict:
-    entry = {
-        "name": "web",
-        "common_name": nginx.server_name,
-        "cert_path": str(nginx.cert),
-        "key_path": str(nginx.key),
-        "post_renewal_command": command,
-        "serve": [{"connect": nginx.connect}],
-        "serve_settle": "1s" if command == "true" else "60s",
-    }
-    return {"issuer": {"type": "local"}, "certificates": [entry]}
-
-
 def test_watch_retries_a_command_that_reloads_nothing_until_an_edit_makes_it_reload(tmp_path, nginx, watch_factory):  # noqa: F811
     manifest = tmp_path / "m.json"
-    manifest.write_text(json.dumps(_document(nginx, "true")))
+    manifest.write_text(json.dumps(document(nginx, "true", settle="1s")))
     stand_in = probe(nginx.endpoint).serial
     watch = watch_factory(manifest)
     # caught at once, then retried by the backoff (10 s, then 20 s): at least twice
@@ -38,7 +26,7 @@ def test_watch_retries_a_command_that_reloads_nothing_until_an_edit_makes_it_rel
 
     issued = format(load_cert(nginx.cert).serial_number, "x")
     tmp = manifest.with_suffix(".new")
-    tmp.write_text(json.dumps(_document(nginx, nginx.reload_command)))
+    tmp.write_text(json.dumps(document(nginx, nginx.reload_command)))
     tmp.rename(manifest)
     wait_for(lambda: probe(nginx.endpoint).serial == issued, 120, "nginx to present the issued certificate", watch)
     assert format(load_cert(nginx.cert).serial_number, "x") == issued  # the fix reissued nothing

@@ -1,13 +1,15 @@
 """Real TLS servers from Debian on loopback, for the serve-probe tests: nginx (TLS from the
-first byte) and PostgreSQL (STARTTLS-like SSLRequest). Each runs with its own configuration,
-pid file and logs in a temporary folder on an ephemeral port; the packages' own services and
-configuration are never touched. scripts/install --test installs both packages.
+first byte), PostgreSQL (SSLRequest), Postfix (SMTP STARTTLS) and Dovecot (IMAP STARTTLS).
+Each runs in the foreground of the test (so the test holds its master process) with its own
+configuration, pid file and log in a temporary folder, on an ephemeral port; the packages'
+own services and configuration are never touched. scripts/install --test installs them.
 
 Only ever bound to 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -31,7 +33,7 @@ from reconciler.probe import probe
 
 LOOPBACK = "127.0.0.1"
 START_DEADLINE = 60.0  # seconds; a busy 2-core machine starts a server slowly
-NGINX = "/usr/sbin/nginx"
+NGINX, POSTFIX, DOVECOT = "/usr/sbin/nginx", "/usr/sbin/postfix", "/usr/sbin/dovecot"
 
 
 def free_port() -> int:
@@ -76,12 +78,18 @@ def wait_until(condition, what: str, deadline: float = START_DEADLINE, every: fl
         time.sleep(every)
 
 
-class Nginx:
-    """nginx serving `cert`/`key` over TLS on 127.0.0.1:<port>; reload re-reads them."""
+class LoopbackServer:
+    """One server process on 127.0.0.1:<port> presenting `cert`/`key`. A subclass says how
+    to configure it (`configure`), start it (`argv`), make it re-read its certificate
+    (`reload_command`) and what its log says when the port was taken (`PORT_TAKEN`)."""
 
-    def __init__(self, base: Path, cert: Path, key: Path, server_name: str = "nginx.probe.test"):
+    NAME = "server"
+    STARTTLS: str | None = None
+    PORT_TAKEN = "Address already in use"
+
+    def __init__(self, base: Path, cert: Path, key: Path, server_name: str):
         self.base, self.cert, self.key, self.server_name = base, cert, key, server_name
-        self.conf, self.pid_file, self.error_log = base / "nginx.conf", base / "nginx.pid", base / "error.log"
+        self.log_path = base / f"{self.NAME}.log"
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -91,9 +99,75 @@ class Nginx:
 
     @property
     def endpoint(self) -> Endpoint:
-        return Endpoint(self.connect, LOOPBACK, self.port, self.server_name)
+        return Endpoint(self.connect, LOOPBACK, self.port, self.server_name, self.STARTTLS)
 
-    def _write_conf(self) -> None:
+    @property
+    def reload_command(self) -> str:
+        raise NotImplementedError
+
+    def configure(self) -> None:
+        raise NotImplementedError
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else "(no log)"
+
+    def start(self):
+        for attempt in range(3):  # another test may take the free port before the server binds it
+            if attempt or not self.port:  # a restart keeps its port: the manifest names it
+                self.port = free_port()
+            self.configure()
+            with open(self.log_path, "ab") as out:
+                self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT)
+            proc = self.proc
+            wait_until(lambda p=proc: p.poll() is not None or probe(self.endpoint, 2.0).reachable, f"{self.NAME} TLS")
+            if proc.poll() is None:
+                return self
+            if self.PORT_TAKEN not in self.log():
+                break
+        raise AssertionError(f"{self.NAME} did not start (exit {self.proc and self.proc.poll()}):\n{self.log()}")
+
+    def shut_down(self) -> None:
+        """Ask the running server to stop; `stop` waits for it."""
+        assert self.proc is not None
+        self.proc.terminate()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.shut_down()
+            try:
+                self.proc.wait(START_DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@contextlib.contextmanager
+def outside_tmp_path(prefix: str):
+    """A folder the daemons' own users can enter: pytest's tmp_path is root's alone."""
+    base = Path(tempfile.mkdtemp(prefix=f"reconciler-{prefix}-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- nginx
+
+
+class Nginx(LoopbackServer):
+    """nginx serving `cert`/`key` over TLS; `nginx -s reload` re-reads them."""
+
+    NAME = "nginx"
+
+    def __init__(self, base: Path, cert: Path, key: Path, server_name: str = "nginx.probe.test"):
+        super().__init__(base, cert, key, server_name)
+        self.conf, self.pid_file = base / "nginx.conf", base / "nginx.pid"
+
+    def configure(self) -> None:
         temp = self.base / "temp"
         temp.mkdir(exist_ok=True)
         self.conf.write_text(
@@ -101,7 +175,7 @@ class Nginx:
 master_process on;
 worker_processes 1;
 pid {self.pid_file};
-error_log {self.error_log} info;
+error_log {self.log_path} info;
 events {{ worker_connections 64; }}
 http {{
     access_log off;
@@ -121,297 +195,160 @@ http {{
 """
         )
 
-    def command(self, *args: str) -> list[str]:
-        return [NGINX, "-p", str(self.base), "-c", str(self.conf), "-e", str(self.error_log), *args]
+    def argv(self, *args: str) -> list[str]:
+        return [NGINX, "-p", str(self.base), "-c", str(self.conf), "-e", str(self.log_path), *args]
 
     @property
     def reload_command(self) -> str:
         """A post-renewal command that really reloads this nginx."""
-        return " ".join(self.command("-s", "reload"))
+        return " ".join(self.argv("-s", "reload"))
 
-    def start(self) -> "Nginx":
-        for attempt in range(3):  # another test may take the free port before nginx binds it
-            if attempt or not self.port:  # a restart keeps its port: the manifest names it
-                self.port = free_port()
-            self._write_conf()
-            self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wait_until(
-                lambda: self.proc.poll() is not None or probe(self.endpoint, 2.0).reachable, "nginx to accept TLS"
-            )
-            if self.proc.poll() is None:
-                return self
-            if "Address already in use" not in self.log():
-                break
-        raise AssertionError(f"nginx did not start (exit {self.proc and self.proc.poll()}):\n{self.log()}")
-
-    def log(self) -> str:
-        return self.error_log.read_text(errors="replace") if self.error_log.exists() else "(no error log)"
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful: workers finish, pid file removed
-            try:
-                self.proc.wait(START_DEADLINE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def shut_down(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGQUIT)  # graceful: workers finish, pid file removed
 
 
 @pytest.fixture
 def nginx(tmp_path):
     """nginx serving a stand-in self-signed certificate from tmp_path/www/site.crt/.key."""
-    base = tmp_path / "nginx"
-    base.mkdir()
-    www = tmp_path / "www"
-    www.mkdir()
-    server = Nginx(base, www / "site.crt", www / "site.key")
+    (tmp_path / "nginx").mkdir()
+    (tmp_path / "www").mkdir()
+    server = Nginx(tmp_path / "nginx", tmp_path / "www" / "site.crt", tmp_path / "www" / "site.key")
     self_signed(server.cert, server.key, server.server_name)
     server.start()
     yield server
     server.stop()
 
 
-def _postgres_bin() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
-    if not found:
-        raise AssertionError("PostgreSQL is not installed; run scripts/install --test")
-    return Path(found[-1]).parent
+# --------------------------------------------------------------------------- PostgreSQL
 
 
-class Postgres:
-    """A throw-away PostgreSQL cluster (initdb) with ssl = on, on 127.0.0.1:<port>, run as the
-    `postgres` user (it refuses root). Its certificate files live in `tls/`, owned by postgres."""
+class Postgres(LoopbackServer):
+    """A throw-away PostgreSQL cluster (initdb) with ssl = on, run as the `postgres` user (it
+    refuses root). Its certificate files live in `tls/`, owned by postgres."""
+
+    NAME = "postgres"
+    STARTTLS = "postgres"
+    PORT_TAKEN = "could not bind"
 
     def __init__(self, base: Path):
-        self.base = base
-        self.data, self.tls = base / "data", base / "tls"
-        self.cert, self.key = self.tls / "server.crt", self.tls / "server.key"
-        self.bin = _postgres_bin()
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
+        super().__init__(base, base / "tls" / "server.crt", base / "tls" / "server.key", "db.probe.test")
+        self.data = base / "data"
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+        if not found:
+            raise AssertionError("PostgreSQL is not installed; run scripts/install --test")
+        self.bin = Path(found[-1]).parent
         self.user = pwd.getpwnam("postgres")
 
-    @property
-    def connect(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint(self.connect, LOOPBACK, self.port, "db.probe.test", starttls="postgres")
-
-    def _as_postgres(self, *argv: str) -> list[str]:
-        return ["runuser", "-u", "postgres", "--", *argv]
-
     def init(self) -> None:
-        self.tls.mkdir()
-        for path in (self.base, self.tls):
+        self.cert.parent.mkdir()
+        for path in (self.base, self.cert.parent):
             os.chown(path, self.user.pw_uid, self.user.pw_gid)
-        subprocess.run(
-            self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"),
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
+        initdb = [str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]
+        subprocess.run(["runuser", "-u", "postgres", "--", *initdb], check=True, capture_output=True, timeout=300)
+
+    def configure(self) -> None:
+        pass  # all on the command line
+
+    def argv(self) -> list[str]:
+        settings = {"listen_addresses": LOOPBACK, "ssl": "on", "ssl_cert_file": self.cert, "ssl_key_file": self.key}
+        options = [arg for k, v in settings.items() for arg in ("-c", f"{k}={v}")]
+        server = [str(self.bin / "postgres"), "-D", str(self.data), "-k", str(self.base), "-p", str(self.port)]
+        return ["runuser", "-u", "postgres", "--", *server, *options]
 
     @property
     def reload_command(self) -> str:
         """A post-renewal command that makes PostgreSQL re-read its certificate files."""
         return f"kill -HUP $(head -1 {self.data}/postmaster.pid)"
 
-    def start(self) -> "Postgres":
-        for _attempt in range(3):
-            self.port = free_port()
-            log = self.base / "postgres.log"
-            self.proc = subprocess.Popen(
-                self._as_postgres(
-                    str(self.bin / "postgres"),
-                    "-D",
-                    str(self.data),
-                    "-k",
-                    str(self.base),
-                    "-p",
-                    str(self.port),
-                    "-c",
-                    f"listen_addresses={LOOPBACK}",
-                    "-c",
-                    "ssl=on",
-                    "-c",
-                    f"ssl_cert_file={self.cert}",
-                    "-c",
-                    f"ssl_key_file={self.key}",
-                ),
-                stdout=open(log, "ab"),
-                stderr=subprocess.STDOUT,
-            )
-            wait_until(
-                lambda: self.proc.poll() is not None or probe(self.endpoint, 2.0).reachable, "PostgreSQL to accept TLS"
-            )
-            if self.proc.poll() is None:
-                return self
-            if "could not bind" not in log.read_text(errors="replace"):
-                break
-        raise AssertionError(f"PostgreSQL did not start:\n{(self.base / 'postgres.log').read_text(errors='replace')}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            # runuser forwards the signal; "fast" shutdown closes connections and exits
-            os.kill(int((self.data / "postmaster.pid").read_text().split()[0]), signal.SIGINT)
-            try:
-                self.proc.wait(START_DEADLINE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def shut_down(self) -> None:
+        # to the postmaster itself (runuser is in between): "fast" shutdown
+        os.kill(int((self.data / "postmaster.pid").read_text().split()[0]), signal.SIGINT)
 
 
 @pytest.fixture
 def postgres():
-    """PostgreSQL serving a stand-in self-signed certificate. Its folder is outside pytest's
-    tmp_path, which only root may enter, because the server runs as `postgres`."""
-    base = Path(tempfile.mkdtemp(prefix="reconciler-pg-"))
-    server = Postgres(base)
-    try:
+    """PostgreSQL serving a stand-in self-signed certificate (outside tmp_path: it runs as postgres)."""
+    with outside_tmp_path("pg") as base:
+        server = Postgres(base)
         server.init()
-        self_signed(server.cert, server.key, "db.probe.test")
+        self_signed(server.cert, server.key, server.server_name)
         for path in (server.cert, server.key):
             os.chown(path, server.user.pw_uid, server.user.pw_gid)
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        try:
+            yield server.start()
+        finally:
+            server.stop()
 
 
-POSTFIX = "/usr/sbin/postfix"
+# --------------------------------------------------------------------------- Postfix
 
 
-class Postfix:
+class Postfix(LoopbackServer):
     """A private Postfix instance (its own config_directory, queue and log) whose smtpd offers
-    STARTTLS on 127.0.0.1:<port>. Run as `postfix start-fg`, so the test holds its master."""
+    STARTTLS; `postfix start-fg` keeps its master in the foreground."""
+
+    NAME = "postfix"
+    STARTTLS = "smtp"
 
     def __init__(self, base: Path, cert: Path, key: Path, server_name: str = "mx.probe.test"):
-        self.base, self.cert, self.key, self.server_name = base, cert, key, server_name
-        self.conf, self.queue, self.log_path = base / "conf", base / "queue", base / "maillog"
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def connect(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint(self.connect, LOOPBACK, self.port, self.server_name, starttls="smtp")
+        super().__init__(base, cert, key, server_name)
+        self.conf = base / "conf"
 
     @property
     def reload_command(self) -> str:
         """A post-renewal command that makes new smtpd processes read the certificate again."""
         return f"{POSTFIX} -c {self.conf} reload"
 
-    def _configure(self) -> None:
-        self.conf.mkdir(exist_ok=True)
+    def configure(self) -> None:
         data = self.base / "data"
-        for folder in (self.queue, data):
+        for folder in (self.conf, self.base / "queue", data):
             folder.mkdir(exist_ok=True)
-        postfix_user = pwd.getpwnam("postfix")
-        os.chown(data, postfix_user.pw_uid, postfix_user.pw_gid)
+        owner = pwd.getpwnam("postfix")
+        os.chown(data, owner.pw_uid, owner.pw_gid)
         settings = {
-            "compatibility_level": "3.6",
-            "queue_directory": self.queue,
-            "data_directory": data,
-            "inet_interfaces": LOOPBACK,
-            "inet_protocols": "ipv4",
-            "mydestination": "",
-            "alias_maps": "",
-            "alias_database": "",
-            "myhostname": self.server_name,
-            "maillog_file_prefixes": self.base,
-            # no syslog needed: the log (and any fatal error at start) goes to a file here
-            "maillog_file": self.log_path,
-            "smtpd_tls_cert_file": self.cert,
-            "smtpd_tls_key_file": self.key,
+            "compatibility_level": "3.6", "queue_directory": self.base / "queue", "data_directory": data,
+            "inet_interfaces": LOOPBACK, "inet_protocols": "ipv4", "mydestination": "", "alias_maps": "",
+            "alias_database": "", "myhostname": self.server_name, "maillog_file_prefixes": self.base,
+            # no syslog needed: the log (and a fatal error at start) goes to a file here
+            "maillog_file": self.log_path, "smtpd_tls_cert_file": self.cert, "smtpd_tls_key_file": self.key,
             "smtpd_tls_security_level": "may",
-        }
+        }  # fmt: skip
         (self.conf / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
         # the package's own services, with smtpd moved to our port and nothing chrooted
-        master = Path("/etc/postfix/master.cf").read_text()
-        master = "\n".join(
+        master = [
             f"{LOOPBACK}:{self.port} inet n - n - - smtpd" if line.startswith("smtp ") and " inet " in line else line
-            for line in master.splitlines()
-        )
-        (self.conf / "master.cf").write_text(master + "\n")
+            for line in Path("/etc/postfix/master.cf").read_text().splitlines()
+        ]
+        (self.conf / "master.cf").write_text("\n".join(master) + "\n")
         subprocess.run(["postconf", "-c", str(self.conf), "-F", "*/*/chroot = n"], check=True, timeout=60)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else "(no mail log)"
+    def argv(self) -> list[str]:
+        return [POSTFIX, "-c", str(self.conf), "start-fg"]
 
-    def start(self) -> "Postfix":
-        for attempt in range(3):
-            if attempt or not self.port:
-                self.port = free_port()
-            self._configure()
-            self.proc = subprocess.Popen(
-                [POSTFIX, "-c", str(self.conf), "start-fg"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-            wait_until(lambda: self.proc.poll() is not None or probe(self.endpoint, 2.0).reachable, "Postfix STARTTLS")
-            if self.proc.poll() is None:
-                return self
-            if "Address already in use" not in self.log():
-                break
-        raise AssertionError(f"Postfix did not start (exit {self.proc and self.proc.poll()}):\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            subprocess.run([POSTFIX, "-c", str(self.conf), "stop"], capture_output=True, timeout=START_DEADLINE)
-            try:
-                self.proc.wait(START_DEADLINE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def shut_down(self) -> None:
+        subprocess.run([POSTFIX, "-c", str(self.conf), "stop"], capture_output=True, timeout=START_DEADLINE)
 
 
-@pytest.fixture
-def postfix():
-    """Postfix offering STARTTLS with a stand-in self-signed certificate from <base>/mail. Its
-    folder is outside pytest's tmp_path, which only root may enter: smtpd runs as `postfix`."""
-    base = Path(tempfile.mkdtemp(prefix="reconciler-postfix-"))
-    base.chmod(0o755)
-    (base / "mail").mkdir()
-    server = Postfix(base, base / "mail" / "mx.crt", base / "mail" / "mx.key")
-    try:
-        self_signed(server.cert, server.key, server.server_name)
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+# --------------------------------------------------------------------------- Dovecot
 
 
-DOVECOT = "/usr/sbin/dovecot"
+class Dovecot(LoopbackServer):
+    """A private Dovecot (its own configuration, base_dir and log) offering IMAP STARTTLS;
+    `dovecot -F` keeps its master in the foreground."""
 
-
-class Dovecot:
-    """A private Dovecot (its own configuration, base_dir and log) offering IMAP STARTTLS on
-    127.0.0.1:<port>, run in the foreground (`dovecot -F`) so the test holds its master."""
+    NAME = "dovecot"
+    STARTTLS = "imap"
 
     def __init__(self, base: Path, cert: Path, key: Path, server_name: str = "imap.probe.test"):
-        self.base, self.cert, self.key, self.server_name = base, cert, key, server_name
-        self.conf, self.log_path = base / "dovecot.conf", base / "dovecot.log"
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def connect(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint(self.connect, LOOPBACK, self.port, self.server_name, starttls="imap")
+        super().__init__(base, cert, key, server_name)
+        self.conf = base / "dovecot.conf"
 
     @property
     def reload_command(self) -> str:
         return f"{DOVECOT} -c {self.conf} reload"
 
-    def _configure(self) -> None:
+    def configure(self) -> None:
         b = self.base
         self.conf.write_text(
             f"""base_dir = {b}/run
@@ -446,45 +383,27 @@ service anvil {{
 """
         )
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else "(no log)"
+    def argv(self) -> list[str]:
+        return [DOVECOT, "-F", "-c", str(self.conf)]
 
-    def start(self) -> "Dovecot":
-        for attempt in range(3):
-            if attempt or not self.port:
-                self.port = free_port()
-            self._configure()
-            self.proc = subprocess.Popen(
-                [DOVECOT, "-F", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-            wait_until(lambda: self.proc.poll() is not None or probe(self.endpoint, 2.0).reachable, "Dovecot STARTTLS")
-            if self.proc.poll() is None:
-                return self
-            if "Address already in use" not in self.log():
-                break
-        raise AssertionError(f"Dovecot did not start (exit {self.proc and self.proc.poll()}):\n{self.log()}")
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # the master shuts its children down on SIGTERM
+def _mail_fixture(kind: type[LoopbackServer], prefix: str):
+    """A fixture running `kind` with a stand-in self-signed certificate, outside tmp_path (its
+    processes drop to the package's own users)."""
+
+    def fixture():
+        with outside_tmp_path(prefix) as base:
+            server = kind(base, base / f"{prefix}.crt", base / f"{prefix}.key")
+            self_signed(server.cert, server.key, server.server_name)
             try:
-                self.proc.wait(START_DEADLINE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                yield server.start()
+            finally:
+                server.stop()
+
+    fixture.__name__ = kind.NAME
+    fixture.__doc__ = f"{kind.__doc__.splitlines()[0]} With a stand-in self-signed certificate."
+    return pytest.fixture(fixture)
 
 
-@pytest.fixture
-def dovecot():
-    """Dovecot offering IMAP STARTTLS with a stand-in self-signed certificate; outside pytest's
-    tmp_path, which only root may enter (its login processes run as dovenull)."""
-    base = Path(tempfile.mkdtemp(prefix="reconciler-dovecot-"))
-    base.chmod(0o755)
-    server = Dovecot(base, base / "imap.crt", base / "imap.key")
-    try:
-        self_signed(server.cert, server.key, server.server_name)
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+postfix = _mail_fixture(Postfix, "mx")
+dovecot = _mail_fixture(Dovecot, "imap")
