@@ -97,7 +97,7 @@ class Metrics:
         self.passes.labels("ok" if outcome.ok else "error").inc()
         self.ca_reachable.set(1 if ca_reachable else 0)
 
-    def _record_served(self, outcome: "PassOutcome") -> None:
+    def _record_served(self, outcome: PassOutcome) -> None:
         """Per `serve` endpoint: what it presents, so an alert fires when a service presents a
         certificate about to expire although the file is fresh (docs/operations.md)."""
         seen: set[tuple[str, str]] = set()
