@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from reconciler.atomic import CommitRefused, Transaction, commit, set_metadata, stage
+from reconciler.errors import ReconcilerError
 from reconciler.folders import Folder, FolderError, resolve_file
 from reconciler.managed import XATTR, foreign, refusal, sidecar_name, xattr_supported
 from reconciler.model import CA_MODE, DesiredCert
@@ -24,7 +25,7 @@ from reconciler.model import CA_MODE, DesiredCert
 READ_LIMIT = 1024 * 1024  # a certificate or key file is never larger
 
 
-class DeployError(Exception):
+class DeployError(ReconcilerError):
     """One certificate's deployment failed; `str()` says what, where and what to do."""
 
 
