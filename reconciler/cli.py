@@ -220,6 +220,8 @@ def build_parser(sub: str | None) -> argparse.ArgumentParser:
     pass_options(p)
     p.add_argument("--watch", action="store_true", help="keep running: reconcile on manifest saves, damaged files, renewal deadlines")
     p.add_argument("--resync", default=defaults.RESYNC, help="with --watch: full pass at least this often (default %(default)s)")
+    p.add_argument("--guest-poll", default=defaults.GUEST_POLL,
+                   help="with --watch: look at a stopped Proxmox guest that owes a delivery this often (default %(default)s)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="with --watch: serve Prometheus metrics on /metrics")
     p.add_argument("--metrics-file", metavar="PATH", help="write Prometheus textfile-collector metrics after every pass (a one-shot run writes them once; its counters count that run)")
     p.add_argument("--poll", action="store_true", help="with --watch: poll folders every second instead of inotify (network filesystems)")
@@ -293,14 +295,16 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def cmd_watch(args) -> int:
-    try:
-        resync = parse_duration(args.resync).total_seconds()
-    except DurationError as exc:
-        print(f"error: --resync: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    periods = {}
+    for flag, value in (("--resync", args.resync), ("--guest-poll", args.guest_poll)):
+        try:
+            periods[flag] = parse_duration(value).total_seconds()
+        except DurationError as exc:
+            print(f"error: {flag}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
     return run_watch(WatchSettings(
-        settings_from(args), resync, poll=args.poll, metrics_listen=args.metrics_listen,
-        metrics_file=Path(args.metrics_file) if args.metrics_file else None,
+        settings_from(args), periods["--resync"], poll=args.poll, metrics_listen=args.metrics_listen,
+        metrics_file=Path(args.metrics_file) if args.metrics_file else None, guest_poll=periods["--guest-poll"],
     ))
 
 

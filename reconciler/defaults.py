@@ -19,6 +19,7 @@ WORKERS = 4  # certificates issued concurrently
 CA_CONNECT_TIMEOUT = 5.0  # seconds to connect to a step-ca (never more than the request timeout)
 CA_TIMEOUT = 30.0  # seconds one step-ca request may take once connected
 RESYNC = "10m"  # --watch: a full pass at least this often
+GUEST_POLL = "30s"  # --watch: a stopped Proxmox guest owing a delivery is looked at this often
 PVE_CLUSTER_DIR = Path("/etc/pve")  # a manifest in it is a Proxmox cluster's shared one
 
 # Variables of our own. The issuer ones (URL, root, ...) are a step-ca setting's third

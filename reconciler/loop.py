@@ -37,7 +37,7 @@ from reconciler.metrics import Metrics
 from reconciler.observe import ObservationCache, stat_file
 from reconciler.outcome import PassOutcome
 from reconciler.passes import Settings, record_manifest_state, run_pass
-from reconciler.schedule import LOCK_RETRY, MAX_SLEEP, Job, PassReport, Schedule
+from reconciler.schedule import GUEST_POLL_REASON, LOCK_RETRY, MAX_SLEEP, RESYNC_REASON, Job, PassReport, Schedule
 from reconciler.statefiles import StatusError
 from reconciler.tracker import CHANGED, NOT_READY, ManifestTracker
 
@@ -53,6 +53,7 @@ class WatchSettings:
     poll: bool = False  # poll folders instead of inotify (network filesystems)
     metrics_listen: str | None = None  # HOST:PORT to serve /metrics on
     metrics_file: Path | None = None  # a textfile-collector file, rewritten after every pass
+    guest_poll: float = 30.0  # seconds: how often a stopped Proxmox guest owing a delivery is looked at
 
 
 class SystemClock:
@@ -87,7 +88,7 @@ class Watcher:
         self.tracker = ManifestTracker(self.settings)
         self.cache = ObservationCache(self.settings.state_dir)  # kept across passes: unchanged files cost a stat
         self.lock = threading.Lock()
-        self.schedule = Schedule(watch.resync, SystemClock(), stamp_of)
+        self.schedule = Schedule(watch.resync, SystemClock(), stamp_of, guest_poll=watch.guest_poll)
         self.watches = FolderWatches(self.on_event, poll=watch.poll)
         self.cancel = threading.Event()
         # main thread only
@@ -271,6 +272,7 @@ class Watcher:
             _snap, outcome = run_pass(
                 self.settings, desired, progress=False, cache=self.cache, deferral=deferral,
                 cancelled=self.cancel.is_set, sweep_files=job.first or job.force, manifest_state=self.tracker.state(),
+                look_at_guests=job.first or job.force or bool({RESYNC_REASON, GUEST_POLL_REASON} & set(job.reasons)),
             )
         except LockTimeout as exc:
             log.warning("%s; trying again in %gs", exc, LOCK_RETRY)

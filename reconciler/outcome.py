@@ -27,7 +27,7 @@ writes) and the status store's record:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -101,6 +101,8 @@ class CertOutcome:
     failed: str | None = None  # why this pass's attempt failed
     transient: bool = False  # ...because the CA did not answer (worth a retry soon)
     hook_ok: bool | None = None  # its post-renewal command ran this pass: did it succeed
+    delivery_ok: bool | None = None  # its delivery into a Proxmox guest (and reload) ran this pass: did it succeed
+    delivery_waits: bool = False  # ...or it is owed because the guest is not running (here)
     still_drifts: bool = False  # written this pass, yet the re-read disk still differs
     # (dev, inode, size, mtime, ctime) of the files as the pass left them: --watch compares
     # the events it gets against these, so its own writes do not wake it
@@ -186,6 +188,7 @@ def outcome_of(
     for h in result.hooks if result is not None else ():
         for name in h.certificates:
             hooks[name] = hooks.get(name, True) and h.ok
+    guests = {d.name: d for d in result.deliveries} if result is not None else {}
     after = after or {}
     certs = []
     for p in plan.certificates:
@@ -195,9 +198,11 @@ def outcome_of(
         now_plan = after.get(name, p)
         ran = done.get(name)
         served = endpoint_states(o.served, o.cert, record.served if record is not None else {}, now.isoformat())
-        certs.append(
-            _cert_outcome(p.cert, now_plan, o, record, name in owed, ran, hooks.get(name), name in after, served)
-        )
+        outcome = _cert_outcome(p.cert, now_plan, o, record, name in owed, ran, hooks.get(name), name in after, served)
+        delivery = guests.get(name)
+        if delivery is not None:
+            outcome = replace(outcome, delivery_ok=None if delivery.owed else delivery.ok, delivery_waits=delivery.owed is not None)
+        certs.append(outcome)
     return PassOutcome(tuple(certs), plan, result, duration, now.timestamp())
 
 
@@ -238,5 +243,6 @@ def _attempt(ran: "CertResult", plan: CertPlan, rewritten: bool) -> dict:
         "attempted": written,
         "changed": tuple(ran.actions),
         "content_changed": ran.content_changed,
-        "still_drifts": written and rewritten and any(a.action != RUN_HOOK for a in plan.actions),
+        # a hook, a delivery into a guest or its reload still owed is no change to the disk
+        "still_drifts": written and rewritten and any(a.action not in (RUN_HOOK, DELIVER, RELOAD) for a in plan.actions),
     }

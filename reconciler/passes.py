@@ -22,7 +22,8 @@ from reconciler.errors import ReconcilerError
 from reconciler.faults import fault_point
 from reconciler.folder_checks import manifest_trust_problem
 from reconciler.guests.cluster import local_share
-from reconciler.guests.stage import observe_guests
+from reconciler.guests.stage import observe_guests, with_records
+from reconciler.guestfacts import DELIVER, RELOAD
 from reconciler.hooks import secrets_of
 from reconciler.issuers import Issuer, IssuerError, make_issuer
 from reconciler.lock import LockTimeout, PassLock
@@ -144,12 +145,15 @@ def snapshot(
     forced: ForcedRenewal | None = None,
     fetch_root: bool = False,
     repair: bool = False,
+    look_at_guests: bool = True,
 ) -> Snapshot:
     """Observe and plan. Reads only unless `fetch_root`: `--plan` is exactly this.
     `cache`: an ObservationCache kept across passes (--watch), instead of reading it from disk.
     `forced`: `reconcile renew`; an unknown name raises UnknownCertificate before anything is read.
     `fetch_root`: a pass may download a step-ca root known by its fingerprint (see _unknown_trust).
-    `repair`: set a damaged cache aside (passes only: `--plan` and `status` never write)."""
+    `repair`: set a damaged cache aside (passes only: `--plan` and `status` never write).
+    `look_at_guests`: look at every Proxmox guest's files (a resync); False: only at the guests
+    the rows already plan a delivery for (--watch between resyncs)."""
     assert desired.issuer is not None, "desired.load_desired resolves the issuer"
     chosen = forced.chosen(desired) if forced is not None else None
     desired, elsewhere = local_share(desired)  # a Proxmox cluster's manifest: this node's share
@@ -164,7 +168,7 @@ def snapshot(
         observed = observe_all(desired.certificates, trust_of(issuer, desired.issuer), cache, manager=manager)
     # what each Proxmox guest was given and, where the plan needs it, holds now
     records = {c.name: status.get(c.name).delivery for c in desired.certificates}
-    observed = observe_guests(desired.certificates, observed, records, workers=settings.workers)
+    observed = observe_guests(desired.certificates, observed, records, look_all=look_at_guests, workers=settings.workers)
     # the running services too: which leaf each `serve` endpoint presents (read-only)
     observed, probed = observe_served(desired.certificates, observed)
     plan = make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(_serials(observed)), issuer_unknown=unknown)
@@ -194,11 +198,13 @@ class Deferral:
     `certificates`: names in backoff after a failed issuance: none of their actions run.
     `hooks`: names whose failed post-renewal command is in backoff: their `run_hook` waits.
     `issue_limit`: how many certificates may contact the CA (None: all; while the CA is
-    unreachable, 1 for the probe or 0 between probes)."""
+    unreachable, 1 for the probe or 0 between probes). `deliveries`: names whose failed
+    delivery into their Proxmox guest (or reload there) is in backoff: `deliver`/`reload` wait."""
 
     certificates: frozenset[str] = frozenset()
     hooks: frozenset[str] = frozenset()
     issue_limit: int | None = None
+    deliveries: frozenset[str] = frozenset()
 
 
 def defer(plan: Plan, deferral: Deferral) -> Plan:
@@ -215,6 +221,8 @@ def defer(plan: Plan, deferral: Deferral) -> Plan:
                 budget -= 1
         if p.actions and p.cert.name in deferral.hooks and p.content_action is None:
             p = replace(p, actions=tuple(a for a in p.actions if a.action != RUN_HOOK))
+        if p.actions and p.cert.name in deferral.deliveries and p.content_action is None:
+            p = replace(p, actions=tuple(a for a in p.actions if a.action not in (DELIVER, RELOAD)))
         kept.append(p)
     return Plan(tuple(kept), hooks_for(kept), plan.notes)
 
@@ -242,6 +250,7 @@ def run_pass(
     manifest_state: dict | None = None,
     forced: ForcedRenewal | None = None,
     skip_hooks: bool = False,
+    look_at_guests: bool = True,
 ) -> tuple[Snapshot, PassOutcome]:
     """A full pass under the lock: sweep, plan, apply, record. Returns (snapshot, outcome).
 
@@ -265,7 +274,7 @@ def run_pass(
         if validation_cache is not None:
             validation_cache.save()
         status = StatusStore(settings.state_dir)
-        snap = snapshot(settings, desired, status, cache=cache, forced=forced, fetch_root=True, repair=True)
+        snap = snapshot(settings, desired, status, cache=cache, forced=forced, fetch_root=True, repair=True, look_at_guests=look_at_guests)
         work = defer(snap.plan, deferral) if deferral is not None else snap.plan
         if manifest_state is not None:
             status.manifest.clear()
@@ -335,7 +344,9 @@ def _reobserve(settings: Settings, snap: Snapshot, result, status: StatusStore) 
     trust = trust_of(snap.issuer, snap.desired.issuer)
     certs = [c for c in snap.desired.certificates if c.name in written]
     parsed = {c.name: c.written for c in result.certificates if c.written is not None}  # not parsed twice
-    snap.observed.update(observe_all(certs, trust, snap.cache, manager=identity(settings.state_dir), written=parsed))
+    again = observe_all(certs, trust, snap.cache, manager=identity(settings.state_dir), written=parsed)
+    # the guests as this pass left them, from the status store (no guest is asked again)
+    snap.observed.update(with_records(certs, again, {c.name: status.get(c.name).delivery for c in certs}))
     owed = status.hooks_pending(_serials(snap.observed))
     now = datetime.now(timezone.utc)
     # what the issuer knows now (a step-ca learns its chain by issuing), never fetched here

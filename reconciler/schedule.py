@@ -13,7 +13,8 @@ What starts a pass (controller-runtime style: an event only says "look again"):
 * a file a pass wrote that no longer matches when the pass re-read it: a recheck pass
   (RECHECKS_AT_ONCE in a row run at once, then they back off);
 * timers: the earliest renewal deadline, the next retry after a failure (backoff.py), the
-  resync period, a retry after a pass that could not run;
+  resync period, a retry after a pass that could not run, and while a Proxmox guest owes a
+  delivery because it is not running, a poll every GUEST_POLL (the pass looks at the guest);
 * SIGHUP: re-read the manifest, retry everything in backoff now.
 
 Not thread-safe by itself: the runner (loop.py) holds one lock around every call.
@@ -39,6 +40,10 @@ MAX_SLEEP = 60.0  # look at the wall clock at least this often (suspend, clock s
 LOCK_RETRY = 5.0  # another reconcile holds the lock: look again this much later
 RECHECKS_AT_ONCE = 3  # rechecks in a row before they back off
 CA, PASS, RECHECK = "ca", "pass", "recheck"  # backoff keys that are not certificate names
+# a stopped guest owing a delivery is looked at this often (--guest-poll): `pct status` and
+# `qm status` cost about half a second of a node's CPU, and a guest that starts gets its files within this
+GUEST_POLL = 30.0
+RESYNC_REASON, GUEST_POLL_REASON = "resync", "guest poll"  # passes that look at every guest
 
 
 class Clock(Protocol):
@@ -71,14 +76,20 @@ class PassReport:
     next_renewal: float | None = None  # wall clock
     managed: dict[str, tuple[bool, tuple]] | None = None  # path -> (follow symlinks, stamp the pass left)
     folders: set[str] = field(default_factory=set)
+    guests_waiting: bool = False  # a delivery is owed to a guest that is not running
 
 
 class Schedule:
-    def __init__(self, resync: float, clock: Clock, stamp_of: StampOf, backoff: Callable[[], Backoff] = Backoff):
+    def __init__(
+        self, resync: float, clock: Clock, stamp_of: StampOf, backoff: Callable[[], Backoff] = Backoff, guest_poll: float = GUEST_POLL,
+    ):
         self.resync = resync
+        self.guest_poll = guest_poll
         self.clock = clock
         self.stamp_of = stamp_of
         self.issues, self.hooks, self.ca, self.passes, self.rechecks = (backoff() for _ in range(5))
+        self.deliveries = backoff()  # failed deliveries into Proxmox guests, like hooks
+        self.guest_poll_at: float | None = None  # monotonic
         self.rechecks_in_a_row = 0
         self.manifest_names: set[str] = set()
         self.manifest_last_event = float("-inf")
@@ -140,7 +151,7 @@ class Schedule:
             due = settled_at if self.manifest_due is None else min(settled_at, self.manifest_due)
             return max(0.0, due - mono)
         candidates = [self.resync_at - mono, MAX_SLEEP]
-        candidates += [t - mono for t in (self.manifest_due, self.files_due, self.rerun_at) if t is not None]
+        candidates += [t - mono for t in (self.manifest_due, self.files_due, self.rerun_at, self.guest_poll_at) if t is not None]
         candidates += [t - wall + 0.01 for t in (self.next_renewal, self.retry_at) if t is not None]
         return max(0.0, min(candidates))
 
@@ -160,7 +171,7 @@ class Schedule:
         if not reasons:
             return None
         if force:
-            for b in (self.issues, self.hooks, self.ca, self.passes):
+            for b in (self.issues, self.hooks, self.ca, self.passes, self.deliveries):
                 b.clear()
         return Job(reasons, force=force, final=final)
 
@@ -184,7 +195,10 @@ class Schedule:
             self.rerun_at = None
             reasons.append(self.rerun_reason)
         if mono >= self.resync_at:
-            reasons.append("resync")
+            reasons.append(RESYNC_REASON)
+        if self.guest_poll_at is not None and mono >= self.guest_poll_at:
+            self.guest_poll_at = None
+            reasons.append(GUEST_POLL_REASON)
         if self.next_renewal is not None and wall >= self.next_renewal:
             self.next_renewal = None
             reasons.append("renewal due")
@@ -199,19 +213,20 @@ class Schedule:
         """A save changed these entries: they are tried at once; another CA starts afresh."""
         self.issues.forget(touched)
         self.hooks.forget(touched)
+        self.deliveries.forget(touched)
         if issuer_changed:  # nothing learnt about the old CA applies
             self.ca.clear()
             self.issues.clear()
 
     def deferral(self, names: set[str]) -> Deferral:
         """What the next pass over `names` (the manifest's certificates) leaves for later."""
-        for b in (self.issues, self.hooks):
+        for b in (self.issues, self.hooks, self.deliveries):
             b.retain(names)
         now = self.clock.time()
         limit = None
         if self.ca.active(CA):  # one probe at a time while the CA does not answer
             limit = 1 if now >= self.ca.until[CA] else 0
-        return Deferral(self.issues.waiting(now), self.hooks.waiting(now), limit)
+        return Deferral(self.issues.waiting(now), self.hooks.waiting(now), limit, self.deliveries.waiting(now))
 
     # ------------------------------------------------------------------ pass outcomes
 
@@ -227,6 +242,7 @@ class Schedule:
         return PassReport(
             ran=True, run_again=run_again, recheck=outcome.recheck, next_renewal=nxt.timestamp() if nxt else None,
             managed=managed, folders={os.path.dirname(p) for p in managed},
+            guests_waiting=any(c.delivery_waits for c in outcome.certificates),
         )
 
     def failed(self) -> PassReport:
@@ -246,8 +262,10 @@ class Schedule:
             self.folders = report.folders
         if report.ran or report.failed:
             self.resync_at = mono + self.resync
+        if report.ran:
+            self.guest_poll_at = mono + self.guest_poll if report.guests_waiting else None
         self.next_renewal = report.next_renewal
-        retries = [t for t in (b.next_at(self.clock.time()) for b in (self.issues, self.hooks, self.ca)) if t is not None]
+        retries = [t for t in (b.next_at(self.clock.time()) for b in (self.issues, self.hooks, self.ca, self.deliveries)) if t is not None]
         self.retry_at = min(retries) if retries else None
         if report.retry_in is not None:
             self.rerun_at, self.rerun_reason = mono + report.retry_in, "retry"
@@ -286,6 +304,11 @@ class Schedule:
             elif c.hook_ok is False:
                 wait = self.hooks.failed(c.name, now)
                 log.info("%s: post-renewal command runs again in %.0fs", c.name, wait)
+            if c.delivery_ok is True:
+                self.deliveries.succeeded(c.name)
+            elif c.delivery_ok is False:
+                wait = self.deliveries.failed(c.name, now)
+                log.info("%s: delivery into its guest is tried again in %.0fs", c.name, wait)
         return run_again
 
     def _record_ca(self, outcome: PassOutcome, now: float) -> bool:

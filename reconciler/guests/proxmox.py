@@ -108,13 +108,7 @@ class ProxmoxCLI:
         if stdin is not None:
             argv += ["--pass-stdin", "1"]
         proc = self._checked(guest, [*argv, "--", *command], stdin, limit + self.timeout)
-        try:
-            answer = json.loads(proc.stdout)
-        except ValueError:
-            raise GuestError(f"qm guest exec {guest.id} printed no agent answer: {proc.stdout[:200]!r}") from None
-        if not isinstance(answer, dict):
-            raise GuestError(f"qm guest exec {guest.id} printed {proc.stdout[:200]!r}, not an agent answer")
-        return run_of(answer)
+        return run_of(_parsed(f"qm guest exec {guest.id}", proc.stdout, dict))
 
     def push(self, guest: Guest, data: bytes, dest: str, user: str | None, group: str | None, mode: int) -> None:
         """`data` into the guest as `dest`, owned user:group (names looked up in the guest)
@@ -154,13 +148,7 @@ class ProxmoxCLI:
         proc = self._call(argv)
         if proc.returncode != 0:
             raise GuestError(f"{' '.join(argv[:3])} failed: {proc.stderr.decode(errors='replace').strip()[:300]}")
-        try:
-            data = json.loads(proc.stdout)
-        except ValueError:
-            raise GuestError(f"{' '.join(argv[:3])} printed no JSON: {proc.stdout[:200]!r}") from None
-        if not isinstance(data, list):
-            raise GuestError(f"{' '.join(argv[:3])} printed {type(data).__name__}, not a list")
-        return data
+        return _parsed(" ".join(argv[:3]), proc.stdout, list)
 
 
 # writes stdin to $1 under umask 077, then sets owner ($2, "user:group", either part empty)
@@ -172,6 +160,17 @@ cat > "$1"
 case "$2" in :) ;; *:) chown -- "${2%:}" "$1" ;; :*) chgrp -- "${2#:}" "$1" ;; *) chown -- "$2" "$1" ;; esac
 chmod -- "$3" "$1"
 """
+
+
+def _parsed(what: str, stdout: bytes, kind: type):
+    """The JSON `what` printed, of type `kind` (an agent's answer, pvesh's list)."""
+    try:
+        data = json.loads(stdout)
+    except ValueError:
+        raise GuestError(f"{what} printed no JSON: {stdout[:200]!r}") from None
+    if not isinstance(data, kind):
+        raise GuestError(f"{what} printed {type(data).__name__}, not a JSON {'object' if kind is dict else 'array'}")
+    return data
 
 
 def _owner_hint(user: str | None, group: str | None, run: GuestRun) -> str:

@@ -40,6 +40,15 @@ def source_of(cert: DesiredCert, o: Observed) -> dict | None:
     return host_source(o.cert_file.stamp, o.key_file.stamp, ca)
 
 
+def with_records(certs, observed: Mapping[str, Observed], records: Mapping[str, DeliveryRecord | None]) -> dict[str, Observed]:
+    """`observed` with each guest entry's last delivery and host stamps; no guest is looked at."""
+    out = dict(observed)
+    for cert in certs:
+        if cert.guest is not None:
+            out[cert.name] = replace(observed[cert.name], guest=GuestSeen(records.get(cert.name), None, source_of(cert, observed[cert.name])))
+    return out
+
+
 def observe_guests(
     certs, observed: Mapping[str, Observed], records: Mapping[str, DeliveryRecord | None], cli: ProxmoxCLI | None = None,
     look_all: bool = True, workers: int = 4,
@@ -47,13 +56,12 @@ def observe_guests(
     """`observed` with each guest entry's GuestSeen. A guest is looked at (one command for
     all its files) when `look_all` (a resync) or when one of its certificates' rows already
     asks for a delivery or reload, so the plan can say whether it runs."""
-    out = dict(observed)
+    out = with_records(certs, observed, records)
     by_guest: dict[str, list[DesiredCert]] = {}
     for cert in certs:
         if cert.guest is None:
             continue
-        seen = GuestSeen(records.get(cert.name), None, source_of(cert, observed[cert.name]))
-        out[cert.name] = replace(observed[cert.name], guest=seen)
+        seen = out[cert.name].guest
         asks = guest_drifts(cert.guest, seen.source, seen.record, None, False) or seen.source is None
         if asks or (look_all and not cert.guest.legacy):
             by_guest.setdefault(cert.guest.key, []).append(cert)

@@ -165,19 +165,21 @@ def passwd_id(vmid: str, table: str, name: str) -> int | None:
     return None
 
 
-def pct(args: list[str]) -> int:
-    if not args:
-        die("400 not enough arguments")
-    cmd, rest = args[0], args[1:]
+def lifecycle(tool: str, cmd: str, rest: list[str]) -> int | None:
+    """status, start, stop, migrate: the same for pct and qm (None: another command)."""
     if cmd == "status":
         pos, _opts, _ = split_options(rest, booleans=("verbose",))
-        load_config("pct", pos[0])
+        load_config(tool, pos[0])
         print(f"status: {'running' if running(pos[0]) else 'stopped'}")
         return 0
     if cmd in ("start", "stop"):
-        return start_stop("pct", cmd, rest)
+        return start_stop(tool, cmd, rest)
     if cmd == "migrate":
-        return migrate("pct", rest)
+        return migrate(tool, rest)
+    return None
+
+
+def pct(cmd: str, rest: list[str]) -> int:
     if cmd == "exec":
         pos, _opts, extra = split_options(rest, booleans=("keep-env",))
         load_config("pct", pos[0])
@@ -281,19 +283,7 @@ def pretty(data: dict) -> str:
     return json.dumps(data, indent=3, sort_keys=True, separators=(",", " : ")) + "\n"
 
 
-def qm(args: list[str]) -> int:
-    if not args:
-        die("400 not enough arguments")
-    cmd, rest = args[0], args[1:]
-    if cmd == "status":
-        pos, _opts, _ = split_options(rest, booleans=("verbose",))
-        load_config("qm", pos[0])
-        print(f"status: {'running' if running(pos[0]) else 'stopped'}")
-        return 0
-    if cmd in ("start", "stop"):
-        return start_stop("qm", cmd, rest)
-    if cmd == "migrate":
-        return migrate("qm", rest)
+def qm(cmd: str, rest: list[str]) -> int:
     if cmd in ("guest", "agent"):
         if cmd == "agent":
             rest = ["cmd", *rest]
@@ -384,7 +374,13 @@ def main() -> int:
         with open(ROOT / "calls.log", "a") as log:
             log.write(json.dumps([tool, *sys.argv[1:]]) + "\n")
     try:
-        return {"pct": pct, "qm": qm, "pvesh": pvesh}[tool](sys.argv[1:])
+        if tool == "pvesh":
+            return pvesh(sys.argv[1:])
+        if len(sys.argv) < 2:
+            die("400 not enough arguments")
+        cmd, rest = sys.argv[1], sys.argv[2:]
+        done = lifecycle(tool, cmd, rest)
+        return done if done is not None else {"pct": pct, "qm": qm}[tool](cmd, rest)
     except Die as exc:
         print(str(exc), file=sys.stderr)
         return 255
