@@ -11,15 +11,13 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from reconciler.crypto import fingerprint
-from reconciler.defaults import CA_CONNECT_TIMEOUT, CA_TIMEOUT, ENV_ISSUER_SETTINGS, ENVIRON
+from reconciler.defaults import ENV_ISSUER_SETTINGS, ENVIRON
 from reconciler.issuers import IssuerError
 from reconciler.model import IssuerSpec
 
 log = logging.getLogger("reconciler.issuers.stepca")
 
-DEFAULT_CONNECT_TIMEOUT = CA_CONNECT_TIMEOUT
-DEFAULT_READ_TIMEOUT = CA_TIMEOUT
-_ENV_OPTIONS = ENV_ISSUER_SETTINGS
+_ENV_OPTIONS = ENV_ISSUER_SETTINGS  # the name issuers/choice.py imports it by
 # keys of $STEPPATH/config/defaults.json, as `step ca bootstrap` writes them
 _DEFAULTS_KEYS = {
     "url": "ca-url",
@@ -132,8 +130,8 @@ def spec_from_options(
         value: Any = None
         if flag not in ("", None):
             value, sources[field] = flag, _FLAGS[field]
-        elif env.get(_ENV_OPTIONS[field]):
-            value, sources[field] = env[_ENV_OPTIONS[field]], _ENV_OPTIONS[field]
+        elif env.get(ENV_ISSUER_SETTINGS[field]):
+            value, sources[field] = env[ENV_ISSUER_SETTINGS[field]], ENV_ISSUER_SETTINGS[field]
         else:
             sources[field] = _FLAGS[field]
         if value is not None and field in _PATH_SETTINGS:
@@ -147,7 +145,7 @@ def spec_from_options(
 def _ways(field: str, bare: bool, env: Mapping[str, str]) -> str:
     """Every way to give one setting, in the order they win."""
     if bare:
-        return f"{_FLAGS[field]}, {_ENV_OPTIONS[field]} or {_from_defaults(field, env)}"
+        return f"{_FLAGS[field]}, {ENV_ISSUER_SETTINGS[field]} or {_from_defaults(field, env)}"
     return f"issuer.{field} in the manifest, or {_from_defaults(field, env)}"
 
 
