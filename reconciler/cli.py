@@ -163,8 +163,8 @@ def common_options() -> argparse.ArgumentParser:
         # a string: argparse converts it with `type`, so a bad variable is reported like a bad flag
         default=defaults.setting(defaults.ENV_CA_TIMEOUT, f"{defaults.CA_TIMEOUT:g}"),
         metavar="SECONDS",
-        help="give up on a step-ca answer that has not finished after this long, plus at most 5 s to connect "
-        "(env RECONCILER_CA_TIMEOUT; default 30)",
+        help="give up on a step-ca answer that has not finished after this long, plus at most "
+        f"{defaults.CA_CONNECT_TIMEOUT:g} s to connect (env RECONCILER_CA_TIMEOUT; default {defaults.CA_TIMEOUT:g})",
     )
     return p
 
