@@ -19,7 +19,7 @@ from reconciler.errors import ReconcilerError
 from reconciler.folders import require_private
 from reconciler.guestfacts import validate_notes
 from reconciler.loop import WatchSettings, run_watch
-from reconciler.manifest import schema_bytes
+from reconciler.manifest_schema import schema_bytes
 from reconciler.metrics import Metrics
 from reconciler.passes import ForcedRenewal, IssuerOptions, Settings, run_pass, snapshot
 from reconciler.render import dumps, failure_headline, held_back, plan_json, plan_text, result_text, use_colour

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 from reconciler.errors import ReconcilerError
 from reconciler.folders import require_private
 from reconciler.issuers.choice import choose_issuer
-from reconciler.manifest import ManifestError, ValidationCache, build, load, parse_document
+from reconciler.manifest import ManifestError, build, load, parse_document
 from reconciler.model import Desired, IssuerSpec
+from reconciler.validation_cache import ValidationCache
 
 if TYPE_CHECKING:  # pragma: no cover
     from reconciler.passes import IssuerOptions, Settings
@@ -41,10 +42,10 @@ def load_with_cache(settings: "Settings", raw: bytes | None = None, repair: bool
     require_private(settings.state_dir, "state folder")
     cache = ValidationCache(settings.state_dir, repair=repair)  # repair: a damaged cache is set aside
     if raw is None:
-        desired = load(settings.manifest, settings.state_dir, cache=cache)
+        desired = load(settings.manifest, cache=cache)
     else:
         path = Path(os.path.abspath(settings.manifest))
-        desired = build(parse_document(raw, path), path, settings.state_dir, cache=cache)
+        desired = build(parse_document(raw, path), path, cache=cache)
     return replace(desired, issuer=resolve_issuer(desired, settings.issuer_options)), cache
 
 

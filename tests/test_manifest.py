@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.manifest import Issue, ManifestError, load
+from reconciler.validation_cache import ValidationCache
 from reconciler.model import IssuerSpec, KeySpec, RenewBefore
 
 ROOT_GROUP = grp.getgrgid(0).gr_name
@@ -717,7 +718,9 @@ def test_validation_cache_does_not_hide_semantic_errors(tmp_path):
     """A digest cached as schema-valid only skips jsonschema; the other checks still run."""
     state = tmp_path / "state"
     good = [entry(1, owner="0")]
-    load(write(tmp_path, good), state_dir=state, save_cache=True)
+    cache = ValidationCache(state)
+    load(write(tmp_path, good), cache=cache)
+    cache.save()
     assert list((state / "cache").glob("valid-entries-*.txt"))
     issues = issues_of(tmp_path, [entry(1, owner="0"), entry(2, cert_path="certs/svc1.crt")])
     error_at(issues, "[1].cert_path", "is also the cert_path of [0]")
@@ -727,7 +730,7 @@ def test_loading_without_a_state_dir_writes_nothing(tmp_path):
     path = write(tmp_path, [entry(1)])
     before = sorted(p.name for p in tmp_path.rglob("*"))
     load(path)
-    load(path, state_dir=tmp_path / "state")  # save_cache defaults to False
+    load(path, cache=ValidationCache(tmp_path / "state"))  # only its save() writes
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
     assert os.listdir(tmp_path) == ["certificate-manifest.json"]
 
@@ -784,7 +787,7 @@ def _properties(node, where=""):
 def test_the_schema_is_valid_draft_2020_12_and_every_property_explains_itself_on_hover():
     from jsonschema import Draft202012Validator
 
-    from reconciler.manifest import schema_bytes
+    from reconciler.manifest_schema import schema_bytes
 
     schema = json.loads(schema_bytes())
     Draft202012Validator.check_schema(schema)
@@ -803,3 +806,53 @@ def test_reconcile_schema_prints_the_schema_it_validates_with(tmp_path):
     proc = reconcile("schema", check=0, cwd=tmp_path)
     assert proc.stdout.encode() == (REPO / "reconciler" / "schema" / "certificate-manifest.schema.json").read_bytes()
     assert "reconcile schema" in reconcile("--help", check=0).stdout
+
+
+# --------------------------------------------------------------------------- the schema gate
+
+# for each field, values the schema takes and values it refuses, the edge cases of both
+# implementations among them (a float where an integer belongs, "$" before a newline, NUL)
+CANDIDATES: dict[str, list] = {
+    "common_name": ["a.example", "", 7, "é" * 253, "é" * 254],
+    "sans": [["b.example", "10.0.0.1"], [], [""], ["x" * 254], "b.example", [7]],
+    "cert_path": ["a.crt", "", "x\0y", "/abs/a.crt", 1],
+    "ca_path": ["ca.crt", "", None],
+    "owner": ["root:root", "0", "a b", "www-data$", "", 0],
+    "permissions": ["644", "0600", "9999", "777", 644],
+    "key_permissions": ["600", "0640", "8", "6000"],
+    "renew_before": ["12h", "33%", "12.5%", "24h\n", "12", "1h30m", 12],
+    "duration": ["24h", "1h30m", "24H", "\u0663h", "24h\n", ""],
+    "hook_timeout": ["5m", "5", None],
+    "key": [{"type": "EC"}, {"type": "EC", "curve": "P-384"}, {"type": "RSA", "size": 3072}, {"type": "RSA", "size": 2048.0},
+            {"type": "RSA", "size": 1e3}, {"type": "RSA", "curve": "P-256"}, {"type": "EC", "size": 2048},
+            {"type": "Ed25519", "rotation": "never"}, {"type": "Ed25519", "curve": "P-256"}, {"type": "DSA"}, {}, "EC"],
+    "include_ca": [True, False, 1, "true"],
+    "cert_type": ["server", "client", "both"],
+    "guest_id": [101, "101", 101.0, -0.0, 2**64, -1, True, "1e3", "10a"],
+    "guest_type": ["lxc", 3],
+    "name": ["svc", "", "n" * 254],
+    "post_renewal_command": ["systemctl reload nginx", "", "a\0b"],
+    "allow_symlink": [True, "yes"],
+    "allow_world_readable_key": [False, 0],
+    "comon_name": ["typo"],
+}
+
+
+def test_the_fast_schema_gate_passes_nothing_the_python_jsonschema_refuses():
+    """The gate (jsonschema-rs) only skips work: every entry it passes, the Python
+    jsonschema passes too, so the errors an operator sees never depend on which ran."""
+    from hypothesis import given, settings, strategies as st
+
+    from reconciler.manifest_schema import _explainer, schema_issues
+
+    # a valid entry with a few fields set, each to a value the schema takes or refuses
+    fields = st.sampled_from(sorted(CANDIDATES)).flatmap(lambda f: st.tuples(st.just(f), st.sampled_from(CANDIDATES[f])))
+    entries = st.lists(fields, max_size=4).map(lambda changes: {"common_name": "a.example", "cert_path": "a.crt", "key_path": "a.key", **dict(changes)})
+
+    @settings(max_examples=600, deadline=None, database=None)
+    @given(entries)
+    def gate_agrees(e):
+        refused_by_python = any(True for _ in _explainer("entry").iter_errors(e))
+        assert bool(schema_issues("entry", e, "")) == refused_by_python, e
+
+    gate_agrees()
