@@ -172,9 +172,9 @@ def _modes(e: dict[str, Any], at: At) -> tuple[tuple[int, int], list[Issue]]:
     cert_mode = int(e.get("cert_permissions", e.get("permissions", "644")), 8)
     key_field = "key_permissions" if "key_permissions" in e else ("permissions" if "permissions" in e else None)
     key_mode = int(e[key_field], 8) if key_field else DEFAULT_KEY_MODE
-    if key_mode & 0o007 and not e.get("allow_world_readable_key", False):
+    if key_field and key_mode & 0o007 and not e.get("allow_world_readable_key", False):
         issues.append(Issue(
-            at(key_field or "key_permissions"),
+            at(key_field),
             f'"{e[key_field]}" would make the private key readable by every user; set "key_permissions": "600"'
             + ' (or "640" with an owner group), or "allow_world_readable_key": true if you really mean it',
         ))
