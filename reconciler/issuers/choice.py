@@ -42,41 +42,59 @@ def choose_issuer(
         if value is not None and value not in TYPES:
             raise IssuerConfigError(f"{name} is {value!r}", [f"it takes {' or '.join(TYPES)}"])
     if manifest_issuer is not None:
-        if issuer_flag and issuer_flag != manifest_issuer.type:
-            raise IssuerConfigError(
-                f"--issuer {issuer_flag} contradicts the issuer of {manifest} ({{\"type\": \"{manifest_issuer.type}\"}}); nothing was done",
-                ["--issuer only chooses for manifests without an issuer block: drop it, or change the manifest's issuer"],
-            )
-        return _complete(resolve_spec(manifest_issuer, env), bare=False, env=env)
+        return _from_manifest(manifest_issuer, manifest, issuer_flag, env)
 
-    given_flags = [_FLAGS[k] for k, v in flags.items() if v not in (None, "")]
-    given_env = [_ENV_OPTIONS[k] for k in _ENV_OPTIONS if env.get(_ENV_OPTIONS[k])]
-    choice, chosen_by = (issuer_flag, "--issuer") if issuer_flag else (env_choice, ISSUER_ENV) if env_choice else (None, None)
+    given_flags, given_env = _given(flags, env)
+    choice, chosen_by = (issuer_flag, "--issuer") if issuer_flag else (env_choice, ISSUER_ENV)
     if choice == "local":
-        # a step-ca setting given at the same or a stronger level than the choice contradicts it
-        clash = given_flags if chosen_by == "--issuer" else given_flags + given_env
-        if clash:
-            said = "--issuer local" if chosen_by == "--issuer" else f"{ISSUER_ENV}=local"
-            raise IssuerConfigError(
-                f"{said} chooses the embedded CA, but {', '.join(clash)} configure{'s' if len(clash) == 1 else ''} a step-ca; nothing was done",
-                ["say which CA you mean: drop those step-ca settings, or drop the local choice"],
-            )
-        return IssuerSpec(type="local", sources=(("type", chosen_by or ""),))
+        return _local(chosen_by, given_flags, given_env)
     if choice is None and not given_flags and not given_env and not _has_step_defaults(env):
-        raise IssuerConfigError(
-            f"no issuer configured for {manifest}: a bare array names no CA, and no flag, environment "
-            f"variable or {defaults_path(env)} names one; nothing was done",
-            [
-                "To issue from a step-ca, give each of these (a flag wins over its variable, which wins over defaults.json;"
-                " `step ca bootstrap --ca-url URL --fingerprint FP` writes ca-url and fingerprint there):",
-                *(f"  {line}" for line in configuration_lines(None, bare=True, env=env)),
-                f"To issue from the embedded CA on purpose: --issuer local (or {ISSUER_ENV}=local), "
-                f"or write the manifest as {OBJECT_FORM}.",
-            ],
-        )
+        raise _no_issuer(manifest, env)
     spec = spec_from_options(flags.get("url"), flags.get("root"), flags.get("fingerprint"),  # type: ignore[arg-type]
                              flags.get("provisioner"), flags.get("password_file"), env)  # type: ignore[arg-type]
     return _complete(spec, bare=True, env=env)
+
+
+def _given(flags: Mapping[str, str | Path | None], env: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """The step-ca settings given as flags, and as environment variables, by their names."""
+    return [_FLAGS[k] for k, v in flags.items() if v not in (None, "")], [_ENV_OPTIONS[k] for k in _ENV_OPTIONS if env.get(_ENV_OPTIONS[k])]
+
+
+def _from_manifest(spec: IssuerSpec, manifest: Path, issuer_flag: str | None, env: Mapping[str, str]) -> IssuerSpec:
+    """An object manifest's issuer block decides; --issuer may only agree with it."""
+    if issuer_flag and issuer_flag != spec.type:
+        raise IssuerConfigError(
+            f"--issuer {issuer_flag} contradicts the issuer of {manifest} ({{\"type\": \"{spec.type}\"}}); nothing was done",
+            ["--issuer only chooses for manifests without an issuer block: drop it, or change the manifest's issuer"],
+        )
+    return _complete(resolve_spec(spec, env), bare=False, env=env)
+
+
+def _local(chosen_by: str, given_flags: list[str], given_env: list[str]) -> IssuerSpec:
+    """The embedded CA, chosen by `chosen_by`; a step-ca setting given at the same or a
+    stronger level than the choice contradicts it."""
+    clash = given_flags if chosen_by == "--issuer" else given_flags + given_env
+    if clash:
+        said = "--issuer local" if chosen_by == "--issuer" else f"{ISSUER_ENV}=local"
+        raise IssuerConfigError(
+            f"{said} chooses the embedded CA, but {', '.join(clash)} configure{'s' if len(clash) == 1 else ''} a step-ca; nothing was done",
+            ["say which CA you mean: drop those step-ca settings, or drop the local choice"],
+        )
+    return IssuerSpec(type="local", sources=(("type", chosen_by),))
+
+
+def _no_issuer(manifest: Path, env: Mapping[str, str]) -> IssuerConfigError:
+    return IssuerConfigError(
+        f"no issuer configured for {manifest}: a bare array names no CA, and no flag, environment "
+        f"variable or {defaults_path(env)} names one; nothing was done",
+        [
+            "To issue from a step-ca, give each of these (a flag wins over its variable, which wins over defaults.json;"
+            " `step ca bootstrap --ca-url URL --fingerprint FP` writes ca-url and fingerprint there):",
+            *(f"  {line}" for line in configuration_lines(None, bare=True, env=env)),
+            f"To issue from the embedded CA on purpose: --issuer local (or {ISSUER_ENV}=local), "
+            f"or write the manifest as {OBJECT_FORM}.",
+        ],
+    )
 
 
 def _has_step_defaults(env: Mapping[str, str]) -> bool:
