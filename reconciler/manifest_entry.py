@@ -202,8 +202,10 @@ def path_problem(path: str | Path | None) -> str | None:
     """A path no filesystem call can take: too long as a whole or in one of its names."""
     if path is None:
         return None
+    if len(str(path)) <= NAME_MAX // 4:  # the usual case: too short for either limit even at 4 bytes a character
+        return None
     raw = os.fsencode(path)
-    if len(raw) <= NAME_MAX:  # the usual case: too short for either limit
+    if len(raw) <= NAME_MAX:
         return None
     if len(raw) >= PATH_MAX:
         return f"is {len(raw)} bytes long once resolved; a path holds at most {PATH_MAX - 1} (PATH_MAX)"
@@ -216,7 +218,7 @@ def path_problem(path: str | Path | None) -> str | None:
 def _names_a_folder(value: Any) -> str | None:
     """A trailing "/" (or a last name "." or "..") says the path is a folder; resolving it
     would drop that and write a file where the operator meant a folder."""
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value.endswith(("/", ".")):
         return None
     last = value.rstrip("/").rsplit("/", 1)[-1]
     if value.endswith("/") or last in (".", ".."):
