@@ -21,12 +21,12 @@ from typing import Any
 from reconciler.manifest_checks import Claim, claim, cross_checks
 from reconciler.manifest_entry import DEFAULTS, resolve_entry, resolve_path
 from reconciler.manifest_issues import Issue, ManifestError, json_type
-from reconciler.manifest_schema import Validated, schema_issues
+from reconciler.manifest_schema import schema_issues
 from reconciler.model import Desired, DesiredCert, IssuerSpec
 
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
-__all__ = ["Issue", "ManifestError", "MAX_MANIFEST_BYTES", "build", "load", "parse_document", "read_document"]
+__all__ = ["Derived", "Issue", "ManifestError", "MAX_MANIFEST_BYTES", "Validated", "build", "load", "parse_document", "read_document"]
 
 
 # --------------------------------------------------------------------------- reading
@@ -118,32 +118,66 @@ class _BadConstant(Exception):
 
 # --------------------------------------------------------------------------- load
 
+DERIVED_VERSION = 1  # a new SAN normaliser or path rule: derived values from older code are not reused
+
+
+@dataclass(frozen=True)
+class Derived:
+    """What resolving a manifest derived from its bytes alone, one row per entry: [common name
+    as written into the subject, its SANs (sorted), cert path, key path, ca path]; for the
+    manifest at `manifest` whose bytes hash to `digest` (relative paths depend on the folder)."""
+
+    manifest: str
+    digest: str
+    rows: list[list[Any]]
+
+
+@dataclass
+class Validated:
+    """What earlier loads found, kept in the state folder between runs (validation_cache.py;
+    the core only reads and adds): "file:<sha256>" for each whole manifest that loaded (its
+    schema check is not repeated), and the values the last one derived, so the same bytes are
+    not resolved again. Single entries are not remembered: the schema gate checks one in about
+    a microsecond, less than it costs to digest it."""
+
+    known: set[str] = field(default_factory=set)
+    added: set[str] = field(default_factory=set)
+    derived: Derived | None = None
+
 
 def load(path: Path, cache: Validated | None = None) -> Desired:
     """Read, validate and resolve the manifest. Raises ManifestError with every issue.
-    `cache`: what already passed the schema, and where this load adds what passes now."""
+    `cache`: what earlier loads found, and where this one adds what it finds."""
     path = Path(os.path.abspath(path))
     document, digest = read_document(path, with_digest=True)
     return build(document, path, digest, cache)
 
 
 def build(document: Any, path: Path, file_digest: str | None = None, cache: Validated | None = None) -> Desired:
-    """`file_digest`: sha256 of the manifest's bytes; a file that passed the schema before,
-    byte for byte, is not checked against it again (the checks that depend on this host,
-    owners and linked folders, always run)."""
+    """`file_digest`: sha256 of the manifest's bytes; a file that loaded before, byte for
+    byte, is not checked against the schema again and reuses what it derived (the checks
+    that depend on this host, owners and linked folders, always run)."""
     cache = cache if cache is not None else Validated()
     whole = f"file:{file_digest}" if file_digest else None
     known = whole in cache.known
     shape = _Shape.of(document, path, known)
     issues = shape.issues
     schema_ok = [True] * len(shape.entries) if known else _schema_check(shape, issues)
-    certificates = _resolve_all(shape, schema_ok, path.parent, issues)
+    derived = cache.derived
+    reuse = known and derived is not None and (derived.manifest, derived.digest, len(derived.rows)) == (str(path), file_digest, len(shape.entries))
+    certificates = _resolve_all(shape, schema_ok, path.parent, issues, derived.rows if reuse and derived else None)
     if issues:
         # an error in "defaults" is found once per entry that inherits it: report it once
         raise ManifestError(path, list(dict.fromkeys(issues)))
     if whole and not known:
         cache.added.add(whole)
+    if file_digest and not reuse:
+        cache.derived = Derived(str(path), file_digest, [_derived_row(c) for c in certificates])
     return Desired(issuer=_issuer(shape.issuer, path.parent), certificates=tuple(certificates), manifest_path=path)
+
+
+def _derived_row(c: DesiredCert) -> list[Any]:
+    return [c.common_name, sorted(c.sans), str(c.cert_path), str(c.key_path), None if c.ca_path is None else str(c.ca_path)]
 
 
 @dataclass
@@ -189,19 +223,23 @@ def _schema_check(shape: _Shape, issues: list[Issue]) -> list[bool]:
     return ok
 
 
-def _resolve_all(shape: _Shape, schema_ok: list[bool], base: Path, issues: list[Issue]) -> list[DesiredCert]:
+def _resolve_all(shape: _Shape, schema_ok: list[bool], base: Path, issues: list[Issue], rows: list[list[Any]] | None) -> list[DesiredCert]:
+    """`rows`: what a load of these same bytes derived, entry by entry (Derived.rows)."""
     certificates: list[DesiredCert] = []
     claims: list[Claim] = []
     defaults = shape.defaults
     for i, entry in enumerate(shape.entries):
         where = f"{shape.prefix}[{i}]"
-        mine = claim({**defaults, **entry} if isinstance(entry, dict) else entry, where, base)
+        row = rows[i] if rows else None
+        paths = {"cert_path": row[2], "key_path": row[3], "ca_path": row[4]} if row else None
+        mine = claim({**defaults, **entry} if isinstance(entry, dict) else entry, where, base, paths)
         if mine:
             claims.append(mine)
         if not schema_ok[i] or mine is None:  # no claim: paths that are not strings, which the schema reported
             continue
         inherited = frozenset(k for k in defaults if k not in entry)
-        cert, found = resolve_entry({**DEFAULTS, **defaults, **entry}, where, mine.paths(), inherited)
+        names = (row[0], frozenset(row[1])) if row else None
+        cert, found = resolve_entry({**DEFAULTS, **defaults, **entry}, where, mine.paths(), inherited, names)
         issues += found
         if cert:
             certificates.append(cert)

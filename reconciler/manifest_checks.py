@@ -30,29 +30,35 @@ class Claim:
         return {"cert_path": self.cert_path, "key_path": self.key_path, "ca_path": self.ca_path}
 
 
-def claim(e: Any, where: str, base: Path) -> Claim | None:
-    """The entry's claim, when its paths are at least strings (even if it has other errors)."""
+def claim(e: Any, where: str, base: Path, paths: dict[str, str | None] | None = None) -> Claim | None:
+    """The entry's claim, when its paths are at least strings (even if it has other errors).
+    `paths`: its paths as an earlier load of the same bytes resolved them."""
     if not isinstance(e, dict):
         return None
+    paths = paths or entry_paths(e, base)
+    cert_path, key_path = paths["cert_path"], paths["key_path"]
+    if cert_path is None or key_path is None:
+        return None
+    name = e.get("name", e.get("common_name"))
+    owner = e.get("owner")
+    return Claim(where, name if isinstance(name, str) and name else None, cert_path, key_path, paths["ca_path"],
+                 owner if isinstance(owner, str) else None)
 
+
+def entry_paths(e: dict[str, Any], base: Path) -> dict[str, str | None]:
+    """The entry's cert_path, key_path and ca_path resolved against the manifest's folder
+    (symlinks kept); None for one that is not a usable string."""
     # what os.path.join does, without its cost per call (10k entries, three paths each)
     folder = str(base).rstrip("/") + "/"
 
-    def p(field: str) -> str | None:
-        v = e.get(field)
+    def resolved(v: Any) -> str | None:
         if not isinstance(v, str) or not v or "\0" in v:
             return None
         path = v if v.startswith("/") else folder + v
         # most paths are already normal: normpath only for those with something to fold
         return os.path.normpath(path) if "/." in path or "//" in path or path.endswith("/") else path
 
-    name = e.get("name", e.get("common_name"))
-    cert_path, key_path = p("cert_path"), p("key_path")
-    if cert_path is None or key_path is None:
-        return None
-    owner = e.get("owner")
-    return Claim(where, name if isinstance(name, str) and name else None, cert_path, key_path, p("ca_path"),
-                  owner if isinstance(owner, str) else None)
+    return {"cert_path": resolved(e.get("cert_path")), "key_path": resolved(e.get("key_path")), "ca_path": resolved(e.get("ca_path"))}
 
 
 def cross_checks(claims: list[Claim]) -> list[Issue]:

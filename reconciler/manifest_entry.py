@@ -43,16 +43,19 @@ At = Callable[[str], str]  # field -> its JSON path in the manifest
 
 
 def resolve_entry(
-    e: dict[str, Any], where: str, paths: dict[str, str | None], inherited: frozenset[str] = frozenset()
+    e: dict[str, Any], where: str, paths: dict[str, str | None], inherited: frozenset[str] = frozenset(),
+    names: tuple[str, frozenset[str]] | None = None,
 ) -> tuple[DesiredCert | None, list[Issue]]:
     """`e`: the entry merged over the defaults; `paths`: its PATH_FIELDS resolved against the
-    manifest's folder (manifest_checks.Claim.paths: worked out once for both)."""
+    manifest's folder (manifest_checks.Claim.paths: worked out once for both). `names`: the
+    common name and SAN set an earlier load of these same bytes derived; the checks of what
+    depends on the bytes alone (SAN syntax, path lengths) passed then, and are not repeated."""
 
     def at(field: str) -> str:
         # a value inherited from "defaults" is wrong there, not in the entry
         return f"defaults.{field}" if field.split("[")[0] in inherited else f"{where}.{field}"
 
-    common_name, sans, issues = _names(e, at)
+    common_name, sans, issues = _names(e, at) if names is None else (*names, [])
     (durations, renew), found = _lifetimes(e, at)
     issues += found
     modes, found = _modes(e, at)
@@ -60,7 +63,8 @@ def resolve_entry(
     uid, gid, problem = resolve_owner(e["owner"]) if e.get("owner") is not None else (None, None, None)
     if problem:
         issues.append(Issue(at("owner"), problem))
-    issues += _path_issues(e, paths, at)
+    if names is None:
+        issues += _path_issues(e, paths, at)
     guest, problems = guest_spec_of(e)
     issues += [Issue(at(field), message) for field, message in problems]
     serve, problems = endpoints_of(e.get("serve", []), common_name, at)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.resources import files
 from typing import Any, Callable
@@ -42,17 +41,6 @@ def _schema() -> dict[str, Any]:
 @lru_cache(maxsize=1)
 def schema_digest() -> str:
     return hashlib.sha256(schema_bytes()).hexdigest()[:16]
-
-
-@dataclass
-class Validated:
-    """What already passed the schema ("file:<sha256>" for a whole manifest that loaded),
-    and what this load adds. Single entries are not remembered: the gate checks one in about
-    a microsecond, less than it costs to digest it. The state folder keeps it between runs
-    (validation_cache.py); the core only reads and adds."""
-
-    known: set[str] = field(default_factory=set)
-    added: set[str] = field(default_factory=set)
 
 
 def schema_issues(definition: str, instance: Any, prefix: str) -> list[Issue]:

@@ -735,6 +735,74 @@ def test_loading_without_a_state_dir_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == ["certificate-manifest.json"]
 
 
+
+def load_remembering(path: Path, state: Path):
+    """One load as a pass does it: with the state folder's validation cache, saved after."""
+    cache = ValidationCache(state, repair=True)
+    desired = load(path, cache=cache)
+    cache.save()
+    return desired
+
+
+def test_a_byte_identical_manifest_reuses_what_it_derived_and_gives_the_same_desired(tmp_path):
+    state = tmp_path / "state"
+    path = write(tmp_path, {"defaults": {"owner": "0"}, "certificates": [
+        entry(1, sans=["Alt.Example.", "[::FFFF:1]", "::0:1"], common_name=" Svc1.Example.com "),
+        entry(2, ca_path="ca/root.crt", cert_path="./certs//svc2.crt"),
+    ]})
+    first = load_remembering(path, state)
+    assert list((state / "cache").glob("derived-*.json"))
+    again = load_remembering(path, state)
+    assert again == first
+    assert [(c.fields, c.where, c.sans, c.common_name) for c in again.certificates] == [(c.fields, c.where, c.sans, c.common_name) for c in first.certificates]
+    assert first.certificates[0].common_name == "svc1.example.com"
+    assert first.certificates[1].cert_path == tmp_path / "certs" / "svc2.crt"
+
+
+def test_a_changed_manifest_is_not_given_what_the_old_one_derived(tmp_path):
+    state = tmp_path / "state"
+    load_remembering(write(tmp_path, [entry(1, sans=["a.example"])]), state)
+    changed = load_remembering(write(tmp_path, [entry(1, sans=["b.example"])]), state)
+    assert changed.certificates[0].sans == {"svc1.example.com", "b.example"}
+
+
+def test_the_same_bytes_in_another_folder_resolve_against_that_folder(tmp_path):
+    state = tmp_path / "state"
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    load_remembering(write(tmp_path / "one", [entry(1)]), state)
+    moved = load_remembering(write(tmp_path / "two", [entry(1)]), state)
+    assert moved.certificates[0].cert_path == tmp_path / "two" / "certs" / "svc1.crt"
+
+
+def test_a_byte_identical_manifest_still_finds_a_folder_that_became_a_link(tmp_path):
+    """What depends on this host, not on the bytes, is checked on every load: a folder
+    replaced by a link to another makes two entries write one file."""
+    state = tmp_path / "state"
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "other").mkdir()
+    path = write(tmp_path, [entry(1), entry(2, cert_path="other/svc1.crt")])
+    load_remembering(path, state)
+    (tmp_path / "other").rmdir()
+    (tmp_path / "other").symlink_to(tmp_path / "certs")
+    with pytest.raises(ManifestError) as info:
+        load_remembering(path, state)
+    error_at(info.value.issues, "[1].cert_path", "through a linked folder")
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b'{"version": 1, "manifest": "m", "digest": "x", "entries": []}',
+                                    b'{"version": 1, "manifest": "m", "digest": "' + b"a" * 64 + b'", "entries": [["a", "b", "c", "d", null]]}'])
+def test_damaged_derived_values_are_set_aside_and_worked_out_again(tmp_path, damage, caplog):
+    state = tmp_path / "state"
+    path = write(tmp_path, [entry(1)])
+    first = load_remembering(path, state)
+    [derived] = (state / "cache").glob("derived-*.json")
+    derived.write_bytes(damage)
+    assert load_remembering(path, state) == first
+    assert [p.name for p in (state / "cache").glob("derived-*.bad-*")], "the damaged file is kept aside for a look"
+    assert "validation cache" in caplog.text and "damaged" in caplog.text
+    assert load_remembering(path, state) == first
+
 # --------------------------------------------------------------------------- editors and whole numbers
 
 
