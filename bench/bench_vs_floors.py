@@ -43,13 +43,16 @@ def side_by_side(repeat: int, ours, theirs) -> tuple[list[Measured], list[Measur
 
 
 def row(label: str, ours: list[Measured], theirs: list[Measured], by: str, target: float) -> bool:
-    mine, base = median([getattr(m, by) for m in ours]), median([getattr(m, by) for m in theirs])
-    ratio = mine / base
+    def ratio(what: str) -> float:
+        return median([getattr(m, what) for m in ours]) / median([getattr(m, what) for m in theirs])
+
     wall = f"{median([m.wall for m in ours]):7.2f} s vs {median([m.wall for m in theirs]):6.2f} s wall"
     cpu = f"{median([m.cpu for m in ours]):7.2f} s vs {median([m.cpu for m in theirs]):6.2f} s CPU"
     rss = f"RSS {max(m.rss for m in ours) / 1024:5.0f} vs {max(m.rss for m in theirs) / 1024:4.0f} MB"
-    met = ratio <= target
-    print(f"{label:<26} {wall}   {cpu}   {rss}   {by} ratio {ratio:5.2f}x (target <= {target}x) {'ok' if met else 'MISSED'}")
+    met = ratio(by) <= target
+    # on a busy machine wall time also measures the queue for a CPU: both ratios are shown
+    print(f"{label:<26} {wall}   {cpu}   {rss}   ratio {ratio('wall'):5.2f}x wall, {ratio('cpu'):5.2f}x CPU "
+          f"(target {by} <= {target}x) {'ok' if met else 'MISSED'}")
     return met
 
 
