@@ -129,7 +129,12 @@ class Derived:
 
     manifest: str
     digest: str
-    rows: list[list[Any]]
+    rows: list[list[Any]] | None = None  # as read back from the state folder
+    # as just resolved: rows are made from them only when they are saved (--plan never is)
+    certificates: tuple[DesiredCert, ...] = ()
+
+    def entries(self) -> list[list[Any]]:
+        return self.rows if self.rows is not None else [_derived_row(c) for c in self.certificates]
 
 
 @dataclass
@@ -164,15 +169,16 @@ def build(document: Any, path: Path, file_digest: str | None = None, cache: Vali
     issues = shape.issues
     schema_ok = [True] * len(shape.entries) if known else _schema_check(shape, issues)
     derived = cache.derived
-    reuse = known and derived is not None and (derived.manifest, derived.digest, len(derived.rows)) == (str(path), file_digest, len(shape.entries))
-    certificates = _resolve_all(shape, schema_ok, path.parent, issues, derived.rows if reuse and derived else None)
+    rows = derived.rows if known and derived and (derived.manifest, derived.digest) == (str(path), file_digest) else None
+    rows = rows if rows is not None and len(rows) == len(shape.entries) else None
+    certificates = _resolve_all(shape, schema_ok, path.parent, issues, rows)
     if issues:
         # an error in "defaults" is found once per entry that inherits it: report it once
         raise ManifestError(path, list(dict.fromkeys(issues)))
     if whole and not known:
         cache.added.add(whole)
-    if file_digest and not reuse:
-        cache.derived = Derived(str(path), file_digest, [_derived_row(c) for c in certificates])
+    if file_digest and rows is None:
+        cache.derived = Derived(str(path), file_digest, certificates=tuple(certificates))
     return Desired(issuer=_issuer(shape.issuer, path.parent), certificates=tuple(certificates), manifest_path=path)
 
 

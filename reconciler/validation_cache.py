@@ -82,7 +82,7 @@ class ValidationCache(Validated):
                 write_atomic(self.path, "\n".join(sorted(self.known | self.added)).encode(), mode=0o600, make_parents=True)
             if self.derived_path and self.derived is not None and self.derived is not self._read:
                 d = self.derived
-                doc = {"version": DERIVED_VERSION, "manifest": d.manifest, "digest": d.digest, "entries": d.rows}
+                doc = {"version": DERIVED_VERSION, "manifest": d.manifest, "digest": d.digest, "entries": d.entries()}
                 write_atomic(self.derived_path, json.dumps(doc, separators=(",", ":")).encode(), mode=0o600, make_parents=True)
         except OSError:
             pass  # a cache is never worth failing a pass for
