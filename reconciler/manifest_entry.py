@@ -134,34 +134,36 @@ DURATION_FIELDS = ("duration", "hook_timeout", "serve_settle")
 
 def _lifetimes(e: dict[str, Any], at: At) -> tuple[tuple[dict[str, timedelta], RenewBefore], list[Issue]]:
     """((each of DURATION_FIELDS, renew before), issues); a value in error reads as zero."""
-    issues: list[Issue] = []
-    found = {}
-    for field in DURATION_FIELDS:
-        try:
-            found[field] = _duration(e[field])
-        except DurationError as exc:
-            issues.append(Issue(at(field), str(exc)))
-    renew_text = e["renew_before"]
-    try:
-        renew = _renew_before(renew_text)
-    except DurationError as exc:
-        issues.append(Issue(at("renew_before"), str(exc)))
-        renew = RenewBefore()
-    if renew.fixed is not None and "duration" in found and renew.fixed >= found["duration"]:
-        issues.append(Issue(
-            at("renew_before"),
-            f'"{renew_text}" is not shorter than the lifetime "{e["duration"]}", so every pass would renew; use a smaller value or a share like "33%"',
-        ))
-    return ({field: found.get(field, timedelta(0)) for field in DURATION_FIELDS}, renew), issues
+    found, problems = _lifetimes_of(*(e[field] for field in DURATION_FIELDS), e["renew_before"])
+    return found, [Issue(at(field), message) for field, message in problems]
 
 
-# a manifest spells the same few lifetimes and keys thousands of times: each is parsed once
-_duration = lru_cache(maxsize=256)(parse_duration)
-
-
+# a manifest spells the same few lifetimes and keys thousands of times: each is worked out once
 @lru_cache(maxsize=256)
-def _renew_before(text: str) -> RenewBefore:
-    return RenewBefore(share=parse_share(text)) if text.endswith("%") else RenewBefore(fixed=parse_duration(text))
+def _lifetimes_of(*texts: str) -> tuple[tuple[dict[str, timedelta], RenewBefore], tuple[tuple[str, str], ...]]:
+    """What `_lifetimes` says, with (field, message) problems, for one spelling of the
+    DURATION_FIELDS and renew_before. The dict is shared by every entry that spells them so:
+    read it, never change it."""
+    problems: list[tuple[str, str]] = []
+    durations = {}
+    for field, text in zip(DURATION_FIELDS, texts):
+        try:
+            durations[field] = parse_duration(text)
+        except DurationError as exc:
+            problems.append((field, str(exc)))
+            durations[field] = timedelta(0)
+    renew_text = texts[-1]
+    try:
+        renew = RenewBefore(share=parse_share(renew_text)) if renew_text.endswith("%") else RenewBefore(fixed=parse_duration(renew_text))
+    except DurationError as exc:
+        problems.append(("renew_before", str(exc)))
+        renew = RenewBefore()
+    if renew.fixed is not None and "duration" not in dict(problems) and renew.fixed >= durations["duration"]:
+        problems.append((
+            "renew_before",
+            f'"{renew_text}" is not shorter than the lifetime "{texts[0]}", so every pass would renew; use a smaller value or a share like "33%"',
+        ))
+    return (durations, renew), tuple(problems)
 
 
 @lru_cache(maxsize=256)
