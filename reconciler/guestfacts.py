@@ -112,6 +112,10 @@ class DeliveryRecord:
     owed: str | None = None  # why a delivery is waiting (a stopped guest), not a failure
     error: str | None = None  # the last failed delivery or reload
 
+    def summary(self) -> dict[str, Any]:
+        """What `status` shows of it."""
+        return {"guest": self.guest, "node": self.node, "delivered_at": self.at, "reload_owed": self.reload_owed, "owed": self.owed, "error": self.error}
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"guest": self.guest, "source": self.source, "files": self.files}
         for name in ("node", "at", "owed", "error"):

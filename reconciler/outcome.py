@@ -103,6 +103,7 @@ class CertOutcome:
     hook_ok: bool | None = None  # its post-renewal command ran this pass: did it succeed
     delivery_ok: bool | None = None  # its delivery into a Proxmox guest (and reload) ran this pass: did it succeed
     delivery_waits: bool = False  # ...or it is owed because the guest is not running (here)
+    guest: dict | None = None  # the status store's last delivery into its guest (DeliveryRecord.summary)
     still_drifts: bool = False  # written this pass, yet the re-read disk still differs
     # (dev, inode, size, mtime, ctime) of the files as the pass left them: --watch compares
     # the events it gets against these, so its own writes do not wake it
@@ -229,6 +230,7 @@ def _cert_outcome(cert, plan: CertPlan, o, record, owed: bool, ran, hook_ok, rew
         last_issued=record.last_issued,
         last_hook=record.hook.result if record.hook else None,
         last_hook_at=record.hook.at if record.hook else None,
+        guest=record.delivery.summary() if record.delivery is not None else None,
         **(_attempt(ran, plan, rewritten) if ran is not None else {}),
         served=served,
     )

@@ -54,6 +54,7 @@ def status_rows(outcome: PassOutcome | None) -> list[dict]:
             "hook_owed": c.hook_owed,
             "problem": c.problem,
             "served": [_endpoint_row(e) for e in c.served],
+            "guest": c.guest,
         }
         for c in outcome.certificates
     ]

@@ -98,8 +98,11 @@ def test_a_stopped_guest_owes_its_delivery_and_gets_it_once_it_runs(site):
     first = site.run(check=0)  # owed is not failed
     assert "owed" in first.stdout + first.stderr
     assert not site.guest_file(101, "/etc/nginx/ssl/web.key").exists()
-    status = reconcile("status", "-m", str(site.manifest), "--state-dir", str(site.state), env=site.cluster.env())
-    assert "owed" in status.stdout + status.stderr
+    status = reconcile("status", "-m", str(site.manifest), "--state-dir", str(site.state), env=site.cluster.env(), check=1)
+    assert "delivery owed" in status.stdout and "(container 101 stopped: owed)" in status.stdout
+    rows = json.loads(reconcile("status", "--output", "json", "-m", str(site.manifest), "--state-dir", str(site.state), env=site.cluster.env()).stdout)
+    (row,) = rows["certificates"]
+    assert row["state"] == "delivery owed" and row["guest"]["owed"] == "container 101 is stopped; delivered once it runs"
     site.cluster.start(101)
     site.run()
     assert site.guest_file(101, "/etc/nginx/ssl/web.key").read_bytes() == (site.out / "web.key").read_bytes()
@@ -132,6 +135,14 @@ def test_two_certificates_for_one_guest_each_land_and_the_guest_is_looked_at_onc
     site.run("--plan")
     looks = [c for c in map(json.loads, calls.read_text().splitlines()) if c[:2] == ["pct", "exec"]]
     assert len(looks) == 1
+
+
+def test_one_reload_command_runs_once_per_guest_for_every_certificate_that_owes_it(site):
+    site.cluster.add(101)
+    shared = "echo nginx >> /run/reloads"
+    site.write([site.entry("web", 101, reload=shared), site.entry("api", 101, reload=shared)])
+    site.run()
+    assert site.reloads(101) == ["nginx"]
 
 
 def test_a_vm_whose_agent_does_not_answer_fails_its_delivery_with_the_fix_and_keeps_it_owed(site):
@@ -225,13 +236,14 @@ def test_doctor_checks_each_guest_runs_its_agent_answers_and_its_target_folders_
     site.cluster.add(102, "lxc", running=False)
     site.cluster.add(201, "vm")
     site.cluster.lose_agent(201)
-    site.write([site.entry("a", 101, key_path="/etc/nope/a.key"), site.entry("b", 102), site.entry("c", 201, "vm"), site.entry("d", 999)])
+    site.write([site.entry("a", 101, key_path="/etc/nope/a.key", owner="nginx:ssl-users"), site.entry("b", 102), site.entry("c", 201, "vm"), site.entry("d", 999)])
     proc = reconcile("doctor", "-m", str(site.manifest), "--state-dir", str(site.state), env=site.cluster.env(), check=1)
     out = proc.stdout
     assert "✓ pct is present" in out and "✓ qm is present" in out
     assert "✓ container 101 exists and runs" in out
     assert "✓ container 101: target folder /etc/nginx/ssl exists" in out
     assert "✗ container 101: target folder /etc/nope does not exist" in out
+    assert "✓ container 101: owner user nginx exists" in out and "✗ container 101: owner group ssl-users does not exist in the guest" in out
     assert "✗ container 102 is stopped" in out and "pct start 102" in out
     assert "✗ VM 201: QEMU guest agent is not running" in out and "agent: 1" in out
     assert "✗ container 999 does not exist on this node" in out

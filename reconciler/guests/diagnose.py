@@ -12,7 +12,17 @@ from reconciler.guests.cluster import local_share
 from reconciler.guests.deliver import guest_of
 from reconciler.guests.proxmox import RUNNING, GuestError, GuestMissing, ProxmoxCLI
 
-_FOLDERS = 'for d in "$@"; do if [ -d "$d" ]; then echo yes; else echo no; fi; done\n'
+# one answer (yes/no) per argument: "d:<folder>" exists, "u:<user>" / "g:<group>" is known
+# to the guest (numbers always are)
+_LOOK = """for a in "$@"; do
+  v=${a#?:}
+  case $a in
+    d:*) [ -d "$v" ] ;;
+    u:*) case $v in *[!0-9]*) grep -q "^$v:" /etc/passwd ;; esac ;;
+    g:*) case $v in *[!0-9]*) grep -q "^$v:" /etc/group ;; esac ;;
+  esac && echo yes || echo no
+done
+"""
 
 
 def guest_checks(desired, cli: ProxmoxCLI | None = None) -> list[Check]:
@@ -56,13 +66,20 @@ def _one_guest(cli: ProxmoxCLI, specs: list) -> list[Check]:
             checks.append(Check(True, f"{guest}: the QEMU guest agent answers", ""))
         except GuestError as exc:
             return checks + [Check(False, exc.message, exc.hint)]
-    folders = sorted({posixpath.dirname(t.path) for s in specs for t in s.targets()})
+    asked = sorted({f"d:{posixpath.dirname(t.path)}" for s in specs for t in s.targets()})
+    asked += sorted({f"u:{t.user}" for s in specs for t in s.targets() if t.user} | {f"g:{t.group}" for s in specs for t in s.targets() if t.group})
     try:
-        run = cli.run(guest, _FOLDERS, tuple(folders))
+        run = cli.run(guest, _LOOK, tuple(asked))
     except GuestError as exc:
-        return checks + [Check(False, f"{guest}: cannot look at its folders: {exc.message}", exc.hint)]
+        return checks + [Check(False, f"{guest}: cannot look inside it: {exc.message}", exc.hint)]
     answers = run.out.split()
-    for folder, answer in zip(folders, answers + ["no"] * (len(folders) - len(answers))):
-        ok = answer == "yes"
-        checks.append(Check(ok, f"{guest}: target folder {folder} " + ("exists" if ok else "does not exist"), f"create it inside the guest ({guest.tool} exec {guest.id} -- mkdir -p {folder})" if guest.type == "lxc" else "create it inside the VM"))
-    return checks
+    return checks + [_answer(guest, a, answer == "yes") for a, answer in zip(asked, answers + ["no"] * (len(asked) - len(answers)))]
+
+
+def _answer(guest, asked: str, ok: bool) -> Check:
+    kind, value = asked[0], asked[2:]
+    if kind == "d":
+        fix = f"create it inside the guest ({guest.tool} exec {guest.id} -- mkdir -p {value})" if guest.type == "lxc" else "create it inside the VM"
+        return Check(ok, f"{guest}: target folder {value} " + ("exists" if ok else "does not exist"), fix)
+    what = "user" if kind == "u" else "group"
+    return Check(ok, f"{guest}: owner {what} {value} " + ("exists" if ok else "does not exist in the guest"), f"create the {what} inside the guest, or change guest.owner")

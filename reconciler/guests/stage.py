@@ -171,37 +171,64 @@ def _one_guest(plans: list, cli: ProxmoxCLI, ctx: DeliveryContext) -> list[Deliv
     except GuestError as exc:
         return [_failed(p, ctx, str(exc)) for p in plans]
     if owed:
-        out = []
-        for p in plans:
-            _delivery(ctx.records(p.cert.name), spec).owed = owed
-            log.warning("%s: delivery to %s owed: %s", p.cert.name, spec.describe(), owed)
-            out.append(DeliveryOutcome(p.cert.name, spec.describe(), True, owed=owed))
-        return out
-    return [_one_cert(p, cli, ctx) for p in plans]
+        return [_owed(p, ctx, owed) for p in plans]
+    outcomes = [_one_cert(p, cli, ctx) for p in plans]
+    _reload_all(plans, outcomes, cli, ctx)
+    return [_failed(p, ctx, o.error) if o.error else o for p, o in zip(plans, outcomes)]
+
+
+def _owed(p, ctx: DeliveryContext, why: str) -> DeliveryOutcome:
+    spec = p.cert.guest
+    _delivery(ctx.records(p.cert.name), spec).owed = why
+    log.warning("%s: delivery to %s owed: %s", p.cert.name, spec.describe(), why)
+    return DeliveryOutcome(p.cert.name, spec.describe(), True, owed=why)
+
+
+def _reload_all(plans: list, outcomes: list[DeliveryOutcome], cli: ProxmoxCLI, ctx: DeliveryContext) -> None:
+    """Like hooks: each distinct reload command once per guest, after all its files are in
+    place, for the certificates that owe it."""
+    owing: dict[str, list[tuple]] = {}
+    for p, outcome in zip(plans, outcomes):
+        spec = p.cert.guest
+        if outcome.ok and spec.reload and not spec.legacy and _delivery(ctx.records(p.cert.name), spec).reload_owed:
+            owing.setdefault(spec.reload, []).append((p, outcome))
+    for group in owing.values():
+        _reload(cli, ctx, [p for p, _o in group], [o for _p, o in group])
 
 
 def _one_cert(p, cli: ProxmoxCLI, ctx: DeliveryContext) -> DeliveryOutcome:
     spec: GuestSpec = p.cert.guest
     record = _delivery(ctx.records(p.cert.name), spec)
     outcome = DeliveryOutcome(p.cert.name, spec.describe(), True)
-    try:
-        if any(a.action == DELIVER for a in p.actions):
+    if any(a.action == DELIVER for a in p.actions):
+        try:
             payload, source = host_payload(p.cert, ctx.root_pem)
             record.files = deliver(cli, spec, payload)
-            record.source, record.node, record.at, record.owed = source, ctx.node, ctx.now().isoformat(), None
-            outcome.delivered = True
-            log.info("%s: delivered to %s", p.cert.name, spec.describe())
-        if spec.reload and not spec.legacy and record.reload_owed:
-            run = reload(cli, spec)
-            if not run.ok:
-                raise GuestError(f"the reload {spec.reload!r} {run.describe()}")
-            record.reload_owed = False
-            outcome.reloaded = True
-            log.info("%s: reloaded in %s", p.cert.name, spec.describe())
-    except (GuestError, OSError) as exc:
-        return _failed(p, ctx, str(exc))
-    record.error = None
+        except (GuestError, OSError) as exc:
+            return DeliveryOutcome(p.cert.name, spec.describe(), False, error=str(exc))
+        record.source, record.node, record.at, record.owed, record.error = source, ctx.node, ctx.now().isoformat(), None, None
+        outcome.delivered = True
+        log.info("%s: delivered to %s", p.cert.name, spec.describe())
     return outcome
+
+
+def _reload(cli: ProxmoxCLI, ctx: DeliveryContext, plans: list, outcomes: list[DeliveryOutcome]) -> None:
+    """One reload command in one guest, for every certificate that owes it."""
+    spec: GuestSpec = plans[0].cert.guest
+    try:
+        run = reload(cli, spec)
+        error = None if run.ok else f"the reload {spec.reload!r} {run.describe()}"
+    except GuestError as exc:
+        error = str(exc)
+    for p, outcome in zip(plans, outcomes):
+        record = _delivery(ctx.records(p.cert.name), spec)
+        if error:
+            outcome.ok, outcome.error = False, error
+            continue
+        record.reload_owed, record.error = False, None
+        outcome.reloaded = True
+    if not error:
+        log.info("%s: reloaded in %s", ", ".join(p.cert.name for p in plans), spec.describe())
 
 
 def _failed(p, ctx: DeliveryContext, error: str) -> DeliveryOutcome:
