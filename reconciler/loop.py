@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.defaults import setting
 from reconciler.fsevents import FolderWatches
 from reconciler.issuers import IssuerError
 from reconciler.lock import LockTimeout
@@ -67,7 +68,7 @@ def stamp_of(path: str, follow: bool) -> tuple:
 
 def sd_notify(message: str) -> None:
     """systemd readiness/status (Type=notify), without a dependency: one datagram to $NOTIFY_SOCKET."""
-    address = os.environ.get("NOTIFY_SOCKET")
+    address = setting("NOTIFY_SOCKET")
     if not address:
         return
     if address.startswith("@"):

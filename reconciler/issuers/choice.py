@@ -7,13 +7,12 @@ everything to fix, raised before anything is written (docs/step-ca.md)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping
 
+from reconciler.defaults import ENV_ISSUER, ENV_ISSUER_SETTINGS, ENVIRON
 from reconciler.issuers import IssuerConfigError
 from reconciler.issuers.stepca_config import (
-    _ENV_OPTIONS,
     _FLAGS,
     configuration_lines,
     defaults_path,
@@ -24,7 +23,6 @@ from reconciler.issuers.stepca_config import (
 from reconciler.model import IssuerSpec
 
 TYPES = ("local", "step-ca")
-ISSUER_ENV = "RECONCILER_ISSUER"
 OBJECT_FORM = '{"issuer": {"type": "local"}, "certificates": [...]}'
 
 
@@ -33,19 +31,19 @@ def choose_issuer(
     manifest: Path,
     issuer_flag: str | None,
     flags: Mapping[str, str | Path | None],
-    env: Mapping[str, str] = os.environ,
+    env: Mapping[str, str] = ENVIRON,
 ) -> IssuerSpec:
     """`flags`: the step-ca flags by setting name (url, root, fingerprint, provisioner,
     password_file), None where not given."""
-    env_choice = env.get(ISSUER_ENV) or None
-    for name, value in (("--issuer", issuer_flag), (ISSUER_ENV, env_choice)):
+    env_choice = env.get(ENV_ISSUER) or None
+    for name, value in (("--issuer", issuer_flag), (ENV_ISSUER, env_choice)):
         if value is not None and value not in TYPES:
             raise IssuerConfigError(f"{name} is {value!r}", [f"it takes {' or '.join(TYPES)}"])
     if manifest_issuer is not None:
         return _from_manifest(manifest_issuer, manifest, issuer_flag, env)
 
     given_flags, given_env = _given(flags, env)
-    choice, chosen_by = (issuer_flag, "--issuer") if issuer_flag else (env_choice, ISSUER_ENV)
+    choice, chosen_by = (issuer_flag, "--issuer") if issuer_flag else (env_choice, ENV_ISSUER)
     if choice == "local":
         return _local(chosen_by, given_flags, given_env)
     if choice is None and not given_flags and not given_env and not _has_step_defaults(env):
@@ -57,7 +55,7 @@ def choose_issuer(
 
 def _given(flags: Mapping[str, str | Path | None], env: Mapping[str, str]) -> tuple[list[str], list[str]]:
     """The step-ca settings given as flags, and as environment variables, by their names."""
-    return [_FLAGS[k] for k, v in flags.items() if v not in (None, "")], [_ENV_OPTIONS[k] for k in _ENV_OPTIONS if env.get(_ENV_OPTIONS[k])]
+    return [_FLAGS[k] for k, v in flags.items() if v not in (None, "")], [ENV_ISSUER_SETTINGS[k] for k in ENV_ISSUER_SETTINGS if env.get(ENV_ISSUER_SETTINGS[k])]
 
 
 def _from_manifest(spec: IssuerSpec, manifest: Path, issuer_flag: str | None, env: Mapping[str, str]) -> IssuerSpec:
@@ -75,7 +73,7 @@ def _local(chosen_by: str, given_flags: list[str], given_env: list[str]) -> Issu
     stronger level than the choice contradicts it."""
     clash = given_flags if chosen_by == "--issuer" else given_flags + given_env
     if clash:
-        said = "--issuer local" if chosen_by == "--issuer" else f"{ISSUER_ENV}=local"
+        said = "--issuer local" if chosen_by == "--issuer" else f"{ENV_ISSUER}=local"
         raise IssuerConfigError(
             f"{said} chooses the embedded CA, but {', '.join(clash)} configure{'s' if len(clash) == 1 else ''} a step-ca; nothing was done",
             ["say which CA you mean: drop those step-ca settings, or drop the local choice"],
@@ -91,7 +89,7 @@ def _no_issuer(manifest: Path, env: Mapping[str, str]) -> IssuerConfigError:
             "To issue from a step-ca, give each of these (a flag wins over its variable, which wins over defaults.json;"
             " `step ca bootstrap --ca-url URL --fingerprint FP` writes ca-url and fingerprint there):",
             *(f"  {line}" for line in configuration_lines(None, bare=True, env=env)),
-            f"To issue from the embedded CA on purpose: --issuer local (or {ISSUER_ENV}=local), "
+            f"To issue from the embedded CA on purpose: --issuer local (or {ENV_ISSUER}=local), "
             f"or write the manifest as {OBJECT_FORM}.",
         ],
     )

@@ -17,7 +17,6 @@ from reconciler.model import IssuerSpec
 
 log = logging.getLogger("reconciler.issuers.stepca")
 
-_ENV_OPTIONS = ENV_ISSUER_SETTINGS  # the name issuers/choice.py imports it by
 # keys of $STEPPATH/config/defaults.json, as `step ca bootstrap` writes them
 _DEFAULTS_KEYS = {
     "url": "ca-url",
