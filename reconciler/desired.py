@@ -35,7 +35,9 @@ def load_desired(settings: "Settings", save_cache: bool = False, raw: bytes | No
     return desired
 
 
-def load_with_cache(settings: "Settings", raw: bytes | None = None, repair: bool = False) -> tuple[Desired, ValidationCache]:
+def load_with_cache(
+    settings: "Settings", raw: bytes | None = None, repair: bool = False
+) -> tuple[Desired, ValidationCache]:
     """(Desired with its issuer resolved, the validation cache still to be saved): an issuer
     that cannot be resolved stops everything before the state folder is even created."""
     # its validation cache is read from the state folder: refuse one another user can change

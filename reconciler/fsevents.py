@@ -25,7 +25,13 @@ class FolderWatches:
         # watchdog (third-party: threads, inotify bindings) is imported when a watch starts,
         # not by every `reconcile` run that imports the CLI
         from watchdog.events import (
-            DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent,
+            DirDeletedEvent,
+            DirMovedEvent,
+            FileClosedEvent,
+            FileCreatedEvent,
+            FileDeletedEvent,
+            FileModifiedEvent,
+            FileMovedEvent,
         )
         from watchdog.observers import Observer
         from watchdog.observers.polling import PollingObserver
@@ -33,7 +39,10 @@ class FolderWatches:
         self.sink = sink
         self.observer = PollingObserver(timeout=1.0) if poll else Observer(timeout=5.0)
         # no open/read events: our own reads of certificates must not wake us
-        self.kinds = [FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent, FileClosedEvent, DirDeletedEvent, DirMovedEvent]
+        self.kinds = [
+            FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent, FileClosedEvent,
+            DirDeletedEvent, DirMovedEvent,
+        ]
         self.watched: dict[str, tuple[object, int]] = {}  # folder -> (ObservedWatch, inode)
         self._too_many_logged = False
 
@@ -77,7 +86,8 @@ class FolderWatches:
         if len(wanted) > MAX_WATCHED_FOLDERS:
             if not self._too_many_logged:
                 log.warning(
-                    "managed files live in %d folders; watching %d of them, the others are checked every resync (--resync)",
+                    "managed files live in %d folders; watching %d of them, "
+                    "the others are checked every resync (--resync)",
                     len(wanted), MAX_WATCHED_FOLDERS,
                 )
                 self._too_many_logged = True
@@ -88,7 +98,8 @@ class FolderWatches:
         try:
             watch = self.observer.schedule(self, folder, recursive=False, event_filter=self.kinds)
         except OSError as exc:
-            log.warning("cannot watch %s (%s); changes there are noticed at the next resync", folder, exc.strerror or exc)
+            why = exc.strerror or exc
+            log.warning("cannot watch %s (%s); changes there are noticed at the next resync", folder, why)
             return False
         self.watched[folder] = (watch, ino)
         return True

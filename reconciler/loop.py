@@ -137,10 +137,10 @@ class Watcher:
         self.watches.start()
         self.watches.sync(self._manifest_folders(), set())
         desired = self.tracker.desired
-        log.info(
-            "watching %s (%s); resync every %gs; issuer: %s", self.tracker.path, "polling every 1s" if self.watch.poll else "inotify",
-            self.watch.resync, desired.issuer.describe(self.settings.state_dir) if desired is not None and desired.issuer else "not known yet",
-        )
+        known = desired is not None and desired.issuer is not None
+        issuer = desired.issuer.describe(self.settings.state_dir) if known else "not known yet"
+        how = "polling every 1s" if self.watch.poll else "inotify"
+        log.info("watching %s (%s); resync every %gs; issuer: %s", self.tracker.path, how, self.watch.resync, issuer)
         self._start(self.schedule.first_job())
         try:
             while True:
@@ -224,7 +224,10 @@ class Watcher:
             log.info("%s: letting the current pass finish its write, then stopping", name)
             self.thread.join(max(0.1, STOP_GRACE - (time.monotonic() - self.stop_started)))
             if self.thread.is_alive():
-                log.warning("%s: a pass is still busy (a hook or a CA call); exiting without it (it runs again next start)", name)
+                log.warning(
+                    "%s: a pass is still busy (a hook or a CA call); exiting without it (it runs again next start)",
+                    name,
+                )
                 logging.shutdown()
                 sys.stderr.flush()
                 os._exit(0)

@@ -37,17 +37,38 @@ class Metrics:
         prometheus_client.disable_created_metrics()  # no *_created series: noise in a textfile
         self.registry = r = CollectorRegistry()
         by_name = ["name"]
-        self.not_after = Gauge("reconciler_certificate_not_after_timestamp_seconds", "Expiry of the certificate on disk (Unix time).", by_name, registry=r)
-        self.renewal = Gauge(
-            "reconciler_certificate_renewal_timestamp_seconds", "When the certificate on disk enters its (jittered) renewal window (Unix time).", by_name, registry=r
+        self.not_after = Gauge(
+            "reconciler_certificate_not_after_timestamp_seconds", "Expiry of the certificate on disk (Unix time).",
+            by_name, registry=r,
         )
-        self.ready = Gauge("reconciler_certificate_ready", "1 when the certificate on disk matches the manifest and nothing is left to do.", by_name, registry=r)
-        self.issuance_failures = Counter("reconciler_issuance_failures_total", "Failed issuances, renewals and file repairs.", by_name, registry=r)
-        self.hook_failures = Counter("reconciler_hook_failures_total", "Failed or timed-out post-renewal commands, per certificate.", by_name, registry=r)
-        self.manifest_valid = Gauge("reconciler_manifest_valid", "1 when the manifest on disk is valid; 0 while the last valid version is used.", registry=r)
-        self.ca_reachable = Gauge("reconciler_ca_reachable", "0 while the CA does not answer (one probe at a time until it does).", registry=r)
-        self.pass_duration = Histogram("reconciler_pass_duration_seconds", "Duration of reconcile passes.", buckets=PASS_BUCKETS, registry=r)
-        self.last_pass = Gauge("reconciler_last_pass_timestamp_seconds", "When the last pass finished (Unix time).", registry=r)
+        self.renewal = Gauge(
+            "reconciler_certificate_renewal_timestamp_seconds",
+            "When the certificate on disk enters its (jittered) renewal window (Unix time).", by_name, registry=r,
+        )
+        self.ready = Gauge(
+            "reconciler_certificate_ready",
+            "1 when the certificate on disk matches the manifest and nothing is left to do.", by_name, registry=r,
+        )
+        self.issuance_failures = Counter(
+            "reconciler_issuance_failures_total", "Failed issuances, renewals and file repairs.", by_name, registry=r
+        )
+        self.hook_failures = Counter(
+            "reconciler_hook_failures_total", "Failed or timed-out post-renewal commands, per certificate.",
+            by_name, registry=r,
+        )
+        self.manifest_valid = Gauge(
+            "reconciler_manifest_valid",
+            "1 when the manifest on disk is valid; 0 while the last valid version is used.", registry=r,
+        )
+        self.ca_reachable = Gauge(
+            "reconciler_ca_reachable", "0 while the CA does not answer (one probe at a time until it does).", registry=r
+        )
+        self.pass_duration = Histogram(
+            "reconciler_pass_duration_seconds", "Duration of reconcile passes.", buckets=PASS_BUCKETS, registry=r
+        )
+        self.last_pass = Gauge(
+            "reconciler_last_pass_timestamp_seconds", "When the last pass finished (Unix time).", registry=r
+        )
         self.passes = Counter("reconciler_passes_total", "Passes by outcome.", ["result"], registry=r)
         by_endpoint = ["name", "endpoint"]
         self.served_not_after = Gauge(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -88,9 +87,12 @@ class ForcedRenewal:
         have = set(known)
         unknown = [n for n in dict.fromkeys(self.names) if n not in have]
         if unknown:
-            shown = ", ".join(known[:LIST_NAMES]) + (f" … and {len(known) - LIST_NAMES} more (`reconcile status` lists them all)" if len(known) > LIST_NAMES else "")
+            more = len(known) - LIST_NAMES
+            tail = f" … and {more} more (`reconcile status` lists them all)" if more > 0 else ""
+            shown = ", ".join(known[:LIST_NAMES]) + tail
             raise UnknownCertificate(
-                f"no certificate{'s' if len(unknown) > 1 else ''} named {', '.join(json.dumps(n) for n in unknown)} in {desired.manifest_path}; nothing was done. "
+                f"no certificate{'s' if len(unknown) > 1 else ''} named {', '.join(json.dumps(n) for n in unknown)} "
+                f"in {desired.manifest_path}; nothing was done. "
                 f"A name is the entry's \"name\", or its common_name when it has none; known: {shown or '(none)'}"
             )
         return frozenset(self.names)
@@ -116,7 +118,9 @@ def _unknown_trust(issuer: Issuer, spec: IssuerSpec, fetch: bool) -> str | None:
     return issuer.untrusted_reason()  # type: ignore[attr-defined]
 
 
-def _learn_intermediates(issuer: Issuer, desired: Desired, observed: dict[str, Observed], trust: Trust, persist: bool) -> bool:
+def _learn_intermediates(
+    issuer: Issuer, desired: Desired, observed: dict[str, Observed], trust: Trust, persist: bool
+) -> bool:
     """Let a step-ca adopt the intermediates bundled in the certificate files (verified
     against its root), so that certificates another state folder issued, or the old script's
     `step ca certificate`, are recognised instead of reissued. True: observe again."""
@@ -171,7 +175,8 @@ def snapshot(
     observed = observe_guests(desired.certificates, observed, records, look_all=look_at_guests, workers=settings.workers)
     # the running services too: which leaf each `serve` endpoint presents (read-only)
     observed, probed = observe_served(desired.certificates, observed)
-    plan = make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(_serials(observed)), issuer_unknown=unknown)
+    owed = status.hooks_pending(_serials(observed))
+    plan = make_plan(desired, observed, now or datetime.now(timezone.utc), owed, issuer_unknown=unknown)
     if probed:
         plan = replace(plan, notes=plan.notes + (probed,))
     if chosen is not None:

@@ -97,7 +97,7 @@ def status_text(outcome: PassOutcome | None, note: str | None, issuer: dict | No
         )
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
     for row in table:
-        lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + row[-1])
+        lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + row[-1])
     for r in rows:
         if r["state"] != READY and r["problem"]:
             lines.append(f"{r['name']}: {r['problem']}")

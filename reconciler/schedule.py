@@ -183,7 +183,8 @@ class Schedule:
             return []
         dirty, self.dirty, self.files_due = self.dirty, set(), None
         stale, self.stale_folders = self.stale_folders, False
-        changed = sorted(p for p in dirty if p in self.managed and self.stamp_of(p, self.managed[p][0]) != self.managed[p][1])
+        managed = self.managed
+        changed = sorted(p for p in dirty if p in managed and self.stamp_of(p, managed[p][0]) != managed[p][1])
         if changed:
             return [f"{changed[0]} changed" + (f" (and {len(changed) - 1} more files)" if len(changed) > 1 else "")]
         return ["a watched folder was deleted or moved"] if stale else []
@@ -265,7 +266,9 @@ class Schedule:
         if report.ran:
             self.guest_poll_at = mono + self.guest_poll if report.guests_waiting else None
         self.next_renewal = report.next_renewal
-        retries = [t for t in (b.next_at(self.clock.time()) for b in (self.issues, self.hooks, self.ca, self.deliveries)) if t is not None]
+        wall = self.clock.time()
+        backoffs = (self.issues, self.hooks, self.ca, self.deliveries)
+        retries = [t for t in (b.next_at(wall) for b in backoffs) if t is not None]
         self.retry_at = min(retries) if retries else None
         if report.retry_in is not None:
             self.rerun_at, self.rerun_reason = mono + report.retry_in, "retry"

@@ -64,7 +64,10 @@ def _now() -> str:
 def _comparable(source: str) -> dict[str, Any]:
     """An entry's canonical JSON as a dict, lists of plain values as sets (SAN order never matters)."""
     entry = json.loads(source) if source else {}
-    return {k: (set(map(str, v)) if isinstance(v, list) and all(isinstance(i, (str, int, float)) for i in v) else v) for k, v in entry.items()}
+    def plain_list(v) -> bool:
+        return isinstance(v, list) and all(isinstance(i, (str, int, float)) for i in v)
+
+    return {k: (set(map(str, v)) if plain_list(v) else v) for k, v in entry.items()}
 
 
 def describe_entry_change(old_source: str, new_source: str) -> list[str]:
@@ -81,7 +84,8 @@ def describe_entry_change(old_source: str, new_source: str) -> list[str]:
     out: list[str] = []
     for kind, levels in DeepDiff(old, new, view="tree").items():
         for level in levels:
-            where = ".".join(str(p) for p in level.path(output_format="list") if p is not None and not isinstance(p, int))
+            steps = level.path(output_format="list")
+            where = ".".join(str(p) for p in steps if p is not None and not isinstance(p, int))
             t1 = None if level.t1 is notpresent else level.t1
             t2 = None if level.t2 is notpresent else level.t2
             if kind == "set_item_added":
@@ -184,7 +188,9 @@ class ManifestTracker:
         self.sources = {c.name: c.source for c in kept.desired.certificates}
         self.valid_at = kept.saved_at
         self._copy_digest = kept.digest
-        log.warning("using %s, the last valid manifest (saved %s), until the manifest is fixed", self.copy_path, self.valid_at)
+        log.warning(
+            "using %s, the last valid manifest (saved %s), until the manifest is fixed", self.copy_path, self.valid_at
+        )
 
     def _valid(self, desired: Desired, raw: bytes | None) -> Refresh:
         previous, old = self.desired, self.sources
@@ -211,7 +217,8 @@ class ManifestTracker:
     def _log_edits(self, previous: Desired, desired: Desired, old: dict, new: dict, added, removed, changed) -> None:
         if previous.issuer != desired.issuer:
             sd = self.settings.state_dir
-            log.info("manifest: issuer changed from %s to %s", previous.issuer.describe(sd), desired.issuer.describe(sd))
+            old_issuer, new_issuer = previous.issuer.describe(sd), desired.issuer.describe(sd)
+            log.info("manifest: issuer changed from %s to %s", old_issuer, new_issuer)
         for name in added:
             log.info("manifest: added %s", name)
         for name in removed:

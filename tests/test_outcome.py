@@ -23,7 +23,10 @@ from reconciler.status import read_only
 
 
 def entry(out: Path, name: str, **extra) -> dict:
-    return {"name": name, "common_name": f"{name}.example", "cert_path": str(out / f"{name}.crt"), "key_path": str(out / f"{name}.key"), **extra}
+    return {
+        "name": name, "common_name": f"{name}.example",
+        "cert_path": str(out / f"{name}.crt"), "key_path": str(out / f"{name}.key"), **extra,
+    }
 
 
 @pytest.fixture

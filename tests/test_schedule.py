@@ -65,7 +65,8 @@ def schedule(clock, disk):
 
 def cert(name: str, **fields) -> CertOutcome:
     values = dict(
-        name=name, cert_path=f"/srv/{name}.crt", key_path=f"/srv/{name}.key", follow_symlinks=False, sans=(f"{name}.example",),
+        name=name, cert_path=f"/srv/{name}.crt", key_path=f"/srv/{name}.key", follow_symlinks=False,
+        sans=(f"{name}.example",),
         state="ready", problem=None, not_after=None, renewal_at=None, owner_ok=True, mode_ok=True, hook_owed=False,
         stamps=((1, 1), (1, 2)),
     )
@@ -308,9 +309,10 @@ def test_while_the_ca_does_not_answer_one_certificate_at_a_time_probes_it(schedu
 
 def test_a_transient_failure_while_others_get_through_backs_off_that_certificate_alone(schedule, clock, disk):
     settle_start(schedule, clock, disk, cert("a"), cert("b"))
-    run(schedule, cert("a", attempted=True, failed="timeout", transient=True), cert("b", attempted=True, content_changed=True, changed=("issue",)))
+    timed_out = cert("a", attempted=True, failed="timeout", transient=True)
+    run(schedule, timed_out, cert("b", attempted=True, content_changed=True, changed=("issue",)))
     assert schedule.ca_reachable
-    assert schedule.deferral({"a", "b"}) .certificates == {"a"}
+    assert schedule.deferral({"a", "b"}).certificates == {"a"}
 
 
 def test_another_issuer_forgets_what_was_learnt_about_the_old_one(schedule, clock, disk):
