@@ -24,7 +24,9 @@ from reconciler.passes import Settings
 from reconciler.probe import doctor_checks as serve_checks
 from reconciler.render import plural
 
-SHELL_BUILTINS = frozenset({"echo", "test", "[", "true", "false", "cd", "exit", "printf", ":", "set", "export", "if", "for", "{", "("})
+SHELL_BUILTINS = frozenset(
+    {"echo", "test", "[", "true", "false", "cd", "exit", "printf", ":", "set", "export", "if", "for", "{", "("}
+)
 
 
 def _line(check: Check) -> str:
@@ -38,7 +40,8 @@ def _folder_check(path: Path) -> Check:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        return Check(False, f"target folder {folder} cannot be created: {probe} is not a folder", "fix the path in the manifest")
+        return Check(False, f"target folder {folder} cannot be created: {probe} is not a folder",
+                     "fix the path in the manifest")
     if not os.access(probe, os.W_OK | os.X_OK):
         return Check(False, f"target folder {folder} is not writable", "run as root or grant write access")
     word = "exists" if probe == folder else f"can be created (under {probe})"
@@ -69,8 +72,8 @@ def _manifest_checks(settings: Settings, unsafe_state: bool) -> tuple[Desired | 
             desired = load_desired(settings)
             spec = desired.issuer
     except ManifestError as exc:
-        return None, None, [Check(False, f"manifest {settings.manifest} is invalid: {exc.issues[0]}",
-                                  f"{plural(len(exc.issues), 'error')}; run `reconcile validate -m {settings.manifest}`")]
+        hint = f"{plural(len(exc.issues), 'error')}; run `reconcile validate -m {settings.manifest}`"
+        return None, None, [Check(False, f"manifest {settings.manifest} is invalid: {exc.issues[0]}", hint)]
     except IssuerConfigError as exc:
         # the manifest itself is fine: check its targets too, and list every issuer setting to fix
         desired, spec = load(settings.manifest), None

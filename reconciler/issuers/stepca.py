@@ -199,7 +199,9 @@ class StepCA:
             if rekey:
                 body = {"csr": build_csr(request, key).decode("ascii")}
                 label = "POST /1.0/rekey"
-                _, data = self.transport.call("POST", "/1.0/rekey", json_body=body, client=client, what=f"rekeying {request.name}")
+                _, data = self.transport.call(
+                    "POST", "/1.0/rekey", json_body=body, client=client, what=f"rekeying {request.name}"
+                )
             else:
                 label = "POST /1.0/renew"
                 _, data = self.transport.call("POST", "/1.0/renew", client=client, what=f"renewing {request.name}")

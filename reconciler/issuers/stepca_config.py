@@ -164,7 +164,8 @@ def configuration_lines(spec: IssuerSpec | None, bare: bool, env: Mapping[str, s
     if spec is None or not spec.provisioner:
         lines.append(f"provisioner: {_ways('provisioner', bare, env)} (the name of a JWK provisioner)")
     if spec is None or spec.password_file is None:
-        lines.append(f"password file: {_ways('password_file', bare, env)} (a 0600 file holding the provisioner's password)")
+        ways = _ways("password_file", bare, env)
+        lines.append(f"password file: {ways} (a 0600 file holding the provisioner's password)")
     return lines
 
 

@@ -59,7 +59,8 @@ def _dns(ca: "StepCA") -> Check:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        return Check(False, f"DNS: {host} cannot be resolved ({exc})", f"check the host name in {ca.spec.where('url')} and this host's DNS")
+        return Check(False, f"DNS: {host} cannot be resolved ({exc})",
+                     f"check the host name in {ca.spec.where('url')} and this host's DNS")
     addresses = sorted({str(i[4][0]) for i in infos})
     return Check(True, f"DNS: {host} resolves to {', '.join(addresses)}")
 
@@ -91,7 +92,8 @@ def _tls(ca: "StepCA") -> Check:
                      f"{exc.verify_message or exc}",
                      "that root (or fingerprint) is not this CA's: fetch the right one with `step ca root`")
     except (OSError, ssl.SSLError) as exc:
-        return Check(False, f"TLS: handshake with {t.hostport} failed: {exc}", "check that the port is step-ca's HTTPS port")
+        return Check(False, f"TLS: handshake with {t.hostport} failed: {exc}",
+                     "check that the port is step-ca's HTTPS port")
     return Check(True, f"TLS: {t.hostport} verified against root {ca.trust.description()} ({version})")
 
 
@@ -117,8 +119,10 @@ def _attempt(get: Callable[[], T], says: Callable[[T], str]) -> tuple[Check, T |
 
 
 def _provisioner(ca: "StepCA") -> tuple[Check, dict | None]:
-    return _attempt(ca.provisioner.find,
-                    lambda entry: f"provisioner '{ca.spec.provisioner}' ({entry.get('type') or 'type not given'}) is present")
+    def says(entry: dict) -> str:
+        return f"provisioner '{ca.spec.provisioner}' ({entry.get('type') or 'type not given'}) is present"
+
+    return _attempt(ca.provisioner.find, says)
 
 
 def _password(ca: "StepCA") -> tuple[Check, bytes | None]:
@@ -127,5 +131,5 @@ def _password(ca: "StepCA") -> tuple[Check, bytes | None]:
 
 def _decrypts(ca: "StepCA", entry: dict, password: bytes) -> Check:
     spec = ca.spec
-    return _attempt(lambda: ca.provisioner.decrypt(entry, password),
-                    lambda _: f"the password in {spec.password_file} decrypts the key of provisioner '{spec.provisioner}'")[0]
+    says = f"the password in {spec.password_file} decrypts the key of provisioner '{spec.provisioner}'"
+    return _attempt(lambda: ca.provisioner.decrypt(entry, password), lambda _: says)[0]

@@ -72,7 +72,8 @@ def decrypt_provisioner_key(encrypted_key: str, password: bytes, name: str, pass
         ) from None
     if iterations > STEP_PBKDF2_ITERATIONS:
         raise IssuerError(
-            f"provisioner '{name}' key asks for {iterations} PBKDF2 iterations, more than step-ca's {STEP_PBKDF2_ITERATIONS}",
+            f"provisioner '{name}' key asks for {iterations} PBKDF2 iterations, "
+            f"more than step-ca's {STEP_PBKDF2_ITERATIONS}",
             hint="refusing an unusual key derivation cost; re-create the provisioner with step",
         )
     token = jwe.JWE()

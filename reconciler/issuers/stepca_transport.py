@@ -50,7 +50,8 @@ class Refused(IssuerError):
 def refusal_hint(message: str, status: int) -> str:
     text = message.lower()
     if "duration" in text:
-        return "shorten the certificate's duration in the manifest, or raise the provisioner's maxTLSCertDuration in ca.json"
+        return ("shorten the certificate's duration in the manifest, or raise the provisioner's "
+                "maxTLSCertDuration in ca.json")
     if any(word in text for word in ("not allowed", "policy", "san", "dns name", "ip address")):
         return "the provisioner's policy does not allow these names; change the names or the policy in ca.json"
     if status == 401:
@@ -233,7 +234,9 @@ class StepCATransport:
             )
         if status >= 400:
             message = ca_message(raw)
-            refused = Refused(f"step-ca refused {what} ({label}: HTTP {status}): {message}", hint=refusal_hint(message, status))
+            refused = Refused(
+                f"step-ca refused {what} ({label}: HTTP {status}): {message}", hint=refusal_hint(message, status)
+            )
             refused.status = status
             raise refused
         if status >= 300:
@@ -246,7 +249,8 @@ class StepCATransport:
         except ValueError:
             raise IssuerError(
                 f"step-ca at {self.url} sent an unreadable answer to {label} (not complete JSON, {len(raw)} bytes)",
-                hint=f"check that {self.spec.where('url')} points at step-ca and nothing in between rewrites its answers",
+                hint=f"check that {self.spec.where('url')} points at step-ca and nothing in between rewrites "
+                "its answers",
             ) from None
 
     def _check_clock(self, date: str | None, sent: float, received: float) -> None:
@@ -297,14 +301,16 @@ class StepCATransport:
                     "`chronyc tracking`); if the clocks are right, renew the CA's own TLS certificate",
                 )
             return IssuerError(
-                f"TLS verification of step-ca at {self.hostport} failed against root {self._root_description()}: {reason}",
+                f"TLS verification of step-ca at {self.hostport} failed against root "
+                f"{self._root_description()}: {reason}",
                 hint="that root (or fingerprint) is not this CA's: fetch the right one with `step ca root`, "
                 f"or check {self.spec.where('url')} points at the CA you meant",
             )
         tls = next((e for e in chain if isinstance(e, ssl.SSLError)), None)
         if tls is not None:
             return Refused(
-                f"step-ca at {self.hostport} broke off the TLS handshake while {what}: {getattr(tls, 'reason', None) or tls}",
+                f"step-ca at {self.hostport} broke off the TLS handshake while {what}: "
+                f"{getattr(tls, 'reason', None) or tls}",
                 hint="the CA did not accept the client certificate (expired, or not issued by it), "
                 "or the port does not speak TLS",
             )
@@ -314,7 +320,8 @@ class StepCATransport:
         """A transient error: the CA could not be reached, or did not answer in time."""
         unreachable = UNREACHABLE.format(port=self.port)
         if isinstance(exc, httpx.ConnectTimeout):
-            message, hint = f"step-ca at {self.hostport} is unreachable: no connection within {self.connect_timeout:g}s", unreachable
+            message = f"step-ca at {self.hostport} is unreachable: no connection within {self.connect_timeout:g}s"
+            hint = unreachable
         elif isinstance(exc, httpx.TimeoutException):
             message = f"step-ca at {self.hostport} did not answer {label} within {self.read_timeout:g}s"
             hint = "the CA is overloaded or stuck; the next pass retries it (--watch retries with backoff)"
