@@ -22,15 +22,15 @@ def doctor(manifest: Path, state: Path, *extra: str, env=None, password: str | N
 
 
 def checks(proc) -> list[str]:
-    return [l for l in proc.stdout.splitlines() if l[:2] in ("✓ ", "✗ ")]
+    return [line for line in proc.stdout.splitlines() if line[:2] in ("✓ ", "✗ ")]
 
 
 def failed(proc) -> list[str]:
-    return [l for l in checks(proc) if l.startswith("✗ ")]
+    return [line for line in checks(proc) if line.startswith("✗ ")]
 
 
 def line_with(proc, *words: str) -> str:
-    hits = [l for l in checks(proc) if all(w in l for w in words)]
+    hits = [line for line in checks(proc) if all(w in line for w in words)]
     assert len(hits) == 1, f"want one check line with {words}, got {hits}\n{proc.stdout}{proc.stderr}"
     return hits[0]
 
@@ -96,7 +96,7 @@ def test_a_hook_program_that_is_not_installed_fails_with_a_hint(tmp_path):
     assert len(bad) == 2, proc.stdout
     assert "hook program no-such-reload-tool-xyz not found on PATH" in bad[0]
     assert "hook program /opt/nowhere/reload not found" in bad[1]
-    assert all("— install it, or give its full path" in l for l in bad)
+    assert all("— install it, or give its full path" in line for line in bad)
     assert "2 failed" in proc.stderr  # the summary goes to stderr when something failed
 
 

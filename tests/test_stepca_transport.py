@@ -45,7 +45,9 @@ class MockCA:
         self.date_offset = timedelta(0)
 
     def spec(self, **changes) -> IssuerSpec:
-        values = dict(type="step-ca", url=URL, root=self.root_path, provisioner="admin", password_file=self.password_file)
+        values = dict(
+            type="step-ca", url=URL, root=self.root_path, provisioner="admin", password_file=self.password_file
+        )
         return IssuerSpec(**(values | changes))
 
     def issuer(self, tmp_path, **kwargs) -> StepCA:
@@ -104,7 +106,8 @@ def test_an_answer_that_is_not_json_is_an_unreadable_answer(mock, tmp_path):
     mock.answer = answering(201, b'{"crt": "-----BEGIN CERT')
     with mock.issuer(tmp_path) as ca, pytest.raises(IssuerError) as err:
         ca.issue(request_for("web.example"), ec_key())
-    assert f"step-ca at {URL} sent an unreadable answer to POST /1.0/sign (not complete JSON, 24 bytes)" in err.value.message
+    unreadable = f"step-ca at {URL} sent an unreadable answer to POST /1.0/sign (not complete JSON, 24 bytes)"
+    assert unreadable in err.value.message
     assert "points at step-ca" in err.value.hint and not err.value.transient
 
 
@@ -119,7 +122,8 @@ def test_a_server_error_is_transient_and_quotes_the_cas_message(mock, tmp_path):
 
 
 def test_a_refused_duration_says_where_the_limit_is_and_is_not_retried(mock, tmp_path):
-    mock.answer = answering(400, b'{"message":"requested duration of 2400h is more than the authorized maximum of 24h"}')
+    too_long = b'{"message":"requested duration of 2400h is more than the authorized maximum of 24h"}'
+    mock.answer = answering(400, too_long)
     with mock.issuer(tmp_path) as ca, pytest.raises(Refused) as err:
         ca.issue(request_for("web.example"), ec_key())
     assert err.value.status == 400 and not err.value.transient
@@ -171,7 +175,8 @@ def test_a_read_timeout_is_transient_and_names_the_deadline(mock, tmp_path):
 
 def test_a_connection_refused_is_transient_and_names_the_port(mock, tmp_path):
     def refused(request):
-        raise httpx.ConnectError("[Errno 111] Connection refused", request=request) from ConnectionRefusedError(111, "refused")
+        cause = ConnectionRefusedError(111, "refused")
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request) from cause
 
     mock.answer = refused
     with mock.issuer(tmp_path) as ca, pytest.raises(IssuerError) as err:
@@ -195,7 +200,8 @@ def test_a_ca_clock_off_by_more_than_the_leeway_stops_asking_for_the_rest_of_the
         asked = len(mock.requests)
         with pytest.raises(IssuerError) as second:
             ca.issue(request_for("b.example"), ec_key())
-    assert "disagree on the time by 9m" in first.value.message and "the CA's clock is behind this host's" in first.value.message
+    assert "disagree on the time by 9m" in first.value.message
+    assert "the CA's clock is behind this host's" in first.value.message
     assert "NTP" in first.value.hint and not first.value.transient
     assert second.value.message == first.value.message
     assert len(mock.requests) == asked
@@ -224,7 +230,8 @@ def test_a_root_known_by_its_fingerprint_is_downloaded_once_and_believed_only_if
     with StepCA(spec, tmp_path / "state", transport=httpx.MockTransport(mock.handle)) as ca:
         with pytest.raises(IssuerError) as err:
             ca.fetch_root()
-    assert f"has fingerprint {fingerprint_of(impostor)}, not the configured {fingerprint_of(mock.root)}" in err.value.message
+    mismatch = f"has fingerprint {fingerprint_of(impostor)}, not the configured {fingerprint_of(mock.root)}"
+    assert mismatch in err.value.message
     assert not list((tmp_path / "state").glob("step-ca/root-*.crt"))
 
     served["root"] = mock.root
