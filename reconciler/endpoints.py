@@ -56,6 +56,7 @@ class Served:
     not_after: datetime | None = None
     public_key_id: str | None = None
     error: str | None = None  # unreachable, refused, timed out, no TLS: its own state
+    sans: tuple[str, ...] = ()  # the leaf's SANs, as written (DNS names, then addresses)
 
     @property
     def reachable(self) -> bool:

@@ -19,8 +19,9 @@ from typing import Callable, Iterable, NamedTuple
 from cryptography import x509
 
 from reconciler.endpoints import Endpoint, Served, stale_reason
+from reconciler.sans import display, ordered
 from reconciler.checks import Check
-from reconciler.crypto import public_key_id
+from reconciler.crypto import cert_sans, public_key_id
 
 PROBE_TIMEOUT = 5.0  # seconds for one endpoint: connect, upgrade and handshake together
 PROBE_WORKERS = 8
@@ -130,7 +131,10 @@ def _is_address(name: str) -> bool:
 
 def _served(connect: str, der: bytes) -> Served:
     leaf = x509.load_der_x509_certificate(der)
-    return Served(connect, format(leaf.serial_number, "x"), leaf.not_valid_after_utc, public_key_id(leaf.public_key()))
+    sans = tuple(display(s) for s in ordered(cert_sans(leaf)))
+    return Served(
+        connect, format(leaf.serial_number, "x"), leaf.not_valid_after_utc, public_key_id(leaf.public_key()), sans=sans
+    )
 
 
 def _why(exc: BaseException) -> str:
@@ -267,9 +271,13 @@ def doctor_checks(certs, timeout: float = PROBE_TIMEOUT) -> list[Check]:
         for s in served.get(c.name, ()):
             stale = stale_reason((s,), leaf) if leaf is not None else None
             if not s.reachable:
-                checks.append(Check(False, f"{c.name}: {s.describe()}", "start the service, or correct serve[].connect"))
+                checks.append(
+                    Check(False, f"{c.name}: {s.describe()}", "start the service, or correct serve[].connect")
+                )
             elif stale:
-                checks.append(Check(False, f"{c.name}: {stale}", STALE_HINT if c.post_renewal_command else NO_COMMAND_HINT))
+                checks.append(
+                    Check(False, f"{c.name}: {stale}", STALE_HINT if c.post_renewal_command else NO_COMMAND_HINT)
+                )
             elif leaf is None:
                 checks.append(Check(True, f"{c.name}: {s.describe()} (no certificate in {c.cert_path} yet)", ""))
             else:

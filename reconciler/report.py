@@ -64,7 +64,8 @@ def _endpoint_row(e) -> dict:
     s = e.served
     return {
         "connect": s.connect, "state": e.state, "serial": s.serial,
-        "not_after": s.not_after.isoformat() if s.not_after else None, "error": s.error, "since": e.since,
+        "not_after": s.not_after.isoformat() if s.not_after else None, "sans": list(s.sans), "error": s.error,
+        "since": e.since,
     }
 
 

@@ -27,6 +27,7 @@ def test_probe_reports_the_leaf_nginx_presents(nginx):
     assert served.error is None
     assert served.presents(_serial(on_disk), public_key_id(on_disk.public_key()))
     assert served.not_after == on_disk.not_valid_after_utc
+    assert served.sans == (nginx.server_name,)
     assert served.describe().startswith(f"{nginx.connect} serves serial ")
 
 

@@ -62,7 +62,7 @@ def test_a_command_that_reloads_nginx_makes_the_probe_match_and_nothing_is_owed(
         and endpoint["state"] == "current"
         and endpoint["serial"] == _file_serial(nginx)
     )
-    assert endpoint["since"]
+    assert endpoint["sans"] == [nginx.server_name] and endpoint["since"]
 
 
 def test_a_command_that_exits_0_without_reloading_is_caught_and_retried_until_fixed(tmp_path, nginx):
