@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from reconciler.diff import RUN_HOOK, diff, readiness
-from reconciler.endpoints import Endpoint, Served, endpoint_states, remembered
+from reconciler.endpoints import Served, endpoint_states, remembered
 from reconciler.manifest import build
 from reconciler.model import CertFacts, FileState, Observed
 from reconciler.outcome import cert_state
