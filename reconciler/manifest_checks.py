@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reconciler.manifest_entry import resolve_owner
+from reconciler.manifest_entry import path_problem, resolve_owner
 from reconciler.manifest_issues import Issue
 
 
@@ -71,6 +71,8 @@ def cross_checks(claims: list[Claim]) -> list[Issue]:
         """Where `p` really is: two names for one file through a linked folder are one
         file, and two entries writing it would replace each other's certificate forever."""
         head, tail = os.path.split(p)
+        if path_problem(p):  # cannot exist (PATH_MAX, NAME_MAX): walking it name by name is quadratic
+            return p
         if head not in folders:
             folders[head] = os.path.realpath(head)
         real = folders[head]

@@ -411,3 +411,25 @@ def test_generated_manifests_are_refused_cleanly_and_change_nothing(world):
     assert tree(out, state) == before, "a refused manifest changed something on disk"
     figure(f"generated manifests: {json.dumps(counts)} (x3 commands each)")
     assert counts["documents"] >= 100 and counts["bytes"] >= 50 and counts["json"] >= 50
+
+
+def test_a_path_too_long_to_exist_is_refused_without_resolving_it_on_disk(world, monkeypatch):
+    """A 10 MB path of 40,000 folder names cannot exist (PATH_MAX), so nothing may walk it:
+    resolving it name by name lstat-ed a longer path each time, and refusing that one manifest
+    took 40-60 s of CPU."""
+    tmp, out, state = world
+    m = place(tmp, "10 MB folder path", corpus(out)["10 MB folder path"])
+    walked = []
+    real_realpath = os.path.realpath
+
+    def realpath(p, *a, **k):
+        if len(os.fsencode(p)) >= 4096:
+            walked.append(len(p))
+        return real_realpath(p, *a, **k)
+
+    monkeypatch.setattr(os.path, "realpath", realpath)
+    for cmd in (["validate", "-m", str(m)], ["-m", str(m), "--plan"]):
+        rc, so, se = in_process(cmd, state)
+        check_refused(rc, so, se, "10 MB folder path")
+        assert "PATH_MAX" in so + se
+    assert walked == [], f"resolved paths of {walked} bytes on disk"
