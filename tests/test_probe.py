@@ -167,3 +167,50 @@ def test_imap_starttls_against_dovecot_presents_its_leaf_and_a_reload_changes_it
     subprocess.run(dovecot.reload_command, shell=True, check=True, timeout=60)
     served = await_leaf(dovecot.endpoint, _serial(new), public_key_id(new.public_key()), settle=60)
     assert served.presents(_serial(new), public_key_id(new.public_key())), served
+
+
+@pytest.fixture
+def dual_nginx(tmp_path):
+    """nginx on 127.0.0.1 and [::1] (one port), with a second name on its own certificate:
+    the probe must reach IPv6 loopback and send the entry's server_name as SNI."""
+    from tls_servers import Nginx
+
+    class Dual(Nginx):
+        def configure(self) -> None:
+            super().configure()
+            text = self.conf.read_text()
+            listen = f"        listen {LOOPBACK}:{self.port} ssl;\n"
+            other = (
+                f"    server {{\n{listen}        listen [::1]:{self.port} ssl;\n"
+                f"        server_name other.probe.test;\n"
+                f"        ssl_certificate {self.base.parent / 'www' / 'other.crt'};\n"
+                f"        ssl_certificate_key {self.base.parent / 'www' / 'other.key'};\n"
+                f"        return 204;\n    }}\n"
+            )
+            text = text.replace(listen, listen + f"        listen [::1]:{self.port} ssl default_server;\n", 1)
+            text = text.replace(listen, listen.replace(" ssl;", " ssl default_server;"), 1)
+            self.conf.write_text(text.rstrip().removesuffix("}") + other + "}\n")
+
+    (tmp_path / "nginx").mkdir()
+    (tmp_path / "www").mkdir()
+    server = Dual(tmp_path / "nginx", tmp_path / "www" / "site.crt", tmp_path / "www" / "site.key")
+    self_signed(server.cert, server.key, server.server_name)
+    self_signed(tmp_path / "www" / "other.crt", tmp_path / "www" / "other.key", "other.probe.test")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_an_ipv6_endpoint_is_probed_and_the_server_name_picks_the_certificate(dual_nginx):
+    from helpers import load_cert
+
+    site = load_cert(dual_nginx.cert)
+    other = load_cert(dual_nginx.cert.parent / "other.crt")
+    for connect in (f"[::1]:{dual_nginx.port}", f"127.0.0.1:{dual_nginx.port}"):
+        host, port = parse_connect(connect)
+        by_default = probe(Endpoint(connect, host, port, dual_nginx.server_name))
+        assert by_default.error is None, by_default.error
+        assert by_default.serial == _serial(site), connect
+        by_name = probe(Endpoint(connect, host, port, "other.probe.test"))
+        assert by_name.serial == _serial(other), connect
+        assert by_name.sans == ("other.probe.test",)
