@@ -90,7 +90,7 @@ def run_pass(m: Path, state: Path, env_extra: dict) -> tuple[float, int, dict, s
         capture_output=True, text=True, env=env,
     )
     wall = time.perf_counter() - started
-    counts_line = [l for l in proc.stderr.splitlines() if l.startswith("BENCH-COUNTS ")]
+    counts_line = [ln for ln in proc.stderr.splitlines() if ln.startswith("BENCH-COUNTS ")]
     counts = json.loads(counts_line[-1].split(" ", 1)[1]) if counts_line else {}
     if proc.returncode not in (0, 2):
         raise SystemExit(f"reconcile failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -120,7 +120,7 @@ def test_two_passes_and_a_watcher_serialise_and_write_each_file_once_per_change(
                     procs = [one_shot(m, state), one_shot(m, state)]
                     results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
                     assert [r[2] for r in results] == [0, 0], [r[1][-2000:] for r in results]
-                    wait_for(lambda: all(f"v{version}.c{i}.race.test" in cert_sans(out / f"c{i}.crt") for i in range(N)), 60, "the change")
+                    wait_for(lambda version=version: all(f"v{version}.c{i}.race.test" in cert_sans(out / f"c{i}.crt") for i in range(N)), 60, "the change")
                 time.sleep(1.5)  # the watcher's reaction to everybody's writes, if it had one, lands here
                 events = renames.take()
                 per_file = Counter(name for _t, name in events if not name.startswith("."))

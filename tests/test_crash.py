@@ -177,51 +177,70 @@ def _within(st: os.stat_result, uid: int, gid: int, mode: int) -> bool:
 
 
 def check_after_kill(site: Site, kind: str, old: dict, problems: list[str], figures: dict) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
     keys_by_i: dict[int, tuple[bytes, bool]] = {}
     certs_by_i: dict[int, tuple[bytes, bool]] = {}
     for what, i, p in site.managed():
+        seen = _check_file_after_kill(site, kind, old, problems, figures, what, i, p)
+        if seen is not None:
+            (keys_by_i if what == "key" else certs_by_i if what == "cert" else {})[i] = seen
+    _check_new_pairs(keys_by_i, certs_by_i, problems)
+    _check_temporaries_and_status(site, problems, figures)
+
+
+def _check_file_after_kill(
+    site: Site, kind: str, old: dict, problems: list[str], figures: dict, what: str, i: int, p: Path
+) -> tuple[bytes, bool] | None:
+    """One managed file: the old version whole, or a complete new one. (content, is_old), or None if unusable."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        st = os.lstat(p)
+        data = p.read_bytes()
+    except FileNotFoundError:
+        if p in old:
+            problems.append(f"{p} vanished")
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        problems.append(f"{p} is not a regular file")
+        return None
+    final = site.final_meta(what)
+    meta = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+    is_old = p in old and old[p][0] == data
+    if not is_old:
+        if kind == "meta":
+            problems.append(f"{p}: content changed in a chown/chmod pass")
+            return None
+        # complete new version: it parses in full, and was renamed in with its final metadata
         try:
-            st = os.lstat(p)
-            data = p.read_bytes()
-        except FileNotFoundError:
-            if p in old:
-                problems.append(f"{p} vanished")
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            problems.append(f"{p} is not a regular file")
-            continue
-        final = site.final_meta(what)
-        meta = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
-        is_old = p in old and old[p][0] == data
-        if not is_old:
-            if kind == "meta":
-                problems.append(f"{p}: content changed in a chown/chmod pass")
-                continue
-            # complete new version: it parses in full, and was renamed in with its final metadata
-            try:
-                if what == "key":
-                    serialization.load_pem_private_key(data, None)
-                else:
-                    certs = x509.load_pem_x509_certificates(data)
-                    if what == "cert":
-                        ext = certs[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-                        if set(ext.get_values_for_type(x509.DNSName)) != site.sans(i, site.version):
-                            problems.append(f"{p}: neither the old certificate nor one for the new SANs")
-            except Exception as exc:
-                problems.append(f"{p}: torn or garbage ({exc})")
-                continue
-            if meta != final:
-                problems.append(f"{p}: new content with owner/mode {meta}, want {final}")
-            figures["new_files"] += 1
-        else:
-            figures["old_files"] += 1
-            if kind == "meta" and meta != old[p][1:] and what == "key" and not _within(st, *final):
-                problems.append(f"{p}: metadata {meta} in between old {old[p][1:]} and final {final} exposes the key")
-        (keys_by_i if what == "key" else certs_by_i if what == "cert" else {})[i] = (data, is_old)
-    # key first, certificate second: a new certificate always sits beside its own new key
+            if what == "key":
+                serialization.load_pem_private_key(data, None)
+            else:
+                certs = x509.load_pem_x509_certificates(data)
+                if what == "cert":
+                    ext = certs[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                    if set(ext.get_values_for_type(x509.DNSName)) != site.sans(i, site.version):
+                        problems.append(f"{p}: neither the old certificate nor one for the new SANs")
+        except Exception as exc:
+            problems.append(f"{p}: torn or garbage ({exc})")
+            return None
+        if meta != final:
+            problems.append(f"{p}: new content with owner/mode {meta}, want {final}")
+        figures["new_files"] += 1
+    else:
+        figures["old_files"] += 1
+        if kind == "meta" and meta != old[p][1:] and what == "key" and not _within(st, *final):
+            problems.append(f"{p}: metadata {meta} in between old {old[p][1:]} and final {final} exposes the key")
+    return data, is_old
+
+
+def _check_new_pairs(
+    keys_by_i: dict[int, tuple[bytes, bool]], certs_by_i: dict[int, tuple[bytes, bool]], problems: list[str]
+) -> None:
+    """Key first, certificate second: a new certificate always sits beside its own new key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     for i, (cert_data, cert_old) in certs_by_i.items():
         if cert_old:
             continue
@@ -234,6 +253,9 @@ def check_after_kill(site: Site, kind: str, old: dict, problems: list[str], figu
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
             problems.append(f"certificate {i} is new but does not match the key beside it")
+
+
+def _check_temporaries_and_status(site: Site, problems: list[str], figures: dict) -> None:
     # temporaries: never readable beyond the final mode of what they will become
     for folder in {p.parent for _w, _i, p in site.managed()}:
         for name in os.listdir(folder):
@@ -242,7 +264,10 @@ def check_after_kill(site: Site, kind: str, old: dict, problems: list[str], figu
                 st = os.lstat(folder / name)
                 what = "key" if ".key" in name else "ca" if name.startswith(".root") else "cert"
                 if not _within(st, *site.final_meta(what)):
-                    problems.append(f"temporary {folder / name} mode {stat.S_IMODE(st.st_mode):04o} uid {st.st_uid} gid {st.st_gid} is wider than its final mode")
+                    problems.append(
+                        f"temporary {folder / name} mode {stat.S_IMODE(st.st_mode):04o} uid {st.st_uid} "
+                        f"gid {st.st_gid} is wider than its final mode"
+                    )
     for name in os.listdir(site.state) if site.state.exists() else ():
         if is_temporary(name):
             figures["temporaries_seen"] += 1
@@ -273,7 +298,7 @@ def check_converged(site: Site, kind: str, hooks_before: list[int], problems: li
     for p in snap.plan.certificates:
         if p.actions or p.error:
             problems.append(f"not converged: {p.cert.name}: {[a.action for a in p.actions]} {p.error or ''}")
-    for what, i, p in site.managed():
+    for what, _i, p in site.managed():
         st = os.lstat(p)
         if what == "ca":
             continue  # a CA file is public and written with its certificate; its owner is not managed
@@ -283,7 +308,7 @@ def check_converged(site: Site, kind: str, hooks_before: list[int], problems: li
         problems.append("hooks still pending after the next pass")
     if kind == "content":
         after = site.hook_lines()
-        for h, (a, b) in enumerate(zip(hooks_before, after)):
+        for h, (a, b) in enumerate(zip(hooks_before, after, strict=True)):
             if b <= a:
                 problems.append(f"hook {h} never ran for the change")
             figures["hook_runs"] += b - a

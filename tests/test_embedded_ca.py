@@ -131,7 +131,7 @@ def test_doctor_fails_a_damaged_embedded_ca_with_what_to_do(tmp_path):
     assert f"✓ embedded CA in {state / 'ca'} is present" in ok.stdout
     (state / "ca" / INT_KEY).write_bytes(key_to_pem(ec.generate_private_key(ec.SECP256R1())))
     proc = reconcile("doctor", "-m", str(manifest), state_dir=state, check=1)
-    (line,) = [l for l in proc.stdout.splitlines() if "embedded CA" in l and not l.startswith("issuer: ")]  # not the issuer line
+    (line,) = [ln for ln in proc.stdout.splitlines() if "embedded CA" in ln and not ln.startswith("issuer: ")]  # not the issuer line
     assert line.startswith("✗ ") and INT_KEY in line and "does not belong to" in line and "restore" in line
 
 
@@ -140,7 +140,7 @@ def test_doctor_fails_an_incomplete_embedded_ca_instead_of_promising_to_create_i
     reconcile("-m", str(manifest), state_dir=state, check=0)
     (state / "ca" / INT_CERT).unlink()
     proc = reconcile("doctor", "-m", str(manifest), state_dir=state, check=1)
-    (line,) = [l for l in proc.stdout.splitlines() if "embedded CA" in l and not l.startswith("issuer: ")]  # not the issuer line
+    (line,) = [ln for ln in proc.stdout.splitlines() if "embedded CA" in ln and not ln.startswith("issuer: ")]  # not the issuer line
     assert line.startswith("✗ ") and "incomplete" in line
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from proxmox.cluster import Cluster
 from reconciler.guestfacts import GuestSpec, legacy_spec
-from reconciler.guests.deliver import deliver, look, reload, temporary
+from reconciler.guests.deliver import deliver, look, reload
 from reconciler.guests.proxmox import GuestError, ProxmoxCLI
 
 KEY = b"-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgSECRETSECRETSECRET\n-----END PRIVATE KEY-----\n"

@@ -11,7 +11,6 @@ tests/stepca_ca.py wherever a certificate is issued.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 

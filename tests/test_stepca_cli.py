@@ -8,7 +8,6 @@ break or delete that copy: the CA itself keeps reading `step_ca.password_file`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
@@ -178,8 +177,8 @@ def test_routine_renewal_goes_over_mtls_without_the_password_file_and_rotates_th
     chains_to(step_ca, out / "renew.example.crt")
     # the CA saw an mTLS rekey for this subject, not a token-signed /sign
     new_log = step_ca.log_path.read_text(errors="replace")[len(log_before):]
-    calls = [l for l in new_log.splitlines() if "subject=renew.example" in l and "status=201" in l]
-    assert calls and all("path=/1.0/rekey" in l for l in calls), new_log[-2000:]
+    calls = [ln for ln in new_log.splitlines() if "subject=renew.example" in ln and "status=201" in ln]
+    assert calls and all("path=/1.0/rekey" in ln for ln in calls), new_log[-2000:]
 
 
 # --------------------------------------------------------------------------- password problems
@@ -198,8 +197,8 @@ def test_wrong_password_fails_only_what_needs_the_provisioner_and_leaves_files_a
     write_manifest(m, {"issuer": issuer_block(step_ca, pw), "certificates": [ok, *new]})
     log_mark = len(step_ca.log_path.read_text(errors="replace"))
     proc = run(step_ca, "-m", str(m), "-vv", state_dir=state, env=env, secrets=(wrong,), check=1)
-    failures = [l.strip() for l in proc.stderr.splitlines() if l.startswith("  ")]
-    assert sorted(l.split(":")[0] for l in failures) == [e["common_name"] for e in new], proc.stderr
+    failures = [ln.strip() for ln in proc.stderr.splitlines() if ln.startswith("  ")]
+    assert sorted(ln.split(":")[0] for ln in failures) == [e["common_name"] for e in new], proc.stderr
     for line in failures:
         assert f"cannot be decrypted with the password in {pw}" in line and "hint:" in line
     assert tree_snapshot(out) == before
@@ -227,7 +226,7 @@ def test_missing_password_file_is_one_line_naming_the_path_and_the_rest_still_co
     # a new certificate needs a token: it alone fails; a renewal (mTLS) still goes through
     write_manifest(m, {"issuer": issuer_block(step_ca, pw), "certificates": [valid, due, entry(out, "fresh.example")]})
     proc = run(step_ca, "-m", str(m), state_dir=state, env=env, check=1)
-    summary = [l.strip() for l in proc.stderr.splitlines() if l.startswith("  ")]
+    summary = [ln.strip() for ln in proc.stderr.splitlines() if ln.startswith("  ")]
     assert len(summary) == 1 and summary[0].startswith("fresh.example:"), proc.stderr
     assert f"password file {pw} cannot be read" in summary[0] and "hint:" in summary[0]
     assert "\n" not in summary[0]
@@ -256,7 +255,7 @@ def test_ca_stopped_fails_the_pass_naming_host_port_and_the_next_pass_converges(
     finally:
         step_ca.start()
     hostport = f"127.0.0.1:{step_ca.port}"
-    failures = [l.strip() for l in proc.stderr.splitlines() if l.startswith("  ")]
+    failures = [ln.strip() for ln in proc.stderr.splitlines() if ln.startswith("  ")]
     assert len(failures) == 4, proc.stderr
     for line in failures:
         assert hostport in line and "unreachable" in line and "hint:" in line and "running" in line, line
@@ -290,7 +289,7 @@ def test_ca_stopped_in_the_middle_of_a_pass_keeps_what_was_done_and_the_next_pas
         stopper.join()
         step_ca.start()
     written = {e["name"] if "name" in e else e["common_name"] for e in entries if Path(e["cert_path"]).exists()}
-    failed = [l.strip() for l in proc.stderr.splitlines() if l.startswith("  ")]
+    failed = [ln.strip() for ln in proc.stderr.splitlines() if ln.startswith("  ")]
     assert written and failed, proc.stderr
     assert len(written) + len(failed) == len(entries)
     for line in failed:

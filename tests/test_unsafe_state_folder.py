@@ -14,7 +14,7 @@ from helpers import reconcile, write_manifest
 from test_watch import entry, manifest_doc, wait_for, watch_factory, write_json  # noqa: F401  (a fixture)
 
 
-def test_a_state_folder_made_world_writable_under_watch_is_refused_each_pass_and_recovers_when_fixed(tmp_path, watch_factory):
+def test_a_state_folder_made_world_writable_under_watch_is_refused_each_pass_and_recovers_when_fixed(tmp_path, watch_factory):  # noqa: F811
     out = tmp_path / "out"
     manifest = tmp_path / "m.json"
     write_json(manifest, manifest_doc([entry("svc", out)]))
@@ -29,7 +29,7 @@ def test_a_state_folder_made_world_writable_under_watch_is_refused_each_pass_and
     wait_for(lambda: w.log().count("is not safe") >= 2, 20, "the refusal on the next pass", w)
     log = w.log()
     assert "Traceback" not in log and "unexpectedly" not in log, log
-    refusal = next(l for l in log.splitlines() if "is not safe" in l)
+    refusal = next(ln for ln in log.splitlines() if "is not safe" in ln)
     assert refusal.startswith("ERROR") and f"chmod go-w {state}" in refusal and "trying again" in refusal, refusal
     assert not (out / "svc.key").exists(), "a pass acted on an unsafe state folder"
     assert w.proc.poll() is None
@@ -47,11 +47,11 @@ def test_doctor_reports_an_unsafe_state_folder_as_a_failed_check_and_goes_on(tmp
     proc = reconcile("doctor", "-m", str(m), state_dir=state)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stdout.splitlines() if l[:2] in ("✓ ", "✗ ")]
-    bad = [l for l in lines if l.startswith("✗") and f"state folder {state}" in l]
+    lines = [ln for ln in proc.stdout.splitlines() if ln[:2] in ("✓ ", "✗ ")]
+    bad = [ln for ln in lines if ln.startswith("✗") and f"state folder {state}" in ln]
     assert len(bad) == 1 and "is not safe" in bad[0] and f"— chmod go-w {state}" in bad[0], proc.stdout
     # the other checks still ran
-    assert any(l.startswith("✓") and "target folder" in l for l in lines), proc.stdout
+    assert any(ln.startswith("✓") and "target folder" in ln for ln in lines), proc.stdout
     assert re.search(r"checks passed; \d+ failed", proc.stderr), proc.stderr
 
 
@@ -62,7 +62,7 @@ def test_doctor_reports_an_unsafe_embedded_ca_folder_as_a_failed_check(tmp_path)
     os.chmod(state / "ca", 0o702)
     proc = reconcile("doctor", "-m", str(m), state_dir=state)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    lines = [l for l in proc.stdout.splitlines() if l[:2] in ("✓ ", "✗ ")]
-    bad = [l for l in lines if l.startswith("✗") and "embedded CA folder" in l]
+    lines = [ln for ln in proc.stdout.splitlines() if ln[:2] in ("✓ ", "✗ ")]
+    bad = [ln for ln in lines if ln.startswith("✗") and "embedded CA folder" in ln]
     assert len(bad) == 1 and "is not safe" in bad[0] and f"chmod go-w {state / 'ca'}" in bad[0], proc.stdout
-    assert not any(l.startswith("✓") and "embedded CA" in l for l in lines), proc.stdout
+    assert not any(ln.startswith("✓") and "embedded CA" in ln for ln in lines), proc.stdout

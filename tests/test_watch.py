@@ -81,7 +81,7 @@ class Watch:
             rc = self.proc.wait(timeout=within + 5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"reconcile --watch did not stop within {within + 5}s\n{self.log()}")
+            raise AssertionError(f"reconcile --watch did not stop within {within + 5}s\n{self.log()}") from None
         took = time.monotonic() - started
         assert rc == 0, f"exit {rc}\n{self.log()}"
         assert took < within, f"took {took:.1f}s to stop\n{self.log()}"
@@ -192,7 +192,7 @@ def test_a_changed_entry_is_logged_field_by_field_and_reissued(site, watch_facto
 
     wait_for(lambda: load_cert(out / "first.crt").serial_number != serial, 5, "the reissued certificate", w)
     log = w.log()
-    line = next(l for l in log.splitlines() if "manifest: changed first" in l)
+    line = next(ln for ln in log.splitlines() if "manifest: changed first" in ln)
     assert "duration" in line and '"24h" → "48h"' in line and "extra.internal.example" in line, line
     w.stop()
 
@@ -322,7 +322,7 @@ def test_a_file_damaged_after_every_repair_is_rechecked_with_backoff_not_in_a_ho
     w = watch_factory(manifest, env={"RECONCILER_FAULT_HOLD": f"before_reobserve:{holds}"})
     key = out / "first.key"
     for n in range(1, 5):  # another program re-modes the key at the end of every pass
-        wait_for(lambda: (holds / f"before_reobserve.{n}.held").exists(), 15, f"pass {n} to have written", w)
+        wait_for(lambda n=n: (holds / f"before_reobserve.{n}.held").exists(), 15, f"pass {n} to have written", w)
         os.chmod(key, 0o644)
         (holds / f"before_reobserve.{n}.go").touch()
     wait_for(lambda: "keeps changing after every pass" in w.log(), 10, "the backoff warning", w)

@@ -41,12 +41,10 @@ guest with marker files in guests/<vmid>/: `agent-down` (the VM's agent does not
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(os.environ.get("PVE_STANDIN", "/nonexistent-pve-standin"))
@@ -76,7 +74,7 @@ def find_node(vmid: str) -> str | None:
 
 def load_config(tool: str, vmid: str) -> dict:
     if not vmid.isdigit() or int(vmid) < 100:
-        print(f"400 Parameter verification failed.\nvmid: invalid format - value does not look like a valid VM ID\n", file=sys.stderr)
+        print("400 Parameter verification failed.\nvmid: invalid format - value does not look like a valid VM ID\n", file=sys.stderr)
         raise SystemExit(255)
     conf = config_dir(NODE, tool) / f"{vmid}.conf"
     if not conf.exists():
@@ -271,7 +269,7 @@ def migrate(tool: str, rest: list[str]) -> int:
     vmid, target = pos
     load_config(tool, vmid)
     if running(vmid) and tool == "pct":
-        die(f"CT is running - use online migration or restart mode")
+        die("CT is running - use online migration or restart mode")
     dest = config_dir(target, tool)
     dest.mkdir(parents=True, exist_ok=True)
     os.rename(config_dir(NODE, tool) / f"{vmid}.conf", dest / f"{vmid}.conf")
@@ -301,7 +299,7 @@ def qm(cmd: str, rest: list[str]) -> int:
 
 def agent_available(vmid: str) -> dict:
     conf = load_config("qm", vmid)
-    if not conf.get("agent", "0").split(",")[0] in ("1", "enabled=1"):
+    if conf.get("agent", "0").split(",")[0] not in ("1", "enabled=1"):
         die("No QEMU guest agent configured")
     if not running(vmid):
         die(f"VM {vmid} is not running")
