@@ -146,7 +146,7 @@ def _lifetimes_of(*texts: str) -> tuple[tuple[dict[str, timedelta], RenewBefore]
     read it, never change it."""
     problems: list[tuple[str, str]] = []
     durations = {}
-    for field, text in zip(DURATION_FIELDS, texts):
+    for field, text in zip(DURATION_FIELDS, texts[:-1], strict=True):  # the last is renew_before
         try:
             durations[field] = parse_duration(text)
         except DurationError as exc:

@@ -46,7 +46,7 @@ class Trust:
     def of(cls, certs: list, authoritative: bool) -> "Trust":
         fingerprints = tuple(fingerprint(c) for c in certs)
         digest = hashlib.sha256(",".join(sorted(fingerprints)).encode()).hexdigest()[:16]
-        root = next((fp for c, fp in zip(certs, fingerprints) if issued_by(c, c)), None)
+        root = next((fp for c, fp in zip(certs, fingerprints, strict=True) if issued_by(c, c)), None)
         return cls(tuple(certs), fingerprints, authoritative, digest, root)
 
 
@@ -109,13 +109,13 @@ def _issuer_path(
     certificates, never from the file: it is what the file should hold with include_ca.
     The leaf's own signature is checked every time (unless `signer`: the anchor whose
     signature on it the issuer verified before it answered); what lies above it, once per pass."""
-    anchors = list(zip(trust.certs, trust.fingerprints))
+    anchors = list(zip(trust.certs, trust.fingerprints, strict=True))
     for anchor, fp in anchors:
         if (fp == signer and leaf.issuer == anchor.subject) or issued_by(leaf, anchor):
             if fp not in trust.paths:
                 trust.paths[fp] = _up_to_root(anchor, fp, anchors)
             return fp, trust.paths[fp], anchor.not_valid_after_utc
-    for intermediate, ifp in zip(chain, chain_fps):
+    for intermediate, ifp in zip(chain, chain_fps, strict=True):
         if issued_by(leaf, intermediate):
             if ifp not in trust.via:
                 trust.via[ifp] = next((fp for anchor, fp in anchors if issued_by(intermediate, anchor)), None)

@@ -1140,7 +1140,7 @@ def spelled(draw, canonical: str, kind: str, for_manifest: bool):
 
     if kind == "dns":
         mask = draw(st.lists(st.booleans(), min_size=len(canonical), max_size=len(canonical)))
-        text = "".join(c.upper() if up else c for c, up in zip(canonical, mask))
+        text = "".join(c.upper() if up else c for c, up in zip(canonical, mask, strict=True))
         return text + ("." if draw(st.booleans()) else "")
     ip = ipaddress.ip_address(canonical)
     if kind == "v4":

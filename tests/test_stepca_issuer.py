@@ -14,6 +14,7 @@ import shutil
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ def verify_chain(leaf_pem: bytes, chain_pem: bytes, root_pem: bytes) -> None:
     chain = x509.load_pem_x509_certificates(chain_pem) if chain_pem.strip() else []
     root = x509.load_pem_x509_certificate(root_pem)
     path = [leaf, *chain, root]
-    for child, parent in zip(path, path[1:]):
+    for child, parent in pairwise(path):
         child.verify_directly_issued_by(parent)
 
 

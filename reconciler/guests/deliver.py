@@ -56,7 +56,7 @@ def look(cli: ProxmoxCLI, spec: GuestSpec, paths: list[str]) -> GuestView:
     lines = run.out.splitlines()
     if len(lines) != len(paths):
         return GuestView("unreachable", f"looking at the files in {guest} printed {len(lines)} lines for {len(paths)} files")
-    return GuestView(RUNNING, files={p: _file_of(line) for p, line in zip(paths, lines)})
+    return GuestView(RUNNING, files={p: _file_of(line) for p, line in zip(paths, lines, strict=True)})
 
 
 def _file_of(line: str) -> InGuestFile:
