@@ -71,7 +71,8 @@ def main() -> None:
         looks = len(calls.read_text().splitlines()) // args.repeat
         baseline = median([run("plain", False).wall for _ in range(args.repeat)])
         resync = median([r.wall for r in resyncs])
-        print(f"first pass: {args.certs} certificates issued and delivered to {args.guests} guests in {first.wall:.2f} s wall "
+        print(f"first pass: {args.certs} certificates issued and delivered to {args.guests} guests "
+              f"in {first.wall:.2f} s wall "
               f"({plain.wall:.2f} s to issue them without guests: delivery adds {first.wall - plain.wall:.2f} s, "
               f"{(first.wall - plain.wall) / args.certs * 1000:.0f} ms per certificate), --workers {args.workers}")
         print(f"resync, nothing to do: {resync:.2f} s wall (same pass without guests {baseline:.2f} s), "

@@ -139,7 +139,8 @@ def main() -> None:
             print(
                 f"  provisioner key decrypted {counts.get('decrypt')} time(s) "
                 f"({counts.get('decrypt_seconds', 0):.3f} s), provisioner list fetched "
-                f"{counts.get('provisioner_listings')} time(s); CA log: {reqs.get('/provisioners', 0)} GET /provisioners"
+                f"{counts.get('provisioner_listings')} time(s); "
+                f"CA log: {reqs.get('/provisioners', 0)} GET /provisioners"
             )
             once = counts.get("decrypt") == 1 and reqs.get("/provisioners", 0) == 1
             print(f"  decrypted once per pass: {'yes' if once else 'NO'}")

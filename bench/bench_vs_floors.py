@@ -61,7 +61,8 @@ def plan_rows(tmp: Path, n: int, repeat: int) -> list[bool]:
     folder.mkdir()
     m = manifest(folder, n)
     setup = reconcile(["-m", str(m), "--workers", "4"], state)
-    print(f"setup: {n} certificates issued by the reconciler in {setup.wall:.1f} s (a real pass; it also fills the caches)")
+    print(f"setup: {n} certificates issued by the reconciler in {setup.wall:.1f} s "
+          "(a real pass; it also fills the caches)")
     before = tree_state(folder / "certs")
     warm = side_by_side(repeat, lambda: reconcile(["-m", str(m), *PLAN, "--detailed-exitcode"], state), lambda: floor("stat", m))
     assert all(r.code == 0 for r in warm[0]), "a converged manifest must plan nothing"
@@ -106,7 +107,7 @@ def memory_row(tmp: Path, n: int) -> bool:
     met = mb <= 250
     print(f"{f'--plan {n:,} peak RSS':<26} {result.wall:7.2f} s wall   {result.cpu:7.2f} s CPU   "
           f"peak RSS {mb:.0f} MB (target <= 250 MB) {'ok' if met else 'MISSED'}"
-          f"{'' if result.code == 0 else '  (it planned changes: the floor made other certificates than the reconciler would)'}")
+          + ("" if result.code == 0 else "  (it planned changes: the floor made other certificates than the reconciler would)"))
     return met
 
 

@@ -156,7 +156,8 @@ def bench_big(root: Path, n: int, resyncs: int) -> None:
 
     w = Watcher(manifest, state, root / "watch-big.log", "--resync", "2s")
     first = w.wait_log(r"pass \(start\): .*?([\d.]+)s\n", 300)
-    print(f"first pass of the watcher (manifest load and validation, observation cache from disk): {float(first.group(1)):.2f}s")
+    print("first pass of the watcher (manifest load and validation, observation cache from disk): "
+          f"{float(first.group(1)):.2f}s")
     durations = []
     offset = first.end()
     for _ in range(resyncs):

@@ -151,10 +151,12 @@ def common_options() -> argparse.ArgumentParser:
     )
     s.add_argument("--issuer", choices=("local", "step-ca"), help="local: the embedded CA, chosen on purpose; step-ca: insist on a step-ca "
                    "(env RECONCILER_ISSUER). With neither, a bare array needs step-ca settings from the flags below, "
-                   "their variables or defaults.json. An object manifest's issuer block decides; a contradicting --issuer is an error")
+                   "their variables or defaults.json. An object manifest's issuer block decides; "
+                   "a contradicting --issuer is an error")
     s.add_argument("--ca-url", help="step-ca URL, e.g. https://ca.internal:9000 (env RECONCILER_CA_URL; defaults.json ca-url)")
     s.add_argument("--root", help="the CA's root certificate file (env RECONCILER_ROOT; defaults.json root)")
-    s.add_argument("--fingerprint", help="SHA-256 fingerprint of the CA's root, instead of --root (env RECONCILER_FINGERPRINT; defaults.json fingerprint)")
+    s.add_argument("--fingerprint", help="SHA-256 fingerprint of the CA's root, instead of --root "
+                   "(env RECONCILER_FINGERPRINT; defaults.json fingerprint)")
     s.add_argument("--provisioner", help="JWK provisioner name (env RECONCILER_PROVISIONER; defaults.json provisioner)")
     s.add_argument("--password-file", help="file holding the provisioner password (env RECONCILER_PASSWORD_FILE; defaults.json password-file)")
     s.add_argument(
@@ -177,7 +179,8 @@ def pass_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-hooks",
         action="store_true",
-        help="converge the files but run no post-renewal command: each is recorded as owed, and the next pass without --no-hooks runs it",
+        help="converge the files but run no post-renewal command: each is recorded as owed, "
+        "and the next pass without --no-hooks runs it",
     )
     p.add_argument(
         "--lock-timeout", type=_seconds, default=defaults.LOCK_TIMEOUT, metavar="SECONDS",
@@ -223,7 +226,8 @@ def build_parser(sub: str | None) -> argparse.ArgumentParser:
     p.add_argument("--guest-poll", default=defaults.GUEST_POLL,
                    help="with --watch: look at a stopped Proxmox guest that owes a delivery this often (default %(default)s)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="with --watch: serve Prometheus metrics on /metrics")
-    p.add_argument("--metrics-file", metavar="PATH", help="write Prometheus textfile-collector metrics after every pass (a one-shot run writes them once; its counters count that run)")
+    p.add_argument("--metrics-file", metavar="PATH", help="write Prometheus textfile-collector metrics after every pass "
+                   "(a one-shot run writes them once; its counters count that run)")
     p.add_argument("--poll", action="store_true", help="with --watch: poll folders every second instead of inotify (network filesystems)")
     return p
 

@@ -237,7 +237,7 @@ def renewal_due(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> 
     )
 
 
-# --------------------------------------------------------------------------- rows: file content that is not the certificate
+# --------------------------------------------------------------------------- rows: file content besides the certificate
 
 
 def chain(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
@@ -251,7 +251,10 @@ def chain(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift 
         return None
     if not want:
         n = len(facts.chain)
-        reason = f"the certificate file holds a CA chain ({n} certificate{'s' if n != 1 else ''}) that include_ca: false leaves out"
+        reason = (
+            f"the certificate file holds a CA chain ({n} certificate{'s' if n != 1 else ''}) "
+            "that include_ca: false leaves out"
+        )
     elif not facts.chain:
         reason = "the certificate file lacks the CA chain include_ca asks for"
     else:

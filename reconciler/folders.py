@@ -74,7 +74,8 @@ def unsafe(st: os.stat_result, target: Path | str, allowed: set[int], sticky_ok:
         fixes.append(f"chmod go-w {target}")
     kind = "folder" if is_dir else "file"
     return (
-        f"{kind} {target} (owner {user_name(st.st_uid)}, group {group_name(st.st_gid)}, mode {mode:04o}) can be written by {' and '.join(who)}",
+        f"{kind} {target} (owner {user_name(st.st_uid)}, group {group_name(st.st_gid)}, mode {mode:04o}) "
+        f"can be written by {' and '.join(who)}",
         " && ".join(fixes),
     )
 

@@ -201,7 +201,8 @@ class _Shape:
         if isinstance(document, list):
             return cls("", document)
         if not isinstance(document, dict):
-            raise ManifestError(path, [Issue("", f"expected a JSON array of certificates or an object with \"certificates\", got {json_type(document)}")])
+            raise ManifestError(path, [Issue("", 'expected a JSON array of certificates or an object with "certificates", '
+                                               f"got {json_type(document)}")])
         # entries are checked one by one (with their own paths); "certificates" stays in the
         # head only as an empty list, so its absence is still reported as required
         head = {k: v for k, v in document.items() if k != "certificates"}

@@ -89,7 +89,8 @@ def cross_checks(claims: list[Claim]) -> list[Issue]:
                 theirs = getattr(other, other_field)
                 via = f"; through a linked folder it is the same file as {theirs}" if theirs != p else ""
                 issues.append(
-                    Issue(f"{c.where}.{field}", f"{p} is also the {other_field} of {other.where} ({other.name}){via}; every file belongs to one certificate")
+                    Issue(f"{c.where}.{field}", f"{p} is also the {other_field} of {other.where} ({other.name}){via}; "
+                          "every file belongs to one certificate")
                 )
             else:
                 owners.setdefault(real, (c, field))
@@ -125,8 +126,9 @@ def _shared_ca_owners(claims: list[Claim]) -> list[Issue]:
             if other_value != value:
                 issues.append(Issue(
                     f"{c.where}.owner",
-                    f'"{c.owner}" differs from "{other.owner}" of {other.where} ({other.name}), which writes the same ca_path '
-                    f"{c.ca_path}; every pass would chown it back and forth: give both one owner, or each its own ca_path",
+                    f'"{c.owner}" differs from "{other.owner}" of {other.where} ({other.name}), '
+                    f"which writes the same ca_path {c.ca_path}; every pass would chown it back and forth: "
+                    "give both one owner, or each its own ca_path",
                 ))
                 break
     return issues

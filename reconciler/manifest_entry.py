@@ -161,7 +161,8 @@ def _lifetimes_of(*texts: str) -> tuple[tuple[dict[str, timedelta], RenewBefore]
     if renew.fixed is not None and "duration" not in dict(problems) and renew.fixed >= durations["duration"]:
         problems.append((
             "renew_before",
-            f'"{renew_text}" is not shorter than the lifetime "{texts[0]}", so every pass would renew; use a smaller value or a share like "33%"',
+            f'"{renew_text}" is not shorter than the lifetime "{texts[0]}", so every pass would renew; '
+            'use a smaller value or a share like "33%"',
         ))
     return (durations, renew), tuple(problems)
 
@@ -228,7 +229,8 @@ def _names_a_folder(value: Any) -> str | None:
         return None
     last = value.rstrip("/").rsplit("/", 1)[-1]
     if value.endswith("/") or last in (".", ".."):
-        return f"{value!r} names a folder; give the path of the file inside it (e.g. {value.rstrip('/') + '/' + 'server.pem'!r})"
+        example = value.rstrip("/") + "/server.pem"
+        return f"{value!r} names a folder; give the path of the file inside it (e.g. {example!r})"
     return None
 
 

@@ -61,7 +61,10 @@ def _dns_name(value: str, text: str) -> str:
         if label == "*" and i == 0 and len(labels) >= 3:
             continue
         if label == "*" and i == 0:
-            raise SANError(f"{value!r} is a wildcard for a whole top-level domain; a wildcard needs a domain under it, e.g. \"*.example.com\"")
+            raise SANError(
+                f"{value!r} is a wildcard for a whole top-level domain; "
+                'a wildcard needs a domain under it, e.g. "*.example.com"'
+            )
         if "*" in label:
             raise SANError(
                 f"{value!r} has a wildcard that is not a whole left-most label; write e.g. \"*.example.com\""

@@ -66,10 +66,12 @@ def _state_dir_error(state_dir: Path, exc: OSError) -> Exception:
         blocker = next((p for p in reversed((state_dir, *state_dir.parents)) if p.exists() and not p.is_dir()), state_dir)
         where = "is not a folder" if blocker == state_dir else f"cannot be a folder: {blocker} is a file"
         return StatusError(
-            f"the state folder {state_dir} {where}; move that file away or choose another with --state-dir (env RECONCILER_STATE_DIR)"
+            f"the state folder {state_dir} {where}; "
+            "move that file away or choose another with --state-dir (env RECONCILER_STATE_DIR)"
         )
     hint = (
-        "give this user read, write and search access to it (it should be mode 0700 and owned by the user running reconcile), or choose another with --state-dir"
+        "give this user read, write and search access to it "
+        "(it should be mode 0700 and owned by the user running reconcile), or choose another with --state-dir"
         if exc.errno in (errno.EACCES, errno.EPERM)
         else "check --state-dir (env RECONCILER_STATE_DIR)"
     )

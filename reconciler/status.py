@@ -362,8 +362,8 @@ class StatusStore:
             raise StatusError(
                 f"cannot write the status store {self.path}: {exc.strerror or exc}"
                 + ("; the filesystem is full" if full else "")
-                + ". The pass stopped there: certificates and keys already in place stay as they are (old or complete new), "
-                "nothing is half-written, and the next pass re-reads them from disk. "
+                + ". The pass stopped there: certificates and keys already in place stay as they are "
+                "(old or complete new), nothing is half-written, and the next pass re-reads them from disk. "
                 + ("Free space in the state folder and run again" if full else "Check --state-dir and run again")
             ) from None
         self._saved = payload

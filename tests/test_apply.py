@@ -109,7 +109,10 @@ def test_owner_and_mode_drift_are_repaired_without_reissue_or_hook(site):
 def test_hook_gets_its_environment_and_runs_once_for_certificates_that_share_it(site):
     tmp, state, out = site
     log = tmp / "hook.log"
-    cmd = f'echo "$RECONCILER_COMMON_NAME|$RECONCILER_ACTION|$RECONCILER_SANS|$RECONCILER_CERT_PATH|$RECONCILER_GUEST_ID" >> {log}; echo "$RECONCILER_CERTIFICATES" | tr "\\n" , >> {log}; echo >> {log}'
+    cmd = (
+        'echo "$RECONCILER_COMMON_NAME|$RECONCILER_ACTION|$RECONCILER_SANS|$RECONCILER_CERT_PATH|$RECONCILER_GUEST_ID" '
+        f'>> {log}; echo "$RECONCILER_CERTIFICATES" | tr "\\n" , >> {log}; echo >> {log}'
+    )
     entries = bare_manifest(out)
     for e in entries:
         e["post_renewal_command"] = cmd

@@ -191,7 +191,10 @@ def test_validate_reports_every_error_with_its_path_and_exits_1(tmp_path):
     assert '  certificates[0].permisions: unknown field; did you mean "permissions"?' in lines
     assert "  certificates[1].owner: user \"no-such-user-reconciler\" does not exist" in body
     assert "  certificates[1].cert_path: " in body and "is also the cert_path of certificates[0]" in body
-    assert '  certificates[2].permissions: "644" would make the private key readable by every user; set "key_permissions": "600"' in body
+    assert (
+        '  certificates[2].permissions: "644" would make the private key readable by every user; '
+        'set "key_permissions": "600"'
+    ) in body
     assert "  certificates[2].sans[0]: 'bad..name' is neither a DNS name nor an IP address" in body
     assert "Traceback" not in proc.stderr
 

@@ -1118,7 +1118,7 @@ def test_each_row_of_the_drift_table_is_a_named_check_in_table_order():
     ]
 
 
-# --------------------------------------------------------------------------- property: made to the manifest → nothing to do
+# --------------------------------------------------------------------------- property: made to manifest → nothing to do
 
 _LABEL = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?\Z")
 _TLD = st.from_regex(r"\A[a-z]{2,6}\Z")

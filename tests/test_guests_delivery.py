@@ -16,7 +16,11 @@ from reconciler.guestfacts import GuestSpec, legacy_spec
 from reconciler.guests.deliver import deliver, look, reload
 from reconciler.guests.proxmox import GuestError, ProxmoxCLI
 
-KEY = b"-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgSECRETSECRETSECRET\n-----END PRIVATE KEY-----\n"
+KEY = (
+    b"-----BEGIN PRIVATE KEY-----\n"
+    b"MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgSECRETSECRETSECRET\n"
+    b"-----END PRIVATE KEY-----\n"
+)
 CERT = b"-----BEGIN CERTIFICATE-----\nMIIBcert\n-----END CERTIFICATE-----\n"
 CA = b"-----BEGIN CERTIFICATE-----\nMIIBroot\n-----END CERTIFICATE-----\n"
 

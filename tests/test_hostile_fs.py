@@ -257,7 +257,10 @@ def test_a_full_disk_keeps_the_old_files_says_so_and_the_next_pass_converges(tmp
         import re
 
         for n in ("a", "b", "c"):
-            line = rf"  {n}\.fs\.test: cannot write {re.escape(str(out / n))}\.(key|crt): No space left on device \(the filesystem is full; the old files were left as they were"
+            line = (
+                rf"  {n}\.fs\.test: cannot write {re.escape(str(out / n))}\.(key|crt): No space left on device "
+                r"\(the filesystem is full; the old files were left as they were"
+            )
             assert re.search(line, proc.stderr), proc.stderr
     assert tree_snapshot(out) == old, "every old key and certificate is intact"
     assert not [n for n in os.listdir(out) if is_temporary(n)]

@@ -132,7 +132,9 @@ def corpus(out: Path) -> dict[str, bytes | str]:
         "issuer is a string": b'{"certificates": [], "issuer": "step-ca"}',
         "issuer of unknown type": b'{"certificates": [], "issuer": {"type": "letsencrypt"}}',
         "issuer type is a number": b'{"certificates": [], "issuer": {"type": 1}}',
-        "issuer url is not https": b'{"certificates": [], "issuer": {"type": "step-ca", "url": "ftp://ca", "fingerprint": "00"}}',
+        "issuer url is not https": (
+            b'{"certificates": [], "issuer": {"type": "step-ca", "url": "ftp://ca", "fingerprint": "00"}}'
+        ),
         "sans is a string": with_(sans="a.test"),
         "sans holds a number": with_(sans=[1]),
         "sans holds an object": with_(sans=[{}]),

@@ -47,7 +47,8 @@ class Site:
         self.hooks.mkdir(parents=True, exist_ok=True)
         self.script = base / "record.sh"
         self.script.write_text(
-            f'for n in $RECONCILER_CERTIFICATES; do sha256sum < "{self.out}/$n.crt" | cut -d" " -f1 >> "{self.hooks}/$n.log"; done\n'
+            f'for n in $RECONCILER_CERTIFICATES; do sha256sum < "{self.out}/$n.crt" | cut -d" " -f1 '
+            f'>> "{self.hooks}/$n.log"; done\n'
         )
         self.version = 0
 
@@ -132,9 +133,11 @@ def test_an_owed_hook_survives_every_sequence_of_up_to_three_kills(tmp_path, cap
         snap = snapshot(settings, load_desired(settings), store)
         serials = {n: (o.cert.serial if o.cert else None) for n, o in snap.observed.items()}
         if store.hooks_pending(serials) or any(p.actions for p in snap.plan.certificates):
-            problems.append(f"{seq}: not converged: owed {sorted(store.hooks_pending(serials))}, plan {[(p.cert.name, [a.action for a in p.actions]) for p in snap.plan.certificates if p.actions]}")
+            planned = [(p.cert.name, [a.action for a in p.actions]) for p in snap.plan.certificates if p.actions]
+            problems.append(f"{seq}: not converged: owed {sorted(store.hooks_pending(serials))}, plan {planned}")
     with capsys.disabled():
-        print(f"\nowed-hook kill sequences: {len(sequences())} ({kills} kills) in {time.monotonic() - started:.0f}s; problems: {len(problems)}")
+        print(f"\nowed-hook kill sequences: {len(sequences())} ({kills} kills) "
+              f"in {time.monotonic() - started:.0f}s; problems: {len(problems)}")
     assert not problems, "\n".join(problems[:30])
 
 

@@ -166,7 +166,8 @@ def test_no_secret_appears_in_any_output_of_any_command(tmp_path, step_ca):
         if form in text
     ]
     searched = sum(len(t) for t in outputs.values())
-    figure(f"secrets: {sum(len(f) for f in secrets.values())} secret strings searched in {len(outputs)} outputs ({searched} characters)")
+    figure(f"secrets: {sum(len(f) for f in secrets.values())} secret strings searched "
+           f"in {len(outputs)} outputs ({searched} characters)")
     assert not leaks, "\n".join(sorted(set(leaks)))
     assert outputs["metrics file"].strip() and "reconciler_" in outputs["metrics http"]
 

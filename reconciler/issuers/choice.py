@@ -62,7 +62,8 @@ def _from_manifest(spec: IssuerSpec, manifest: Path, issuer_flag: str | None, en
     """An object manifest's issuer block decides; --issuer may only agree with it."""
     if issuer_flag and issuer_flag != spec.type:
         raise IssuerConfigError(
-            f"--issuer {issuer_flag} contradicts the issuer of {manifest} ({{\"type\": \"{spec.type}\"}}); nothing was done",
+            f"--issuer {issuer_flag} contradicts the issuer of {manifest} ({{\"type\": \"{spec.type}\"}}); "
+            "nothing was done",
             ["--issuer only chooses for manifests without an issuer block: drop it, or change the manifest's issuer"],
         )
     return _complete(resolve_spec(spec, env), bare=False, env=env)
@@ -75,7 +76,8 @@ def _local(chosen_by: str, given_flags: list[str], given_env: list[str]) -> Issu
     if clash:
         said = "--issuer local" if chosen_by == "--issuer" else f"{ENV_ISSUER}=local"
         raise IssuerConfigError(
-            f"{said} chooses the embedded CA, but {', '.join(clash)} configure{'s' if len(clash) == 1 else ''} a step-ca; nothing was done",
+            f"{said} chooses the embedded CA, but {', '.join(clash)} configure{'s' if len(clash) == 1 else ''} "
+            "a step-ca; nothing was done",
             ["say which CA you mean: drop those step-ca settings, or drop the local choice"],
         )
     return IssuerSpec(type="local", sources=(("type", chosen_by),))
@@ -108,7 +110,8 @@ def _complete(spec: IssuerSpec, bare: bool, env: Mapping[str, str]) -> IssuerSpe
     if lines:
         n = len(lines)
         raise IssuerConfigError(
-            f"the step-ca issuer is not fully configured ({n} setting{'s' if n != 1 else ''} to fix); nothing was done:",
+            f"the step-ca issuer is not fully configured ({n} setting{'s' if n != 1 else ''} to fix); "
+            "nothing was done:",
             lines,
         )
     return spec

@@ -31,7 +31,10 @@ INT_CERT, INT_KEY = "intermediate_ca.crt", "intermediate_ca.key"
 ROOT_LIFETIME = timedelta(days=3650)
 INTERMEDIATE_LIFETIME = timedelta(days=1825)
 BACKDATE = timedelta(minutes=1)  # as step-ca does: tolerate a little clock skew between this host and its clients
-RESTORE = "restore it from backup, or move the folder away to create a new CA (every certificate will be re-issued); it is never replaced on its own"
+RESTORE = (
+    "restore it from backup, or move the folder away to create a new CA (every certificate will be re-issued); "
+    "it is never replaced on its own"
+)
 
 
 class LocalCA:
@@ -135,15 +138,18 @@ class LocalCA:
             if now < cert.not_valid_before_utc:
                 raise IssuerError(
                     f"embedded CA certificate {self.folder / name} is not valid until "
-                    f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%MZ} (in {format_duration(cert.not_valid_before_utc - now)}): "
+                    f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%MZ} "
+                    f"(in {format_duration(cert.not_valid_before_utc - now)}): "
                     "it was made while this host's clock was ahead, or the clock has jumped backwards; "
                     "certificates issued from it now would not verify",
-                    hint=f"fix this host's clock (NTP: `timedatectl status`); if the clock is right now, wait until then, "
+                    hint="fix this host's clock (NTP: `timedatectl status`); "
+                    "if the clock is right now, wait until then, "
                     f"or move {self.folder} away to create a new CA (every certificate will be re-issued)",
                 )
             if now >= cert.not_valid_after_utc:
                 raise IssuerError(
-                    f"embedded CA certificate {self.folder / name} expired on {cert.not_valid_after_utc:%Y-%m-%dT%H:%MZ}",
+                    f"embedded CA certificate {self.folder / name} "
+                    f"expired on {cert.not_valid_after_utc:%Y-%m-%dT%H:%MZ}",
                     hint=f"check this host's clock (NTP); if it is right, move {self.folder} away to create a new CA "
                     "(every certificate will be re-issued)",
                 )

@@ -13,7 +13,11 @@ HERE = Path(__file__).resolve().parent
 BIN = HERE / "bin"
 BUSYBOX = Path("/bin/busybox")
 # the users a typical web guest has; www-data's group is the one key files are shared with
-PASSWD = "root:x:0:0:root:/root:/bin/sh\nwww-data:x:33:33:www-data:/var/www:/bin/sh\nnginx:x:101:101:nginx:/var/lib/nginx:/bin/sh\n"
+PASSWD = (
+    "root:x:0:0:root:/root:/bin/sh\n"
+    "www-data:x:33:33:www-data:/var/www:/bin/sh\n"
+    "nginx:x:101:101:nginx:/var/lib/nginx:/bin/sh\n"
+)
 GROUP = "root:x:0:\nwww-data:x:33:\nnginx:x:101:\nssl-cert:x:110:www-data\n"
 
 

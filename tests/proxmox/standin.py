@@ -74,7 +74,8 @@ def find_node(vmid: str) -> str | None:
 
 def load_config(tool: str, vmid: str) -> dict:
     if not vmid.isdigit() or int(vmid) < 100:
-        print("400 Parameter verification failed.\nvmid: invalid format - value does not look like a valid VM ID\n", file=sys.stderr)
+        print("400 Parameter verification failed.\n"
+              "vmid: invalid format - value does not look like a valid VM ID\n", file=sys.stderr)
         raise SystemExit(255)
     conf = config_dir(NODE, tool) / f"{vmid}.conf"
     if not conf.exists():
@@ -117,7 +118,8 @@ def split_options(args: list[str], booleans=(), values=()) -> tuple[list[str], d
                     raise SystemExit(255)
                 value = args[i]
             if name not in booleans and name not in values:
-                print(f"400 Parameter verification failed.\n{name}: property is not defined in schema and the schema does not allow additional properties\n", file=sys.stderr)
+                print(f"400 Parameter verification failed.\n{name}: property is not defined in schema "
+                      "and the schema does not allow additional properties\n", file=sys.stderr)
                 raise SystemExit(255)
             opts[name] = value
         else:
