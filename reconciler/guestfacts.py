@@ -231,14 +231,16 @@ def guest_spec_of(entry: dict) -> tuple[GuestSpec | None, list[tuple[str, str]]]
             return legacy_spec(str(gid), gtype, bool(entry.get("include_ca"))), []
         return None, []
     if entry.get("guest_id") is not None or entry.get("guest_type") is not None:
-        return None, [("guest", "give either the guest object or the legacy guest_id + guest_type, not both; the guest object says all the legacy fields said")]
+        return None, [("guest", "give either the guest object or the legacy guest_id + guest_type, not both; "
+                                "the guest object says all the legacy fields said")]
     spec = GuestSpec(
         str(raw["id"]), raw["type"], raw["cert_path"], raw["key_path"], raw.get("ca_path"), raw.get("owner"),
         int(raw.get("cert_permissions", "644"), 8), int(raw.get("key_permissions", "600"), 8), raw.get("reload"),
     )
     problems = []
     if spec.key_mode & 0o007:
-        problems.append(("guest.key_permissions", f'"{raw["key_permissions"]}" would make the private key readable by every user of the guest; set "600" (or "640" with an owner group)'))
+        problems.append(("guest.key_permissions", f'"{raw["key_permissions"]}" would make the private key readable '
+                         'by every user of the guest; set "600" (or "640" with an owner group)'))
     if spec.cert_mode & 0o002:
         problems.append(("guest.cert_permissions", f'"{raw["cert_permissions"]}" would let every user of the guest replace the certificate; set "644"'))
     paths = [t.path for t in spec.targets()]
@@ -261,15 +263,17 @@ def validate_notes(certs) -> list[str]:
         if spec.ca_path:
             obj["ca_path"] = LEGACY_CA
         notes.append(
-            f"hint: {cert.name} ({cert.where or 'entry'}): guest_id + guest_type deliver as certificate-renewal-manager.sh did, "
+            f"hint: {cert.name} ({cert.where or 'entry'}): "
+            "guest_id + guest_type deliver as certificate-renewal-manager.sh did, "
             f'the same as "guest": {json.dumps(obj)}; name the final paths there (with "owner", "reload") '
             "and the post-renewal command that moves the /tmp files is no longer needed"
         )
     for key, names in by_guest.items():
         if len(names) > 1:
             notes.append(
-                f"warning: {', '.join(names)} all deliver to /tmp/cert.pem and /tmp/key.pem in {key}; each pass delivers them one "
-                "after another, so a post-renewal command that runs later moves another entry's files: give each a guest object"
+                f"warning: {', '.join(names)} all deliver to /tmp/cert.pem and /tmp/key.pem in {key}; "
+                "each pass delivers them one after another, "
+                "so a post-renewal command that runs later moves another entry's files: give each a guest object"
             )
     return notes
 

@@ -160,7 +160,10 @@ def test_a_vm_whose_agent_does_not_answer_fails_its_delivery_with_the_fix_and_ke
 def test_the_published_legacy_manifest_shape_works_with_its_hooks_unchanged(site):
     site.cluster.add(101, "lxc")
     site.cluster.add(201, "vm")
-    mv = "mv /tmp/cert.pem /etc/ssl/{0}.crt && mv /tmp/key.pem /etc/ssl/{0}.key && mv /tmp/ca.pem /etc/ssl/certs/root.crt"
+    mv = (
+        "mv /tmp/cert.pem /etc/ssl/{0}.crt && mv /tmp/key.pem /etc/ssl/{0}.key "
+        "&& mv /tmp/ca.pem /etc/ssl/certs/root.crt"
+    )
     site.write([
         legacy_entry(site.out, "ct", 101, "lxc", f"pct exec 101 -- bash -c '{mv.format('ct')}'", include_ca=True),
         legacy_entry(site.out, "vm", 201, "vm", f"qm guest exec 201 -- bash -c '{mv.format('vm')}'", include_ca=True),
@@ -203,7 +206,10 @@ def test_validate_shows_the_guest_object_a_legacy_entry_means_and_warns_of_share
         legacy_entry(site.out, "b", 101, "lxc", "pct exec 101 -- true"),
     ])
     out = reconcile("validate", "-m", str(site.manifest), "--state-dir", str(site.state), check=0).stdout
-    assert '"guest": {"id": 101, "type": "lxc", "cert_path": "/tmp/cert.pem", "key_path": "/tmp/key.pem", "ca_path": "/tmp/ca.pem"}' in out
+    assert (
+        '"guest": {"id": 101, "type": "lxc", "cert_path": "/tmp/cert.pem", "key_path": "/tmp/key.pem", '
+        '"ca_path": "/tmp/ca.pem"}'
+    ) in out
     assert "warning: a, b all deliver to /tmp/cert.pem and /tmp/key.pem in lxc/101" in out
 
 

@@ -72,8 +72,9 @@ def _one_guest(cli: ProxmoxCLI, specs: list) -> list[Check]:
         run = cli.run(guest, _LOOK, tuple(asked))
     except GuestError as exc:
         return checks + [Check(False, f"{guest}: cannot look inside it: {exc.message}", exc.hint)]
-    answers = run.out.split()
-    return checks + [_answer(guest, a, answer == "yes") for a, answer in zip(asked, answers + ["no"] * (len(asked) - len(answers)))]
+    # one word per question: a missing answer (the look cut short) reads as "no", extra words are ignored
+    answers = (run.out.split() + ["no"] * len(asked))[: len(asked)]
+    return checks + [_answer(guest, a, answer == "yes") for a, answer in zip(asked, answers, strict=True)]
 
 
 def _answer(guest, asked: str, ok: bool) -> Check:

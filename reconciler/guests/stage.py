@@ -177,7 +177,7 @@ def _one_guest(plans: list, cli: ProxmoxCLI, ctx: DeliveryContext) -> list[Deliv
         return [_owed(p, ctx, owed) for p in plans]
     outcomes = [_one_cert(p, cli, ctx) for p in plans]
     _reload_all(plans, outcomes, cli, ctx)
-    return [_failed(p, ctx, o.error) if o.error else o for p, o in zip(plans, outcomes)]
+    return [_failed(p, ctx, o.error) if o.error else o for p, o in zip(plans, outcomes, strict=True)]
 
 
 def _owed(p, ctx: DeliveryContext, why: str) -> DeliveryOutcome:
@@ -191,7 +191,7 @@ def _reload_all(plans: list, outcomes: list[DeliveryOutcome], cli: ProxmoxCLI, c
     """Like hooks: each distinct reload command once per guest, after all its files are in
     place, for the certificates that owe it."""
     owing: dict[str, list[tuple]] = {}
-    for p, outcome in zip(plans, outcomes):
+    for p, outcome in zip(plans, outcomes, strict=True):
         spec = p.cert.guest
         if outcome.ok and spec.reload and not spec.legacy and _delivery(ctx.records(p.cert.name), spec).reload_owed:
             owing.setdefault(spec.reload, []).append((p, outcome))
@@ -223,7 +223,7 @@ def _reload(cli: ProxmoxCLI, ctx: DeliveryContext, plans: list, outcomes: list[D
         error = None if run.ok else f"the reload {spec.reload!r} {run.describe()}"
     except GuestError as exc:
         error = str(exc)
-    for p, outcome in zip(plans, outcomes):
+    for p, outcome in zip(plans, outcomes, strict=True):
         record = _delivery(ctx.records(p.cert.name), spec)
         if error:
             outcome.ok, outcome.error = False, error
