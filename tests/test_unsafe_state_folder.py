@@ -14,7 +14,10 @@ from helpers import reconcile, write_manifest
 from test_watch import entry, manifest_doc, wait_for, watch_factory, write_json  # noqa: F401  (a fixture)
 
 
-def test_a_state_folder_made_world_writable_under_watch_is_refused_each_pass_and_recovers_when_fixed(tmp_path, watch_factory):  # noqa: F811
+def test_a_state_folder_made_world_writable_under_watch_is_refused_each_pass_and_recovers_when_fixed(
+    tmp_path,
+    watch_factory,  # noqa: F811  (the fixture imported above)
+):
     out = tmp_path / "out"
     manifest = tmp_path / "m.json"
     write_json(manifest, manifest_doc([entry("svc", out)]))
