@@ -28,14 +28,19 @@ def main() -> None:
         run(["-m", str(manifest(folder / "warmup", 1))], state)
         wall, code, peak, _ = run(["-m", str(m), "--workers", str(args.workers), "--detailed-exitcode"], state)
         assert code == 2
-        print(f"issue pass: {args.count} certificates in {wall:.2f} s wall = {args.count / wall:.0f} certificates/s "
-              f"(whole process, --workers {args.workers}), peak RSS {peak / 1024:.1f} MB")
+        print(
+            f"issue pass: {args.count} certificates in {wall:.2f} s wall = {args.count / wall:.0f} certificates/s "
+            f"(whole process, --workers {args.workers}), peak RSS {peak / 1024:.1f} MB"
+        )
         before = tree_state(folder)
         wall2, code2, peak2, blocks = run(["-m", str(m), "--detailed-exitcode"], state)
         assert code2 == 0, "the pass after a converged one must plan nothing"
         changed = [p for p, v in tree_state(folder).items() if before.get(p) != v]
-        print(f"converged pass: {wall2:.3f} s wall, peak RSS {peak2 / 1024:.1f} MB, "
-              f"{blocks} blocks written (ru_oublock), {len(changed)} files changed" + (f": {changed[:5]}" if changed else ""))
+        print(
+            f"converged pass: {wall2:.3f} s wall, peak RSS {peak2 / 1024:.1f} MB, "
+            f"{blocks} blocks written (ru_oublock), {len(changed)} files changed"
+            + (f": {changed[:5]}" if changed else "")
+        )
 
 
 if __name__ == "__main__":

@@ -29,11 +29,22 @@ def entries(folder: Path, certs: int, guests: int, with_guest: bool) -> list[dic
     out = []
     for i in range(certs):
         vmid = 100 + i % guests
-        entry = {"name": f"c{i}", "common_name": f"c{i}.bench.example", "cert_path": str(folder / f"c{i}.crt"), "key_path": str(folder / f"c{i}.key")}
+        entry = {
+            "name": f"c{i}",
+            "common_name": f"c{i}.bench.example",
+            "cert_path": str(folder / f"c{i}.crt"),
+            "key_path": str(folder / f"c{i}.key"),
+        }
         if with_guest:
-            entry["guest"] = {"id": vmid, "type": "lxc" if vmid % 2 == 0 else "vm", "cert_path": f"/etc/nginx/ssl/c{i}.crt",
-                              "key_path": f"/etc/nginx/ssl/c{i}.key", "owner": "root:www-data", "key_permissions": "640",
-                              "reload": "true"}
+            entry["guest"] = {
+                "id": vmid,
+                "type": "lxc" if vmid % 2 == 0 else "vm",
+                "cert_path": f"/etc/nginx/ssl/c{i}.crt",
+                "key_path": f"/etc/nginx/ssl/c{i}.key",
+                "owner": "root:www-data",
+                "key_permissions": "640",
+                "reload": "true",
+            }
         out.append(entry)
     return out
 
@@ -57,9 +68,30 @@ def main() -> None:
             folder = base / name
             folder.mkdir(exist_ok=True)
             m = folder / "m.json"
-            m.write_text(json.dumps({"issuer": {"type": "local", "dir": str(base / "ca")}, "certificates": entries(folder / "out", args.certs, args.guests, with_guest)}))
-            return measure([sys.executable, "-m", "reconciler", "-m", str(m), "--state-dir", str(folder / "state"),
-                            "--workers", str(args.workers), "--detailed-exitcode", *extra], env)
+            m.write_text(
+                json.dumps(
+                    {
+                        "issuer": {"type": "local", "dir": str(base / "ca")},
+                        "certificates": entries(folder / "out", args.certs, args.guests, with_guest),
+                    }
+                )
+            )
+            return measure(
+                [
+                    sys.executable,
+                    "-m",
+                    "reconciler",
+                    "-m",
+                    str(m),
+                    "--state-dir",
+                    str(folder / "state"),
+                    "--workers",
+                    str(args.workers),
+                    "--detailed-exitcode",
+                    *extra,
+                ],
+                env,
+            )
 
         run("warmup", False)  # the embedded CA is made once, outside the timed passes
         plain = run("plain", False)
@@ -71,13 +103,17 @@ def main() -> None:
         looks = len(calls.read_text().splitlines()) // args.repeat
         baseline = median([run("plain", False).wall for _ in range(args.repeat)])
         resync = median([r.wall for r in resyncs])
-        print(f"first pass: {args.certs} certificates issued and delivered to {args.guests} guests "
-              f"in {first.wall:.2f} s wall "
-              f"({plain.wall:.2f} s to issue them without guests: delivery adds {first.wall - plain.wall:.2f} s, "
-              f"{(first.wall - plain.wall) / args.certs * 1000:.0f} ms per certificate), --workers {args.workers}")
-        print(f"resync, nothing to do: {resync:.2f} s wall (same pass without guests {baseline:.2f} s), "
-              f"{looks} stand-in calls, {(resync - baseline) / args.guests * 1000:.0f} ms per guest "
-              f"(median of {args.repeat}); CPU {median([r.cpu for r in resyncs]):.2f} s")
+        print(
+            f"first pass: {args.certs} certificates issued and delivered to {args.guests} guests "
+            f"in {first.wall:.2f} s wall "
+            f"({plain.wall:.2f} s to issue them without guests: delivery adds {first.wall - plain.wall:.2f} s, "
+            f"{(first.wall - plain.wall) / args.certs * 1000:.0f} ms per certificate), --workers {args.workers}"
+        )
+        print(
+            f"resync, nothing to do: {resync:.2f} s wall (same pass without guests {baseline:.2f} s), "
+            f"{looks} stand-in calls, {(resync - baseline) / args.guests * 1000:.0f} ms per guest "
+            f"(median of {args.repeat}); CPU {median([r.cpu for r in resyncs]):.2f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="100,1000,10000")
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    print(f"{'certs':>6}  {'plan wall (median)':>18}  {'peak RSS':>9}  "
-          f"{'cold plan':>9}  {'cold RSS':>9}  setup (issue all)")
+    print(
+        f"{'certs':>6}  {'plan wall (median)':>18}  {'peak RSS':>9}  "
+        f"{'cold plan':>9}  {'cold RSS':>9}  setup (issue all)"
+    )
     for n in (int(s) for s in args.sizes.split(",")):
         with tempfile.TemporaryDirectory(prefix="bench-plan-") as tmp:
             folder, state = Path(tmp), Path(tmp) / "state"
@@ -40,8 +42,10 @@ def main() -> None:
             assert tree_state(folder / "certs") == before, "--plan changed the disk"
             shutil.rmtree(state / "cache", ignore_errors=True)
             cold, _, cold_rss, _ = run(["-m", str(m), "--plan", "--output", "json"], state)
-            print(f"{n:>6}  {median(walls):>16.3f} s  {max(rss) / 1024:>6.1f} MB  "
-                  f"{cold:>7.3f} s  {cold_rss / 1024:>6.1f} MB  {setup:.1f} s")
+            print(
+                f"{n:>6}  {median(walls):>16.3f} s  {max(rss) / 1024:>6.1f} MB  "
+                f"{cold:>7.3f} s  {cold_rss / 1024:>6.1f} MB  {setup:.1f} s"
+            )
 
 
 if __name__ == "__main__":

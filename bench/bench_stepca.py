@@ -87,7 +87,9 @@ def run_pass(m: Path, state: Path, env_extra: dict) -> tuple[float, int, dict, s
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", LAUNCHER, "-m", str(m), "--detailed-exitcode"],
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     wall = time.perf_counter() - started
     counts_line = [ln for ln in proc.stderr.splitlines() if ln.startswith("BENCH-COUNTS ")]

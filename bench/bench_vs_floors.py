@@ -51,8 +51,10 @@ def row(label: str, ours: list[Measured], theirs: list[Measured], by: str, targe
     rss = f"RSS {max(m.rss for m in ours) / 1024:5.0f} vs {max(m.rss for m in theirs) / 1024:4.0f} MB"
     met = ratio(by) <= target
     # on a busy machine wall time also measures the queue for a CPU: both ratios are shown
-    print(f"{label:<26} {wall}   {cpu}   {rss}   ratio {ratio('wall'):5.2f}x wall, {ratio('cpu'):5.2f}x CPU "
-          f"(target {by} <= {target}x) {'ok' if met else 'MISSED'}")
+    print(
+        f"{label:<26} {wall}   {cpu}   {rss}   ratio {ratio('wall'):5.2f}x wall, {ratio('cpu'):5.2f}x CPU "
+        f"(target {by} <= {target}x) {'ok' if met else 'MISSED'}"
+    )
     return met
 
 
@@ -61,10 +63,14 @@ def plan_rows(tmp: Path, n: int, repeat: int) -> list[bool]:
     folder.mkdir()
     m = manifest(folder, n)
     setup = reconcile(["-m", str(m), "--workers", "4"], state)
-    print(f"setup: {n} certificates issued by the reconciler in {setup.wall:.1f} s "
-          "(a real pass; it also fills the caches)")
+    print(
+        f"setup: {n} certificates issued by the reconciler in {setup.wall:.1f} s "
+        "(a real pass; it also fills the caches)"
+    )
     before = tree_state(folder / "certs")
-    warm = side_by_side(repeat, lambda: reconcile(["-m", str(m), *PLAN, "--detailed-exitcode"], state), lambda: floor("stat", m))
+    warm = side_by_side(
+        repeat, lambda: reconcile(["-m", str(m), *PLAN, "--detailed-exitcode"], state), lambda: floor("stat", m)
+    )
     assert all(r.code == 0 for r in warm[0]), "a converged manifest must plan nothing"
     shutil.rmtree(state / "cache", ignore_errors=True)  # --plan never writes, so each of these runs is cold
     cold = side_by_side(repeat, lambda: reconcile(["-m", str(m), *PLAN], state), lambda: floor("parse", m))
@@ -105,9 +111,15 @@ def memory_row(tmp: Path, n: int) -> bool:
     result = reconcile(["-m", str(m), *PLAN, "--detailed-exitcode"], tmp / "state")
     mb = result.rss / 1024
     met = mb <= 250
-    print(f"{f'--plan {n:,} peak RSS':<26} {result.wall:7.2f} s wall   {result.cpu:7.2f} s CPU   "
-          f"peak RSS {mb:.0f} MB (target <= 250 MB) {'ok' if met else 'MISSED'}"
-          + ("" if result.code == 0 else "  (it planned changes: the floor made other certificates than the reconciler would)"))
+    print(
+        f"{f'--plan {n:,} peak RSS':<26} {result.wall:7.2f} s wall   {result.cpu:7.2f} s CPU   "
+        f"peak RSS {mb:.0f} MB (target <= 250 MB) {'ok' if met else 'MISSED'}"
+        + (
+            ""
+            if result.code == 0
+            else "  (it planned changes: the floor made other certificates than the reconciler would)"
+        )
+    )
     return met
 
 

@@ -60,7 +60,9 @@ def env() -> dict:
 def one_shot(manifest: Path, state: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "reconciler", "-m", str(manifest), "--state-dir", str(state), "--workers", "4"],
-        check=True, stdout=subprocess.DEVNULL, env=env(),
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env=env(),
     )
 
 
@@ -69,8 +71,21 @@ class Watcher:
         self.log_path = log
         self._fh = open(log, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "reconciler", "-m", str(manifest), "--state-dir", str(state), "--watch", "-vv", *extra],
-            stdout=self._fh, stderr=subprocess.STDOUT, env=env(),
+            [
+                sys.executable,
+                "-m",
+                "reconciler",
+                "-m",
+                str(manifest),
+                "--state-dir",
+                str(state),
+                "--watch",
+                "-vv",
+                *extra,
+            ],
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            env=env(),
         )
 
     def log(self) -> str:
@@ -156,8 +171,10 @@ def bench_big(root: Path, n: int, resyncs: int) -> None:
 
     w = Watcher(manifest, state, root / "watch-big.log", "--resync", "2s")
     first = w.wait_log(r"pass \(start\): .*?([\d.]+)s\n", 300)
-    print("first pass of the watcher (manifest load and validation, observation cache from disk): "
-          f"{float(first.group(1)):.2f}s")
+    print(
+        "first pass of the watcher (manifest load and validation, observation cache from disk): "
+        f"{float(first.group(1)):.2f}s"
+    )
     durations = []
     offset = first.end()
     for _ in range(resyncs):

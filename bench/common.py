@@ -57,7 +57,9 @@ def measure(argv: list[str], env: dict[str, str] | None = None, ok: tuple[int, .
 def reconcile(args: list[str], state_dir: Path) -> Measured:
     """`python -m reconciler ARGS` with this checkout on the path and the embedded CA."""
     # the bare-array manifests of make_manifest use the embedded CA on purpose
-    env = dict(os.environ, RECONCILER_STATE_DIR=str(state_dir), PYTHONPATH=str(REPO), NO_COLOR="1", RECONCILER_ISSUER="local")
+    env = dict(
+        os.environ, RECONCILER_STATE_DIR=str(state_dir), PYTHONPATH=str(REPO), NO_COLOR="1", RECONCILER_ISSUER="local"
+    )
     return measure([sys.executable, "-m", "reconciler", *args], env)
 
 

@@ -85,8 +85,13 @@ def issue_floor(manifest: Path, ca_dir: Path) -> int:
             .add_extension(aki, critical=False)
             .sign(int_key, hashes.SHA256())
         )
-        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        for path, data, mode in ((key_path, key_pem, 0o600), (cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)):
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        for path, data, mode in (
+            (key_path, key_pem, 0o600),
+            (cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644),
+        ):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)

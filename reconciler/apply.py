@@ -47,7 +47,11 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.certificates) and all(h.ok for h in self.hooks) and all(d.ok for d in self.deliveries)
+        return (
+            all(c.ok for c in self.certificates)
+            and all(h.ok for h in self.hooks)
+            and all(d.ok for d in self.deliveries)
+        )
 
     def failures(self) -> list[str]:
         out = [f"{c.name}: {c.error}" for c in self.certificates if not c.ok]
@@ -129,7 +133,9 @@ def apply(plan: Plan, ctx: ApplyContext, reporter: ApplyReporter) -> Result:
     return result
 
 
-def _deliver(todo: list[CertPlan], outcomes: dict[str, CertResult], ctx: ApplyContext, reporter: ApplyReporter) -> dict[str, DeliveryOutcome]:
+def _deliver(
+    todo: list[CertPlan], outcomes: dict[str, CertResult], ctx: ApplyContext, reporter: ApplyReporter
+) -> dict[str, DeliveryOutcome]:
     """Into Proxmox guests, for the certificates whose host files are in place."""
     status = reporter.status
     dctx = DeliveryContext(status.cert, reporter.save_now, ctx.issuer.root_pem, ctx.guests, ctx.workers)

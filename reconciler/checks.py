@@ -37,12 +37,18 @@ def writable_folder(folder: Path, label: str) -> Check:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():  # probing its parent instead would report a folder that can never exist as writable
-        return Check(False, f"{label} {folder} cannot be created: {probe} is not a folder",
-                     "pass --state-dir a folder, or move that file away")
+        return Check(
+            False,
+            f"{label} {folder} cannot be created: {probe} is not a folder",
+            "pass --state-dir a folder, or move that file away",
+        )
     try:
         with tempfile.NamedTemporaryFile(dir=probe, prefix=".reconciler-doctor-"):
             pass
         return Check(True, f"{label} {folder} is writable")
     except OSError as exc:
-        return Check(False, f"{label} {folder} is not writable ({exc.strerror})",
-                     "run as root, or pass --state-dir to a folder you own")
+        return Check(
+            False,
+            f"{label} {folder} is not writable ({exc.strerror})",
+            "run as root, or pass --state-dir to a folder you own",
+        )

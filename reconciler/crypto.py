@@ -28,7 +28,9 @@ def generate_key(spec: KeySpec):
 
 
 def key_to_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def load_key(data: bytes):
@@ -86,7 +88,7 @@ def cert_sans(cert: x509.Certificate) -> frozenset[str]:
 
 
 def key_type_of(public_key) -> str:
-    """"EC P-256", "RSA 2048", "Ed25519": how the manifest's key spec describes itself."""
+    """ "EC P-256", "RSA 2048", "Ed25519": how the manifest's key spec describes itself."""
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         return {"secp256r1": "EC P-256", "secp384r1": "EC P-384", "secp521r1": "EC P-521"}.get(
             public_key.curve.name, f"EC {public_key.curve.name}"

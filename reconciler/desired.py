@@ -52,8 +52,13 @@ def load_with_cache(
 
 
 def resolve_issuer(desired: Desired, options: "IssuerOptions") -> IssuerSpec:
-    flags = {"url": options.url, "root": options.root, "fingerprint": options.fingerprint,
-             "provisioner": options.provisioner, "password_file": options.password_file}
+    flags = {
+        "url": options.url,
+        "root": options.root,
+        "fingerprint": options.fingerprint,
+        "provisioner": options.provisioner,
+        "password_file": options.password_file,
+    }
     return choose_issuer(desired.issuer, desired.manifest_path, options.issuer, flags)
 
 

@@ -13,16 +13,47 @@ from datetime import datetime
 
 from reconciler import drift_rows as rows
 from reconciler.drift_rows import (
-    CHMOD, CHOWN, CONTENT_ACTIONS, FILE_ACTIONS, ISSUE, REISSUE, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, Context, Drift, Row,
-    renewal_due_at, usable_facts,
+    CHMOD,
+    CHOWN,
+    CONTENT_ACTIONS,
+    FILE_ACTIONS,
+    ISSUE,
+    REISSUE,
+    RENEW,
+    REWRITE_CHAIN,
+    RUN_HOOK,
+    WRITE_CA,
+    Context,
+    Drift,
+    Row,
+    renewal_due_at,
+    usable_facts,
 )
 from reconciler.model import DesiredCert, FileState, Observed
 
 # the names other modules take from the stage that decides drifts
 __all__ = [
-    "CHMOD", "CHOWN", "CONTENT_ACTIONS", "DRIFT_TABLE", "FILE_ACTIONS", "ISSUE", "REISSUE", "RENEW", "REWRITE_CHAIN",
-    "RUN_HOOK", "WRITE_CA", "Blocked", "Context", "Drift", "Readiness", "blocked", "diff", "readiness", "readiness_of",
-    "renewal_due_at", "walk",
+    "CHMOD",
+    "CHOWN",
+    "CONTENT_ACTIONS",
+    "DRIFT_TABLE",
+    "FILE_ACTIONS",
+    "ISSUE",
+    "REISSUE",
+    "RENEW",
+    "REWRITE_CHAIN",
+    "RUN_HOOK",
+    "WRITE_CA",
+    "Blocked",
+    "Context",
+    "Drift",
+    "Readiness",
+    "blocked",
+    "diff",
+    "readiness",
+    "readiness_of",
+    "renewal_due_at",
+    "walk",
 ]
 
 
@@ -64,13 +95,30 @@ def _file_problem(label: str, path, state: FileState, allow_symlink: bool) -> st
 
 
 DRIFT_TABLE: tuple[Row, ...] = (
-    rows.cert_file, rows.key_file,  # present and readable
-    rows.cert_parses, rows.key_parses, rows.key_matches,  # a usable pair
-    rows.common_name, rows.sans, rows.key_type, rows.cert_type, rows.duration, rows.issuer,  # the certificate asked for
-    rows.not_yet_valid, rows.expired, rows.renewal_due,  # lifetime
-    rows.chain, rows.ca_file,  # content beside the certificate
-    rows.cert_owner, rows.key_owner, rows.ca_owner, rows.cert_mode, rows.key_mode, rows.ca_mode,  # metadata
-    rows.guest_copy, rows.guest_reload,  # the Proxmox guest's copy (reconciler.guestfacts)
+    rows.cert_file,
+    rows.key_file,  # present and readable
+    rows.cert_parses,
+    rows.key_parses,
+    rows.key_matches,  # a usable pair
+    rows.common_name,
+    rows.sans,
+    rows.key_type,
+    rows.cert_type,
+    rows.duration,
+    rows.issuer,  # the certificate asked for
+    rows.not_yet_valid,
+    rows.expired,
+    rows.renewal_due,  # lifetime
+    rows.chain,
+    rows.ca_file,  # content beside the certificate
+    rows.cert_owner,
+    rows.key_owner,
+    rows.ca_owner,
+    rows.cert_mode,
+    rows.key_mode,
+    rows.ca_mode,  # metadata
+    rows.guest_copy,
+    rows.guest_reload,  # the Proxmox guest's copy (reconciler.guestfacts)
     rows.hook,  # owed from an earlier pass
     rows.served,  # a service still presenting another leaf
 )
@@ -89,7 +137,9 @@ _MOOT_AFTER = {
 }
 
 
-def diff(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: bool = False, issuer_unknown: str | None = None) -> list[Drift]:
+def diff(
+    cert: DesiredCert, observed: Observed, now: datetime, hook_pending: bool = False, issuer_unknown: str | None = None
+) -> list[Drift]:
     """Every drift of `cert`, in table order. Raises Blocked when the path cannot be managed.
     `issuer_unknown`: why the issuer cannot be checked; the certificate is then not trusted."""
     problem = blocked(cert, observed)
@@ -149,6 +199,9 @@ def readiness_of(cert: DesiredCert, observed: Observed, drifts: list[Drift]) -> 
     facts = usable_facts(observed)
     due = renewal_due_at(cert, facts.not_before, facts.not_after) if facts is not None else None
     return Readiness(
-        unusable is None, unusable.reason if unusable else None, tuple(drifts),
-        facts.not_after if facts is not None else None, due,
+        unusable is None,
+        unusable.reason if unusable else None,
+        tuple(drifts),
+        facts.not_after if facts is not None else None,
+        due,
     )

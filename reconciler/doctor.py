@@ -40,8 +40,9 @@ def _folder_check(path: Path) -> Check:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        return Check(False, f"target folder {folder} cannot be created: {probe} is not a folder",
-                     "fix the path in the manifest")
+        return Check(
+            False, f"target folder {folder} cannot be created: {probe} is not a folder", "fix the path in the manifest"
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
         return Check(False, f"target folder {folder} is not writable", "run as root or grant write access")
     word = "exists" if probe == folder else f"can be created (under {probe})"
@@ -129,6 +130,8 @@ def run_doctor(settings: Settings) -> int:
     for check in checks:
         print(_line(check))
     failures = sum(1 for check in checks if not check.ok)
-    print(f"{len(checks) - failures} of {len(checks)} checks passed" + (f"; {failures} failed" if failures else ""),
-          file=sys.stderr if failures else sys.stdout)
+    print(
+        f"{len(checks) - failures} of {len(checks)} checks passed" + (f"; {failures} failed" if failures else ""),
+        file=sys.stderr if failures else sys.stdout,
+    )
     return 1 if failures else 0

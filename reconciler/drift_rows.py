@@ -129,7 +129,13 @@ def common_name(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> 
     facts = usable_facts(o)
     if facts is None or facts.common_name == cert.common_name:
         return None
-    return Drift("common_name", REISSUE, f"common name is {facts.common_name!r}, want {cert.common_name!r}", facts.common_name, cert.common_name)
+    return Drift(
+        "common_name",
+        REISSUE,
+        f"common name is {facts.common_name!r}, want {cert.common_name!r}",
+        facts.common_name,
+        cert.common_name,
+    )
 
 
 def sans(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
@@ -138,8 +144,16 @@ def sans(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift |
         return None
     adds = sorted(display(s) for s in cert.sans - facts.sans)
     drops = sorted(display(s) for s in facts.sans - cert.sans)
-    words = ", ".join(p for p in (f"adds {', '.join(adds)}" if adds else "", f"drops {', '.join(drops)}" if drops else "") if p)
-    return Drift("sans", REISSUE, f"SANs differ: {words}", sorted(display(s) for s in facts.sans), sorted(display(s) for s in cert.sans))
+    words = ", ".join(
+        p for p in (f"adds {', '.join(adds)}" if adds else "", f"drops {', '.join(drops)}" if drops else "") if p
+    )
+    return Drift(
+        "sans",
+        REISSUE,
+        f"SANs differ: {words}",
+        sorted(display(s) for s in facts.sans),
+        sorted(display(s) for s in cert.sans),
+    )
 
 
 def key_type(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
@@ -156,7 +170,13 @@ def cert_type(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Dr
     if facts is None or usage in facts.usages or "any" in facts.usages:
         return None
     have = sorted(facts.usages)
-    return Drift("cert_type", REISSUE, f"extended key usage is {', '.join(have) or 'empty'}, a {cert.cert_type} certificate needs {usage}", have, usage)
+    return Drift(
+        "cert_type",
+        REISSUE,
+        f"extended key usage is {', '.join(have) or 'empty'}, a {cert.cert_type} certificate needs {usage}",
+        have,
+        usage,
+    )
 
 
 def duration(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
@@ -186,9 +206,13 @@ def issuer(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift
     if facts is None:
         return None
     if o.chains_to_issuer is False:
-        return Drift("issuer", REISSUE, "issued by another CA than the configured issuer", facts.issued_by, "configured issuer")
+        return Drift(
+            "issuer", REISSUE, "issued by another CA than the configured issuer", facts.issued_by, "configured issuer"
+        )
     if o.chains_to_issuer is None and ctx.issuer_unknown:
-        return Drift("issuer", REISSUE, f"cannot check the issuer: {ctx.issuer_unknown}", "unknown", "configured issuer")
+        return Drift(
+            "issuer", REISSUE, f"cannot check the issuer: {ctx.issuer_unknown}", "unknown", "configured issuer"
+        )
     return None
 
 
@@ -215,7 +239,14 @@ def expired(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drif
     facts = usable_facts(o)
     if facts is None or now < facts.not_after:
         return None
-    return Drift("expiry", RENEW, f"expired {format_duration(now - facts.not_after)} ago", facts.not_after.isoformat(), "valid", expired=True)
+    return Drift(
+        "expiry",
+        RENEW,
+        f"expired {format_duration(now - facts.not_after)} ago",
+        facts.not_after.isoformat(),
+        "valid",
+        expired=True,
+    )
 
 
 def renewal_due(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
@@ -272,9 +303,17 @@ def ca_file(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drif
         why = "missing" if state.kind == "missing" else f"unreadable: {state.detail}"
         return Drift("ca_file", WRITE_CA, f"CA file {cert.ca_path} {why}", state.kind, want)
     if o.ca_certs is None:
-        return Drift("ca_file", WRITE_CA, f"CA file {cert.ca_path} does not hold a PEM certificate", "not a certificate", want)
+        return Drift(
+            "ca_file", WRITE_CA, f"CA file {cert.ca_path} does not hold a PEM certificate", "not a certificate", want
+        )
     if want is not None and o.ca_certs != (want,):
-        return Drift("ca_file", WRITE_CA, f"CA file {cert.ca_path} holds another certificate than the issuer's root", list(o.ca_certs), want)
+        return Drift(
+            "ca_file",
+            WRITE_CA,
+            f"CA file {cert.ca_path} holds another certificate than the issuer's root",
+            list(o.ca_certs),
+            want,
+        )
     return None
 
 
@@ -287,13 +326,25 @@ def _owner(cert: DesiredCert, label: str, field_name: str, state: FileState | No
     if (cert.uid is None or state.uid == cert.uid) and (cert.gid is None or state.gid == cert.gid):
         return None
     want = f"{cert.uid if cert.uid is not None else state.uid}:{cert.gid if cert.gid is not None else state.gid}"
-    return Drift(f"{field_name}_owner", CHOWN, f"{label} owner {state.uid}:{state.gid}, want {want} ({cert.owner})", f"{state.uid}:{state.gid}", want)
+    return Drift(
+        f"{field_name}_owner",
+        CHOWN,
+        f"{label} owner {state.uid}:{state.gid}, want {want} ({cert.owner})",
+        f"{state.uid}:{state.gid}",
+        want,
+    )
 
 
 def _mode(label: str, field_name: str, state: FileState | None, mode: int) -> Drift | None:
     if state is None or not state.present or state.mode == mode:
         return None
-    return Drift(f"{field_name}_mode", CHMOD, f"{label} mode {state.mode:04o}, want {mode:04o}", f"{state.mode:04o}", f"{mode:04o}")
+    return Drift(
+        f"{field_name}_mode",
+        CHMOD,
+        f"{label} mode {state.mode:04o}, want {mode:04o}",
+        f"{state.mode:04o}",
+        f"{mode:04o}",
+    )
 
 
 def cert_owner(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
@@ -345,7 +396,13 @@ def hook(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift |
     # a pending hook whose command was since removed from the manifest has nothing to run;
     # planning it would report a change on every pass, forever
     if ctx.hook_owed and cert.post_renewal_command:
-        return Drift("hook", RUN_HOOK, "the post-renewal command did not succeed after the last deployment", "failed", "succeeded")
+        return Drift(
+            "hook",
+            RUN_HOOK,
+            "the post-renewal command did not succeed after the last deployment",
+            "failed",
+            "succeeded",
+        )
     return None
 
 

@@ -25,10 +25,14 @@ def parse_duration(text: str) -> timedelta:
     parts = _PART.findall(text)
     # a number no certificate lifetime needs (and one Python's int() or timedelta refuses)
     if any(len(n.lstrip("0")) > 12 for n, _ in parts):
-        raise DurationError(f"{text[:40]!r}{'…' if len(text) > 40 else ''} is longer than any certificate lives; use at most 100 years")
+        raise DurationError(
+            f"{text[:40]!r}{'…' if len(text) > 40 else ''} is longer than any certificate lives; use at most 100 years"
+        )
     seconds = sum(int(n) * _UNITS[u] for n, u in parts)
     if seconds > MAX_SECONDS:
-        raise DurationError(f"{text[:40]!r}{'…' if len(text) > 40 else ''} is longer than any certificate lives; use at most 100 years")
+        raise DurationError(
+            f"{text[:40]!r}{'…' if len(text) > 40 else ''} is longer than any certificate lives; use at most 100 years"
+        )
     if seconds <= 0:
         raise DurationError(f"{text!r} is zero; a duration must be longer than that")
     return timedelta(seconds=seconds)
@@ -36,7 +40,7 @@ def parse_duration(text: str) -> timedelta:
 
 @lru_cache(maxsize=256)
 def parse_share(text: str) -> float:
-    """"33%" → 0.33; a share of a certificate's lifetime, strictly between 0 and 100 %."""
+    """ "33%" → 0.33; a share of a certificate's lifetime, strictly between 0 and 100 %."""
     m = re.fullmatch(r"(\d+(?:\.\d+)?)%", text) if isinstance(text, str) else None
     if not m or not 0 < float(m.group(1)) < 100:
         raise DurationError(f"{text!r} is not a share of the lifetime; write e.g. \"33%\" (between 0 and 100)")

@@ -240,7 +240,9 @@ def _make(parent_fd: int, name: str, mode: int) -> None:
         os.close(fd)
 
 
-def resolve_file(path: Path, allowed: set[int] | None, follow_link: bool, create_mode: int | None = None, what: str = "file") -> tuple[Folder, str]:
+def resolve_file(
+    path: Path, allowed: set[int] | None, follow_link: bool, create_mode: int | None = None, what: str = "file"
+) -> tuple[Folder, str]:
     """The open folder `path` lands in and the file's name there. `follow_link`
     ("allow_symlink": true): a link at `path` itself is followed to its final target,
     under the same rule as every folder on the way (only where nobody else could plant it)."""
@@ -263,7 +265,10 @@ def resolve_file(path: Path, allowed: set[int] | None, follow_link: bool, create
         target = _readlink(name, folder.fd)
         folder.close()
         if not _link_trusted(parent, st):
-            raise FolderError(errno.ELOOP, _untrusted_link(f"{what} {path}", target, parent, st, str(folder.path)) + " (even with allow_symlink)")
+            raise FolderError(
+                errno.ELOOP,
+                _untrusted_link(f"{what} {path}", target, parent, st, str(folder.path)) + " (even with allow_symlink)",
+            )
         current = os.path.normpath(os.path.join(str(folder.path), target))
     raise FolderError(errno.ELOOP, f"{what} {path}: too many levels of symbolic links")
 

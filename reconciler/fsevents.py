@@ -40,8 +40,13 @@ class FolderWatches:
         self.observer = PollingObserver(timeout=1.0) if poll else Observer(timeout=5.0)
         # no open/read events: our own reads of certificates must not wake us
         self.kinds = [
-            FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent, FileClosedEvent,
-            DirDeletedEvent, DirMovedEvent,
+            FileCreatedEvent,
+            FileDeletedEvent,
+            FileModifiedEvent,
+            FileMovedEvent,
+            FileClosedEvent,
+            DirDeletedEvent,
+            DirMovedEvent,
         ]
         self.watched: dict[str, tuple[object, int]] = {}  # folder -> (ObservedWatch, inode)
         self._too_many_logged = False
@@ -88,7 +93,8 @@ class FolderWatches:
                 log.warning(
                     "managed files live in %d folders; watching %d of them, "
                     "the others are checked every resync (--resync)",
-                    len(wanted), MAX_WATCHED_FOLDERS,
+                    len(wanted),
+                    MAX_WATCHED_FOLDERS,
                 )
                 self._too_many_logged = True
             wanted = wanted[:MAX_WATCHED_FOLDERS]

@@ -1,12 +1,12 @@
 """Values of delivery into Proxmox guests, and its drift rows. Pure: no I/O, no clock.
 
-  GuestSpec       where an entry's files go inside its guest (the manifest's `guest` object,
-                  or the legacy `guest_id` + `guest_type`: /tmp/cert.pem, /tmp/key.pem, /tmp/ca.pem)
-  DeliveryRecord  what was last delivered (kept in the status store): the host files' stamps
-                  then, and per file in the guest its sha256, owner and mode; a reload owed
-  GuestView       what the guest holds now, when it was looked at: running or not, per file
-                  its sha256, owner and mode (None: not looked at this pass)
-  guest_drifts    the drift table's guest rows: `deliver`, then `reload`
+GuestSpec       where an entry's files go inside its guest (the manifest's `guest` object,
+                or the legacy `guest_id` + `guest_type`: /tmp/cert.pem, /tmp/key.pem, /tmp/ca.pem)
+DeliveryRecord  what was last delivered (kept in the status store): the host files' stamps
+                then, and per file in the guest its sha256, owner and mode; a reload owed
+GuestView       what the guest holds now, when it was looked at: running or not, per file
+                its sha256, owner and mode (None: not looked at this pass)
+guest_drifts    the drift table's guest rows: `deliver`, then `reload`
 """
 
 from __future__ import annotations
@@ -61,7 +61,10 @@ class GuestSpec:
     def targets(self) -> tuple[GuestTarget, ...]:
         user, _, group = (self.owner or "").partition(":")
         user_, group_ = user or None, group or None
-        out = [GuestTarget("key", self.key_path, self.key_mode, user_, group_), GuestTarget("cert", self.cert_path, self.cert_mode, user_, group_)]
+        out = [
+            GuestTarget("key", self.key_path, self.key_mode, user_, group_),
+            GuestTarget("cert", self.cert_path, self.cert_mode, user_, group_),
+        ]
         if self.ca_path:
             out.append(GuestTarget("ca", self.ca_path, GUEST_CA_MODE, user_, group_))
         return tuple(out)
@@ -70,8 +73,14 @@ class GuestSpec:
 def legacy_spec(guest_id: str, guest_type: str, include_ca: bool) -> GuestSpec:
     """Exactly the files `certificate-renewal-manager.sh` pushed; its hook moves them into place."""
     return GuestSpec(
-        guest_id, guest_type, LEGACY_CERT, LEGACY_KEY, LEGACY_CA if include_ca else None,
-        cert_mode=LEGACY_CERT_MODE, key_mode=LEGACY_KEY_MODE, legacy=True,
+        guest_id,
+        guest_type,
+        LEGACY_CERT,
+        LEGACY_KEY,
+        LEGACY_CA if include_ca else None,
+        cert_mode=LEGACY_CERT_MODE,
+        key_mode=LEGACY_KEY_MODE,
+        legacy=True,
     )
 
 
@@ -114,7 +123,14 @@ class DeliveryRecord:
 
     def summary(self) -> dict[str, Any]:
         """What `status` shows of it."""
-        return {"guest": self.guest, "node": self.node, "delivered_at": self.at, "reload_owed": self.reload_owed, "owed": self.owed, "error": self.error}
+        return {
+            "guest": self.guest,
+            "node": self.node,
+            "delivered_at": self.at,
+            "reload_owed": self.reload_owed,
+            "owed": self.owed,
+            "error": self.error,
+        }
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"guest": self.guest, "source": self.source, "files": self.files}
@@ -167,7 +183,9 @@ def host_source(cert_stamp: tuple, key_stamp: tuple, ca: Any) -> dict[str, Any]:
     return out
 
 
-def guest_drifts(spec: GuestSpec, source: dict | None, record: DeliveryRecord | None, view: GuestView | None, content_changes: bool) -> list[tuple[str, str, str, Any, Any]]:
+def guest_drifts(
+    spec: GuestSpec, source: dict | None, record: DeliveryRecord | None, view: GuestView | None, content_changes: bool
+) -> list[tuple[str, str, str, Any, Any]]:
     """The guest rows of the drift table, as (field, action, reason, observed, desired).
     `source`: host_source() of the files now (None: not readable, a new certificate comes
     first); `content_changes`: this pass writes new host files, so a delivery follows."""
@@ -185,10 +203,14 @@ def guest_drifts(spec: GuestSpec, source: dict | None, record: DeliveryRecord | 
 
 
 def _state_words(view: GuestView) -> str:
-    return {"stopped": "stopped", "missing": "not on this node", "unreachable": "unreachable"}.get(view.state, view.state)
+    return {"stopped": "stopped", "missing": "not on this node", "unreachable": "unreachable"}.get(
+        view.state, view.state
+    )
 
 
-def _deliver_reason(spec: GuestSpec, source: dict | None, record: DeliveryRecord | None, view: GuestView | None, content_changes: bool) -> str | None:
+def _deliver_reason(
+    spec: GuestSpec, source: dict | None, record: DeliveryRecord | None, view: GuestView | None, content_changes: bool
+) -> str | None:
     if content_changes or source is None:
         return f"new files for {spec.describe()}"
     if record is None or record.guest != spec.key:
@@ -196,12 +218,17 @@ def _deliver_reason(spec: GuestSpec, source: dict | None, record: DeliveryRecord
     if record.source != source:
         return f"host files changed since the last delivery to {spec.describe()}"
     wanted = {t.path: t for t in spec.targets()}
-    if set(record.files) != set(wanted) or any(record.files[p].get("owner") != t.owner or record.files[p].get("mode") != t.mode for p, t in wanted.items()):
+    if set(record.files) != set(wanted) or any(
+        record.files[p].get("owner") != t.owner or record.files[p].get("mode") != t.mode for p, t in wanted.items()
+    ):
         return f"the manifest's files for {spec.describe()} changed"
     # a legacy entry's command moves the /tmp files away: their absence is the normal state
     if view is None or view.files is None or spec.legacy:
         return None
-    return next((why for t in wanted.values() if (why := _copy_differs(spec, t, view.files.get(t.path), record.files[t.path]))), None)
+    return next(
+        (why for t in wanted.values() if (why := _copy_differs(spec, t, view.files.get(t.path), record.files[t.path]))),
+        None,
+    )
 
 
 def _copy_differs(spec: GuestSpec, target: GuestTarget, have: InGuestFile | None, delivered: dict) -> str | None:
@@ -214,7 +241,11 @@ def _copy_differs(spec: GuestSpec, target: GuestTarget, have: InGuestFile | None
     if not have.owned_as(target):
         return f"{where} is owned by {have.user}:{have.group}, want {target.owner}"
     if have.mode != target.mode:
-        return f"{where} has mode {have.mode:04o}, want {target.mode:04o}" if have.mode is not None else f"{where} has no mode"
+        return (
+            f"{where} has mode {have.mode:04o}, want {target.mode:04o}"
+            if have.mode is not None
+            else f"{where} has no mode"
+        )
     return None
 
 
@@ -231,18 +262,40 @@ def guest_spec_of(entry: dict) -> tuple[GuestSpec | None, list[tuple[str, str]]]
             return legacy_spec(str(gid), gtype, bool(entry.get("include_ca"))), []
         return None, []
     if entry.get("guest_id") is not None or entry.get("guest_type") is not None:
-        return None, [("guest", "give either the guest object or the legacy guest_id + guest_type, not both; "
-                                "the guest object says all the legacy fields said")]
+        return None, [
+            (
+                "guest",
+                "give either the guest object or the legacy guest_id + guest_type, not both; "
+                "the guest object says all the legacy fields said",
+            )
+        ]
     spec = GuestSpec(
-        str(raw["id"]), raw["type"], raw["cert_path"], raw["key_path"], raw.get("ca_path"), raw.get("owner"),
-        int(raw.get("cert_permissions", "644"), 8), int(raw.get("key_permissions", "600"), 8), raw.get("reload"),
+        str(raw["id"]),
+        raw["type"],
+        raw["cert_path"],
+        raw["key_path"],
+        raw.get("ca_path"),
+        raw.get("owner"),
+        int(raw.get("cert_permissions", "644"), 8),
+        int(raw.get("key_permissions", "600"), 8),
+        raw.get("reload"),
     )
     problems = []
     if spec.key_mode & 0o007:
-        problems.append(("guest.key_permissions", f'"{raw["key_permissions"]}" would make the private key readable '
-                         'by every user of the guest; set "600" (or "640" with an owner group)'))
+        problems.append(
+            (
+                "guest.key_permissions",
+                f'"{raw["key_permissions"]}" would make the private key readable '
+                'by every user of the guest; set "600" (or "640" with an owner group)',
+            )
+        )
     if spec.cert_mode & 0o002:
-        problems.append(("guest.cert_permissions", f'"{raw["cert_permissions"]}" would let every user of the guest replace the certificate; set "644"'))
+        problems.append(
+            (
+                "guest.cert_permissions",
+                f'"{raw["cert_permissions"]}" would let every user of the guest replace the certificate; set "644"',
+            )
+        )
     paths = [t.path for t in spec.targets()]
     if len(set(paths)) != len(paths):
         problems.append(("guest", "cert_path, key_path and ca_path inside the guest must be three different files"))
@@ -293,7 +346,10 @@ def for_this_node(certs, node: str, placement: dict[str, str]) -> tuple[list, li
             if where == node:
                 kept.append(cert)
             else:
-                left.append(f"{cert.name}: {cert.guest.describe()} " + (f"runs on {where}" if where else "is not in the cluster"))
+                left.append(
+                    f"{cert.name}: {cert.guest.describe()} "
+                    + (f"runs on {where}" if where else "is not in the cluster")
+                )
         elif cert.node is None or cert.node == node:
             kept.append(cert)
         else:
@@ -303,4 +359,8 @@ def for_this_node(certs, node: str, placement: dict[str, str]) -> tuple[list, li
 
 def placement_of(resources: list) -> dict[str, str]:
     """guest key → node, from `pvesh get /cluster/resources --type vm` output."""
-    return {str(r["id"]): str(r["node"]) for r in resources if isinstance(r, dict) and r.get("type") in ("lxc", "qemu") and "id" in r and "node" in r}
+    return {
+        str(r["id"]): str(r["node"])
+        for r in resources
+        if isinstance(r, dict) and r.get("type") in ("lxc", "qemu") and "id" in r and "node" in r
+    }

@@ -96,7 +96,12 @@ def hook_environment(certs: list[DesiredCert], actions: dict[str, str], ca_path_
 
 
 def run_hook(
-    command: str, certs: list[DesiredCert], actions: dict[str, str], timeout: float, cwd=None, secrets: tuple[bytes, ...] = ()
+    command: str,
+    certs: list[DesiredCert],
+    actions: dict[str, str],
+    timeout: float,
+    cwd=None,
+    secrets: tuple[bytes, ...] = (),
 ) -> HookOutcome:
     started = time.monotonic()
     with tempfile.TemporaryFile() as out:  # unnamed (O_TMPFILE), mode 0600: nobody else can open it
@@ -123,7 +128,16 @@ def run_hook(
     if inside:
         inside = redact(inside, secrets + _key_bodies(certs))
     ok = not timed_out and proc.returncode == 0 and inside is None
-    return HookOutcome(command, tuple(c.name for c in certs), ok, proc.returncode, timed_out, tail, time.monotonic() - started, inside=inside)
+    return HookOutcome(
+        command,
+        tuple(c.name for c in certs),
+        ok,
+        proc.returncode,
+        timed_out,
+        tail,
+        time.monotonic() - started,
+        inside=inside,
+    )
 
 
 def _key_bodies(certs: list[DesiredCert]) -> tuple[bytes, ...]:
@@ -135,7 +149,11 @@ def _key_bodies(certs: list[DesiredCert]) -> tuple[bytes, ...]:
             data = c.key_path.read_bytes()
         except OSError:
             continue
-        lines += [line.strip() for line in data.splitlines() if len(line.strip()) >= _MIN_BODY_LINE and not line.startswith(b"-----")]
+        lines += [
+            line.strip()
+            for line in data.splitlines()
+            if len(line.strip()) >= _MIN_BODY_LINE and not line.startswith(b"-----")
+        ]
     return tuple(lines)
 
 
@@ -163,7 +181,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
 
 
 def secrets_of(spec) -> tuple[bytes, ...]:

@@ -274,8 +274,14 @@ class Watcher:
             deferral = self.schedule.deferral({c.name for c in desired.certificates})
         try:
             _snap, outcome = run_pass(
-                self.settings, desired, progress=False, cache=self.cache, deferral=deferral,
-                cancelled=self.cancel.is_set, sweep_files=job.first or job.force, manifest_state=self.tracker.state(),
+                self.settings,
+                desired,
+                progress=False,
+                cache=self.cache,
+                deferral=deferral,
+                cancelled=self.cancel.is_set,
+                sweep_files=job.first or job.force,
+                manifest_state=self.tracker.state(),
                 look_at_guests=job.first or job.force or bool({RESYNC_REASON, GUEST_POLL_REASON} & set(job.reasons)),
             )
         except LockTimeout as exc:
@@ -304,8 +310,14 @@ class Watcher:
             log.info("a file this pass wrote changed again before the pass ended; looking again")
         level = logging.INFO if outcome.changed or outcome.failures() or job.first or job.force else logging.DEBUG
         log.log(
-            level, "pass (%s): %d changed, %d failed, %d of %d ready, %.2fs", ", ".join(job.reasons),
-            outcome.changed, len(outcome.failures()), outcome.ready, len(outcome.certificates), outcome.duration,
+            level,
+            "pass (%s): %d changed, %d failed, %d of %d ready, %.2fs",
+            ", ".join(job.reasons),
+            outcome.changed,
+            len(outcome.failures()),
+            outcome.ready,
+            len(outcome.certificates),
+            outcome.duration,
         )
         if self.metrics:
             self.metrics.record(outcome, ca_reachable)

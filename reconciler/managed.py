@@ -38,7 +38,9 @@ def read_mark(path: Path, follow_symlinks: bool = False) -> str | None:
         if exc.errno not in _UNSUPPORTED:
             return None
     try:
-        fd = os.open(path.with_name(sidecar_name(path.name)), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(
+            path.with_name(sidecar_name(path.name)), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        )
     except OSError:
         return None
     try:

@@ -26,7 +26,17 @@ from reconciler.model import Desired, DesiredCert, IssuerSpec
 
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
-__all__ = ["Derived", "Issue", "ManifestError", "MAX_MANIFEST_BYTES", "Validated", "build", "load", "parse_document", "read_document"]
+__all__ = [
+    "Derived",
+    "Issue",
+    "ManifestError",
+    "MAX_MANIFEST_BYTES",
+    "Validated",
+    "build",
+    "load",
+    "parse_document",
+    "read_document",
+]
 
 
 # --------------------------------------------------------------------------- reading
@@ -102,7 +112,9 @@ class WrittenFloat(float):
     """A JSON number written with a fraction or exponent, remembering how it was written, so
     an error can quote `1e3` rather than `1000.0`."""
 
-    def __new__(cls, text: str):
+    text: str
+
+    def __new__(cls, text: str) -> "WrittenFloat":
         number = super().__new__(cls, text)
         number.text = text
         return number
@@ -169,7 +181,9 @@ def build(document: Any, path: Path, file_digest: str | None = None, cache: Vali
     issues = shape.issues
     schema_ok = [True] * len(shape.entries) if known else _schema_check(shape, issues)
     derived = cache.derived
-    rows = derived.rows if known and derived and (derived.manifest, derived.digest) == (str(path), file_digest) else None
+    rows = (
+        derived.rows if known and derived and (derived.manifest, derived.digest) == (str(path), file_digest) else None
+    )
     rows = rows if rows is not None and len(rows) == len(shape.entries) else None
     certificates = _resolve_all(shape, schema_ok, path.parent, issues, rows)
     if issues:
@@ -183,7 +197,13 @@ def build(document: Any, path: Path, file_digest: str | None = None, cache: Vali
 
 
 def _derived_row(c: DesiredCert) -> list[Any]:
-    return [c.common_name, sorted(c.sans), str(c.cert_path), str(c.key_path), None if c.ca_path is None else str(c.ca_path)]
+    return [
+        c.common_name,
+        sorted(c.sans),
+        str(c.cert_path),
+        str(c.key_path),
+        None if c.ca_path is None else str(c.ca_path),
+    ]
 
 
 @dataclass
@@ -201,8 +221,16 @@ class _Shape:
         if isinstance(document, list):
             return cls("", document)
         if not isinstance(document, dict):
-            raise ManifestError(path, [Issue("", 'expected a JSON array of certificates or an object with "certificates", '
-                                               f"got {json_type(document)}")])
+            raise ManifestError(
+                path,
+                [
+                    Issue(
+                        "",
+                        'expected a JSON array of certificates or an object with "certificates", '
+                        f"got {json_type(document)}",
+                    )
+                ],
+            )
         # entries are checked one by one (with their own paths); "certificates" stays in the
         # head only as an empty list, so its absence is still reported as required
         head = {k: v for k, v in document.items() if k != "certificates"}
@@ -212,12 +240,20 @@ class _Shape:
         defaults = document.get("defaults", {}) if isinstance(document.get("defaults"), dict) else {}
         # a default that failed the schema is reported once, at defaults.<field>; resolving
         # entries with it would only crash or repeat the same error for every entry
-        bad_defaults = {i.path[len("defaults."):].split(".")[0].split("[")[0] for i in issues if i.path.startswith("defaults.")}
+        bad_defaults = {
+            i.path[len("defaults.") :].split(".")[0].split("[")[0] for i in issues if i.path.startswith("defaults.")
+        }
         entries = document.get("certificates", [])
         if not isinstance(entries, list):
             issues.append(Issue("certificates", f"expected an array, got {json_type(entries)}"))
             entries = []
-        return cls("certificates", entries, {k: v for k, v in defaults.items() if k not in bad_defaults}, document.get("issuer"), issues)
+        return cls(
+            "certificates",
+            entries,
+            {k: v for k, v in defaults.items() if k not in bad_defaults},
+            document.get("issuer"),
+            issues,
+        )
 
 
 def _schema_check(shape: _Shape, issues: list[Issue]) -> list[bool]:
@@ -230,7 +266,9 @@ def _schema_check(shape: _Shape, issues: list[Issue]) -> list[bool]:
     return ok
 
 
-def _resolve_all(shape: _Shape, schema_ok: list[bool], base: Path, issues: list[Issue], rows: list[list[Any]] | None) -> list[DesiredCert]:
+def _resolve_all(
+    shape: _Shape, schema_ok: list[bool], base: Path, issues: list[Issue], rows: list[list[Any]] | None
+) -> list[DesiredCert]:
     """`rows`: what a load of these same bytes derived, entry by entry (Derived.rows)."""
     certificates: list[DesiredCert] = []
     claims: list[Claim] = []
@@ -273,5 +311,3 @@ def _issuer(raw: Any, base: Path) -> IssuerSpec | None:
         provisioner=raw.get("provisioner"),
         password_file=p("password_file"),
     )
-
-

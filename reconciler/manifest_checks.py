@@ -41,8 +41,14 @@ def claim(e: Any, where: str, base: Path, paths: dict[str, str | None] | None = 
         return None
     name = e.get("name", e.get("common_name"))
     owner = e.get("owner")
-    return Claim(where, name if isinstance(name, str) and name else None, cert_path, key_path, paths["ca_path"],
-                 owner if isinstance(owner, str) else None)
+    return Claim(
+        where,
+        name if isinstance(name, str) and name else None,
+        cert_path,
+        key_path,
+        paths["ca_path"],
+        owner if isinstance(owner, str) else None,
+    )
 
 
 def entry_paths(e: dict[str, Any], base: Path) -> dict[str, str | None]:
@@ -58,7 +64,11 @@ def entry_paths(e: dict[str, Any], base: Path) -> dict[str, str | None]:
         # most paths are already normal: normpath only for those with something to fold
         return os.path.normpath(path) if "/." in path or "//" in path or path.endswith("/") else path
 
-    return {"cert_path": resolved(e.get("cert_path")), "key_path": resolved(e.get("key_path")), "ca_path": resolved(e.get("ca_path"))}
+    return {
+        "cert_path": resolved(e.get("cert_path")),
+        "key_path": resolved(e.get("key_path")),
+        "ca_path": resolved(e.get("ca_path")),
+    }
 
 
 def cross_checks(claims: list[Claim]) -> list[Issue]:
@@ -81,7 +91,11 @@ def cross_checks(claims: list[Claim]) -> list[Issue]:
     for c in claims:
         real_cert, real_key = same_file(c.cert_path), same_file(c.key_path)
         if real_cert == real_key:
-            issues.append(Issue(f"{c.where}.key_path", f"is the same file as cert_path ({c.cert_path}); give the key its own file"))
+            issues.append(
+                Issue(
+                    f"{c.where}.key_path", f"is the same file as cert_path ({c.cert_path}); give the key its own file"
+                )
+            )
         for field, real in (("cert_path", real_cert), ("key_path", real_key)):
             p = getattr(c, field)
             if real in owners and owners[real][0] is not c:
@@ -89,21 +103,34 @@ def cross_checks(claims: list[Claim]) -> list[Issue]:
                 theirs = getattr(other, other_field)
                 via = f"; through a linked folder it is the same file as {theirs}" if theirs != p else ""
                 issues.append(
-                    Issue(f"{c.where}.{field}", f"{p} is also the {other_field} of {other.where} ({other.name}){via}; "
-                          "every file belongs to one certificate")
+                    Issue(
+                        f"{c.where}.{field}",
+                        f"{p} is also the {other_field} of {other.where} ({other.name}){via}; "
+                        "every file belongs to one certificate",
+                    )
                 )
             else:
                 owners.setdefault(real, (c, field))
         if c.name is None:
             continue
         if c.name in names:
-            issues.append(Issue(f"{c.where}.name", f'"{c.name}" is already the name of {names[c.name].where}; set a unique "name" on one of them'))
+            issues.append(
+                Issue(
+                    f"{c.where}.name",
+                    f'"{c.name}" is already the name of {names[c.name].where}; set a unique "name" on one of them',
+                )
+            )
         else:
             names[c.name] = c
     for c in claims:
         if c.ca_path is not None and same_file(c.ca_path) in owners:
             other, other_field = owners[same_file(c.ca_path)]
-            issues.append(Issue(f"{c.where}.ca_path", f"{c.ca_path} is the {other_field} of {other.where}; give the CA root its own file"))
+            issues.append(
+                Issue(
+                    f"{c.where}.ca_path",
+                    f"{c.ca_path} is the {other_field} of {other.where}; give the CA root its own file",
+                )
+            )
     return issues + _shared_ca_owners(claims)
 
 
@@ -124,11 +151,13 @@ def _shared_ca_owners(claims: list[Claim]) -> list[Issue]:
                 continue
             other, other_value = first.setdefault((c.ca_path, part), (c, value))
             if other_value != value:
-                issues.append(Issue(
-                    f"{c.where}.owner",
-                    f'"{c.owner}" differs from "{other.owner}" of {other.where} ({other.name}), '
-                    f"which writes the same ca_path {c.ca_path}; every pass would chown it back and forth: "
-                    "give both one owner, or each its own ca_path",
-                ))
+                issues.append(
+                    Issue(
+                        f"{c.where}.owner",
+                        f'"{c.owner}" differs from "{other.owner}" of {other.where} ({other.name}), '
+                        f"which writes the same ca_path {c.ca_path}; every pass would chown it back and forth: "
+                        "give both one owner, or each its own ca_path",
+                    )
+                )
                 break
     return issues

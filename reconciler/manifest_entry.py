@@ -43,7 +43,10 @@ At = Callable[[str], str]  # field -> its JSON path in the manifest
 
 
 def resolve_entry(
-    e: dict[str, Any], where: str, paths: dict[str, str | None], inherited: frozenset[str] = frozenset(),
+    e: dict[str, Any],
+    where: str,
+    paths: dict[str, str | None],
+    inherited: frozenset[str] = frozenset(),
     names: tuple[str, frozenset[str]] | None = None,
 ) -> tuple[DesiredCert | None, list[Issue]]:
     """`e`: the entry merged over the defaults; `paths`: its PATH_FIELDS resolved against the
@@ -115,7 +118,10 @@ def _names(e: dict[str, Any], at: At) -> tuple[str, frozenset[str], list[Issue]]
     issues: list[Issue] = []
     names: set[str] = set()
     common_name = e["common_name"]
-    for field, value in (("common_name", e["common_name"]), *((f"sans[{j}]", s) for j, s in enumerate(e.get("sans", [])))):
+    for field, value in (
+        ("common_name", e["common_name"]),
+        *((f"sans[{j}]", s) for j, s in enumerate(e.get("sans", []))),
+    ):
         try:
             canonical = normalise(value)
         except SANError as exc:
@@ -154,22 +160,30 @@ def _lifetimes_of(*texts: str) -> tuple[tuple[dict[str, timedelta], RenewBefore]
             durations[field] = timedelta(0)
     renew_text = texts[-1]
     try:
-        renew = RenewBefore(share=parse_share(renew_text)) if renew_text.endswith("%") else RenewBefore(fixed=parse_duration(renew_text))
+        renew = (
+            RenewBefore(share=parse_share(renew_text))
+            if renew_text.endswith("%")
+            else RenewBefore(fixed=parse_duration(renew_text))
+        )
     except DurationError as exc:
         problems.append(("renew_before", str(exc)))
         renew = RenewBefore()
     if renew.fixed is not None and "duration" not in dict(problems) and renew.fixed >= durations["duration"]:
-        problems.append((
-            "renew_before",
-            f'"{renew_text}" is not shorter than the lifetime "{texts[0]}", so every pass would renew; '
-            'use a smaller value or a share like "33%"',
-        ))
+        problems.append(
+            (
+                "renew_before",
+                f'"{renew_text}" is not shorter than the lifetime "{texts[0]}", so every pass would renew; '
+                'use a smaller value or a share like "33%"',
+            )
+        )
     return (durations, renew), tuple(problems)
 
 
 @lru_cache(maxsize=256)
 def _key_spec(type: str, curve: str = "P-256", size: int = 2048, rotation: str = "always") -> KeySpec:
-    return KeySpec(type=type, curve=curve if type == "EC" else None, size=size if type == "RSA" else None, rotation=rotation)
+    return KeySpec(
+        type=type, curve=curve if type == "EC" else None, size=size if type == "RSA" else None, rotation=rotation
+    )
 
 
 def _modes(e: dict[str, Any], at: At) -> tuple[tuple[int, int], list[Issue]]:
@@ -180,14 +194,21 @@ def _modes(e: dict[str, Any], at: At) -> tuple[tuple[int, int], list[Issue]]:
     key_field = "key_permissions" if "key_permissions" in e else ("permissions" if "permissions" in e else None)
     key_mode = int(e[key_field], 8) if key_field else DEFAULT_KEY_MODE
     if key_field and key_mode & 0o007 and not e.get("allow_world_readable_key", False):
-        issues.append(Issue(
-            at(key_field),
-            f'"{e[key_field]}" would make the private key readable by every user; set "key_permissions": "600"'
-            + ' (or "640" with an owner group), or "allow_world_readable_key": true if you really mean it',
-        ))
+        issues.append(
+            Issue(
+                at(key_field),
+                f'"{e[key_field]}" would make the private key readable by every user; set "key_permissions": "600"'
+                + ' (or "640" with an owner group), or "allow_world_readable_key": true if you really mean it',
+            )
+        )
     if cert_mode & 0o002:
         cert_field = "cert_permissions" if "cert_permissions" in e else "permissions"
-        issues.append(Issue(at(cert_field), f'"{e[cert_field]}" would let every user replace the certificate; set "cert_permissions": "644"'))
+        issues.append(
+            Issue(
+                at(cert_field),
+                f'"{e[cert_field]}" would let every user replace the certificate; set "cert_permissions": "644"',
+            )
+        )
     return (cert_mode, key_mode), issues
 
 
@@ -218,7 +239,9 @@ def path_problem(path: str | Path | None) -> str | None:
         return f"is {len(raw)} bytes long once resolved; a path holds at most {PATH_MAX - 1} (PATH_MAX)"
     longest = max(raw.split(b"/"), key=len)
     if len(longest) > NAME_MAX:
-        return f"has a {len(longest)}-byte name in it; one file or folder name holds at most {NAME_MAX} bytes (NAME_MAX)"
+        return (
+            f"has a {len(longest)}-byte name in it; one file or folder name holds at most {NAME_MAX} bytes (NAME_MAX)"
+        )
     return None
 
 
@@ -236,13 +259,15 @@ def _names_a_folder(value: Any) -> str | None:
 
 @lru_cache(maxsize=1024)  # passwd/group lookups go through NSS on every call
 def resolve_owner(owner: str) -> tuple[int | None, int | None, str | None]:
-    """"user:group" / "user" / "0:33" → (uid, gid, problem). gid None means "leave the group"."""
+    """ "user:group" / "user" / "0:33" → (uid, gid, problem). gid None means "leave the group"."""
     user, _, group = owner.partition(":")
     # a name longer than any system allows never reaches NSS: some modules abort on it
     if len(user) > MAX_NAME or len(group) > MAX_NAME:
         return None, None, f"is {len(owner)} characters long; user and group names hold at most {MAX_NAME}"
     uid, user_problem = _id_of(user, "uid", "user", lambda name: pwd.getpwnam(name).pw_uid)
-    gid, group_problem = _id_of(group, "gid", "group", lambda name: grp.getgrnam(name).gr_gid) if group else (None, None)
+    gid, group_problem = (
+        _id_of(group, "gid", "group", lambda name: grp.getgrnam(name).gr_gid) if group else (None, None)
+    )
     return uid, gid, "; ".join(p for p in (user_problem, group_problem) if p) or None
 
 

@@ -20,7 +20,7 @@ PASS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """"127.0.0.1:9101", "[::1]:9101", ":9101" (all interfaces) → (host, port)."""
+    """ "127.0.0.1:9101", "[::1]:9101", ":9101" (all interfaces) → (host, port)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"--metrics-listen {text!r} is not HOST:PORT; write e.g. 127.0.0.1:9101")
@@ -38,27 +38,36 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         by_name = ["name"]
         self.not_after = Gauge(
-            "reconciler_certificate_not_after_timestamp_seconds", "Expiry of the certificate on disk (Unix time).",
-            by_name, registry=r,
+            "reconciler_certificate_not_after_timestamp_seconds",
+            "Expiry of the certificate on disk (Unix time).",
+            by_name,
+            registry=r,
         )
         self.renewal = Gauge(
             "reconciler_certificate_renewal_timestamp_seconds",
-            "When the certificate on disk enters its (jittered) renewal window (Unix time).", by_name, registry=r,
+            "When the certificate on disk enters its (jittered) renewal window (Unix time).",
+            by_name,
+            registry=r,
         )
         self.ready = Gauge(
             "reconciler_certificate_ready",
-            "1 when the certificate on disk matches the manifest and nothing is left to do.", by_name, registry=r,
+            "1 when the certificate on disk matches the manifest and nothing is left to do.",
+            by_name,
+            registry=r,
         )
         self.issuance_failures = Counter(
             "reconciler_issuance_failures_total", "Failed issuances, renewals and file repairs.", by_name, registry=r
         )
         self.hook_failures = Counter(
-            "reconciler_hook_failures_total", "Failed or timed-out post-renewal commands, per certificate.",
-            by_name, registry=r,
+            "reconciler_hook_failures_total",
+            "Failed or timed-out post-renewal commands, per certificate.",
+            by_name,
+            registry=r,
         )
         self.manifest_valid = Gauge(
             "reconciler_manifest_valid",
-            "1 when the manifest on disk is valid; 0 while the last valid version is used.", registry=r,
+            "1 when the manifest on disk is valid; 0 while the last valid version is used.",
+            registry=r,
         )
         self.ca_reachable = Gauge(
             "reconciler_ca_reachable", "0 while the CA does not answer (one probe at a time until it does).", registry=r
@@ -74,15 +83,20 @@ class Metrics:
         self.served_not_after = Gauge(
             "reconciler_served_certificate_not_after_timestamp_seconds",
             "Expiry of the certificate a serve endpoint presents (Unix time); absent while it is unreachable.",
-            by_endpoint, registry=r,
+            by_endpoint,
+            registry=r,
         )
         self.served_current = Gauge(
-            "reconciler_served_certificate_current", "1 when the serve endpoint presents the certificate on disk.",
-            by_endpoint, registry=r,
+            "reconciler_served_certificate_current",
+            "1 when the serve endpoint presents the certificate on disk.",
+            by_endpoint,
+            registry=r,
         )
         self.endpoint_up = Gauge(
-            "reconciler_serve_endpoint_up", "1 when the serve endpoint completed a TLS handshake.",
-            by_endpoint, registry=r,
+            "reconciler_serve_endpoint_up",
+            "1 when the serve endpoint completed a TLS handshake.",
+            by_endpoint,
+            registry=r,
         )
         self.ca_reachable.set(1)
         self._names: set[str] = set()

@@ -60,7 +60,12 @@ class IssuerSpec:
         """The issuer as JSON output carries it."""
         if self.type == "local":
             return {"type": "local", "dir": str(self.ca_dir(state_dir)), "description": self.describe(state_dir)}
-        values = {"url": self.url, "provisioner": self.provisioner, "root": self.root and str(self.root), "fingerprint": self.fingerprint}
+        values = {
+            "url": self.url,
+            "provisioner": self.provisioner,
+            "root": self.root and str(self.root),
+            "fingerprint": self.fingerprint,
+        }
         return {"type": self.type, **{k: v for k, v in values.items() if v}, "description": self.describe(state_dir)}
 
 
@@ -190,7 +195,9 @@ class Observed:
 
     @property
     def key_matches(self) -> bool:
-        return self.cert is not None and self.key_public_id is not None and self.cert.public_key_id == self.key_public_id
+        return (
+            self.cert is not None and self.key_public_id is not None and self.cert.public_key_id == self.key_public_id
+        )
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,14 @@ class ObservationCache:
         self.dirty = False
         if self.path:
             # `repair`: only passes that may write set a damaged cache aside (--plan never writes)
-            found = read_state_file(self.path, _parse_cache, "observation cache", repair=repair, consequence="re-reading the certificates", state_dir=state_dir)
+            found = read_state_file(
+                self.path,
+                _parse_cache,
+                "observation cache",
+                repair=repair,
+                consequence="re-reading the certificates",
+                state_dir=state_dir,
+            )
             self.entries = found.value or {}
 
     @staticmethod
@@ -53,7 +60,9 @@ class ObservationCache:
             o, digest = self.fresh[key]
             if o.cert_file.stamp != cert_file.stamp or o.key_file.stamp != key_file.stamp or digest != trust.digest:
                 return None
-            return Observed(cert_file, key_file, o.cert, None, o.key_public_id, None, o.chains_to_issuer, issuer_root=trust.root)
+            return Observed(
+                cert_file, key_file, o.cert, None, o.key_public_id, None, o.chains_to_issuer, issuer_root=trust.root
+            )
         row = self.entries.get(key)
         if not row or row[0] != list(cert_file.stamp) or row[1] != list(key_file.stamp) or row[2] != trust.digest:
             return None
@@ -188,8 +197,13 @@ def _ca_row_problem(row: Any) -> str | None:
 def _row_problem(row: Any) -> str | None:
     if type(row) is not list or len(row) != 6:
         return "not a list of 6 fields"
-    if not (_ints(row[0]) and _ints(row[1]) and type(row[2]) in _OPTIONAL_TEXT and type(row[4]) in _OPTIONAL_TEXT
-            and row[5] in (True, False, None)):
+    if not (
+        _ints(row[0])
+        and _ints(row[1])
+        and type(row[2]) in _OPTIONAL_TEXT
+        and type(row[4]) in _OPTIONAL_TEXT
+        and row[5] in (True, False, None)
+    ):
         return "file stamps, trust, key id or chain flag of the wrong type"
     f = row[3]
     if type(f) is not dict:
@@ -199,8 +213,13 @@ def _row_problem(row: Any) -> str | None:
 
 def _facts_problem(f: dict) -> str | None:
     get = f.get
-    if not (type(get("common_name")) in _OPTIONAL_TEXT and type(get("issued_by")) in _OPTIONAL_TEXT
-            and type(get("key_type")) is str and type(get("public_key_id")) is str and type(get("serial")) is str):
+    if not (
+        type(get("common_name")) in _OPTIONAL_TEXT
+        and type(get("issued_by")) in _OPTIONAL_TEXT
+        and type(get("key_type")) is str
+        and type(get("public_key_id")) is str
+        and type(get("serial")) is str
+    ):
         return "certificate facts of the wrong type"
     sans = get("sans")
     if type(sans) is not list or not all(type(x) is str for x in sans):

@@ -21,7 +21,11 @@ from reconciler.parse import LIMIT, Trust, content_digest, parse_cert, parse_key
 
 
 def observe_all(
-    certs, trust: Trust, cache: ObservationCache | None = None, manager: str | None = None, written: dict[str, Written] | None = None
+    certs,
+    trust: Trust,
+    cache: ObservationCache | None = None,
+    manager: str | None = None,
+    written: dict[str, Written] | None = None,
 ) -> dict[str, Observed]:
     """`written`: by certificate name, what this pass's apply wrote (see observe)."""
     folders: dict = {}
@@ -30,7 +34,11 @@ def observe_all(
 
 
 def observe(
-    cert: DesiredCert, trust: Trust, cache: ObservationCache | None = None, folders: dict | None = None, manager: str | None = None,
+    cert: DesiredCert,
+    trust: Trust,
+    cache: ObservationCache | None = None,
+    folders: dict | None = None,
+    manager: str | None = None,
     written: Written | None = None,
 ) -> Observed:
     """`folders`: a memo of folder checks shared by the certificates of one pass.
@@ -45,10 +53,21 @@ def observe(
         hit = cache.get(cert, cert_file, key_file, trust)
         if hit is not None:
             return replace(hit, folder_problem=problem, **ca) if problem or ca else hit
-    cert_file, facts, cert_error = _read_parsed(cert.cert_path, cert_file, lambda data: parse_cert(data, trust, written))
+    cert_file, facts, cert_error = _read_parsed(
+        cert.cert_path, cert_file, lambda data: parse_cert(data, trust, written)
+    )
     key_file, key_id, key_error = _read_parsed(cert.key_path, key_file, lambda data: _parse_key(data, written))
     observed = Observed(
-        cert_file, key_file, facts, cert_error, key_id, key_error, _chains(facts, trust), problem, issuer_root=trust.root, **ca
+        cert_file,
+        key_file,
+        facts,
+        cert_error,
+        key_id,
+        key_error,
+        _chains(facts, trust),
+        problem,
+        issuer_root=trust.root,
+        **ca,
     )
     if cache is not None:
         cache.put(cert, observed, trust)

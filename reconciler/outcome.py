@@ -42,7 +42,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from reconciler.apply import CertResult, Result
 
 READY, RENEWAL_DUE, MISSING, EXPIRED, ERROR, HOOK_PENDING, REPAIR_DUE = (
-    "ready", "renewal due", "missing", "expired", "error", "hook pending", "repair due",
+    "ready",
+    "renewal due",
+    "missing",
+    "expired",
+    "error",
+    "hook pending",
+    "repair due",
 )
 DELIVERY_OWED = "delivery owed"
 # a certificate in these states serves and needs nothing from an operator: `status` exits 0.
@@ -202,7 +208,9 @@ def outcome_of(
         outcome = _cert_outcome(p.cert, now_plan, o, record, name in owed, ran, hooks.get(name), name in after, served)
         delivery = guests.get(name)
         if delivery is not None:
-            outcome = replace(outcome, delivery_ok=None if delivery.owed else delivery.ok, delivery_waits=delivery.owed is not None)
+            outcome = replace(
+                outcome, delivery_ok=None if delivery.owed else delivery.ok, delivery_waits=delivery.owed is not None
+            )
         certs.append(outcome)
     return PassOutcome(tuple(certs), plan, result, duration, now.timestamp())
 
@@ -246,5 +254,7 @@ def _attempt(ran: "CertResult", plan: CertPlan, rewritten: bool) -> dict:
         "changed": tuple(ran.actions),
         "content_changed": ran.content_changed,
         # a hook, a delivery into a guest or its reload still owed is no change to the disk
-        "still_drifts": written and rewritten and any(a.action not in (RUN_HOOK, DELIVER, RELOAD) for a in plan.actions),
+        "still_drifts": written
+        and rewritten
+        and any(a.action not in (RUN_HOOK, DELIVER, RELOAD) for a in plan.actions),
     }

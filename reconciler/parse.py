@@ -146,7 +146,9 @@ def parse_key(data: bytes) -> tuple[str | None, str | None]:
     except TypeError:
         return None, "private key is encrypted; the reconciler manages unencrypted keys only"
     except (ValueError, Exception) as exc:  # cryptography raises several types for garbage
-        return None, "not a PEM private key" if "PEM" in str(exc) or "Could not deserialize" in str(exc) else "not a usable private key"
+        return None, "not a PEM private key" if "PEM" in str(exc) or "Could not deserialize" in str(
+            exc
+        ) else "not a usable private key"
     return public_key_id(key.public_key()), None
 
 

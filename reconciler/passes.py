@@ -172,7 +172,9 @@ def snapshot(
         observed = observe_all(desired.certificates, trust_of(issuer, desired.issuer), cache, manager=manager)
     # what each Proxmox guest was given and, where the plan needs it, holds now
     records = {c.name: status.get(c.name).delivery for c in desired.certificates}
-    observed = observe_guests(desired.certificates, observed, records, look_all=look_at_guests, workers=settings.workers)
+    observed = observe_guests(
+        desired.certificates, observed, records, look_all=look_at_guests, workers=settings.workers
+    )
     # the running services too: which leaf each `serve` endpoint presents (read-only)
     observed, probed = observe_served(desired.certificates, observed)
     owed = status.hooks_pending(_serials(observed))
@@ -279,7 +281,16 @@ def run_pass(
         if validation_cache is not None:
             validation_cache.save()
         status = StatusStore(settings.state_dir)
-        snap = snapshot(settings, desired, status, cache=cache, forced=forced, fetch_root=True, repair=True, look_at_guests=look_at_guests)
+        snap = snapshot(
+            settings,
+            desired,
+            status,
+            cache=cache,
+            forced=forced,
+            fetch_root=True,
+            repair=True,
+            look_at_guests=look_at_guests,
+        )
         work = defer(snap.plan, deferral) if deferral is not None else snap.plan
         if manifest_state is not None:
             status.manifest.clear()
@@ -289,7 +300,8 @@ def run_pass(
         reload_check = ReloadCheck()  # after each command: did its services take the certificate?
         try:
             ctx = ApplyContext(
-                snap.issuer, settings.workers,
+                snap.issuer,
+                settings.workers,
                 serials=_serials(snap.observed),
                 manager=identity(settings.state_dir),
                 cancelled=cancelled or (lambda: False),
@@ -309,8 +321,14 @@ def run_pass(
         snap.observed.update({n: replace(o, served=served[n]) for n, o in snap.observed.items() if served.get(n)})
         snap.cache.save()
         outcome = outcome_of(
-            snap.plan, snap.observed, status.records, status.hooks_pending(_serials(snap.observed)),
-            datetime.now(timezone.utc), result, after, time.monotonic() - started,
+            snap.plan,
+            snap.observed,
+            status.records,
+            status.hooks_pending(_serials(snap.observed)),
+            datetime.now(timezone.utc),
+            result,
+            after,
+            time.monotonic() - started,
         )
         return snap, outcome
 

@@ -6,8 +6,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from reconciler.diff import (
-    CHMOD, CHOWN, CONTENT_ACTIONS, FILE_ACTIONS, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, Context, Drift, Readiness, blocked,
-    readiness_of, walk,
+    CHMOD,
+    CHOWN,
+    CONTENT_ACTIONS,
+    FILE_ACTIONS,
+    RENEW,
+    REWRITE_CHAIN,
+    RUN_HOOK,
+    WRITE_CA,
+    Context,
+    Drift,
+    Readiness,
+    blocked,
+    readiness_of,
+    walk,
 )
 from reconciler.guestfacts import DELIVER, RELOAD, GuestSeen, guest_drifts
 from reconciler.model import Desired, DesiredCert, Observed
@@ -47,7 +59,9 @@ class CertPlan:
         # a legacy guest entry's command moves the delivered /tmp files into place: a
         # delivery runs it, as the old script did
         delivered = self.delivers and self.cert.guest is not None and self.cert.guest.legacy
-        return bool(self.cert.post_renewal_command) and (self.writes_files or delivered or any(a.action == RUN_HOOK for a in self.actions))
+        return bool(self.cert.post_renewal_command) and (
+            self.writes_files or delivered or any(a.action == RUN_HOOK for a in self.actions)
+        )
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,9 @@ class Plan:
         return tuple(c for c in self.certificates if c.error)
 
 
-def plan_cert(cert: DesiredCert, observed: Observed, now: datetime, hook_pending: bool = False, issuer_unknown: str | None = None) -> CertPlan:
+def plan_cert(
+    cert: DesiredCert, observed: Observed, now: datetime, hook_pending: bool = False, issuer_unknown: str | None = None
+) -> CertPlan:
     problem = blocked(cert, observed)
     if problem:
         return CertPlan(cert, (), problem, Readiness(False, problem, ()))
@@ -112,12 +128,17 @@ def _with_delivery(cert: DesiredCert, actions: list[Action], seen: GuestSeen | N
 
 
 def make_plan(
-    desired: Desired, observed: dict[str, Observed], now: datetime, hooks_pending: frozenset[str] = frozenset(),
+    desired: Desired,
+    observed: dict[str, Observed],
+    now: datetime,
+    hooks_pending: frozenset[str] = frozenset(),
     issuer_unknown: str | None = None,
 ) -> Plan:
     """`issuer_unknown`: why certificates cannot be checked against the issuer's root; each
     one on disk is then planned for reissue, never taken for a match."""
-    plans = tuple(plan_cert(c, observed[c.name], now, c.name in hooks_pending, issuer_unknown) for c in desired.certificates)
+    plans = tuple(
+        plan_cert(c, observed[c.name], now, c.name in hooks_pending, issuer_unknown) for c in desired.certificates
+    )
     notes = (f"cannot check which CA issued the certificates on disk: {issuer_unknown}",) if issuer_unknown else ()
     return Plan(plans, hooks_for(plans), notes)
 

@@ -13,18 +13,37 @@ if TYPE_CHECKING:  # pragma: no cover
     from reconciler.apply import Result
 
 FORMAT_VERSION = 1
-SYMBOLS = {"issue": "+", "reissue": "-/+", "renew": "~", "rewrite_chain": "~", "write_ca": "+", "chown": "~", "chmod": "~", "run_hook": "!", "deliver": ">", "reload": "!"}
+SYMBOLS = {
+    "issue": "+",
+    "reissue": "-/+",
+    "renew": "~",
+    "rewrite_chain": "~",
+    "write_ca": "+",
+    "chown": "~",
+    "chmod": "~",
+    "run_hook": "!",
+    "deliver": ">",
+    "reload": "!",
+}
 # how an action reads in the text plan: (the column, the summary's "N to ...")
 WORDS = {"rewrite_chain": ("rewrite chain", "rewrite the chain"), "write_ca": ("write CA file", "write the CA file")}
 COLOURS = {">": "36", "+": "32", "-/+": "33", "~": "33", "!": "35", "x": "31"}
 # what was done, for "N of M <done>" after a pass (run_hook counts certificates)
-DONE = {"issue": "issued", "reissue": "reissued", "renew": "renewed", "chown": "chowned", "chmod": "chmodded",
-        "rewrite_chain": ("chain rewritten", "chains rewritten"), "write_ca": ("CA file written", "CA files written"),
-        "deliver": "delivered to guests", "reload": ("reloaded in its guest", "reloaded in their guests")}
+DONE = {
+    "issue": "issued",
+    "reissue": "reissued",
+    "renew": "renewed",
+    "chown": "chowned",
+    "chmod": "chmodded",
+    "rewrite_chain": ("chain rewritten", "chains rewritten"),
+    "write_ca": ("CA file written", "CA files written"),
+    "deliver": "delivered to guests",
+    "reload": ("reloaded in its guest", "reloaded in their guests"),
+}
 
 
 def plural(n: int, noun: str, many: str | None = None) -> str:
-    """"1 certificate", "2 certificates"; `many` for nouns that do not just take an s."""
+    """ "1 certificate", "2 certificates"; `many` for nouns that do not just take an s."""
     return f"{n} {noun if n == 1 else many or noun + 's'}"
 
 
@@ -182,7 +201,7 @@ def _delivery_done(action: str, outcome) -> tuple[bool, bool, str]:
 
 
 def _done_count(action: str, planned: int, done: int, failed: int) -> str:
-    """"2 of 3 renewed, 1 failed": the noun agrees with the number planned."""
+    """ "2 of 3 renewed, 1 failed": the noun agrees with the number planned."""
     words = DONE.get(action) or ("hook retried", "hooks retried")
     if isinstance(words, tuple):
         words = words[planned != 1]
@@ -198,7 +217,9 @@ def held_back(plan: Plan, result: "Result") -> list[tuple[str, tuple[str, ...], 
         waiting = tuple(n for n in hook.certificates if (hook.command, n) not in accounted)
         failed = tuple(n for n in waiting if outcomes.get(n) is not None and not outcomes[n].ok)
         if failed:
-            held.append((hook.command, failed, "its certificate failed" if len(failed) == 1 else "their certificates failed"))
+            held.append(
+                (hook.command, failed, "its certificate failed" if len(failed) == 1 else "their certificates failed")
+            )
         rest = tuple(n for n in waiting if n not in failed)
         if rest:
             held.append((hook.command, rest, "not run in this pass; it runs on the next one"))
@@ -206,7 +227,7 @@ def held_back(plan: Plan, result: "Result") -> list[tuple[str, tuple[str, ...], 
 
 
 def failure_headline(plan: Plan, result: "Result") -> str:
-    """"3 of 3 certificates failed", "1 hook failed", or both, for the error line on stderr."""
+    """ "3 of 3 certificates failed", "1 hook failed", or both, for the error line on stderr."""
     attempted = [p for p in plan.certificates if p.actions or p.error]
     certs = sum(1 for c in result.certificates if not c.ok)
     hooks = sum(1 for h in result.hooks if not h.ok)

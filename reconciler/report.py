@@ -10,6 +10,7 @@ from reconciler.outcome import READY, PassOutcome
 from reconciler.passes import assess, snapshot
 from reconciler.status import read_only
 
+
 def _desired(settings):
     """The manifest as it is, or, when it is invalid, the last valid one `--watch` kept;
     with why it is invalid, and the status store."""
@@ -63,16 +64,23 @@ def status_rows(outcome: PassOutcome | None) -> list[dict]:
 def _endpoint_row(e) -> dict:
     s = e.served
     return {
-        "connect": s.connect, "state": e.state, "serial": s.serial,
-        "not_after": s.not_after.isoformat() if s.not_after else None, "sans": list(s.sans), "error": s.error,
+        "connect": s.connect,
+        "state": e.state,
+        "serial": s.serial,
+        "not_after": s.not_after.isoformat() if s.not_after else None,
+        "sans": list(s.sans),
+        "error": s.error,
         "since": e.since,
     }
 
 
 def status_json(outcome: PassOutcome | None, note: str | None, issuer: dict | None = None) -> dict:
     return {
-        "format_version": 1, **({"issuer": issuer} if issuer else {}),
-        "manifest_valid": note is None, "manifest_problem": note, "certificates": status_rows(outcome),
+        "format_version": 1,
+        **({"issuer": issuer} if issuer else {}),
+        "manifest_valid": note is None,
+        "manifest_problem": note,
+        "certificates": status_rows(outcome),
     }
 
 
@@ -108,6 +116,7 @@ def status_text(outcome: PassOutcome | None, note: str | None, issuer: dict | No
 
 def _endpoint_line(name: str, e: dict) -> str:
     """web at 127.0.0.1:443: current, serial 4f…, expires 2026-12-01 10:00 (since ...)."""
+
     def when(iso: str) -> str:
         return iso[:16].replace("T", " ")
 

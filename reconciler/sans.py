@@ -48,7 +48,9 @@ def _address(value: str, text: str):
         return None
     if ip is not None and getattr(ip, "scope_id", None):
         # a zone index ("%eth0") only means something on this host; no certificate can carry it
-        raise SANError(f"{value!r} has a zone index; a certificate can only hold the address, write {str(ip).split('%')[0]!r}")
+        raise SANError(
+            f"{value!r} has a zone index; a certificate can only hold the address, write {str(ip).split('%')[0]!r}"
+        )
     return ip
 
 
@@ -122,7 +124,9 @@ def display(san: str) -> str:
 def split(sans) -> tuple[list[str], list[str]]:
     """(dns names, ip strings) in sorted order, for building requests and printing."""
     dns = sorted(s for s in sans if not is_ip(s))
-    ips = sorted((display(s) for s in sans if is_ip(s)), key=lambda x: (ipaddress.ip_address(x).version, ipaddress.ip_address(x)))
+    ips = sorted(
+        (display(s) for s in sans if is_ip(s)), key=lambda x: (ipaddress.ip_address(x).version, ipaddress.ip_address(x))
+    )
     return dns, ips
 
 

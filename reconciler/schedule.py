@@ -81,7 +81,12 @@ class PassReport:
 
 class Schedule:
     def __init__(
-        self, resync: float, clock: Clock, stamp_of: StampOf, backoff: Callable[[], Backoff] = Backoff, guest_poll: float = GUEST_POLL,
+        self,
+        resync: float,
+        clock: Clock,
+        stamp_of: StampOf,
+        backoff: Callable[[], Backoff] = Backoff,
+        guest_poll: float = GUEST_POLL,
     ):
         self.resync = resync
         self.guest_poll = guest_poll
@@ -151,7 +156,9 @@ class Schedule:
             due = settled_at if self.manifest_due is None else min(settled_at, self.manifest_due)
             return max(0.0, due - mono)
         candidates = [self.resync_at - mono, MAX_SLEEP]
-        candidates += [t - mono for t in (self.manifest_due, self.files_due, self.rerun_at, self.guest_poll_at) if t is not None]
+        candidates += [
+            t - mono for t in (self.manifest_due, self.files_due, self.rerun_at, self.guest_poll_at) if t is not None
+        ]
         candidates += [t - wall + 0.01 for t in (self.next_renewal, self.retry_at) if t is not None]
         return max(0.0, min(candidates))
 
@@ -241,8 +248,12 @@ class Schedule:
             managed[c.key_path] = (c.follow_symlinks, c.stamps[1])
         nxt = outcome.next_renewal(datetime.fromtimestamp(self.clock.time(), timezone.utc))
         return PassReport(
-            ran=True, run_again=run_again, recheck=outcome.recheck, next_renewal=nxt.timestamp() if nxt else None,
-            managed=managed, folders={os.path.dirname(p) for p in managed},
+            ran=True,
+            run_again=run_again,
+            recheck=outcome.recheck,
+            next_renewal=nxt.timestamp() if nxt else None,
+            managed=managed,
+            folders={os.path.dirname(p) for p in managed},
             guests_waiting=any(c.delivery_waits for c in outcome.certificates),
         )
 
@@ -322,7 +333,8 @@ class Schedule:
             if first:
                 log.warning(
                     "the CA does not answer (%s); until it does, one certificate at a time probes it, next in %.0fs",
-                    transient[0].failed, wait,
+                    transient[0].failed,
+                    wait,
                 )
             else:
                 log.warning("the CA still does not answer; next probe in %.0fs", wait)
@@ -337,5 +349,3 @@ class Schedule:
     @property
     def ca_reachable(self) -> bool:
         return not self.ca.active(CA)
-
-

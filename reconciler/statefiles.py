@@ -63,7 +63,9 @@ def check_state_dir(state_dir: Path) -> None:
 
 def _state_dir_error(state_dir: Path, exc: OSError) -> Exception:
     if exc.errno == errno.ENOTDIR:
-        blocker = next((p for p in reversed((state_dir, *state_dir.parents)) if p.exists() and not p.is_dir()), state_dir)
+        blocker = next(
+            (p for p in reversed((state_dir, *state_dir.parents)) if p.exists() and not p.is_dir()), state_dir
+        )
         where = "is not a folder" if blocker == state_dir else f"cannot be a folder: {blocker} is a file"
         return StatusError(
             f"the state folder {state_dir} {where}; "
@@ -79,7 +81,12 @@ def _state_dir_error(state_dir: Path, exc: OSError) -> Exception:
 
 
 def read_state_file(
-    path: Path, parse: Callable[[bytes], Any], what: str, *, repair: bool = True, consequence: str = "rebuilding it",
+    path: Path,
+    parse: Callable[[bytes], Any],
+    what: str,
+    *,
+    repair: bool = True,
+    consequence: str = "rebuilding it",
     state_dir: Path | None = None,
 ) -> Found:
     """`parse(bytes)` returns the value or raises (ValueError, StateFileDamaged, or any shape
@@ -114,7 +121,9 @@ def _unreadable(path: Path, exc: OSError, what: str, repair: bool, consequence: 
     if isinstance(exc, IsADirectoryError):
         return _damaged(path, what, "it is a folder, not a file", repair, consequence)
     if isinstance(exc, PermissionError):
-        blocked = next((p for p in reversed(path.parents) if p.is_relative_to(state_dir) and not os.access(p, os.X_OK)), None)
+        blocked = next(
+            (p for p in reversed(path.parents) if p.is_relative_to(state_dir) and not os.access(p, os.X_OK)), None
+        )
         if blocked == state_dir:
             raise _state_dir_error(state_dir, exc) from None
         if blocked is not None:

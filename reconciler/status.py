@@ -263,7 +263,10 @@ class StatusStore:
         self.warning: str | None = None
         self._saved: bytes | None = None
         found = read_state_file(
-            self.path, self._parse, "status store", repair=repair,
+            self.path,
+            self._parse,
+            "status store",
+            repair=repair,
             consequence="starting afresh from what is on disk; every post-renewal command runs once more to be safe",
         )
         self.warning = found.warning
@@ -338,7 +341,9 @@ class StatusStore:
         return frozenset(
             name
             for name, rec in self.records.items()
-            if rec.hook_owed(serials.get(name) if serials else None, check_serial=serials is not None and name in serials)
+            if rec.hook_owed(
+                serials.get(name) if serials else None, check_serial=serials is not None and name in serials
+            )
         )
 
     def forget_except(self, names: set[str]) -> None:
@@ -347,7 +352,11 @@ class StatusStore:
                 del self.records[name]
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": VERSION, "certificates": {n: r.to_json() for n, r in self.records.items()}, "manifest": self.manifest}
+        return {
+            "version": VERSION,
+            "certificates": {n: r.to_json() for n, r in self.records.items()},
+            "manifest": self.manifest,
+        }
 
     def save(self) -> None:
         """Write the store if anything in it changed: a pass with nothing to do writes nothing."""

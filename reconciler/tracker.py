@@ -64,6 +64,7 @@ def _now() -> str:
 def _comparable(source: str) -> dict[str, Any]:
     """An entry's canonical JSON as a dict, lists of plain values as sets (SAN order never matters)."""
     entry = json.loads(source) if source else {}
+
     def plain_list(v) -> bool:
         return isinstance(v, list) and all(isinstance(i, (str, int, float)) for i in v)
 
@@ -169,7 +170,11 @@ class ManifestTracker:
         )
         log.error(
             "manifest %s is invalid (%d error%s, invalid since %s); %s:",
-            self.path, len(issues), "" if len(issues) == 1 else "s", self.invalid_since, keeping,
+            self.path,
+            len(issues),
+            "" if len(issues) == 1 else "s",
+            self.invalid_since,
+            keeping,
         )
         for issue in issues:
             log.error("  %s", issue)
@@ -249,4 +254,3 @@ class ManifestTracker:
             self._copy_digest = digest
         except OSError as exc:
             log.warning("cannot keep a copy of the valid manifest in %s: %s", self.copy_path, exc.strerror or exc)
-

@@ -42,7 +42,12 @@ def _parse_derived(data: bytes) -> Derived | None:
     if doc["version"] != DERIVED_VERSION:
         return None
     manifest, digest, rows = doc["manifest"], doc["digest"], doc["entries"]
-    if not isinstance(manifest, str) or not isinstance(digest, str) or not _SHA256.fullmatch(digest) or not isinstance(rows, list):
+    if (
+        not isinstance(manifest, str)
+        or not isinstance(digest, str)
+        or not _SHA256.fullmatch(digest)
+        or not isinstance(rows, list)
+    ):
         raise StateFileDamaged("its manifest, digest or entries are not what a load writes")
     bad = next((i for i, row in enumerate(rows) if not _is_row(row)), None)
     if bad is not None:
@@ -52,9 +57,11 @@ def _parse_derived(data: bytes) -> Derived | None:
 
 def _is_row(row: Any) -> bool:
     return (
-        isinstance(row, list) and len(row) == 5
+        isinstance(row, list)
+        and len(row) == 5
         and all(isinstance(v, str) for v in row[:1] + row[2:4])
-        and isinstance(row[1], list) and all(isinstance(s, str) for s in row[1])
+        and isinstance(row[1], list)
+        and all(isinstance(s, str) for s in row[1])
         and (row[4] is None or isinstance(row[4], str))
     )
 
@@ -68,7 +75,11 @@ class ValidationCache(Validated):
         self.path = folder / f"valid-entries-{schema_digest()}.txt" if folder else None
         self.derived_path = folder / f"derived-{schema_digest()}.json" if folder else None
         if self.path and self.derived_path:
-            read: dict[str, Any] = {"repair": repair, "consequence": "validating every entry again", "state_dir": state_dir}
+            read: dict[str, Any] = {
+                "repair": repair,
+                "consequence": "validating every entry again",
+                "state_dir": state_dir,
+            }
             try:
                 self.known = read_state_file(self.path, _parse_digests, "validation cache", **read).value or set()
                 self.derived = read_state_file(self.derived_path, _parse_derived, "validation cache", **read).value
@@ -79,10 +90,14 @@ class ValidationCache(Validated):
     def save(self) -> None:
         try:
             if self.path and self.added:
-                write_atomic(self.path, "\n".join(sorted(self.known | self.added)).encode(), mode=0o600, make_parents=True)
+                write_atomic(
+                    self.path, "\n".join(sorted(self.known | self.added)).encode(), mode=0o600, make_parents=True
+                )
             if self.derived_path and self.derived is not None and self.derived is not self._read:
                 d = self.derived
                 doc = {"version": DERIVED_VERSION, "manifest": d.manifest, "digest": d.digest, "entries": d.entries()}
-                write_atomic(self.derived_path, json.dumps(doc, separators=(",", ":")).encode(), mode=0o600, make_parents=True)
+                write_atomic(
+                    self.derived_path, json.dumps(doc, separators=(",", ":")).encode(), mode=0o600, make_parents=True
+                )
         except OSError:
             pass  # a cache is never worth failing a pass for

@@ -41,9 +41,7 @@ def make_ca(name: str = "throwaway root"):
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -95,8 +93,6 @@ def jwk_provisioner(name: str, password: str, kid: str = "test-kid"):
     return entry, key
 
 
-
-
 class HostileCA:
     """An HTTPS server on 127.0.0.1 that serves a JWK provisioner and then misbehaves on /1.0/sign.
 
@@ -108,13 +104,17 @@ class HostileCA:
     def __init__(self, tmp_path: Path):
         self.ca_cert, self.ca_key = make_ca("hostile test root")
         server_key = ec_key()
-        server_cert = sign_leaf(self.ca_cert, self.ca_key, server_key.public_key(), "127.0.0.1", ["localhost"], ["127.0.0.1"])
+        server_cert = sign_leaf(
+            self.ca_cert, self.ca_key, server_key.public_key(), "127.0.0.1", ["localhost"], ["127.0.0.1"]
+        )
         self.root_path = tmp_path / "hostile-root.crt"
         self.root_path.write_bytes(pem(self.ca_cert))
         cred = tmp_path / "hostile-server.pem"
         cred.write_bytes(
             pem(server_cert)
-            + server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            + server_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
         )
         self.password_file = tmp_path / "hostile-password"
         self.password_file.write_text("hostile-secret\n")
@@ -141,7 +141,9 @@ class HostileCA:
                 import email.utils
                 import time
 
-                return email.utils.formatdate((timestamp or time.time()) + outer.clock_offset.total_seconds(), usegmt=True)
+                return email.utils.formatdate(
+                    (timestamp or time.time()) + outer.clock_offset.total_seconds(), usegmt=True
+                )
 
             def _send(self, status: int, body: bytes, length: int | None = None):
                 self.send_response(status)
@@ -183,7 +185,9 @@ class HostileCA:
                     self._send(201, b'{"crt": "-----BEGIN CERTIFICATE-----\\nMIIB')
                     return
                 if mode == "garbage":
-                    self._send(201, json.dumps({"crt": "hello", "ca": "world", "certChain": ["hello", "world"]}).encode())
+                    self._send(
+                        201, json.dumps({"crt": "hello", "ca": "world", "certChain": ["hello", "world"]}).encode()
+                    )
                     return
                 if mode == "html":
                     self._send(200, b"<html><body>proxy login</body></html>")
@@ -199,7 +203,13 @@ class HostileCA:
                 leaf = sign_leaf(outer.ca_cert, outer.ca_key, public_key, "svc.test", names, ips)
                 self._send(
                     201,
-                    json.dumps({"crt": pem(leaf).decode(), "ca": pem(outer.ca_cert).decode(), "certChain": [pem(leaf).decode()]}).encode(),
+                    json.dumps(
+                        {
+                            "crt": pem(leaf).decode(),
+                            "ca": pem(outer.ca_cert).decode(),
+                            "certChain": [pem(leaf).decode()],
+                        }
+                    ).encode(),
                 )
 
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -213,7 +223,9 @@ class HostileCA:
         self.thread.start()
 
     def spec(self, **changes) -> IssuerSpec:
-        values = dict(type="step-ca", url=self.url, root=self.root_path, provisioner="admin", password_file=self.password_file)
+        values = dict(
+            type="step-ca", url=self.url, root=self.root_path, provisioner="admin", password_file=self.password_file
+        )
         values.update(changes)
         return IssuerSpec(**values)
 

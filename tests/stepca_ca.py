@@ -81,9 +81,7 @@ def build_harness() -> Path:
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or "").splitlines()[-40:])
-        raise StepCAError(
-            f"scripts/build-step-ca.sh failed (exit {proc.returncode}):\n{tail}"
-        )
+        raise StepCAError(f"scripts/build-step-ca.sh failed (exit {proc.returncode}):\n{tail}")
     path = Path(lines[-1].strip())
     if not os.access(path, os.X_OK):
         raise StepCAError(f"build script printed {path!s}, which is not executable")
@@ -183,15 +181,11 @@ class StepCA:
         return ssl.create_default_context(cafile=str(self.root_path))
 
     def health(self) -> bool:
-        with urllib.request.urlopen(
-            f"{self.url}/health", context=self.ssl_context(), timeout=2
-        ) as resp:
+        with urllib.request.urlopen(f"{self.url}/health", context=self.ssl_context(), timeout=2) as resp:
             return resp.status == 200 and json.load(resp).get("status") == "ok"
 
     def get_json(self, path: str) -> dict:
-        with urllib.request.urlopen(
-            f"{self.url}{path}", context=self.ssl_context(), timeout=5
-        ) as resp:
+        with urllib.request.urlopen(f"{self.url}{path}", context=self.ssl_context(), timeout=5) as resp:
             return json.load(resp)
 
     def root_pem(self) -> bytes:
@@ -247,16 +241,26 @@ def start_ca(
 
             shutil.rmtree(steppath)
         cmd = [
-            str(binary), "init",
-            "--steppath", str(steppath),
-            "--name", name,
-            "--dns", "127.0.0.1,localhost",
-            "--address", f"127.0.0.1:{port}",
-            "--provisioner", provisioner,
-            "--password-file", str(password_file),
-            "--min-dur", min_dur,
-            "--max-dur", max_dur,
-            "--default-dur", default_dur,
+            str(binary),
+            "init",
+            "--steppath",
+            str(steppath),
+            "--name",
+            name,
+            "--dns",
+            "127.0.0.1,localhost",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--provisioner",
+            provisioner,
+            "--password-file",
+            str(password_file),
+            "--min-dur",
+            min_dur,
+            "--max-dur",
+            max_dur,
+            "--default-dur",
+            default_dur,
         ]
         if allow_renewal_after_expiry:
             cmd.append("--allow-renewal-after-expiry")
@@ -264,15 +268,12 @@ def start_ca(
         env["STEPPATH"] = str(steppath)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
         if proc.returncode != 0:
-            raise StepCAError(
-                f"harness init failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-            )
+            raise StepCAError(f"harness init failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         root_path = steppath / "certs" / "root_ca.crt"
         fingerprint = proc.stdout.strip().splitlines()[-1].strip()
         if fingerprint != _pem_fingerprint(root_path):
             raise StepCAError(
-                f"fingerprint mismatch: harness said {fingerprint}, root is "
-                f"{_pem_fingerprint(root_path)}"
+                f"fingerprint mismatch: harness said {fingerprint}, root is {_pem_fingerprint(root_path)}"
             )
         ca = StepCA(
             url=f"https://127.0.0.1:{port}",
@@ -326,9 +327,7 @@ def step_ca_binary() -> Path:
 
 
 @pytest.fixture(scope="session")
-def step_ca_factory(
-    tmp_path_factory: pytest.TempPathFactory, step_ca_binary: Path
-) -> Iterator[Callable[..., StepCA]]:
+def step_ca_factory(tmp_path_factory: pytest.TempPathFactory, step_ca_binary: Path) -> Iterator[Callable[..., StepCA]]:
     started: list[StepCA] = []
 
     def factory(**kwargs) -> StepCA:

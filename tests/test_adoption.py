@@ -28,10 +28,17 @@ def old_host(tmp_path: Path, ca) -> tuple[Path, dict]:
     password = tmp_path / "provisioner.pass"
     password.write_text(ca.password + "\n")
     password.chmod(0o600)
-    (steppath / "config" / "defaults.json").write_text(json.dumps({
-        "ca-url": ca.url, "fingerprint": ca.fingerprint, "root": str(ca.root_path),
-        "provisioner": ca.provisioner, "password-file": str(password),
-    }))
+    (steppath / "config" / "defaults.json").write_text(
+        json.dumps(
+            {
+                "ca-url": ca.url,
+                "fingerprint": ca.fingerprint,
+                "root": str(ca.root_path),
+                "provisioner": ca.provisioner,
+                "password-file": str(password),
+            }
+        )
+    )
     return steppath, {**NO_CHOICE, "STEPPATH": str(steppath)}
 
 
@@ -43,7 +50,9 @@ def pems_in(path: Path) -> int:
     return len(x509.load_pem_x509_certificates(path.read_bytes()))
 
 
-def test_certificates_the_old_script_made_are_adopted_without_a_new_certificate_by_a_fresh_state_folder(tmp_path, step_ca):
+def test_certificates_the_old_script_made_are_adopted_without_a_new_certificate_by_a_fresh_state_folder(
+    tmp_path, step_ca
+):
     """Leaf + intermediate files from `step ca certificate`, the unchanged bare array, a brand-new
     --state-dir: the first pass only trims the chains include_ca: false leaves out and writes the
     missing ca_path; no certificate is reissued (the intermediate in the files verifies against
@@ -51,13 +60,31 @@ def test_certificates_the_old_script_made_are_adopted_without_a_new_certificate_
     steppath, env = old_host(tmp_path, step_ca)
     tls = tmp_path / "tls"
     entries = [
-        {"common_name": "web.internal.example", "sans": ["10.0.0.5"], "cert_path": "tls/web.crt", "key_path": "tls/web.key"},
-        {"common_name": "api.internal.example", "cert_path": "tls/api.crt", "key_path": "tls/api.key", "include_ca": True},
-        {"common_name": "db.internal.example", "cert_path": "tls/db.crt", "key_path": "tls/db.key", "include_ca": False, "ca_path": "tls/ca.crt"},
+        {
+            "common_name": "web.internal.example",
+            "sans": ["10.0.0.5"],
+            "cert_path": "tls/web.crt",
+            "key_path": "tls/web.key",
+        },
+        {
+            "common_name": "api.internal.example",
+            "cert_path": "tls/api.crt",
+            "key_path": "tls/api.key",
+            "include_ca": True,
+        },
+        {
+            "common_name": "db.internal.example",
+            "cert_path": "tls/db.crt",
+            "key_path": "tls/db.key",
+            "include_ca": False,
+            "ca_path": "tls/ca.crt",
+        },
     ]
     # what the old script left: every file a bundle (made here through another state folder,
     # which is then thrown away, as a new host's state folder starts empty)
-    old = write_manifest(tmp_path / "old.json", [{**{k: v for k, v in e.items() if k != "ca_path"}, "include_ca": True} for e in entries])
+    old = write_manifest(
+        tmp_path / "old.json", [{**{k: v for k, v in e.items() if k != "ca_path"}, "include_ca": True} for e in entries]
+    )
     reconcile("-m", str(old), state_dir=tmp_path / "old-state", env=env, check=0)
     shutil.rmtree(tmp_path / "old-state")
     assert all(pems_in(p) == 2 for p in tls.glob("*.crt")), "the old files hold leaf + intermediate"
@@ -70,7 +97,11 @@ def test_certificates_the_old_script_made_are_adopted_without_a_new_certificate_
     state = tmp_path / "new-state"
     plan = reconcile("-m", str(manifest), "--plan", "--output", "json", state_dir=state, env=env, check=0)
     actions = {c["name"]: [a["action"] for a in c["actions"]] for c in json.loads(plan.stdout)["certificates"]}
-    assert actions == {"web.internal.example": ["rewrite_chain"], "api.internal.example": [], "db.internal.example": ["write_ca"]}, plan.stdout
+    assert actions == {
+        "web.internal.example": ["rewrite_chain"],
+        "api.internal.example": [],
+        "db.internal.example": ["write_ca"],
+    }, plan.stdout
 
     outputs = []
     for _ in range(3):
@@ -89,10 +120,24 @@ def test_certificates_the_old_script_made_are_adopted_without_a_new_certificate_
 def test_a_pass_that_only_fixes_chains_and_ca_files_says_so(tmp_path):
     """The summary counts rewritten chains and written CA files, not "hooks retried"."""
     out = tmp_path / "out"
-    manifest = write_manifest(tmp_path / "m.json", [
-        {"common_name": "a.example", "cert_path": str(out / "a.crt"), "key_path": str(out / "a.key"), "include_ca": True, "ca_path": str(out / "ca.crt")},
-        {"common_name": "b.example", "cert_path": str(out / "b.crt"), "key_path": str(out / "b.key"), "include_ca": True},
-    ])
+    manifest = write_manifest(
+        tmp_path / "m.json",
+        [
+            {
+                "common_name": "a.example",
+                "cert_path": str(out / "a.crt"),
+                "key_path": str(out / "a.key"),
+                "include_ca": True,
+                "ca_path": str(out / "ca.crt"),
+            },
+            {
+                "common_name": "b.example",
+                "cert_path": str(out / "b.crt"),
+                "key_path": str(out / "b.key"),
+                "include_ca": True,
+            },
+        ],
+    )
     state = tmp_path / "state"
     reconcile("-m", str(manifest), state_dir=state, check=0)
     manifest.write_text(manifest.read_text().replace("true", "false"))
@@ -105,9 +150,17 @@ def test_a_pass_that_only_fixes_chains_and_ca_files_says_so(tmp_path):
 def test_the_observation_cache_a_pass_writes_for_a_ca_path_is_read_back_as_sound(tmp_path):
     """A manifest with a ca_path: the second pass must not call the first pass's cache damaged."""
     out = tmp_path / "out"
-    manifest = write_manifest(tmp_path / "m.json", [
-        {"common_name": "a.example", "cert_path": str(out / "a.crt"), "key_path": str(out / "a.key"), "ca_path": str(out / "ca.crt")},
-    ])
+    manifest = write_manifest(
+        tmp_path / "m.json",
+        [
+            {
+                "common_name": "a.example",
+                "cert_path": str(out / "a.crt"),
+                "key_path": str(out / "a.key"),
+                "ca_path": str(out / "ca.crt"),
+            },
+        ],
+    )
     state = tmp_path / "state"
     reconcile("-m", str(manifest), state_dir=state, check=0)
     for args in (("--plan",), ("status",), ()):
@@ -116,12 +169,19 @@ def test_the_observation_cache_a_pass_writes_for_a_ca_path_is_read_back_as_sound
     assert not list(state.glob("cache/*.bad-*"))
 
 
-def test_an_intermediate_bundled_by_another_ca_is_not_learned_and_its_certificate_is_reissued(tmp_path, step_ca, other_step_ca):
+def test_an_intermediate_bundled_by_another_ca_is_not_learned_and_its_certificate_is_reissued(
+    tmp_path, step_ca, other_step_ca
+):
     """Learning intermediates from files checks each against the configured root: a bundle
     another CA made stays foreign, for its own file and for every pass after it."""
     _steppath, other_env = old_host(tmp_path / "other", other_step_ca)
     _steppath, env = old_host(tmp_path / "ours", step_ca)
-    entry = {"common_name": "web.internal.example", "cert_path": "tls/web.crt", "key_path": "tls/web.key", "include_ca": True}
+    entry = {
+        "common_name": "web.internal.example",
+        "cert_path": "tls/web.crt",
+        "key_path": "tls/web.key",
+        "include_ca": True,
+    }
     manifest = write_manifest(tmp_path / "certificate-manifest.json", [entry])
     reconcile("-m", str(manifest), state_dir=tmp_path / "other-state", env=other_env, check=0)
     # that host's state folder is gone, as on a new host: its marks on the files are stale
@@ -134,7 +194,9 @@ def test_an_intermediate_bundled_by_another_ca_is_not_learned_and_its_certificat
     reconcile("-m", str(manifest), state_dir=state, env=env, check=0)
     ours = x509.load_pem_x509_certificate(step_ca.intermediate_pem())
     load_cert(tmp_path / "tls" / "web.crt").verify_directly_issued_by(ours)
-    cached = [x509.load_pem_x509_certificate(p.read_bytes()) for p in (state / "step-ca" / "intermediates").glob("*.crt")]
+    cached = [
+        x509.load_pem_x509_certificate(p.read_bytes()) for p in (state / "step-ca" / "intermediates").glob("*.crt")
+    ]
     assert cached == [ours], "only the configured CA's own intermediate is cached"
 
 
@@ -142,11 +204,35 @@ def test_entries_sharing_a_ca_path_with_different_owners_are_invalid_naming_both
     """Two owners for one ca_path file chowned it back and forth on every pass: that is a
     manifest error naming both entries, and nothing is written."""
     out = tmp_path / "out"
-    manifest = write_manifest(tmp_path / "m.json", {"issuer": {"type": "local"}, "certificates": [
-        {"common_name": "a.example", "cert_path": "out/a.crt", "key_path": "out/a.key", "ca_path": "out/ca.crt", "owner": "root:root"},
-        {"common_name": "b.example", "cert_path": "out/b.crt", "key_path": "out/b.key", "ca_path": "out/ca.crt"},
-        {"name": "c", "common_name": "c.example", "cert_path": "out/c.crt", "key_path": "out/c.key", "ca_path": "out/ca.crt", "owner": "nobody:nogroup"},
-    ]})
+    manifest = write_manifest(
+        tmp_path / "m.json",
+        {
+            "issuer": {"type": "local"},
+            "certificates": [
+                {
+                    "common_name": "a.example",
+                    "cert_path": "out/a.crt",
+                    "key_path": "out/a.key",
+                    "ca_path": "out/ca.crt",
+                    "owner": "root:root",
+                },
+                {
+                    "common_name": "b.example",
+                    "cert_path": "out/b.crt",
+                    "key_path": "out/b.key",
+                    "ca_path": "out/ca.crt",
+                },
+                {
+                    "name": "c",
+                    "common_name": "c.example",
+                    "cert_path": "out/c.crt",
+                    "key_path": "out/c.key",
+                    "ca_path": "out/ca.crt",
+                    "owner": "nobody:nogroup",
+                },
+            ],
+        },
+    )
     for args in (("validate",), ()):
         proc = reconcile(*args, "-m", str(manifest), state_dir=tmp_path / "state", check=1)
         assert "certificates[2].owner" in proc.stderr and "certificates[0] (a.example)" in proc.stderr, proc.stderr
@@ -161,9 +247,18 @@ def test_entries_sharing_a_ca_path_with_different_owners_are_invalid_naming_both
 def test_renew_takes_names_before_and_after_options(tmp_path):
     """`reconcile renew a -m m.json --plan b`: names and options mix, as in any CLI."""
     out = tmp_path / "out"
-    manifest = write_manifest(tmp_path / "m.json", [
-        {"name": n, "common_name": f"{n}.example", "cert_path": str(out / f"{n}.crt"), "key_path": str(out / f"{n}.key")} for n in ("a", "b", "c")
-    ])
+    manifest = write_manifest(
+        tmp_path / "m.json",
+        [
+            {
+                "name": n,
+                "common_name": f"{n}.example",
+                "cert_path": str(out / f"{n}.crt"),
+                "key_path": str(out / f"{n}.key"),
+            }
+            for n in ("a", "b", "c")
+        ],
+    )
     state = tmp_path / "state"
     reconcile("-m", str(manifest), state_dir=state, check=0)
     proc = reconcile("renew", "a", "-m", str(manifest), "--plan", "--output", "json", "b", state_dir=state, check=0)
@@ -177,10 +272,23 @@ def test_status_is_not_ready_while_a_chain_or_ca_file_waits_for_repair(tmp_path)
     """A chain include_ca no longer asks for, or a deleted ca_path file: status says
     "repair due" with the reason and exits 1, as for a wrong owner or mode."""
     out = tmp_path / "out"
-    manifest = write_manifest(tmp_path / "m.json", [
-        {"common_name": "a.example", "cert_path": str(out / "a.crt"), "key_path": str(out / "a.key"), "include_ca": True},
-        {"common_name": "b.example", "cert_path": str(out / "b.crt"), "key_path": str(out / "b.key"), "ca_path": str(out / "ca.crt")},
-    ])
+    manifest = write_manifest(
+        tmp_path / "m.json",
+        [
+            {
+                "common_name": "a.example",
+                "cert_path": str(out / "a.crt"),
+                "key_path": str(out / "a.key"),
+                "include_ca": True,
+            },
+            {
+                "common_name": "b.example",
+                "cert_path": str(out / "b.crt"),
+                "key_path": str(out / "b.key"),
+                "ca_path": str(out / "ca.crt"),
+            },
+        ],
+    )
     state = tmp_path / "state"
     reconcile("-m", str(manifest), state_dir=state, check=0)
     reconcile("status", "-m", str(manifest), state_dir=state, check=0)
@@ -188,7 +296,11 @@ def test_status_is_not_ready_while_a_chain_or_ca_file_waits_for_repair(tmp_path)
     (out / "ca.crt").unlink()
     proc = reconcile("status", "-m", str(manifest), "--output", "json", state_dir=state, check=1)
     rows = {r["name"]: r for r in json.loads(proc.stdout)["certificates"]}
-    assert {n: r["state"] for n, r in rows.items()} == {"a.example": "repair due", "b.example": "repair due"}, proc.stdout
-    assert "include_ca: false" in rows["a.example"]["problem"] and "missing" in rows["b.example"]["problem"], proc.stdout
+    assert {n: r["state"] for n, r in rows.items()} == {"a.example": "repair due", "b.example": "repair due"}, (
+        proc.stdout
+    )
+    assert "include_ca: false" in rows["a.example"]["problem"] and "missing" in rows["b.example"]["problem"], (
+        proc.stdout
+    )
     reconcile("-m", str(manifest), state_dir=state, check=0)
     reconcile("status", "-m", str(manifest), state_dir=state, check=0)

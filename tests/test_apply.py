@@ -287,7 +287,13 @@ def test_include_ca_ca_path_client_type_and_kept_key(site):
 
 def test_rotation_is_the_default_on_renewal(site):
     tmp, state, out = site
-    entry = {"common_name": "r.internal.example", "duration": "1m", "renew_before": "99%", "cert_path": str(out / "r.crt"), "key_path": str(out / "r.key")}
+    entry = {
+        "common_name": "r.internal.example",
+        "duration": "1m",
+        "renew_before": "99%",
+        "cert_path": str(out / "r.crt"),
+        "key_path": str(out / "r.key"),
+    }
     m = write_manifest(tmp / "m.json", [entry])
     reconcile("-m", str(m), state_dir=state, check=0)
     before = (out / "r.key").read_bytes()
@@ -317,7 +323,11 @@ def test_a_one_shot_run_writes_the_textfile_metrics(site):
     text = prom.read_text()
     not_after = int(load_cert(out / "svc.crt").not_valid_after_utc.timestamp())
     assert 'reconciler_certificate_ready{name="svc.internal.example"} 1.0' in text
-    series = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    series = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert series['reconciler_certificate_not_after_timestamp_seconds{name="svc.internal.example"}'] == not_after
     assert "reconciler_manifest_valid 1.0" in text
     assert 'reconciler_issuance_failures_total{name="nginx.internal.example"} 0.0' in text

@@ -12,8 +12,13 @@ from helpers import reconcile, tree_snapshot, write_manifest
 def bare_manifest(tmp_path):
     return write_manifest(
         tmp_path / "m.json",
-        [{"common_name": "a.example", "cert_path": str(tmp_path / "out/a.crt"),
-          "key_path": str(tmp_path / "out/a.key")}],
+        [
+            {
+                "common_name": "a.example",
+                "cert_path": str(tmp_path / "out/a.crt"),
+                "key_path": str(tmp_path / "out/a.key"),
+            }
+        ],
     )
 
 
@@ -68,8 +73,15 @@ def test_every_error_the_cli_reports_derives_from_one_base_with_a_hint():
     from reconciler.passes import UnknownCertificate
     from reconciler.status import StatusError
 
-    for cls in (FolderError, IssuerConfigError, IssuerError, LockTimeout, ManifestError, UnknownCertificate,
-                StatusError):
+    for cls in (
+        FolderError,
+        IssuerConfigError,
+        IssuerError,
+        LockTimeout,
+        ManifestError,
+        UnknownCertificate,
+        StatusError,
+    ):
         assert issubclass(cls, ReconcilerError), cls
     err = ReconcilerError("the thing at /x is broken", hint="fix /x")
     assert (err.message, err.hint) == ("the thing at /x is broken", "fix /x")

@@ -18,7 +18,13 @@ LOCAL = {"type": "local"}
 
 
 def entry(out: Path, name: str, **extra) -> dict:
-    return {"name": name, "common_name": f"{name}.example", "cert_path": str(out / f"{name}.crt"), "key_path": str(out / f"{name}.key"), **extra}
+    return {
+        "name": name,
+        "common_name": f"{name}.example",
+        "cert_path": str(out / f"{name}.crt"),
+        "key_path": str(out / f"{name}.key"),
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -68,7 +74,9 @@ def test_a_partly_failed_pass_counts_each_action_and_runs_only_the_hooks_it_may(
     hook = f"echo $RECONCILER_CERTIFICATES >> {ran}"
     broken = entry(out, "broken", post_renewal_command=hook)
     broken["cert_path"], broken["key_path"] = str(out / "blocker" / "x.crt"), str(out / "blocker" / "x.key")
-    m = write_manifest(tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "good", post_renewal_command=hook), broken]})
+    m = write_manifest(
+        tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "good", post_renewal_command=hook), broken]}
+    )
     proc = reconcile("-m", str(m), state_dir=state)
     no_traceback(proc)
     assert proc.returncode == 1
@@ -86,12 +94,16 @@ def test_a_partly_failed_pass_counts_each_action_and_runs_only_the_hooks_it_may(
     assert "error: 1 of 2 certificates failed; everything else was done:" in proc.stderr
 
     data = json.loads(reconcile("-m", str(m), "--output", "json", state_dir=state).stdout)
-    assert data["result"]["hooks_held_back"] == [{"command": hook, "certificates": ["broken"], "reason": "its certificate failed"}]
+    assert data["result"]["hooks_held_back"] == [
+        {"command": hook, "certificates": ["broken"], "reason": "its certificate failed"}
+    ]
 
 
 def test_a_failed_hook_is_listed_as_run_and_failed(site):
     tmp, state, out = site
-    m = write_manifest(tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "a", post_renewal_command="exit 3")]})
+    m = write_manifest(
+        tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "a", post_renewal_command="exit 3")]}
+    )
     proc = reconcile("-m", str(m), state_dir=state)
     assert proc.returncode == 1
     assert after_issuer(proc.stdout).splitlines() == [
@@ -105,7 +117,10 @@ def test_a_failed_hook_is_listed_as_run_and_failed(site):
 
 def test_a_successful_pass_says_how_many_of_how_many(site):
     tmp, state, out = site
-    m = write_manifest(tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "a", post_renewal_command="true"), entry(out, "b")]})
+    m = write_manifest(
+        tmp / "m.json",
+        {"issuer": LOCAL, "certificates": [entry(out, "a", post_renewal_command="true"), entry(out, "b")]},
+    )
     proc = reconcile("-m", str(m), state_dir=state, check=0)
     assert after_issuer(proc.stdout).splitlines()[0] == "Applied: 2 of 2 issued (0 of 2 unchanged)."
     assert after_issuer(proc.stdout).splitlines()[-2:] == ["Hooks run:", "  true   (for a): succeeded"]
@@ -121,8 +136,14 @@ def test_one_certificate_matches_in_the_singular(site):
     tmp, state, out = site
     m = write_manifest(tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "a")]})
     reconcile("-m", str(m), state_dir=state, check=0)
-    assert after_issuer(reconcile("-m", str(m), "--plan", state_dir=state, check=0).stdout) == "No changes: 1 certificate matches the manifest.\n"
-    assert after_issuer(reconcile("-m", str(m), state_dir=state, check=0).stdout) == "No changes: 1 certificate matches the manifest.\n"
+    assert (
+        after_issuer(reconcile("-m", str(m), "--plan", state_dir=state, check=0).stdout)
+        == "No changes: 1 certificate matches the manifest.\n"
+    )
+    assert (
+        after_issuer(reconcile("-m", str(m), state_dir=state, check=0).stdout)
+        == "No changes: 1 certificate matches the manifest.\n"
+    )
     doctor = reconcile("doctor", "-m", str(m), state_dir=state)
     assert "is valid (1 certificate)" in doctor.stdout, doctor.stdout
 
@@ -130,11 +151,15 @@ def test_one_certificate_matches_in_the_singular(site):
 def test_a_jittered_renewal_says_when_it_became_due(site):
     tmp, state, out = site
     # 1m asked, 2m granted (1m backdate): a 99 % window is always open, jitter or not
-    m = write_manifest(tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "a", duration="1m", renew_before="99%")]})
+    m = write_manifest(
+        tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "a", duration="1m", renew_before="99%")]}
+    )
     reconcile("-m", str(m), state_dir=state, check=0)
     proc = reconcile("-m", str(m), "--plan", state_dir=state, check=0)
     row = after_issuer(proc.stdout).splitlines()[1]
-    assert re.fullmatch(r"\s+~ a\s+renew\s+renewal due since [\dhms]+ ago \(window 99% \+ jitter\); expires in \d+[ms]\d*s?", row), row
+    assert re.fullmatch(
+        r"\s+~ a\s+renew\s+renewal due since [\dhms]+ ago \(window 99% \+ jitter\); expires in \d+[ms]\d*s?", row
+    ), row
     assert "inside the" not in proc.stdout
 
 
@@ -165,7 +190,9 @@ def test_status_exits_0_only_when_every_certificate_is_ready(site):
 def test_status_exits_1_for_a_failed_issuance_and_an_owed_hook(site):
     tmp, state, out = site
     gate = tmp / "gate"
-    m = write_manifest(tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "a", post_renewal_command=f"test -e {gate}")]})
+    m = write_manifest(
+        tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "a", post_renewal_command=f"test -e {gate}")]}
+    )
     reconcile("-m", str(m), state_dir=state, check=1)
     assert status(m, state) == (1, {"a": "hook pending"})
     gate.touch()
@@ -189,7 +216,9 @@ def test_status_of_an_invalid_manifest_lists_the_last_valid_copy_and_says_why(si
     no_traceback(proc)
     doc = json.loads(proc.stdout)
     assert proc.returncode == 1 and not doc["manifest_valid"]
-    assert doc["manifest_problem"].startswith("manifest invalid since ") and "certificates[0]" in doc["manifest_problem"]
+    assert (
+        doc["manifest_problem"].startswith("manifest invalid since ") and "certificates[0]" in doc["manifest_problem"]
+    )
     assert [(c["name"], c["state"]) for c in doc["certificates"]] == [("a", "ready")]
 
     (state / "last-valid-manifest.json").write_text("{ damaged")
@@ -214,7 +243,14 @@ def run_into_closed_pipe(*args: str, state: Path) -> subprocess.CompletedProcess
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
     env.update(PYTHONPATH=str(REPO), RECONCILER_STATE_DIR=str(state), NO_COLOR="1")
     try:
-        return subprocess.run([sys.executable, "-m", "reconciler", *args], stdout=write_end, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "reconciler", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=120,
+        )
     finally:
         os.close(write_end)
 
@@ -223,7 +259,11 @@ def run_into_closed_pipe(*args: str, state: Path) -> subprocess.CompletedProcess
 def test_output_into_a_closed_pipe_ends_quietly(site, args):
     tmp, state, out = site
     m = write_manifest(tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, f"c{i}") for i in range(30)]})
-    proc = run_into_closed_pipe(args[0], "-m", str(m), *args[1:], state=state) if args[0] in ("doctor", "status", "validate") else run_into_closed_pipe("-m", str(m), *args, state=state)
+    proc = (
+        run_into_closed_pipe(args[0], "-m", str(m), *args[1:], state=state)
+        if args[0] in ("doctor", "status", "validate")
+        else run_into_closed_pipe("-m", str(m), *args, state=state)
+    )
     assert proc.stderr == "", proc.stderr
     assert proc.returncode == 141
 
@@ -233,4 +273,7 @@ def test_a_pass_into_a_closed_pipe_still_converges(site):
     m = write_manifest(tmp / "m.json", {"issuer": LOCAL, "certificates": [entry(out, "a")]})
     proc = run_into_closed_pipe("-m", str(m), state=state)
     assert proc.stderr == "" and proc.returncode == 141
-    assert after_issuer(reconcile("-m", str(m), "--plan", state_dir=state, check=0).stdout) == "No changes: 1 certificate matches the manifest.\n"
+    assert (
+        after_issuer(reconcile("-m", str(m), "--plan", state_dir=state, check=0).stdout)
+        == "No changes: 1 certificate matches the manifest.\n"
+    )

@@ -41,7 +41,9 @@ def env_for(extra: dict | None = None, no_color: bool = True) -> dict:
     return env
 
 
-def run(*args: str, env: dict | None = None, no_color: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run(
+    *args: str, env: dict | None = None, no_color: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "reconciler", *args],
         capture_output=True,
@@ -118,9 +120,19 @@ def deploy(manifest: Path, state: Path, only: str | None = None, sans=None, dura
         if only and cert.name != only:
             continue
         key = generate_key(cert.key)
-        request = IssueRequest(cert.name, cert.common_name, tuple(sans or ordered(cert.sans)), duration or cert.duration, cert.cert_type, cert.key)
+        request = IssueRequest(
+            cert.name,
+            cert.common_name,
+            tuple(sans or ordered(cert.sans)),
+            duration or cert.duration,
+            cert.cert_type,
+            cert.key,
+        )
         issued = ca.issue(request, key)
-        for path, data, mode in ((cert.cert_path, issued.leaf_pem + (issued.chain_pem if cert.include_ca else b""), cert.cert_mode), (cert.key_path, key_to_pem(key), cert.key_mode)):
+        for path, data, mode in (
+            (cert.cert_path, issued.leaf_pem + (issued.chain_pem if cert.include_ca else b""), cert.cert_mode),
+            (cert.key_path, key_to_pem(key), cert.key_mode),
+        ):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
             os.chmod(path, mode)
@@ -161,14 +173,23 @@ def plan_json(manifest: Path, state: Path, *extra: str) -> tuple[int, dict]:
 def test_validate_ok(site):
     manifest, state = site
     proc = run("validate", "-m", str(manifest), "--state-dir", str(state))
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"issuer: embedded CA in {state / 'ca'}\nok: 2 certificates\n", "")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        0,
+        f"issuer: embedded CA in {state / 'ca'}\nok: 2 certificates\n",
+        "",
+    )
     assert not state.exists()
 
 
 def test_validate_ok_singular_and_from_the_environment(tmp_path):
-    manifest = write_manifest(tmp_path / "m.json", {"certificates": [{"common_name": "a.example", "cert_path": "a.crt", "key_path": "a.key"}]})
+    manifest = write_manifest(
+        tmp_path / "m.json", {"certificates": [{"common_name": "a.example", "cert_path": "a.crt", "key_path": "a.key"}]}
+    )
     proc = run("validate", env={"RECONCILER_MANIFEST": str(manifest), "RECONCILER_STATE_DIR": str(tmp_path / "state")})
-    assert (proc.returncode, proc.stdout) == (0, f"issuer: embedded CA in {tmp_path / 'state' / 'ca'}\nok: 1 certificate\n")
+    assert (proc.returncode, proc.stdout) == (
+        0,
+        f"issuer: embedded CA in {tmp_path / 'state' / 'ca'}\nok: 1 certificate\n",
+    )
 
 
 def test_validate_reports_every_error_with_its_path_and_exits_1(tmp_path):
@@ -177,8 +198,19 @@ def test_validate_reports_every_error_with_its_path_and_exits_1(tmp_path):
         {
             "certificates": [
                 {"common_name": "a.example", "cert_path": "a.crt", "key_path": "a.key", "permisions": "600"},
-                {"common_name": "b.example", "cert_path": "a.crt", "key_path": "b.key", "owner": "no-such-user-reconciler"},
-                {"common_name": "c.example", "cert_path": "c.crt", "key_path": "c.key", "permissions": "644", "sans": ["bad..name"]},
+                {
+                    "common_name": "b.example",
+                    "cert_path": "a.crt",
+                    "key_path": "b.key",
+                    "owner": "no-such-user-reconciler",
+                },
+                {
+                    "common_name": "c.example",
+                    "cert_path": "c.crt",
+                    "key_path": "c.key",
+                    "permissions": "644",
+                    "sans": ["bad..name"],
+                },
             ]
         },
     )
@@ -226,12 +258,21 @@ def test_validate_a_step_ca_manifest_whose_password_file_is_missing(tmp_path):
     manifest = write_manifest(
         tmp_path / "m.json",
         {
-            "issuer": {"type": "step-ca", "url": "https://ca.internal:9000", "root": "root.crt", "provisioner": "admin", "password_file": "missing.txt"},
+            "issuer": {
+                "type": "step-ca",
+                "url": "https://ca.internal:9000",
+                "root": "root.crt",
+                "provisioner": "admin",
+                "password_file": "missing.txt",
+            },
             "certificates": [{"common_name": "a.example", "cert_path": "a.crt", "key_path": "a.key"}],
         },
     )
     proc = run("validate", "-m", str(manifest), "--state-dir", str(tmp_path / "state"))
-    assert (proc.returncode, proc.stdout) == (0, "issuer: step-ca https://ca.internal:9000, provisioner admin\nok: 1 certificate\n")
+    assert (proc.returncode, proc.stdout) == (
+        0,
+        "issuer: step-ca https://ca.internal:9000, provisioner admin\nok: 1 certificate\n",
+    )
 
 
 # --------------------------------------------------------------------------- --plan, text
@@ -254,7 +295,11 @@ def test_plan_with_nothing_to_do(site):
     manifest, state = site
     deploy(manifest, state)
     proc = plan(manifest, state, "--detailed-exitcode")
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"issuer: embedded CA in {state / 'ca'}\nNo changes: 2 certificates match the manifest.\n", "")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        0,
+        f"issuer: embedded CA in {state / 'ca'}\nNo changes: 2 certificates match the manifest.\n",
+        "",
+    )
 
 
 def test_plan_rows_say_why_in_words(site):
@@ -270,8 +315,13 @@ def test_plan_rows_say_why_in_words(site):
     assert proc.returncode == 2, proc.stderr
     lines = plan_lines(proc, state)
     assert lines[0] == "Plan: 1 to reissue, 1 to renew (0 of 2 unchanged)."
-    assert re.fullmatch(r"\s+-/\+ web\.example\.com\s+reissue\s+SANs differ: adds 10\.0\.0\.5, drops old\.example", lines[1]), lines[1]
-    assert re.fullmatch(r"\s+~ api\s+renew\s+renewal due since [\dhms]+ ago \(window 99% \+ jitter\); expires in (59|58)m\d*s?", lines[2]), lines[2]
+    assert re.fullmatch(
+        r"\s+-/\+ web\.example\.com\s+reissue\s+SANs differ: adds 10\.0\.0\.5, drops old\.example", lines[1]
+    ), lines[1]
+    assert re.fullmatch(
+        r"\s+~ api\s+renew\s+renewal due since [\dhms]+ ago \(window 99% \+ jitter\); expires in (59|58)m\d*s?",
+        lines[2],
+    ), lines[2]
     assert lines[3:] == ["Hooks that would run:", "  systemctl reload nginx   (for web.example.com, api)"]
 
 
@@ -298,7 +348,9 @@ def test_plan_shows_a_pending_hook_from_the_status_store(site):
     assert proc.returncode == 2
     lines = plan_lines(proc, state)
     assert lines[0] == "Plan: 1 to run hook (1 of 2 unchanged)."
-    assert re.fullmatch(r"\s+! api\s+run_hook\s+the post-renewal command did not succeed after the last deployment", lines[1])
+    assert re.fullmatch(
+        r"\s+! api\s+run_hook\s+the post-renewal command did not succeed after the last deployment", lines[1]
+    )
     assert lines[2:] == ["Hooks that would run:", "  systemctl reload nginx   (for api)"]
 
 
@@ -312,11 +364,16 @@ def test_plan_with_a_path_that_cannot_be_managed_exits_1(site):
     assert proc.returncode == 1
     lines = plan_lines(proc, state)
     assert lines[0] == "Plan: 1 cannot be managed (1 of 2 unchanged)."
-    assert re.fullmatch(rf"\s+x api\s+error\s+key {re.escape(str(key))} is a directory; point key_path at a file inside it", lines[1])
+    assert re.fullmatch(
+        rf"\s+x api\s+error\s+key {re.escape(str(key))} is a directory; point key_path at a file inside it", lines[1]
+    )
 
 
 def test_plan_of_an_invalid_manifest_prints_the_errors_and_exits_1(tmp_path):
-    manifest = write_manifest(tmp_path / "m.json", [{"common_name": "a.example", "cert_path": "a.crt", "key_path": "a.key", "permissions": "644"}])
+    manifest = write_manifest(
+        tmp_path / "m.json",
+        [{"common_name": "a.example", "cert_path": "a.crt", "key_path": "a.key", "permissions": "644"}],
+    )
     proc = plan(manifest, tmp_path / "state", "--detailed-exitcode")
     assert proc.returncode == 1 and proc.stdout == ""
     assert '[0].permissions: "644" would make the private key readable by every user' in proc.stderr
@@ -361,13 +418,21 @@ def test_plan_json_follows_the_contract(site):
     assert data["changes"] is True
     tls = manifest.parent.parent / "tls"
     web, api = data["certificates"]
-    assert (web["name"], web["cert_path"], web["key_path"]) == ("web.example.com", str(tls / "web.crt"), str(tls / "web.key"))
+    assert (web["name"], web["cert_path"], web["key_path"]) == (
+        "web.example.com",
+        str(tls / "web.crt"),
+        str(tls / "web.key"),
+    )
     assert web["actions"] == [
         {
             "action": "reissue",
             "reason": "SANs differ: adds 10.0.0.5",
             "drift": [
-                {"field": "sans", "observed": ["web.example.com", "www.example.com"], "desired": ["10.0.0.5", "web.example.com", "www.example.com"]}
+                {
+                    "field": "sans",
+                    "observed": ["web.example.com", "www.example.com"],
+                    "desired": ["10.0.0.5", "web.example.com", "www.example.com"],
+                }
             ],
         }
     ]
@@ -454,7 +519,9 @@ def test_plan_with_drift_changes_no_file_and_no_state(site, tmp_path):
     deploy(manifest, state, only="api")
     tls = manifest.parent.parent / "tls"
     os.chmod(tls / "api.key", 0o644)
-    (state / "status.json").write_text(json.dumps({"version": 1, "certificates": {"api": {"hook_pending": True}}, "manifest": {}}))
+    (state / "status.json").write_text(
+        json.dumps({"version": 1, "certificates": {"api": {"hook_pending": True}}, "manifest": {}})
+    )
     before = snapshot_tree(tmp_path)
     assert plan(manifest, state, "--detailed-exitcode").returncode == 2
     assert plan(manifest, state, "--output", "json").returncode == 0
@@ -471,7 +538,13 @@ def test_plan_of_a_step_ca_manifest_never_contacts_the_ca(tmp_path):
     manifest = write_manifest(
         tmp_path / "m.json",
         {
-            "issuer": {"type": "step-ca", "url": f"https://127.0.0.1:{port}", "root": "root.crt", "provisioner": "admin", "password_file": "pw.txt"},
+            "issuer": {
+                "type": "step-ca",
+                "url": f"https://127.0.0.1:{port}",
+                "root": "root.crt",
+                "provisioner": "admin",
+                "password_file": "pw.txt",
+            },
             "certificates": [{"common_name": "a.example", "cert_path": "a.crt", "key_path": "a.key"}],
         },
     )

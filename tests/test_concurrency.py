@@ -80,7 +80,10 @@ def manifest(out: Path, hook_log: Path, version: int) -> list:
 def one_shot(m: Path, state: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "reconciler", "-m", str(m), "--output", "json", "--lock-timeout", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for(state),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_for(state),
     )
 
 
@@ -107,7 +110,10 @@ def test_two_passes_and_a_watcher_serialise_and_write_each_file_once_per_change(
             procs = [one_shot(m, state), one_shot(m, state)]
             watcher = subprocess.Popen(
                 [sys.executable, "-m", "reconciler", "-m", str(m), "--watch", "--log-format", "json", "-v"],
-                stdout=subprocess.DEVNULL, stderr=err, text=True, env=env_for(state),
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                text=True,
+                env=env_for(state),
             )
             results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
             assert [r[2] for r in results] == [0, 0], [r[1][-2000:] for r in results]
@@ -120,7 +126,13 @@ def test_two_passes_and_a_watcher_serialise_and_write_each_file_once_per_change(
                     procs = [one_shot(m, state), one_shot(m, state)]
                     results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
                     assert [r[2] for r in results] == [0, 0], [r[1][-2000:] for r in results]
-                    wait_for(lambda version=version: all(f"v{version}.c{i}.race.test" in cert_sans(out / f"c{i}.crt") for i in range(N)), 60, "the change")
+                    wait_for(
+                        lambda version=version: all(
+                            f"v{version}.c{i}.race.test" in cert_sans(out / f"c{i}.crt") for i in range(N)
+                        ),
+                        60,
+                        "the change",
+                    )
                 time.sleep(1.5)  # the watcher's reaction to everybody's writes, if it had one, lands here
                 events = renames.take()
                 per_file = Counter(name for _t, name in events if not name.startswith("."))
@@ -132,7 +144,9 @@ def test_two_passes_and_a_watcher_serialise_and_write_each_file_once_per_change(
                 assert len(changed_by) <= 1, f"change {version}: {len(changed_by)} one-shot passes both made it"
                 hooks = hook_log.read_text().splitlines()
                 assert len(hooks) == version + 1, f"the hook ran {len(hooks)} times for {version + 1} changes"
-                figures.append({"change": version, "renames": sum(per_file.values()), "one_shots_that_changed": len(changed_by)})
+                figures.append(
+                    {"change": version, "renames": sum(per_file.values()), "one_shots_that_changed": len(changed_by)}
+                )
             assert watcher.poll() is None, "the watcher is still running"
             watcher.send_signal(signal.SIGTERM)
             assert watcher.wait(timeout=30) == 0

@@ -280,7 +280,9 @@ def _check_temporaries_and_status(site: Site, problems: list[str], figures: dict
             problems.append(f"status store unreadable after the kill: {exc}")
 
 
-def check_converged(site: Site, kind: str, hooks_before: list[int], problems: list[str], figures: dict, point: str) -> None:
+def check_converged(
+    site: Site, kind: str, hooks_before: list[int], problems: list[str], figures: dict, point: str
+) -> None:
     from reconciler.desired import load_desired
     from reconciler.passes import Settings, snapshot
     from reconciler.status import StatusStore
@@ -325,7 +327,20 @@ def campaign(args) -> dict:
     base, runs, seed = args
     rng = random.Random(seed)
     site = Site(Path(base))
-    figures = {k: 0 for k in ("runs", "killed", "finished_before_kill", "new_files", "old_files", "temporaries_seen", "hook_runs", "hooks_run_twice", "recovery_removed_temporaries")}
+    figures = {
+        k: 0
+        for k in (
+            "runs",
+            "killed",
+            "finished_before_kill",
+            "new_files",
+            "old_files",
+            "temporaries_seen",
+            "hook_runs",
+            "hooks_run_twice",
+            "recovery_removed_temporaries",
+        )
+    }
     per_point: dict[str, int] = {}
     problems: list[str] = []
     argv = ["-m", str(site.manifest), "--state-dir", str(site.state)]
@@ -337,7 +352,11 @@ def campaign(args) -> dict:
     rc2, out, err2 = run_cli_forked(site.log, argv)  # a warm re-issue of all 50: how long random kills may wait
     full_pass = time.monotonic() - t0
     if rc or rc2:
-        return {"figures": figures, "per_point": per_point, "problems": [f"first passes exit {rc}/{rc2}: {err[-2000:]}{err2[-2000:]}"]}
+        return {
+            "figures": figures,
+            "per_point": per_point,
+            "problems": [f"first passes exit {rc}/{rc2}: {err[-2000:]}{err2[-2000:]}"],
+        }
     for point, kind in runs:
         if kind == "content":
             site.version += 1

@@ -68,9 +68,19 @@ DAMAGES = [
     ("status-object-of-numbers", write("status.json", '{"0":1}'), "status.json", True),
     ("status-certificates-list", write("status.json", '{"version":1,"certificates":[]}'), "status.json", True),
     ("status-hook-failures-many", write("status.json", status_doc(svc={"hook_failures": "many"})), "status.json", True),
-    ("status-manifest-x", write("status.json", json.dumps({"version": 1, "certificates": {}, "manifest": "x"})), "status.json", True),
+    (
+        "status-manifest-x",
+        write("status.json", json.dumps({"version": 1, "certificates": {}, "manifest": "x"})),
+        "status.json",
+        True,
+    ),
     ("status-hook-record-garbage", write("status.json", status_doc(svc={"hook": {"command": 1}})), "status.json", True),
-    ("status-failures-negative", write("status.json", status_doc(svc={"failures": -3, "last_error": 5})), "status.json", True),
+    (
+        "status-failures-negative",
+        write("status.json", status_doc(svc={"failures": -3, "last_error": 5})),
+        "status.json",
+        True,
+    ),
     ("status-a-folder", make_folder("status.json"), "status.json", True),
     ("observed-object-of-numbers", write("cache/observed.json", '{"0":1}'), "cache/observed.json", False),
     ("observed-row-object", damage_observed("doc['entries'][key] = {'0': 1}"), "cache/observed.json", False),
@@ -88,10 +98,21 @@ DAMAGES = [
 def site(tmp_path):
     out, state = tmp_path / "out", tmp_path / "state"
     hook_log = tmp_path / "hook.log"
-    m = write_manifest(tmp_path / "m.json", {"issuer": {"type": "local"}, "certificates": [
-        {"name": "svc", "common_name": "svc.state.test", "cert_path": str(out / "svc.crt"), "key_path": str(out / "svc.key"),
-         "post_renewal_command": f"echo ran >> {hook_log}"},
-    ]})
+    m = write_manifest(
+        tmp_path / "m.json",
+        {
+            "issuer": {"type": "local"},
+            "certificates": [
+                {
+                    "name": "svc",
+                    "common_name": "svc.state.test",
+                    "cert_path": str(out / "svc.crt"),
+                    "key_path": str(out / "svc.key"),
+                    "post_renewal_command": f"echo ran >> {hook_log}",
+                },
+            ],
+        },
+    )
     reconcile("-m", str(m), state_dir=state, check=0)
     # a second, steady pass writes the observation cache as it stands
     assert "No changes" in reconcile("-m", str(m), state_dir=state, check=0).stdout
@@ -142,9 +163,20 @@ def test_an_unreadable_state_folder_is_a_clear_error_for_a_user_who_is_not_root(
         out, state = base / "out", base / "state"
         out.mkdir()
         os.chown(out, nobody, nobody)
-        m = write_manifest(base / "m.json", {"issuer": {"type": "local"}, "certificates": [
-            {"name": "svc", "common_name": "svc.state.test", "cert_path": str(out / "svc.crt"), "key_path": str(out / "svc.key")},
-        ]})
+        m = write_manifest(
+            base / "m.json",
+            {
+                "issuer": {"type": "local"},
+                "certificates": [
+                    {
+                        "name": "svc",
+                        "common_name": "svc.state.test",
+                        "cert_path": str(out / "svc.crt"),
+                        "key_path": str(out / "svc.key"),
+                    },
+                ],
+            },
+        )
         os.chmod(m, 0o644)
         state.mkdir(mode=0o700)
         os.chown(state, nobody, nobody)
@@ -155,16 +187,28 @@ def test_an_unreadable_state_folder_is_a_clear_error_for_a_user_who_is_not_root(
         # virtualenv's packages, inside the test's own world-readable folder
         site_packages = next(p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix))
         lib = base / "lib"
-        shutil.copytree(site_packages, lib, ignore=shutil.ignore_patterns("hypothesis*", "_pytest", "pip", "setuptools", "*.pyc"))
-        shutil.copytree(REPO / "reconciler", lib / "reconciler", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            site_packages, lib, ignore=shutil.ignore_patterns("hypothesis*", "_pytest", "pip", "setuptools", "*.pyc")
+        )
+        shutil.copytree(
+            REPO / "reconciler", lib / "reconciler", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+        )
         for folder, _dirs, _files in os.walk(lib):
             os.chmod(folder, 0o755)
         env.update(NO_COLOR="1", PYTHONPATH=str(lib), HOME=str(base))
         python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
 
         def run(*args):
-            return subprocess.run([python, "-m", "reconciler", *args, "--state-dir", str(state)],
-                                  capture_output=True, text=True, env=env, user=nobody, group=nobody, cwd=base, timeout=120)
+            return subprocess.run(
+                [python, "-m", "reconciler", *args, "--state-dir", str(state)],
+                capture_output=True,
+                text=True,
+                env=env,
+                user=nobody,
+                group=nobody,
+                cwd=base,
+                timeout=120,
+            )
 
         assert run("-m", str(m)).returncode == 0
         os.chmod(state, 0)

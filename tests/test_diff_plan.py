@@ -25,7 +25,19 @@ from hypothesis import strategies as st
 from reconciler.crypto import key_to_pem
 from reconciler.durations import format_duration
 from reconciler.diff import (
-    CHMOD, CHOWN, DRIFT_TABLE, ISSUE, REISSUE, RENEW, REWRITE_CHAIN, RUN_HOOK, WRITE_CA, Blocked, diff, readiness, renewal_due_at,
+    CHMOD,
+    CHOWN,
+    DRIFT_TABLE,
+    ISSUE,
+    REISSUE,
+    RENEW,
+    REWRITE_CHAIN,
+    RUN_HOOK,
+    WRITE_CA,
+    Blocked,
+    diff,
+    readiness,
+    renewal_due_at,
 )
 from reconciler.issuers import IssueRequest
 from reconciler.issuers.local import LocalCA
@@ -92,7 +104,14 @@ def desire(folder: Path, **fields) -> DesiredCert:
     return cert
 
 
-def issue(ca: LocalCA, cert: DesiredCert, key=None, common_name: str | None = None, sans=None, duration: timedelta | None = None):
+def issue(
+    ca: LocalCA,
+    cert: DesiredCert,
+    key=None,
+    common_name: str | None = None,
+    sans=None,
+    duration: timedelta | None = None,
+):
     """A certificate from `ca` made to `cert` unless told otherwise: (leaf+chain PEM, key)."""
     key = key if key is not None else make_key(cert.key.describe())
     request = IssueRequest(
@@ -233,7 +252,9 @@ def test_a_certificate_with_a_key_algorithm_cryptography_cannot_load_is_garbage_
     id_ec_public_key = bytes.fromhex("06072a8648ce3d0201")
     assert der.count(id_ec_public_key) == 1
     der = der.replace(id_ec_public_key, bytes.fromhex("06072a8648ce3d0209"))  # an unknown OID
-    cert.cert_path.write_bytes(b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE-----\n")
+    cert.cert_path.write_bytes(
+        b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE-----\n"
+    )
     plan, observed = plan_for(cert, trust, now=datetime.now(timezone.utc))
     assert observed.cert is None and "does not parse" in observed.cert_error
     assert plan.actions[0].action == ISSUE
@@ -265,7 +286,9 @@ def test_an_encrypted_key_is_issued_with_the_reason(tmp_path, ca, trust):
     )
     cert.key_path.write_bytes(encrypted)
     plan, _ = plan_for(cert, trust, now=datetime.now(timezone.utc))
-    assert actions(plan) == [(ISSUE, "key does not parse: private key is encrypted; the reconciler manages unencrypted keys only")]
+    assert actions(plan) == [
+        (ISSUE, "key does not parse: private key is encrypted; the reconciler manages unencrypted keys only")
+    ]
 
 
 def test_a_key_that_does_not_match_the_certificate_is_issued(tmp_path, ca, trust):
@@ -407,7 +430,9 @@ def forge(ca: LocalCA, cert: DesiredCert, names=None, not_before: datetime | Non
     key = make_key(cert.key.describe())
     start = not_before or datetime.now(timezone.utc) - timedelta(minutes=1)
     if names is None:
-        names = [x509.IPAddress(_ip.ip_address(display(s))) if s.startswith("IP:") else x509.DNSName(s) for s in cert.sans]
+        names = [
+            x509.IPAddress(_ip.ip_address(display(s))) if s.startswith("IP:") else x509.DNSName(s) for s in cert.sans
+        ]
     leaf = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cert.common_name)]))
@@ -419,7 +444,11 @@ def forge(ca: LocalCA, cert: DesiredCert, names=None, not_before: datetime | Non
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .sign(int_key, hashes.SHA256())
     )
-    write(cert.cert_path, leaf.public_bytes(serialization.Encoding.PEM) + (int_pem if cert.include_ca else b""), cert.cert_mode)
+    write(
+        cert.cert_path,
+        leaf.public_bytes(serialization.Encoding.PEM) + (int_pem if cert.include_ca else b""),
+        cert.cert_mode,
+    )
     write(cert.key_path, key_to_pem(key), cert.key_mode)
 
 
@@ -446,9 +475,15 @@ def test_a_certificate_not_yet_valid_is_reissued_saying_the_clock_may_have_jumpe
     forge(ca, cert, not_before=datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc))
     plan, observed = plan_for(cert, trust, now=now)
     assert observed.chains_to_issuer is True
-    assert actions(plan) == [(REISSUE, "not valid until 2026-12-01T10:00Z (in 3d); the clock may have jumped backwards")]
+    assert actions(plan) == [
+        (REISSUE, "not valid until 2026-12-01T10:00Z (in 3d); the clock may have jumped backwards")
+    ]
     (drift,) = plan.actions[0].drifts
-    assert (drift.field, drift.observed, drift.desired) == ("not_before", "2026-12-01T10:00:00+00:00", "at or before 2026-11-28T10:00:00+00:00")
+    assert (drift.field, drift.observed, drift.desired) == (
+        "not_before",
+        "2026-12-01T10:00:00+00:00",
+        "at or before 2026-11-28T10:00:00+00:00",
+    )
 
 
 def test_a_certificate_valid_from_this_very_second_is_ready(tmp_path, ca, trust):
@@ -470,6 +505,8 @@ def test_the_cached_observation_keeps_the_future_not_before(tmp_path, ca, trust)
     cache.save()
     hit = observe(cert, trust, ObservationCache(tmp_path / "state"))
     assert [d.field for d in diff(cert, hit, datetime.now(timezone.utc))] == ["not_before"]
+
+
 # --------------------------------------------------------------------------- EKU and lifetime
 
 
@@ -478,7 +515,9 @@ def test_a_server_certificate_where_the_manifest_asks_for_a_client_one_is_reissu
     deploy(ca, replace(cert, cert_type="server"))
     plan, _ = plan_for(cert, trust)
     assert actions(plan) == [(REISSUE, "extended key usage is serverAuth, a client certificate needs clientAuth")]
-    assert [(d.field, d.observed, d.desired) for d in plan.actions[0].drifts] == [("cert_type", ["serverAuth"], "clientAuth")]
+    assert [(d.field, d.observed, d.desired) for d in plan.actions[0].drifts] == [
+        ("cert_type", ["serverAuth"], "clientAuth")
+    ]
 
 
 def test_a_client_certificate_where_the_manifest_asks_for_a_server_one_is_reissued(tmp_path, ca, trust):
@@ -511,7 +550,10 @@ def signed_leaf(ca: LocalCA, cert: DesiredCert, usages: list | None) -> bytes:
 @pytest.mark.parametrize(
     "usages",
     [
-        [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH],  # step-ca's default template
+        [
+            x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+            x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH,
+        ],  # step-ca's default template
         [x509.oid.ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE],
         None,
     ],
@@ -570,7 +612,14 @@ def test_a_lifetime_the_embedded_ca_capped_at_its_intermediate_is_no_drift(tmp_p
 
 def test_identity_drifts_are_listed_in_table_order(tmp_path, other_ca, trust):
     cert = desire(tmp_path, key={"type": "EC", "curve": "P-384"}, cert_type="client")
-    deploy(other_ca, replace(cert, cert_type="server"), key=make_key("EC P-256"), common_name="old.example.com", sans=["old.example.com"], duration=timedelta(hours=2))
+    deploy(
+        other_ca,
+        replace(cert, cert_type="server"),
+        key=make_key("EC P-256"),
+        common_name="old.example.com",
+        sans=["old.example.com"],
+        duration=timedelta(hours=2),
+    )
     (action,) = plan_for(cert, trust)[0].actions
     assert [d.field for d in action.drifts] == ["common_name", "sans", "key_type", "cert_type", "duration", "issuer"]
 
@@ -601,7 +650,9 @@ def test_a_chain_the_manifest_does_not_ask_for_is_dropped(tmp_path, ca, trust):
     cert = desire(tmp_path)
     deploy(ca, replace(cert, include_ca=True))
     plan, _ = plan_for(cert, trust)
-    assert actions(plan) == [(REWRITE_CHAIN, "the certificate file holds a CA chain (1 certificate) that include_ca: false leaves out")]
+    assert actions(plan) == [
+        (REWRITE_CHAIN, "the certificate file holds a CA chain (1 certificate) that include_ca: false leaves out")
+    ]
     assert plan.actions[0].drifts[0].desired == []
 
 
@@ -619,7 +670,12 @@ def test_a_stale_or_foreign_chain_is_rewritten(tmp_path, ca, other_ca, trust, ex
     write(cert.key_path, key_to_pem(key), 0o600)
     plan, observed = plan_for(cert, trust)
     assert observed.chains_to_issuer is True
-    assert actions(plan) == [(REWRITE_CHAIN, "the CA chain in the certificate file is not the issuer's (a stale or foreign certificate in it)")]
+    assert actions(plan) == [
+        (
+            REWRITE_CHAIN,
+            "the CA chain in the certificate file is not the issuer's (a stale or foreign certificate in it)",
+        )
+    ]
     assert plan.actions[0].drifts[0].desired == [fingerprint(intermediate)]
 
 
@@ -665,7 +721,11 @@ def test_a_ca_file_holding_something_else_than_the_issuers_root_is_written(tmp_p
     }[content]
     write(cert.ca_path, data, 0o644)
     plan, _ = plan_for(cert, trust)
-    reason = "does not hold a PEM certificate" if content == "garbage" else "holds another certificate than the issuer's root"
+    reason = (
+        "does not hold a PEM certificate"
+        if content == "garbage"
+        else "holds another certificate than the issuer's root"
+    )
     assert actions(plan) == [(WRITE_CA, f"CA file {cert.ca_path} {reason}")]
 
 
@@ -736,7 +796,9 @@ def test_inside_the_fixed_renewal_window(tmp_path, ca, trust):
     now = observed.cert.not_after - timedelta(hours=3, minutes=12)
     due = renewal_due_at(cert, observed.cert.not_before, observed.cert.not_after)
     since = format_duration(now - due)
-    assert actions(plan_cert(cert, observed, now)) == [(RENEW, f"renewal due since {since} ago (window 12h + jitter); expires in 3h12m")]
+    assert actions(plan_cert(cert, observed, now)) == [
+        (RENEW, f"renewal due since {since} ago (window 12h + jitter); expires in 3h12m")
+    ]
 
 
 def test_outside_the_fixed_renewal_window(tmp_path, ca, trust):
@@ -754,7 +816,9 @@ def test_inside_and_outside_a_share_of_the_lifetime(tmp_path, ca, trust):
     observed = observe(cert, trust)
     now = observed.cert.not_after - timedelta(hours=5)
     since = format_duration(now - renewal_due_at(cert, observed.cert.not_before, observed.cert.not_after))
-    assert actions(plan_cert(cert, observed, now)) == [(RENEW, f"renewal due since {since} ago (window 33% + jitter); expires in 5h")]
+    assert actions(plan_cert(cert, observed, now)) == [
+        (RENEW, f"renewal due since {since} ago (window 33% + jitter); expires in 5h")
+    ]
     # 7h55m + 5 % of 24h1m (1h12m) = 9h07m
     assert plan_cert(cert, observed, observed.cert.not_after - timedelta(hours=9, minutes=10)).actions == ()
 
@@ -904,12 +968,42 @@ def test_chown_or_chmod_alone_runs_no_hook(tmp_path, ca, trust):
 
 def test_hooks_run_once_per_distinct_command_in_manifest_order(tmp_path, ca, trust):
     entries = [
-        {"name": "a", "common_name": "a.example.com", "cert_path": "a.crt", "key_path": "a.key", "post_renewal_command": "systemctl reload nginx"},
-        {"name": "b", "common_name": "b.example.com", "cert_path": "b.crt", "key_path": "b.key", "post_renewal_command": "systemctl reload postfix"},
-        {"name": "c", "common_name": "c.example.com", "cert_path": "c.crt", "key_path": "c.key", "post_renewal_command": "systemctl reload nginx"},
-        {"name": "d", "common_name": "d.example.com", "cert_path": "d.crt", "key_path": "d.key", "post_renewal_command": "systemctl reload nginx"},
+        {
+            "name": "a",
+            "common_name": "a.example.com",
+            "cert_path": "a.crt",
+            "key_path": "a.key",
+            "post_renewal_command": "systemctl reload nginx",
+        },
+        {
+            "name": "b",
+            "common_name": "b.example.com",
+            "cert_path": "b.crt",
+            "key_path": "b.key",
+            "post_renewal_command": "systemctl reload postfix",
+        },
+        {
+            "name": "c",
+            "common_name": "c.example.com",
+            "cert_path": "c.crt",
+            "key_path": "c.key",
+            "post_renewal_command": "systemctl reload nginx",
+        },
+        {
+            "name": "d",
+            "common_name": "d.example.com",
+            "cert_path": "d.crt",
+            "key_path": "d.key",
+            "post_renewal_command": "systemctl reload nginx",
+        },
         {"name": "e", "common_name": "e.example.com", "cert_path": "e.crt", "key_path": "e.key"},
-        {"name": "f", "common_name": "f.example.com", "cert_path": "f.crt", "key_path": "f.key", "post_renewal_command": "systemctl reload haproxy"},
+        {
+            "name": "f",
+            "common_name": "f.example.com",
+            "cert_path": "f.crt",
+            "key_path": "f.key",
+            "post_renewal_command": "systemctl reload haproxy",
+        },
     ]
     desired = build(entries, tmp_path / "certificate-manifest.json")
     by_name = {c.name: c for c in desired.certificates}
@@ -937,7 +1031,9 @@ def test_hooks_run_once_per_distinct_command_in_manifest_order(tmp_path, ca, tru
 def test_a_plan_with_nothing_to_do_has_no_changes_and_no_hooks(tmp_path, ca, trust):
     cert = desire(tmp_path, post_renewal_command="true")
     deploy(ca, cert)
-    desired = Desired(issuer=build([], tmp_path / "m.json").issuer, certificates=(cert,), manifest_path=tmp_path / "m.json")
+    desired = Desired(
+        issuer=build([], tmp_path / "m.json").issuer, certificates=(cert,), manifest_path=tmp_path / "m.json"
+    )
     observed = {cert.name: observe(cert, trust)}
     plan = make_plan(desired, observed, valid_now(observed[cert.name]))
     assert not plan.changes and plan.hooks == () and plan.errors == ()
@@ -988,7 +1084,13 @@ def test_a_fifo_at_the_cert_path_is_an_error_and_is_never_opened(tmp_path, trust
 
 def test_an_error_certificate_shows_in_the_plan_errors_and_runs_no_hook(tmp_path, ca, trust):
     entries = [
-        {"name": "bad", "common_name": "a.example.com", "cert_path": "a.crt", "key_path": "a.key", "post_renewal_command": "x"},
+        {
+            "name": "bad",
+            "common_name": "a.example.com",
+            "cert_path": "a.crt",
+            "key_path": "a.key",
+            "post_renewal_command": "x",
+        },
         {"name": "new", "common_name": "b.example.com", "cert_path": "b.crt", "key_path": "b.key"},
     ]
     desired = build(entries, tmp_path / "certificate-manifest.json")
@@ -1110,10 +1212,31 @@ def test_the_plan_carries_the_readiness_of_the_same_walk(tmp_path, ca, trust):
 def test_each_row_of_the_drift_table_is_a_named_check_in_table_order():
     """Adding a row is adding one function to DRIFT_TABLE: pin the order the docs give."""
     assert [row.__name__ for row in DRIFT_TABLE] == [
-        "cert_file", "key_file", "cert_parses", "key_parses", "key_matches",
-        "common_name", "sans", "key_type", "cert_type", "duration", "issuer",
-        "not_yet_valid", "expired", "renewal_due", "chain", "ca_file",
-        "cert_owner", "key_owner", "ca_owner", "cert_mode", "key_mode", "ca_mode", "guest_copy", "guest_reload", "hook",
+        "cert_file",
+        "key_file",
+        "cert_parses",
+        "key_parses",
+        "key_matches",
+        "common_name",
+        "sans",
+        "key_type",
+        "cert_type",
+        "duration",
+        "issuer",
+        "not_yet_valid",
+        "expired",
+        "renewal_due",
+        "chain",
+        "ca_file",
+        "cert_owner",
+        "key_owner",
+        "ca_owner",
+        "cert_mode",
+        "key_mode",
+        "ca_mode",
+        "guest_copy",
+        "guest_reload",
+        "hook",
         "served",
     ]
 
@@ -1191,7 +1314,9 @@ def manifests(draw):
     }
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(case=manifests())
 def test_a_certificate_made_exactly_to_the_manifest_plans_nothing(ca, trust, case):
     with tempfile.TemporaryDirectory() as folder:

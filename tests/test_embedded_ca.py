@@ -56,7 +56,9 @@ def hook_runs(log: Path) -> int:
 def openssl_verify(ca: Path, leaf: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["openssl", "verify", "-CAfile", str(ca / ROOT_CERT), "-untrusted", str(ca / INT_CERT), str(leaf)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -131,7 +133,9 @@ def test_doctor_fails_a_damaged_embedded_ca_with_what_to_do(tmp_path):
     assert f"✓ embedded CA in {state / 'ca'} is present" in ok.stdout
     (state / "ca" / INT_KEY).write_bytes(key_to_pem(ec.generate_private_key(ec.SECP256R1())))
     proc = reconcile("doctor", "-m", str(manifest), state_dir=state, check=1)
-    (line,) = [ln for ln in proc.stdout.splitlines() if "embedded CA" in ln and not ln.startswith("issuer: ")]  # not the issuer line
+    (line,) = [
+        ln for ln in proc.stdout.splitlines() if "embedded CA" in ln and not ln.startswith("issuer: ")
+    ]  # not the issuer line
     assert line.startswith("✗ ") and INT_KEY in line and "does not belong to" in line and "restore" in line
 
 
@@ -140,7 +144,9 @@ def test_doctor_fails_an_incomplete_embedded_ca_instead_of_promising_to_create_i
     reconcile("-m", str(manifest), state_dir=state, check=0)
     (state / "ca" / INT_CERT).unlink()
     proc = reconcile("doctor", "-m", str(manifest), state_dir=state, check=1)
-    (line,) = [ln for ln in proc.stdout.splitlines() if "embedded CA" in ln and not ln.startswith("issuer: ")]  # not the issuer line
+    (line,) = [
+        ln for ln in proc.stdout.splitlines() if "embedded CA" in ln and not ln.startswith("issuer: ")
+    ]  # not the issuer line
     assert line.startswith("✗ ") and "incomplete" in line
 
 
@@ -170,6 +176,9 @@ def test_a_ca_made_while_the_clock_was_ahead_is_refused_saying_so_and_the_leaves
     proc = reconcile("-m", str(manifest), state_dir=state)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     said = proc.stdout + proc.stderr
-    assert f"{state / 'ca' / ROOT_CERT} is not valid until" in said or f"{state / 'ca' / INT_CERT} is not valid until" in said, said
+    assert (
+        f"{state / 'ca' / ROOT_CERT} is not valid until" in said
+        or f"{state / 'ca' / INT_CERT} is not valid until" in said
+    ), said
     assert "clock" in said and "NTP" in said
     assert hook_runs(log) == 1  # only the pass that issued under the fast clock ran it

@@ -272,14 +272,29 @@ def changes(draw, entry: dict) -> tuple[str, dict, str | None]:
     """(field, the changed entry, the one action DESIGN's drift table names for it or None)."""
     field = draw(
         st.sampled_from(
-            ["sans", "common_name", "key", "cert_type", "duration", "include_ca", "ca_path", "owner",
-             "cert_permissions", "key_permissions", "renew_before", "cert_path", "post_renewal_command"]
+            [
+                "sans",
+                "common_name",
+                "key",
+                "cert_type",
+                "duration",
+                "include_ca",
+                "ca_path",
+                "owner",
+                "cert_permissions",
+                "key_permissions",
+                "renew_before",
+                "cert_path",
+                "post_renewal_command",
+            ]
         )
     )
     new = copy.deepcopy(entry)
     expected: str | None
     if field == "sans":
-        new["sans"] = _other(draw, [[], ["www.example.com"], ["10.0.0.6"], ["2001:db8::1", "www.example.com"]], entry["sans"])
+        new["sans"] = _other(
+            draw, [[], ["www.example.com"], ["10.0.0.6"], ["2001:db8::1", "www.example.com"]], entry["sans"]
+        )
         expected = REISSUE
     elif field == "common_name":
         new["common_name"] = "other.example.com"
@@ -323,7 +338,9 @@ def changes(draw, entry: dict) -> tuple[str, dict, str | None]:
     return field, new, expected
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_changing_any_one_field_plans_exactly_the_tables_action_and_then_nothing(ca_dir, data):
     entry = data.draw(starts(), label="start")
@@ -348,7 +365,10 @@ def test_changing_any_one_field_plans_exactly_the_tables_action_and_then_nothing
                 assert meta(site.path("key_path")) == key_before
         # the hook runs exactly when a file's content changed
         ran = len(site.hook_runs()) - hooks_before
-        assert ran == (1 if expected in (ISSUE, REISSUE, RENEW, REWRITE_CHAIN, WRITE_CA) else 0), (field, site.hook_runs())
+        assert ran == (1 if expected in (ISSUE, REISSUE, RENEW, REWRITE_CHAIN, WRITE_CA) else 0), (
+            field,
+            site.hook_runs(),
+        )
         assert len(new_cert) == (2 if changed["include_ca"] else 1)
         if "ca_path" in changed:
             ca_file = site.path("ca_path")

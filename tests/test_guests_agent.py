@@ -13,7 +13,10 @@ def test_an_answer_with_a_non_zero_exitcode_is_a_failure_naming_its_stderr():
 
 
 def test_the_compact_form_the_issue_quotes_is_judged_the_same():
-    assert exec_hook_failure("qm guest exec 201 -- x", '{"exitcode":1,"exited":1,"err-data":"boom"}') == "exitcode 1 inside the guest: boom"
+    assert (
+        exec_hook_failure("qm guest exec 201 -- x", '{"exitcode":1,"exited":1,"err-data":"boom"}')
+        == "exitcode 1 inside the guest: boom"
+    )
 
 
 def test_every_answer_of_a_hook_that_runs_several_counts():

@@ -35,10 +35,24 @@ class Nodes:
     def run(self, node: str, *args: str, check: int | None = 0) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
         env.update(self.cluster.env(node), PYTHONPATH=str(REPO), NO_COLOR="1", RECONCILER_PROXMOX_CLUSTER="1")
-        argv = [sys.executable, "-m", "reconciler", "-m", str(self.manifest), "--state-dir", str(self.base / "state" / node), *args]
+        argv = [
+            sys.executable,
+            "-m",
+            "reconciler",
+            "-m",
+            str(self.manifest),
+            "--state-dir",
+            str(self.base / "state" / node),
+            *args,
+        ]
         script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
-        proc = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", str(self.disk(node)), str(self.out), *argv],
-                              capture_output=True, text=True, env=env, timeout=300)
+        proc = subprocess.run(
+            ["unshare", "-m", "sh", "-c", script, "sh", str(self.disk(node)), str(self.out), *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         if check is not None:
             assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         return proc
@@ -54,15 +68,36 @@ def nodes(tmp_path):
 
 
 def entry(out: Path, name: str, **extra) -> dict:
-    return {"name": name, "common_name": f"{name}.cluster.test", "cert_path": str(out / f"{name}.crt"), "key_path": str(out / f"{name}.key"), **extra}
+    return {
+        "name": name,
+        "common_name": f"{name}.cluster.test",
+        "cert_path": str(out / f"{name}.crt"),
+        "key_path": str(out / f"{name}.key"),
+        **extra,
+    }
 
 
 def test_each_node_acts_on_its_share_and_a_migrated_guest_is_taken_over_by_its_new_node(nodes):
     nodes.cluster.add(101, "lxc", node="pve1")
-    guest = {"id": 101, "type": "lxc", "cert_path": "/etc/nginx/ssl/web.crt", "key_path": "/etc/nginx/ssl/web.key", "reload": "echo web >> /run/reloads"}
-    nodes.manifest.write_text(json.dumps({"issuer": {"type": "local", "dir": str(nodes.shared / "ca")}, "certificates": [
-        entry(nodes.out, "web", guest=guest), entry(nodes.out, "one", node="pve1"), entry(nodes.out, "two", node="pve2"),
-    ]}))
+    guest = {
+        "id": 101,
+        "type": "lxc",
+        "cert_path": "/etc/nginx/ssl/web.crt",
+        "key_path": "/etc/nginx/ssl/web.key",
+        "reload": "echo web >> /run/reloads",
+    }
+    nodes.manifest.write_text(
+        json.dumps(
+            {
+                "issuer": {"type": "local", "dir": str(nodes.shared / "ca")},
+                "certificates": [
+                    entry(nodes.out, "web", guest=guest),
+                    entry(nodes.out, "one", node="pve1"),
+                    entry(nodes.out, "two", node="pve2"),
+                ],
+            }
+        )
+    )
     plan = nodes.run("pve1", "--plan").stdout
     assert "left to another node: two: marked for node pve2" in plan
     nodes.run("pve1")
@@ -79,7 +114,9 @@ def test_each_node_acts_on_its_share_and_a_migrated_guest_is_taken_over_by_its_n
     calls = nodes.cluster.root / "calls.log"
     calls.write_text("")
     nodes.run("pve1")
-    assert not [c for c in map(json.loads, calls.read_text().splitlines()) if c[0] == "pct"], "pve1 must leave the guest alone"
+    assert not [c for c in map(json.loads, calls.read_text().splitlines()) if c[0] == "pct"], (
+        "pve1 must leave the guest alone"
+    )
     nodes.run("pve2")
     assert web.read_bytes() == (nodes.disk("pve2") / "web.crt").read_bytes()
     assert nodes.reloads(101) == ["web", "web"]

@@ -35,8 +35,15 @@ def cli_for(cluster: Cluster, **kw) -> ProxmoxCLI:
 
 
 def spec(kind="lxc", vmid="101", **kw) -> GuestSpec:
-    base = dict(cert_path="/etc/nginx/ssl/nginx.crt", key_path="/etc/nginx/ssl/nginx.key", ca_path="/etc/ssl/certs/internal-root.crt",
-                owner="root:www-data", cert_mode=0o644, key_mode=0o640, reload="touch /run/nginx.reloaded")
+    base = dict(
+        cert_path="/etc/nginx/ssl/nginx.crt",
+        key_path="/etc/nginx/ssl/nginx.key",
+        ca_path="/etc/ssl/certs/internal-root.crt",
+        owner="root:www-data",
+        cert_mode=0o644,
+        key_mode=0o640,
+        reload="touch /run/nginx.reloaded",
+    )
     base.update(kw)
     return GuestSpec(vmid, kind, **base)
 
@@ -69,7 +76,9 @@ def test_a_key_is_never_on_a_command_line(cluster, kind, vmid):
     deliver(cli_for(cluster), spec(kind, vmid), {"cert": CERT, "key": KEY})
     calls = (cluster.root / "calls.log").read_text()
     assert "SECRETSECRET" not in calls
-    assert any(json.loads(line)[:2] == (["pct", "push"] if kind == "lxc" else ["qm", "guest"]) for line in calls.splitlines())
+    assert any(
+        json.loads(line)[:2] == (["pct", "push"] if kind == "lxc" else ["qm", "guest"]) for line in calls.splitlines()
+    )
 
 
 @pytest.mark.parametrize("kind,vmid", [("lxc", "101"), ("vm", "201")])
@@ -94,7 +103,11 @@ def test_look_tells_a_stopped_guest_a_missing_one_and_a_vm_whose_agent_is_silent
     assert look(cli, spec("lxc", "101"), ["/x"]).state == "stopped"
     assert look(cli, spec("lxc", "999"), ["/x"]).state == "missing"
     silent = look(cli, spec("vm", "201"), ["/x"])
-    assert silent.state == "unreachable" and "QEMU guest agent is not running" in silent.detail and "qemu-guest-agent" in silent.detail
+    assert (
+        silent.state == "unreachable"
+        and "QEMU guest agent is not running" in silent.detail
+        and "qemu-guest-agent" in silent.detail
+    )
 
 
 def test_an_owner_unknown_inside_the_guest_is_a_clear_error_and_nothing_moves(cluster):
@@ -154,7 +167,9 @@ def test_a_kill_during_delivery_leaves_no_half_written_or_readable_key(cluster, 
     )
     env = {**os.environ, **cluster.env(), "RECONCILER_FAULT_INJECT": point}
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", script, repo, os.path.join(repo, "tests")], env=env, capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, repo, os.path.join(repo, "tests")], env=env, capture_output=True, timeout=120
+    )
     assert proc.returncode == -9, proc.stderr
     key = root / "etc/nginx/ssl/nginx.key"
     assert key.read_bytes() in (old_key, KEY)  # the old key or the new one, whole

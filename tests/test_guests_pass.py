@@ -32,14 +32,34 @@ class Site:
         self.manifest.write_text(json.dumps({"issuer": {"type": "local"}, "certificates": entries}))
 
     def entry(self, name: str, vmid: int, kind: str = "lxc", **guest) -> dict:
-        g = {"id": vmid, "type": kind, "cert_path": f"/etc/nginx/ssl/{name}.crt", "key_path": f"/etc/nginx/ssl/{name}.key",
-             "owner": "root:www-data", "key_permissions": "640", "reload": f"echo {name} >> /run/reloads"}
+        g = {
+            "id": vmid,
+            "type": kind,
+            "cert_path": f"/etc/nginx/ssl/{name}.crt",
+            "key_path": f"/etc/nginx/ssl/{name}.key",
+            "owner": "root:www-data",
+            "key_permissions": "640",
+            "reload": f"echo {name} >> /run/reloads",
+        }
         g.update(guest)
-        return {"name": name, "common_name": f"{name}.guest.test", "cert_path": str(self.out / f"{name}.crt"),
-                "key_path": str(self.out / f"{name}.key"), "guest": g}
+        return {
+            "name": name,
+            "common_name": f"{name}.guest.test",
+            "cert_path": str(self.out / f"{name}.crt"),
+            "key_path": str(self.out / f"{name}.key"),
+            "guest": g,
+        }
 
     def run(self, *args: str, check: int | None = 0, node: str | None = None, env: dict | None = None):
-        return reconcile("-m", str(self.manifest), "--state-dir", str(self.state), *args, env={**self.cluster.env(node), **(env or {})}, check=check)
+        return reconcile(
+            "-m",
+            str(self.manifest),
+            "--state-dir",
+            str(self.state),
+            *args,
+            env={**self.cluster.env(node), **(env or {})},
+            check=check,
+        )
 
     def guest_file(self, vmid: int, path: str) -> Path:
         return self.cluster.rootfs(vmid) / path.lstrip("/")
@@ -98,11 +118,26 @@ def test_a_stopped_guest_owes_its_delivery_and_gets_it_once_it_runs(site):
     first = site.run(check=0)  # owed is not failed
     assert "owed" in first.stdout + first.stderr
     assert not site.guest_file(101, "/etc/nginx/ssl/web.key").exists()
-    status = reconcile("status", "-m", str(site.manifest), "--state-dir", str(site.state), env=site.cluster.env(), check=1)
+    status = reconcile(
+        "status", "-m", str(site.manifest), "--state-dir", str(site.state), env=site.cluster.env(), check=1
+    )
     assert "delivery owed" in status.stdout and "(container 101 stopped: owed)" in status.stdout
-    rows = json.loads(reconcile("status", "--output", "json", "-m", str(site.manifest), "--state-dir", str(site.state), env=site.cluster.env()).stdout)
+    rows = json.loads(
+        reconcile(
+            "status",
+            "--output",
+            "json",
+            "-m",
+            str(site.manifest),
+            "--state-dir",
+            str(site.state),
+            env=site.cluster.env(),
+        ).stdout
+    )
     (row,) = rows["certificates"]
-    assert row["state"] == "delivery owed" and row["guest"]["owed"] == "container 101 is stopped; delivered once it runs"
+    assert (
+        row["state"] == "delivery owed" and row["guest"]["owed"] == "container 101 is stopped; delivered once it runs"
+    )
     site.cluster.start(101)
     site.run()
     assert site.guest_file(101, "/etc/nginx/ssl/web.key").read_bytes() == (site.out / "web.key").read_bytes()
@@ -128,7 +163,9 @@ def test_two_certificates_for_one_guest_each_land_and_the_guest_is_looked_at_onc
     site.write([site.entry("web", 101), site.entry("api", 101)])
     site.run()
     for name in ("web", "api"):
-        assert site.guest_file(101, f"/etc/nginx/ssl/{name}.key").read_bytes() == (site.out / f"{name}.key").read_bytes()
+        assert (
+            site.guest_file(101, f"/etc/nginx/ssl/{name}.key").read_bytes() == (site.out / f"{name}.key").read_bytes()
+        )
     assert sorted(site.reloads(101)) == ["api", "web"]
     calls = site.cluster.root / "calls.log"
     calls.write_text("")
@@ -164,10 +201,14 @@ def test_the_published_legacy_manifest_shape_works_with_its_hooks_unchanged(site
         "mv /tmp/cert.pem /etc/ssl/{0}.crt && mv /tmp/key.pem /etc/ssl/{0}.key "
         "&& mv /tmp/ca.pem /etc/ssl/certs/root.crt"
     )
-    site.write([
-        legacy_entry(site.out, "ct", 101, "lxc", f"pct exec 101 -- bash -c '{mv.format('ct')}'", include_ca=True),
-        legacy_entry(site.out, "vm", 201, "vm", f"qm guest exec 201 -- bash -c '{mv.format('vm')}'", include_ca=True),
-    ])
+    site.write(
+        [
+            legacy_entry(site.out, "ct", 101, "lxc", f"pct exec 101 -- bash -c '{mv.format('ct')}'", include_ca=True),
+            legacy_entry(
+                site.out, "vm", 201, "vm", f"qm guest exec 201 -- bash -c '{mv.format('vm')}'", include_ca=True
+            ),
+        ]
+    )
     site.run()
     for vmid, name in ((101, "ct"), (201, "vm")):
         assert site.guest_file(vmid, f"/etc/ssl/{name}.key").read_bytes() == (site.out / f"{name}.key").read_bytes()
@@ -201,10 +242,12 @@ def test_a_kill_at_any_delivery_step_is_finished_by_the_next_pass_and_reloads_at
 
 
 def test_validate_shows_the_guest_object_a_legacy_entry_means_and_warns_of_shared_tmp_files(site):
-    site.write([
-        legacy_entry(site.out, "a", 101, "lxc", "pct exec 101 -- true", include_ca=True),
-        legacy_entry(site.out, "b", 101, "lxc", "pct exec 101 -- true"),
-    ])
+    site.write(
+        [
+            legacy_entry(site.out, "a", 101, "lxc", "pct exec 101 -- true", include_ca=True),
+            legacy_entry(site.out, "b", 101, "lxc", "pct exec 101 -- true"),
+        ]
+    )
     out = reconcile("validate", "-m", str(site.manifest), "--state-dir", str(site.state), check=0).stdout
     assert (
         '"guest": {"id": 101, "type": "lxc", "cert_path": "/tmp/cert.pem", "key_path": "/tmp/key.pem", '
@@ -242,14 +285,26 @@ def test_doctor_checks_each_guest_runs_its_agent_answers_and_its_target_folders_
     site.cluster.add(102, "lxc", running=False)
     site.cluster.add(201, "vm")
     site.cluster.lose_agent(201)
-    site.write([site.entry("a", 101, key_path="/etc/nope/a.key", owner="nginx:ssl-users"), site.entry("b", 102), site.entry("c", 201, "vm"), site.entry("d", 999)])
-    proc = reconcile("doctor", "-m", str(site.manifest), "--state-dir", str(site.state), env=site.cluster.env(), check=1)
+    site.write(
+        [
+            site.entry("a", 101, key_path="/etc/nope/a.key", owner="nginx:ssl-users"),
+            site.entry("b", 102),
+            site.entry("c", 201, "vm"),
+            site.entry("d", 999),
+        ]
+    )
+    proc = reconcile(
+        "doctor", "-m", str(site.manifest), "--state-dir", str(site.state), env=site.cluster.env(), check=1
+    )
     out = proc.stdout
     assert "✓ pct is present" in out and "✓ qm is present" in out
     assert "✓ container 101 exists and runs" in out
     assert "✓ container 101: target folder /etc/nginx/ssl exists" in out
     assert "✗ container 101: target folder /etc/nope does not exist" in out
-    assert "✓ container 101: owner user nginx exists" in out and "✗ container 101: owner group ssl-users does not exist in the guest" in out
+    assert (
+        "✓ container 101: owner user nginx exists" in out
+        and "✗ container 101: owner group ssl-users does not exist in the guest" in out
+    )
     assert "✗ container 102 is stopped" in out and "pct start 102" in out
     assert "✗ VM 201: QEMU guest agent is not running" in out and "agent: 1" in out
     assert "✗ container 999 does not exist on this node" in out

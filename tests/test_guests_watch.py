@@ -49,10 +49,29 @@ def test_watch_delivers_to_a_guest_once_it_starts(tmp_path):
     cluster.add(101, "lxc", running=False)
     out = tmp_path / "out"
     manifest = tmp_path / "m.json"
-    guest = {"id": 101, "type": "lxc", "cert_path": "/etc/nginx/ssl/web.crt", "key_path": "/etc/nginx/ssl/web.key", "reload": "echo web >> /run/reloads"}
-    manifest.write_text(json.dumps({"issuer": {"type": "local"}, "certificates": [
-        {"name": "web", "common_name": "web.guest.test", "cert_path": str(out / "web.crt"), "key_path": str(out / "web.key"), "guest": guest},
-    ]}))
+    guest = {
+        "id": 101,
+        "type": "lxc",
+        "cert_path": "/etc/nginx/ssl/web.crt",
+        "key_path": "/etc/nginx/ssl/web.key",
+        "reload": "echo web >> /run/reloads",
+    }
+    manifest.write_text(
+        json.dumps(
+            {
+                "issuer": {"type": "local"},
+                "certificates": [
+                    {
+                        "name": "web",
+                        "common_name": "web.guest.test",
+                        "cert_path": str(out / "web.crt"),
+                        "key_path": str(out / "web.key"),
+                        "guest": guest,
+                    },
+                ],
+            }
+        )
+    )
     watch = Watch(tmp_path, manifest, "--guest-poll", "1s", env=cluster.env())
     try:
         watch.wait_passes(1, timeout=60)
@@ -60,8 +79,15 @@ def test_watch_delivers_to_a_guest_once_it_starts(tmp_path):
         assert not (cluster.rootfs(101) / "etc/nginx/ssl/web.crt").exists()
         cluster.start(101)
         delivered = cluster.rootfs(101) / "etc/nginx/ssl/web.crt"
-        wait_for(lambda: delivered.exists() and delivered.read_bytes() == (out / "web.crt").read_bytes(), 60, "the delivery after the guest started", watch)
-        wait_for(lambda: any(GUEST_POLL_REASON in p for p in watch.passes()), 60, "the pass that polled the guest", watch)
+        wait_for(
+            lambda: delivered.exists() and delivered.read_bytes() == (out / "web.crt").read_bytes(),
+            60,
+            "the delivery after the guest started",
+            watch,
+        )
+        wait_for(
+            lambda: any(GUEST_POLL_REASON in p for p in watch.passes()), 60, "the pass that polled the guest", watch
+        )
         assert (cluster.rootfs(101) / "run/reloads").read_text().split() == ["web"]
         watch.stop()
     finally:

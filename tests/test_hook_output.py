@@ -18,8 +18,14 @@ from test_stepca_cli import issuer_block, password_copy
 
 
 def entry(out: Path, name: str, command: str, **extra) -> dict:
-    return {"name": name, "common_name": f"{name}.hooks.test", "cert_path": str(out / f"{name}.crt"),
-            "key_path": str(out / f"{name}.key"), "post_renewal_command": command, **extra}
+    return {
+        "name": name,
+        "common_name": f"{name}.hooks.test",
+        "cert_path": str(out / f"{name}.crt"),
+        "key_path": str(out / f"{name}.key"),
+        "post_renewal_command": command,
+        **extra,
+    }
 
 
 def leaks(text: str, forms: list[str]) -> list[str]:
@@ -30,9 +36,15 @@ def test_a_hook_that_prints_the_key_and_the_password_has_both_redacted_in_the_lo
     out, state = tmp_path / "out", tmp_path / "state"
     pw = password_copy(step_ca, tmp_path)
     # the key, then the password, then a failure: the error log line carries the last lines
-    m = write_manifest(tmp_path / "m.json", {"issuer": issuer_block(step_ca, pw), "certificates": [
-        entry(out, "leaky", f'cat "$RECONCILER_KEY_PATH"; echo "password: $(cat {pw})"; exit 3'),
-    ]})
+    m = write_manifest(
+        tmp_path / "m.json",
+        {
+            "issuer": issuer_block(step_ca, pw),
+            "certificates": [
+                entry(out, "leaky", f'cat "$RECONCILER_KEY_PATH"; echo "password: $(cat {pw})"; exit 3'),
+            ],
+        },
+    )
     proc = reconcile("-m", str(m), "-vv", state_dir=state, env={"STEPPATH": str(tmp_path)}, check=1)
     forms = key_forms(out / "leaky.key") + [step_ca.password]
     status = (state / "status.json").read_text()
@@ -48,20 +60,32 @@ def test_whole_encrypted_and_cut_off_keys_are_redacted_from_hook_output(tmp_path
     out, state = tmp_path / "out", tmp_path / "state"
     other = ec.generate_private_key(ec.SECP384R1())
     encrypted = tmp_path / "encrypted.pem"
-    encrypted.write_bytes(other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.BestAvailableEncryption(b"s3cret-passphrase")))
+    encrypted.write_bytes(
+        other.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"s3cret-passphrase"),
+        )
+    )
     plain = tmp_path / "plain.pem"
-    plain.write_bytes(other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                          serialization.NoEncryption()))
+    plain.write_bytes(
+        other.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+    )
     commands = {
         "whole": 'cat "$RECONCILER_KEY_PATH"; echo after',
         "encrypted": f"echo before; cat {encrypted}",
         "head": f"head -n 3 {plain}",  # a BEGIN with no END
         "tail": f"tail -n 3 {plain}; echo after",  # an END with no BEGIN
     }
-    m = write_manifest(tmp_path / "m.json", {"issuer": {"type": "local"}, "certificates": [
-        entry(out, name, f"{cmd}; exit 1") for name, cmd in commands.items()
-    ]})
+    m = write_manifest(
+        tmp_path / "m.json",
+        {
+            "issuer": {"type": "local"},
+            "certificates": [entry(out, name, f"{cmd}; exit 1") for name, cmd in commands.items()],
+        },
+    )
     proc = reconcile("-m", str(m), "-vv", state_dir=state, check=1)
     status = (state / "status.json").read_text()
     records = json.loads(status)["certificates"]
@@ -80,13 +104,24 @@ def test_a_hook_whose_background_child_keeps_stdout_open_succeeds_when_its_shell
     # a reload that starts a helper in the background, which inherits stdout and outlives the
     # hook by far; the timeout is short so the old behaviour (wait for EOF) shows as "timed out"
     command = f"sleep 300 & echo $! > {pidfile}; echo reloaded"
-    m = write_manifest(tmp_path / "m.json", {"issuer": {"type": "local"}, "certificates": [
-        entry(out, "svc", command, hook_timeout="10s"),
-    ]})
+    m = write_manifest(
+        tmp_path / "m.json",
+        {
+            "issuer": {"type": "local"},
+            "certificates": [
+                entry(out, "svc", command, hook_timeout="10s"),
+            ],
+        },
+    )
     try:
         proc = reconcile("-m", str(m), state_dir=state, timeout=120)
         hook = json.loads((state / "status.json").read_text())["certificates"]["svc"]["hook"]
-        assert (proc.returncode, hook["result"], hook["returncode"], hook["output_tail"]) == (0, "ok", 0, ["reloaded"]), proc.stderr
+        assert (proc.returncode, hook["result"], hook["returncode"], hook["output_tail"]) == (
+            0,
+            "ok",
+            0,
+            ["reloaded"],
+        ), proc.stderr
     finally:
         if pidfile.exists():
             try:
@@ -104,9 +139,13 @@ def test_a_key_printed_with_crlf_across_stdout_and_stderr_or_without_its_markers
         "halves": 'head -n 2 "$RECONCILER_KEY_PATH"; tail -n +3 "$RECONCILER_KEY_PATH" >&2',
         "body": 'grep -v -- ----- "$RECONCILER_KEY_PATH"; echo after',  # the base64 alone, no PEM markers
     }
-    m = write_manifest(tmp_path / "m.json", {"issuer": {"type": "local"}, "certificates": [
-        entry(out, name, f"{cmd}; exit 1") for name, cmd in commands.items()
-    ]})
+    m = write_manifest(
+        tmp_path / "m.json",
+        {
+            "issuer": {"type": "local"},
+            "certificates": [entry(out, name, f"{cmd}; exit 1") for name, cmd in commands.items()],
+        },
+    )
     proc = reconcile("-m", str(m), "-vv", state_dir=state, check=1)
     status = (state / "status.json").read_text()
     records = json.loads(status)["certificates"]

@@ -37,8 +37,22 @@ def hostile_manifest(path: Path, server: HostileCA, out: Path, key: dict) -> Pat
     return write_manifest(
         path,
         {
-            "issuer": {"type": "step-ca", "url": server.url, "root": str(server.root_path), "provisioner": "admin", "password_file": str(server.password_file)},
-            "certificates": [{"common_name": "svc.test", "sans": ["127.0.0.9"], "cert_path": str(out / "svc.crt"), "key_path": str(out / "svc.key"), "key": key}],
+            "issuer": {
+                "type": "step-ca",
+                "url": server.url,
+                "root": str(server.root_path),
+                "provisioner": "admin",
+                "password_file": str(server.password_file),
+            },
+            "certificates": [
+                {
+                    "common_name": "svc.test",
+                    "sans": ["127.0.0.9"],
+                    "cert_path": str(out / "svc.crt"),
+                    "key_path": str(out / "svc.key"),
+                    "key": key,
+                }
+            ],
         },
     )
 
@@ -57,7 +71,9 @@ def hostile_manifest(path: Path, server: HostileCA, out: Path, key: dict) -> Pat
         ("endless", f"did not answer POST /1.0/sign within {TIMEOUT:g}s"),
     ],
 )
-def test_a_pass_against_a_hostile_ca_keeps_the_old_files_and_exits_1_within_the_timeout(tmp_path, hostile, mode, expected):
+def test_a_pass_against_a_hostile_ca_keeps_the_old_files_and_exits_1_within_the_timeout(
+    tmp_path, hostile, mode, expected
+):
     out, state = tmp_path / "out", tmp_path / "state"
     m = hostile_manifest(tmp_path / "m.json", hostile, out, {"type": "EC", "curve": "P-256"})
     reconcile("-m", str(m), state_dir=state, check=0)
@@ -109,8 +125,21 @@ def stepca_manifest(path: Path, step_ca, out: Path, password_file: Path, sans: l
     return write_manifest(
         path,
         {
-            "issuer": {"type": "step-ca", "url": step_ca.url, "root": str(step_ca.root_path), "provisioner": step_ca.provisioner, "password_file": str(password_file)},
-            "certificates": [{"common_name": "real.test", "sans": sans, "cert_path": str(out / "real.crt"), "key_path": str(out / "real.key")}],
+            "issuer": {
+                "type": "step-ca",
+                "url": step_ca.url,
+                "root": str(step_ca.root_path),
+                "provisioner": step_ca.provisioner,
+                "password_file": str(password_file),
+            },
+            "certificates": [
+                {
+                    "common_name": "real.test",
+                    "sans": sans,
+                    "cert_path": str(out / "real.crt"),
+                    "key_path": str(out / "real.key"),
+                }
+            ],
         },
     )
 

@@ -37,7 +37,12 @@ def site(tmp_path):
 
 
 def entry(out: Path, name: str = "a", **extra) -> dict:
-    return {"common_name": f"{name}.fs.test", "cert_path": str(out / f"{name}.crt"), "key_path": str(out / f"{name}.key"), **extra}
+    return {
+        "common_name": f"{name}.fs.test",
+        "cert_path": str(out / f"{name}.crt"),
+        "key_path": str(out / f"{name}.key"),
+        **extra,
+    }
 
 
 def no_traceback(proc) -> None:
@@ -69,7 +74,12 @@ def test_a_symlink_at_cert_or_key_path_is_refused_and_never_written_through(site
     assert '"allow_symlink": true' in proc.stderr
     assert victim.read_bytes() == b"precious\n"
     after = victim.stat()
-    assert (after.st_mode, after.st_uid, after.st_ino, after.st_mtime_ns) == (before.st_mode, before.st_uid, before.st_ino, before.st_mtime_ns)
+    assert (after.st_mode, after.st_uid, after.st_ino, after.st_mtime_ns) == (
+        before.st_mode,
+        before.st_uid,
+        before.st_ino,
+        before.st_mtime_ns,
+    )
     assert os.path.islink(e[f"{which}_path"])
     assert (out / "b.crt").exists(), "the other certificate still converged"
 
@@ -189,7 +199,11 @@ def test_a_folder_fifo_device_or_socket_at_the_path_is_a_clear_error(site, kind)
         proc = reconcile("-m", str(m), *args, state_dir=state, timeout=30)  # a FIFO must not hang anything
         assert proc.returncode == 1
         no_traceback(proc)
-    want = "is a directory; point key_path at a file inside it" if kind == "directory" else "is a device, FIFO or socket, not a regular file"
+    want = (
+        "is a directory; point key_path at a file inside it"
+        if kind == "directory"
+        else "is a device, FIFO or socket, not a regular file"
+    )
     assert f"key {target} {want}" in proc.stderr
     after = os.lstat(target)
     assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
@@ -232,7 +246,9 @@ def fill(folder: Path) -> Path:
     [(False, 0), (False, 1), (True, 0)],
     ids=["full", "room-for-a-key-not-its-certificate", "state-folder-full"],
 )
-def test_a_full_disk_keeps_the_old_files_says_so_and_the_next_pass_converges(tmp_path, small_fs, state_on_full_disk, pages_left):
+def test_a_full_disk_keeps_the_old_files_says_so_and_the_next_pass_converges(
+    tmp_path, small_fs, state_on_full_disk, pages_left
+):
     out = small_fs / "out"
     state = small_fs / "state" if state_on_full_disk else tmp_path / "state"
     runs = tmp_path / "runs"
@@ -379,13 +395,20 @@ def test_a_folder_the_owner_swaps_for_a_link_mid_pass_redirects_no_write(shared_
     hold.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
     env.update(
-        PYTHONPATH=str(Path(__file__).resolve().parent.parent), NO_COLOR="1", RECONCILER_STATE_DIR=str(base / "state"),
-        RECONCILER_ISSUER="local", RECONCILER_FAULT_HOLD=f"after_cert:{hold}",  # every certificate waits for our go
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+        NO_COLOR="1",
+        RECONCILER_STATE_DIR=str(base / "state"),
+        RECONCILER_ISSUER="local",
+        RECONCILER_FAULT_HOLD=f"after_cert:{hold}",  # every certificate waits for our go
     )
     import sys
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "reconciler", "-m", str(m), "--workers", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "reconciler", "-m", str(m), "--workers", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for(hold / "after_cert.1.held", proc)
@@ -404,7 +427,9 @@ def test_a_folder_the_owner_swaps_for_a_link_mid_pass_redirects_no_write(shared_
             proc.kill()
     assert proc.returncode == 1, err
     assert "Traceback" not in err, err
-    assert tree_snapshot(victim) == before, f"files landed in the victim's folder: {sorted(set(os.listdir(victim)) - {'service.key'})}"
+    assert tree_snapshot(victim) == before, (
+        f"files landed in the victim's folder: {sorted(set(os.listdir(victim)) - {'service.key'})}"
+    )
     assert f"{tls} is a symlink to {victim}" in err and "refusing to follow it" in err, err
     assert len(list((www / "tls.old").glob("*.crt"))) == 3, "what was written before the swap stayed where it was"
 
@@ -463,7 +488,13 @@ def test_umask_000_creates_no_folder_others_can_write(tmp_path):
 
 @pytest.mark.parametrize(
     "how",
-    ["state folder world-writable", "state folder owned by nobody", "folder above state writable", "CA folder owned by nobody", "custom CA folder group-writable"],
+    [
+        "state folder world-writable",
+        "state folder owned by nobody",
+        "folder above state writable",
+        "CA folder owned by nobody",
+        "custom CA folder group-writable",
+    ],
 )
 def test_a_state_or_ca_folder_another_user_can_change_is_refused_and_nothing_is_issued(site, how):
     tmp, _state, out = site
@@ -496,7 +527,9 @@ def test_a_state_or_ca_folder_another_user_can_change_is_refused_and_nothing_is_
         proc = reconcile("-m", str(m), *args, state_dir=state, timeout=60)
         assert proc.returncode == 1, proc.stderr
         no_traceback(proc)
-        assert "is not safe" in proc.stderr and str(named) in proc.stderr and "Refusing to use it" in proc.stderr, proc.stderr
+        assert "is not safe" in proc.stderr and str(named) in proc.stderr and "Refusing to use it" in proc.stderr, (
+            proc.stderr
+        )
     assert os.listdir(out) == [], "nothing was issued"
 
 
@@ -532,6 +565,7 @@ def test_a_rename_that_cannot_happen_keeps_the_working_pair_and_stays_reported(s
         mounted = tmp / "elsewhere.crt"
         mounted.write_bytes(cert.read_bytes())
         subprocess.run(["mount", "--bind", str(mounted), str(cert)], check=True)
+
     def files():  # a key put back is a new inode with the old bytes, mode and owner
         return {p: (mode, uid, gid, data) for p, (_ino, _mtime, mode, uid, gid, data) in tree_snapshot(out).items()}
 
@@ -547,7 +581,11 @@ def test_a_rename_that_cannot_happen_keeps_the_working_pair_and_stays_reported(s
             if how == "immutable certificate":
                 assert "immutable" in proc.stderr and "run as root" not in proc.stderr, proc.stderr
             elif how == "bind-mounted certificate":
-                assert f"cannot replace {cert}" in proc.stderr and "mount point" in proc.stderr and "the old key was put back" in proc.stderr, proc.stderr
+                assert (
+                    f"cannot replace {cert}" in proc.stderr
+                    and "mount point" in proc.stderr
+                    and "the old key was put back" in proc.stderr
+                ), proc.stderr
             else:
                 assert f"ca {out / 'ca'} is a directory; point ca_path at a file inside it" in proc.stderr, proc.stderr
             assert not [n for n in os.listdir(out) if is_temporary(n)]
@@ -576,7 +614,10 @@ def test_a_second_state_folder_refuses_files_another_one_manages(site):
         proc = reconcile("-m", str(m), *args, state_dir=other)
         assert proc.returncode == 1, proc.stderr
         no_traceback(proc)
-        assert f"is managed by the reconciler with state folder {state}, and this one uses {other}" in proc.stdout + proc.stderr, proc.stderr
+        assert (
+            f"is managed by the reconciler with state folder {state}, and this one uses {other}"
+            in proc.stdout + proc.stderr
+        ), proc.stderr
     assert tree_snapshot(out) == old
     assert runs.read_text().count("run") == 1
     reconcile("-m", str(m), "--detailed-exitcode", state_dir=state, check=0)  # the first one is undisturbed
@@ -591,8 +632,13 @@ def test_a_second_state_folder_refuses_files_another_one_manages(site):
 def test_two_entries_naming_one_file_through_a_linked_folder_are_invalid(site):
     tmp, state, out = site
     os.symlink(out, tmp / "alias")
-    m = write_manifest(tmp / "m.json", [entry(out), entry(tmp / "alias", "b") | {"cert_path": str(tmp / "alias" / "a.crt")}])
+    m = write_manifest(
+        tmp / "m.json", [entry(out), entry(tmp / "alias", "b") | {"cert_path": str(tmp / "alias" / "a.crt")}]
+    )
     proc = reconcile("validate", "-m", str(m))
     assert proc.returncode == 1
     no_traceback(proc)
-    assert f"{tmp / 'alias' / 'a.crt'} is also the cert_path of" in proc.stderr and f"the same file as {out / 'a.crt'}" in proc.stderr, proc.stderr
+    assert (
+        f"{tmp / 'alias' / 'a.crt'} is also the cert_path of" in proc.stderr
+        and f"the same file as {out / 'a.crt'}" in proc.stderr
+    ), proc.stderr

@@ -40,7 +40,13 @@ def tree(*roots: Path) -> dict:
                 if p.name == "lock" and p.parent.name == "state":
                     continue  # the pass lock: an empty file, the one thing a refused pass creates
                 st_ = os.lstat(p)
-                out[str(p)] = (st_.st_ino, st_.st_mode, st_.st_size, st_.st_mtime_ns, p.read_bytes() if p.is_file() else None)
+                out[str(p)] = (
+                    st_.st_ino,
+                    st_.st_mode,
+                    st_.st_size,
+                    st_.st_mtime_ns,
+                    p.read_bytes() if p.is_file() else None,
+                )
     return out
 
 
@@ -49,7 +55,11 @@ def world(tmp_path):
     """A converged certificate beside the manifest: a hostile manifest must not touch it."""
     out, state = tmp_path / "out", tmp_path / "state"
     good = tmp_path / "good.json"
-    good.write_text(json.dumps([{"common_name": "keep.test", "cert_path": str(out / "keep.crt"), "key_path": str(out / "keep.key")}]))
+    good.write_text(
+        json.dumps(
+            [{"common_name": "keep.test", "cert_path": str(out / "keep.crt"), "key_path": str(out / "keep.key")}]
+        )
+    )
     reconcile("-m", str(good), state_dir=state, check=0)
     return tmp_path, out, state
 
@@ -102,12 +112,18 @@ def corpus(out: Path) -> dict[str, bytes | str]:
         "10,000-deep arrays": deep(10_000).encode(),
         "10,000-deep objects": ('{"a":' * 10_000 + "1" + "}" * 10_000).encode(),
         "900-deep value in an entry": with_(sans=json.loads(deep(900))),
-        "10,000-deep value in an entry": ('[{"common_name": "x.test", "cert_path": "a", "key_path": "b", "sans": ' + deep(10_000) + "}]").encode(),
+        "10,000-deep value in an entry": (
+            '[{"common_name": "x.test", "cert_path": "a", "key_path": "b", "sans": ' + deep(10_000) + "}]"
+        ).encode(),
         "huge integer": ("[" + "9" * 5000 + "]").encode(),
-        "huge integer as RSA size": ('[{"common_name":"x.test","cert_path":"a","key_path":"b","key":{"type":"RSA","size":' + "9" * 4000 + "}}]").encode(),
+        "huge integer as RSA size": (
+            '[{"common_name":"x.test","cert_path":"a","key_path":"b","key":{"type":"RSA","size":' + "9" * 4000 + "}}]"
+        ).encode(),
         "1e999 as a duration": b'[{"common_name":"x.test","cert_path":"a","key_path":"b","duration":1e999}]',
         "-1e999 as a guest id": b'[{"common_name":"x.test","cert_path":"a","key_path":"b","guest_id":-1e999}]',
-        "huge guest id": ('[{"common_name":"x.test","cert_path":"a","key_path":"b","guest_id":' + "9" * 4000 + "}]").encode(),
+        "huge guest id": (
+            '[{"common_name":"x.test","cert_path":"a","key_path":"b","guest_id":' + "9" * 4000 + "}]"
+        ).encode(),
         "huge duration": with_(duration="99999999999999999999999999999999w"),
         "huge renew_before": with_(renew_before="99999999999999999999999999999999s"),
         "huge hook timeout": with_(hook_timeout="9999999999999999999999d"),
@@ -223,9 +239,22 @@ def test_the_hand_written_corpus_is_refused_cleanly_by_every_command(world):
 
 
 SUBPROCESS_SAMPLE = [
-    "non-UTF-8 bytes", "UTF-8 BOM", "duplicate keys", "NUL in a path (escaped)", "raw NUL byte", "10 MB common name",
-    "10 MB cert path", "10,000-deep arrays", "10,000-deep value in an entry", "huge integer", "1e999 as a duration",
-    "huge duration", "empty file", "a directory instead of a file", "a FIFO instead of a file", "10 MB hook",
+    "non-UTF-8 bytes",
+    "UTF-8 BOM",
+    "duplicate keys",
+    "NUL in a path (escaped)",
+    "raw NUL byte",
+    "10 MB common name",
+    "10 MB cert path",
+    "10,000-deep arrays",
+    "10,000-deep value in an entry",
+    "huge integer",
+    "1e999 as a duration",
+    "huge duration",
+    "empty file",
+    "a directory instead of a file",
+    "a FIFO instead of a file",
+    "10 MB hook",
 ]
 
 
@@ -281,14 +310,33 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
 
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30)
-json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4), max_leaves=12)
+json_values = st.recursive(
+    json_scalars,
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+    max_leaves=12,
+)
 
 FIELD_TYPES = {
-    "name": "string", "common_name": "string", "sans": "array", "cert_path": "string", "key_path": "string",
-    "ca_path": "string", "owner": "string", "permissions": "string", "cert_permissions": "string",
-    "key_permissions": "string", "allow_world_readable_key": "boolean", "allow_symlink": "boolean",
-    "renew_before": "string", "duration": "string", "key": "object", "post_renewal_command": "string",
-    "hook_timeout": "string", "include_ca": "boolean", "cert_type": "string", "guest_id": "string|integer",
+    "name": "string",
+    "common_name": "string",
+    "sans": "array",
+    "cert_path": "string",
+    "key_path": "string",
+    "ca_path": "string",
+    "owner": "string",
+    "permissions": "string",
+    "cert_permissions": "string",
+    "key_permissions": "string",
+    "allow_world_readable_key": "boolean",
+    "allow_symlink": "boolean",
+    "renew_before": "string",
+    "duration": "string",
+    "key": "object",
+    "post_renewal_command": "string",
+    "hook_timeout": "string",
+    "include_ca": "boolean",
+    "cert_type": "string",
+    "guest_id": "string|integer",
     "guest_type": "string",
 }
 
@@ -320,11 +368,30 @@ def invalid_entry(draw, out: Path):
         e["sans"] = draw(st.lists(st.sampled_from(["a.test", "*.b.test", "10.0.0.1", "::1", "C.TEST"]), max_size=3))
     if draw(st.booleans()):
         e["key"] = draw(st.sampled_from([{"type": "EC"}, {"type": "RSA", "size": 2048}, {"type": "Ed25519"}]))
-    how = draw(st.sampled_from(["wrong type", "unknown field", "missing field", "not an object", "bad SAN", "bad duration", "bad mode", "bad owner", "bad enum", "NUL path"]))
+    how = draw(
+        st.sampled_from(
+            [
+                "wrong type",
+                "unknown field",
+                "missing field",
+                "not an object",
+                "bad SAN",
+                "bad duration",
+                "bad mode",
+                "bad owner",
+                "bad enum",
+                "NUL path",
+            ]
+        )
+    )
     if how == "wrong type":
         field = draw(st.sampled_from(sorted(FIELD_TYPES)))
         allowed = FIELD_TYPES[field].split("|")
-        e[field] = draw(json_values.filter(lambda v: json_type(v) not in allowed and not (json_type(v) == "integer" and "number" in allowed)))
+        e[field] = draw(
+            json_values.filter(
+                lambda v: json_type(v) not in allowed and not (json_type(v) == "integer" and "number" in allowed)
+            )
+        )
     elif how == "unknown field":
         e[draw(st.text(min_size=1, max_size=20).filter(lambda k: k not in FIELD_TYPES))] = draw(json_values)
     elif how == "missing field":
@@ -337,21 +404,39 @@ def invalid_entry(draw, out: Path):
         field = draw(st.sampled_from(["duration", "renew_before", "hook_timeout"]))
         e[field] = draw(st.text(max_size=10)) + draw(st.sampled_from(["x", " ", "-1h", "h1", "1.5h", "%%"]))
     elif how == "bad mode":
-        e[draw(st.sampled_from(["permissions", "cert_permissions", "key_permissions"]))] = draw(st.sampled_from(["8", "999", "-600", "0x1ff", "rw-r--r--", "60O", "777", "666"]))
+        e[draw(st.sampled_from(["permissions", "cert_permissions", "key_permissions"]))] = draw(
+            st.sampled_from(["8", "999", "-600", "0x1ff", "rw-r--r--", "60O", "777", "666"])
+        )
     elif how == "bad owner":
         e["owner"] = draw(st.sampled_from(["no-such-user-xyz", "root:no-such-group-xyz", ":", "a b", "root::root", ""]))
     elif how == "bad enum":
-        field, value = draw(st.sampled_from([("cert_type", "peer"), ("key", {"type": "DSA"}), ("key", {"type": "EC", "curve": "P-521"}), ("key", {"type": "RSA", "size": 1024}), ("key", {"type": "EC", "rotation": "sometimes"}), ("key", {})]))
+        field, value = draw(
+            st.sampled_from(
+                [
+                    ("cert_type", "peer"),
+                    ("key", {"type": "DSA"}),
+                    ("key", {"type": "EC", "curve": "P-521"}),
+                    ("key", {"type": "RSA", "size": 1024}),
+                    ("key", {"type": "EC", "rotation": "sometimes"}),
+                    ("key", {}),
+                ]
+            )
+        )
         e[field] = value
     else:
-        e[draw(st.sampled_from(["cert_path", "key_path", "ca_path"]))] = str(out / "a") + "\u0000" + draw(st.text(max_size=5))
+        e[draw(st.sampled_from(["cert_path", "key_path", "ca_path"]))] = (
+            str(out / "a") + "\u0000" + draw(st.text(max_size=5))
+        )
     return e
 
 
 @st.composite
 def invalid_document(draw, out: Path):
     bad = draw(invalid_entry(out))
-    others = [{"common_name": f"ok{j}.test", "cert_path": str(out / f"ok{j}.crt"), "key_path": str(out / f"ok{j}.key")} for j in range(draw(st.integers(0, 3)))]
+    others = [
+        {"common_name": f"ok{j}.test", "cert_path": str(out / f"ok{j}.crt"), "key_path": str(out / f"ok{j}.key")}
+        for j in range(draw(st.integers(0, 3)))
+    ]
     entries = others[:]
     entries.insert(draw(st.integers(0, len(others))), bad)
     shape = draw(st.sampled_from(["bare", "object", "object with junk", "object with bad defaults"]))
@@ -359,9 +444,13 @@ def invalid_document(draw, out: Path):
         return entries
     doc = {"certificates": entries}
     if shape == "object with junk":
-        doc[draw(st.text(min_size=1, max_size=10).filter(lambda k: k not in ("certificates", "defaults", "issuer")))] = draw(json_values)
+        doc[
+            draw(st.text(min_size=1, max_size=10).filter(lambda k: k not in ("certificates", "defaults", "issuer")))
+        ] = draw(json_values)
     elif shape == "object with bad defaults":
-        doc["certificates"] = others or [{"common_name": "d.test", "cert_path": str(out / "d.crt"), "key_path": str(out / "d.key")}]
+        doc["certificates"] = others or [
+            {"common_name": "d.test", "cert_path": str(out / "d.crt"), "key_path": str(out / "d.key")}
+        ]
         field = draw(st.sampled_from(sorted(set(FIELD_TYPES) - {"common_name", "cert_path", "key_path", "name"})))
         allowed = FIELD_TYPES[field].split("|")
         doc["defaults"] = {field: draw(json_values.filter(lambda v: json_type(v) not in allowed))}
@@ -400,10 +489,18 @@ def test_generated_manifests_are_refused_cleanly_and_change_nothing(world):
         check(raw, "bytes")
 
     @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(json_values.filter(lambda v: not isinstance(v, list) and not (isinstance(v, dict) and "certificates" in v and len(v) == 1)))
+    @given(
+        json_values.filter(
+            lambda v: not isinstance(v, list) and not (isinstance(v, dict) and "certificates" in v and len(v) == 1)
+        )
+    )
     def any_json(doc):
         # a JSON value that is not a list: a scalar, or an object without a valid "certificates"
-        if isinstance(doc, dict) and isinstance(doc.get("certificates"), list) and not (set(doc) - {"certificates", "defaults", "issuer"}):
+        if (
+            isinstance(doc, dict)
+            and isinstance(doc.get("certificates"), list)
+            and not (set(doc) - {"certificates", "defaults", "issuer"})
+        ):
             return
         check(json.dumps(doc).encode(), "json")
 

@@ -26,13 +26,19 @@ SCHEMA = REPO / "reconciler" / "schema" / "certificate-manifest.schema.json"
 
 def run(*cmd, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}: exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, (
+        f"{' '.join(map(str, cmd))}: exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
     return proc
 
 
 def clean_env(home: Path) -> dict:
     """No RECONCILER_* settings, no PYTHONPATH pointing back into the checkout."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("RECONCILER_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")
+    }
     env.update(NO_COLOR="1", HOME=str(home))
     env.pop("XDG_STATE_HOME", None)
     return env
@@ -40,7 +46,9 @@ def clean_env(home: Path) -> dict:
 
 def checkout_files() -> list[str]:
     """What a clean clone holds: tracked and new files, nothing ignored (.venv, build/, egg-info)."""
-    out = subprocess.run(["git", "ls-files", "-z", "-c", "-o", "--exclude-standard"], cwd=REPO, capture_output=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "-c", "-o", "--exclude-standard"], cwd=REPO, capture_output=True, check=True
+    ).stdout
     return sorted({f for f in out.decode().split("\0") if f and (REPO / f).is_file()})
 
 
@@ -54,7 +62,9 @@ def installed(tmp_path_factory):
         shutil.copy2(REPO / rel, src / rel)
     dist = tmp / "dist"
     started = time.monotonic()
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q", "-w", dist, src, cwd=tmp)
+    run(
+        sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q", "-w", dist, src, cwd=tmp
+    )
     built = time.monotonic() - started
     (wheel,) = dist.glob("certificate_reconciler-*.whl")
     venv = tmp / "venv"
@@ -72,7 +82,9 @@ def installed(tmp_path_factory):
 
 
 def _ignored_in_tree() -> set[str]:
-    out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     return {line for line in out.splitlines() if "build/" in line or ".egg-info" in line}
 
 
@@ -105,7 +117,17 @@ def test_the_installed_tool_converges_the_example_manifest(installed):
         assert load_cert(cert).subject.rfc4514_string() == f"CN={entry['common_name']}"
         assert (manifest.parent / entry["key_path"]).resolve().is_file()
     assert (state / "ca").is_dir(), "the example uses the embedded CA"
-    plan = run(installed["bin"], "-m", manifest, "--state-dir", state, "--plan", "--detailed-exitcode", cwd=installed["cwd"], env=installed["env"])
+    plan = run(
+        installed["bin"],
+        "-m",
+        manifest,
+        "--state-dir",
+        state,
+        "--plan",
+        "--detailed-exitcode",
+        cwd=installed["cwd"],
+        env=installed["env"],
+    )
     assert "No changes" in plan.stdout, plan.stdout
 
 

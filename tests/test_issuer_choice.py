@@ -60,8 +60,13 @@ def test_bare_array_with_only_step_defaults_json_issues_from_that_step_ca_not_th
     pw = password_copy(step_ca, tmp_path)
     steppath = steppath_with(
         tmp_path,
-        {"ca-url": step_ca.url, "fingerprint": step_ca.fingerprint, "root": str(step_ca.root_path),
-         "provisioner": step_ca.provisioner, "password-file": str(pw)},
+        {
+            "ca-url": step_ca.url,
+            "fingerprint": step_ca.fingerprint,
+            "root": str(step_ca.root_path),
+            "provisioner": step_ca.provisioner,
+            "password-file": str(pw),
+        },
     )
     out, state = tmp_path / "out", tmp_path / "state"
     m = write_manifest(tmp_path / "m.json", [entry(out, "web.example")])
@@ -79,7 +84,9 @@ def test_bare_array_with_no_issuer_configured_is_an_error_that_says_how_to_confi
     steppath = steppath_with(tmp_path, None)  # the folder exists, defaults.json does not
     out, state = tmp_path / "out", tmp_path / "state"
     m = write_manifest(tmp_path / "m.json", [entry(out, "web.example")])
-    args = {"pass": [], "plan": ["--plan"], "validate": ["validate"], "status": ["status"], "doctor": ["doctor"]}[command]
+    args = {"pass": [], "plan": ["--plan"], "validate": ["validate"], "status": ["status"], "doctor": ["doctor"]}[
+        command
+    ]
     if args and args[0] in ("validate", "status", "doctor"):
         argv = [args[0], "-m", str(m)]
     else:
@@ -90,10 +97,24 @@ def test_bare_array_with_no_issuer_configured_is_an_error_that_says_how_to_confi
     assert proc.returncode == 1, proc.stdout + proc.stderr
     text = proc.stdout + proc.stderr
     assert "no issuer" in text
-    for way in ("--ca-url", "RECONCILER_CA_URL", "ca-url", "--root", "RECONCILER_ROOT", "--fingerprint",
-                "RECONCILER_FINGERPRINT", "fingerprint", "--provisioner", "RECONCILER_PROVISIONER",
-                "--password-file", "RECONCILER_PASSWORD_FILE", str(steppath / "config" / "defaults.json"),
-                "--issuer local", "RECONCILER_ISSUER=local", '{"issuer": {"type": "local"}'):
+    for way in (
+        "--ca-url",
+        "RECONCILER_CA_URL",
+        "ca-url",
+        "--root",
+        "RECONCILER_ROOT",
+        "--fingerprint",
+        "RECONCILER_FINGERPRINT",
+        "fingerprint",
+        "--provisioner",
+        "RECONCILER_PROVISIONER",
+        "--password-file",
+        "RECONCILER_PASSWORD_FILE",
+        str(steppath / "config" / "defaults.json"),
+        "--issuer local",
+        "RECONCILER_ISSUER=local",
+        '{"issuer": {"type": "local"}',
+    ):
         assert way in text, f"{way!r} missing from:\n{text}"
     assert not out.exists(), "a certificate folder was created"
     assert not state.exists(), "the state folder was created"
@@ -108,8 +129,17 @@ def test_steppath_defaults_to_home_dot_step_like_the_step_cli(tmp_path, step_ca)
     )
     m = write_manifest(tmp_path / "m.json", [entry(tmp_path / "out", "web.example")])
     env = {**NO_CHOICE, "STEPPATH": None, "HOME": str(home)}
-    proc = reconcile("-m", str(m), "--plan", "--provisioner", step_ca.provisioner, "--password-file", str(pw),
-                     state_dir=tmp_path / "state", env=env)
+    proc = reconcile(
+        "-m",
+        str(m),
+        "--plan",
+        "--provisioner",
+        step_ca.provisioner,
+        "--password-file",
+        str(pw),
+        state_dir=tmp_path / "state",
+        env=env,
+    )
     no_traceback(proc)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == f"issuer: step-ca {step_ca.url}, provisioner {step_ca.provisioner}"
@@ -153,13 +183,20 @@ def test_issuer_step_ca_with_nothing_configured_lists_every_missing_setting_at_o
 
 
 def test_a_flag_wins_over_the_environment_which_wins_over_defaults_json(tmp_path):
-    steppath = steppath_with(tmp_path, {"ca-url": "https://from-defaults:9000", "provisioner": "from-defaults",
-                                        "fingerprint": "ab" * 32})
+    steppath = steppath_with(
+        tmp_path, {"ca-url": "https://from-defaults:9000", "provisioner": "from-defaults", "fingerprint": "ab" * 32}
+    )
     m = write_manifest(tmp_path / "m.json", [entry(tmp_path / "out", "web.example")])
-    env = {**NO_CHOICE, "STEPPATH": str(steppath), "RECONCILER_CA_URL": "https://from-env:9000",
-           "RECONCILER_PROVISIONER": "from-env", "RECONCILER_PASSWORD_FILE": str(tmp_path / "pw")}
-    proc = reconcile("-m", str(m), "--plan", "--output", "json", "--provisioner", "from-flag",
-                     state_dir=tmp_path / "state", env=env)
+    env = {
+        **NO_CHOICE,
+        "STEPPATH": str(steppath),
+        "RECONCILER_CA_URL": "https://from-env:9000",
+        "RECONCILER_PROVISIONER": "from-env",
+        "RECONCILER_PASSWORD_FILE": str(tmp_path / "pw"),
+    }
+    proc = reconcile(
+        "-m", str(m), "--plan", "--output", "json", "--provisioner", "from-flag", state_dir=tmp_path / "state", env=env
+    )
     no_traceback(proc)
     assert proc.returncode == 0, proc.stderr
     issuer = json.loads(proc.stdout)["issuer"]
@@ -183,8 +220,9 @@ def test_issuer_flag_that_contradicts_the_object_manifest_is_an_error(tmp_path):
 
 def test_issuer_local_with_step_ca_flags_is_an_error_not_a_guess(tmp_path):
     m = write_manifest(tmp_path / "m.json", [entry(tmp_path / "out", "web.example")])
-    proc = reconcile("-m", str(m), "--issuer", "local", "--ca-url", "https://ca:9000",
-                     state_dir=tmp_path / "state", env=NO_CHOICE)
+    proc = reconcile(
+        "-m", str(m), "--issuer", "local", "--ca-url", "https://ca:9000", state_dir=tmp_path / "state", env=NO_CHOICE
+    )
     no_traceback(proc)
     assert proc.returncode == 1
     assert "--ca-url" in proc.stderr and "--issuer local" in proc.stderr, proc.stderr
@@ -193,7 +231,9 @@ def test_issuer_local_with_step_ca_flags_is_an_error_not_a_guess(tmp_path):
 
 def test_object_manifest_missing_step_ca_settings_name_the_manifest_fields(tmp_path):
     steppath = steppath_with(tmp_path, None)
-    m = write_manifest(tmp_path / "m.json", {"issuer": {"type": "step-ca"}, "certificates": [entry(tmp_path / "out", "a.example")]})
+    m = write_manifest(
+        tmp_path / "m.json", {"issuer": {"type": "step-ca"}, "certificates": [entry(tmp_path / "out", "a.example")]}
+    )
     for argv in (["-m", str(m)], ["validate", "-m", str(m)], ["doctor", "-m", str(m)], ["-m", str(m), "--plan"]):
         proc = reconcile(*argv, state_dir=tmp_path / "state", env={**NO_CHOICE, "STEPPATH": str(steppath)})
         no_traceback(proc)
@@ -225,12 +265,16 @@ def test_every_output_names_the_issuer_up_front(tmp_path):
     assert line in validate.stdout
 
     want = {"type": "local", "dir": str(state / "ca"), "description": f"embedded CA in {state / 'ca'}"}
-    plan_json = json.loads(reconcile("-m", str(m), "--plan", "--output", "json", state_dir=state, env=NO_CHOICE, check=0).stdout)
+    plan_json = json.loads(
+        reconcile("-m", str(m), "--plan", "--output", "json", state_dir=state, env=NO_CHOICE, check=0).stdout
+    )
     assert plan_json["issuer"] == want and plan_json["format_version"] == 1 and plan_json["notes"] == []
     assert {"changes", "certificates", "hooks"} <= set(plan_json)
     pass_json = json.loads(reconcile("-m", str(m), "--output", "json", state_dir=state, env=NO_CHOICE, check=0).stdout)
     assert pass_json["issuer"] == want and "result" in pass_json
-    status_json = json.loads(reconcile("status", "-m", str(m), "--output", "json", state_dir=state, env=NO_CHOICE, check=0).stdout)
+    status_json = json.loads(
+        reconcile("status", "-m", str(m), "--output", "json", state_dir=state, env=NO_CHOICE, check=0).stdout
+    )
     assert status_json["issuer"] == want and status_json["format_version"] == 1 and "certificates" in status_json
 
 
@@ -238,7 +282,16 @@ def test_doctor_names_the_step_ca_and_never_prints_none(tmp_path, step_ca):
     pw = password_copy(step_ca, tmp_path)
     m = write_manifest(tmp_path / "m.json", [entry(tmp_path / "out", "web.example")])
     env = {**NO_CHOICE, "STEPPATH": str(steppath_with(tmp_path, None))}
-    args = ["--ca-url", step_ca.url, "--fingerprint", step_ca.fingerprint, "--provisioner", step_ca.provisioner, "--password-file", str(pw)]
+    args = [
+        "--ca-url",
+        step_ca.url,
+        "--fingerprint",
+        step_ca.fingerprint,
+        "--provisioner",
+        step_ca.provisioner,
+        "--password-file",
+        str(pw),
+    ]
     doctor = reconcile("doctor", "-m", str(m), *args, state_dir=tmp_path / "state", env=env)
     no_traceback(doctor)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
@@ -260,8 +313,13 @@ def test_fingerprint_only_a_certificate_from_another_ca_is_never_a_match_and_a_p
     shutil.rmtree(tmp_path / "other-state")  # that reconciler is gone: its files may be taken over
 
     pw = password_copy(step_ca, tmp_path)
-    issuer = {"type": "step-ca", "url": step_ca.url, "fingerprint": step_ca.fingerprint,
-              "provisioner": step_ca.provisioner, "password_file": str(pw)}
+    issuer = {
+        "type": "step-ca",
+        "url": step_ca.url,
+        "fingerprint": step_ca.fingerprint,
+        "provisioner": step_ca.provisioner,
+        "password_file": str(pw),
+    }
     write_manifest(m, {"issuer": issuer, "certificates": [cert]})
     env = {**NO_CHOICE, "STEPPATH": str(steppath_with(tmp_path, None))}
 
@@ -291,9 +349,16 @@ def test_fingerprint_only_a_certificate_from_another_ca_is_never_a_match_and_a_p
 def test_fingerprint_only_a_pass_checks_a_step_ca_certificate_for_real_and_leaves_it_alone(tmp_path, step_ca):
     """The file carries its chain (include_ca), so the fetched root is all it takes to check it."""
     out, pw = tmp_path / "out", password_copy(step_ca, tmp_path)
-    issuer = {"type": "step-ca", "url": step_ca.url, "fingerprint": step_ca.fingerprint,
-              "provisioner": step_ca.provisioner, "password_file": str(pw)}
-    m = write_manifest(tmp_path / "m.json", {"issuer": issuer, "certificates": [entry(out, "web.example", include_ca=True)]})
+    issuer = {
+        "type": "step-ca",
+        "url": step_ca.url,
+        "fingerprint": step_ca.fingerprint,
+        "provisioner": step_ca.provisioner,
+        "password_file": str(pw),
+    }
+    m = write_manifest(
+        tmp_path / "m.json", {"issuer": issuer, "certificates": [entry(out, "web.example", include_ca=True)]}
+    )
     env = {**NO_CHOICE, "STEPPATH": str(steppath_with(tmp_path, None))}
     reconcile("-m", str(m), state_dir=tmp_path / "first", env=env, check=0)
     before = (out / "web.example.crt").read_bytes()

@@ -113,7 +113,14 @@ def test_defaults_apply_to_every_entry_and_entries_override_them(tmp_path):
         },
         "certificates": [
             entry(1),
-            entry(2, owner="0", renew_before="90m", key={"type": "EC", "curve": "P-384"}, cert_permissions="644", cert_type="server"),
+            entry(
+                2,
+                owner="0",
+                renew_before="90m",
+                key={"type": "EC", "curve": "P-384"},
+                cert_permissions="644",
+                cert_type="server",
+            ),
         ],
     }
     first, second = load_doc(tmp_path, doc).certificates
@@ -156,7 +163,9 @@ def test_a_relative_manifest_path_is_made_absolute(tmp_path, monkeypatch):
 
 
 def test_sans_include_the_common_name_normalised(tmp_path):
-    (c,) = load_doc(tmp_path, [entry(1, common_name="WWW.Example.COM.", sans=["2001:DB8::1", "10.0.0.5", "*.Example.com"])]).certificates
+    (c,) = load_doc(
+        tmp_path, [entry(1, common_name="WWW.Example.COM.", sans=["2001:DB8::1", "10.0.0.5", "*.Example.com"])]
+    ).certificates
     assert c.common_name == "www.example.com"  # written into the certificate as the SAN normaliser spells it
     assert c.sans == frozenset({"www.example.com", "IP:2001:db8::1", "IP:10.0.0.5", "*.example.com"})
 
@@ -235,7 +244,18 @@ def test_renew_before_in_days_with_a_longer_lifetime(tmp_path):
 def test_name_guest_and_flags_are_carried(tmp_path):
     (c,) = load_doc(
         tmp_path,
-        [entry(1, name="web", guest_id=101, guest_type="lxc", include_ca=True, ca_path="ca.crt", allow_symlink=True, hook_timeout="30s")],
+        [
+            entry(
+                1,
+                name="web",
+                guest_id=101,
+                guest_type="lxc",
+                include_ca=True,
+                ca_path="ca.crt",
+                allow_symlink=True,
+                hook_timeout="30s",
+            )
+        ],
     ).certificates
     assert (c.name, c.guest_id, c.guest_type, c.include_ca, c.allow_symlink) == ("web", "101", "lxc", True, True)
     assert c.ca_path == tmp_path / "ca.crt"
@@ -275,7 +295,9 @@ def test_step_ca_issuer_block_resolves_paths_and_a_missing_password_file_is_not_
 
 def test_step_ca_issuer_with_a_fingerprint_instead_of_a_root(tmp_path):
     fp = "AB" * 32
-    issuer = load_doc(tmp_path, {"issuer": {"type": "step-ca", "url": "https://ca:9000", "fingerprint": fp}, "certificates": []}).issuer
+    issuer = load_doc(
+        tmp_path, {"issuer": {"type": "step-ca", "url": "https://ca:9000", "fingerprint": fp}, "certificates": []}
+    ).issuer
     assert issuer.fingerprint == fp.lower() and issuer.root is None
 
 
@@ -358,7 +380,12 @@ def test_an_object_manifest_needs_certificates(tmp_path):
 
 
 def test_unknown_entry_field_suggests_the_close_one(tmp_path):
-    msg = one_error(tmp_path, {"certificates": [entry(1), entry(2, permisions="600")]}, "certificates[1].permisions", "unknown field")
+    msg = one_error(
+        tmp_path,
+        {"certificates": [entry(1), entry(2, permisions="600")]},
+        "certificates[1].permisions",
+        "unknown field",
+    )
     assert 'did you mean "permissions"?' in msg
 
 
@@ -416,7 +443,15 @@ def test_empty_strings(tmp_path, field, value):
 @pytest.mark.parametrize("field", ["permissions", "cert_permissions", "key_permissions"])
 @pytest.mark.parametrize("value", ["rw-r-----", "0888", "6400", "64"])
 def test_malformed_modes(tmp_path, field, value):
-    one_error(tmp_path, [entry(1, **{field: value})], f"[0].{field}", json.dumps(value), "is not valid", "octal file mode", '"640"')
+    one_error(
+        tmp_path,
+        [entry(1, **{field: value})],
+        f"[0].{field}",
+        json.dumps(value),
+        "is not valid",
+        "octal file mode",
+        '"640"',
+    )
 
 
 @pytest.mark.parametrize("owner", ["root group", "root:www:data", ":www-data", "root:", "-root"])
@@ -449,7 +484,12 @@ def test_key_needs_a_type(tmp_path):
 
 @pytest.mark.parametrize(
     "key",
-    [{"type": "EC", "size": 2048}, {"type": "RSA", "curve": "P-256"}, {"type": "Ed25519", "curve": "P-256"}, {"type": "Ed25519", "size": 4096}],
+    [
+        {"type": "EC", "size": 2048},
+        {"type": "RSA", "curve": "P-256"},
+        {"type": "Ed25519", "curve": "P-256"},
+        {"type": "Ed25519", "size": 4096},
+    ],
 )
 def test_key_fields_that_do_not_belong_together(tmp_path, key):
     one_error(tmp_path, [entry(1, key=key)], "[0].key", "do not belong together", "curve is for EC, size for RSA")
@@ -461,8 +501,16 @@ def test_key_fields_that_do_not_belong_together(tmp_path, key):
         ({"type": "local", "url": "https://ca:9000"}, "issuer.url", ["not allowed for this issuer type"]),
         ({"type": "local", "password_file": "p"}, "issuer.password_file", ["not allowed for this issuer type"]),
         ({"type": "step-ca", "dir": "ca"}, "issuer.dir", ["not allowed for this issuer type"]),
-        ({"type": "step-ca", "url": "http://ca:9000"}, "issuer.url", ["is not valid", "https://", '"https://ca.internal:9000"']),
-        ({"type": "step-ca", "fingerprint": "abc"}, "issuer.fingerprint", ["is not valid", "64 hex digits", "step certificate fingerprint"]),
+        (
+            {"type": "step-ca", "url": "http://ca:9000"},
+            "issuer.url",
+            ["is not valid", "https://", '"https://ca.internal:9000"'],
+        ),
+        (
+            {"type": "step-ca", "fingerprint": "abc"},
+            "issuer.fingerprint",
+            ["is not valid", "64 hex digits", "step certificate fingerprint"],
+        ),
         ({"type": "step-ca", "provisioner": ""}, "issuer.provisioner", ["is empty"]),
         ({"type": "vault"}, "issuer.type", ["choose one of", '"local"', '"step-ca"']),
         ({"url": "https://ca:9000"}, "issuer", ['"type" is required']),
@@ -480,7 +528,9 @@ def test_issuer_block_errors(tmp_path, issuer, path, words):
 @pytest.mark.parametrize("field", ["duration", "hook_timeout"])
 @pytest.mark.parametrize("value", ["24 hours", "1.5h", "12H", "h", "12"])
 def test_malformed_durations(tmp_path, field, value):
-    one_error(tmp_path, [entry(1, **{field: value})], f"[0].{field}", json.dumps(value), "is not valid", '"90m"', '"12h"')
+    one_error(
+        tmp_path, [entry(1, **{field: value})], f"[0].{field}", json.dumps(value), "is not valid", '"90m"', '"12h"'
+    )
 
 
 @pytest.mark.parametrize("field", ["duration", "hook_timeout"])
@@ -495,7 +545,9 @@ def test_malformed_renew_before(tmp_path, value):
 
 @pytest.mark.parametrize("value", ["0%", "100%", "150%"])
 def test_renew_before_share_must_be_between_0_and_100(tmp_path, value):
-    one_error(tmp_path, [entry(1, renew_before=value)], "[0].renew_before", "not a share of the lifetime", "between 0 and 100")
+    one_error(
+        tmp_path, [entry(1, renew_before=value)], "[0].renew_before", "not a share of the lifetime", "between 0 and 100"
+    )
 
 
 def test_renew_before_zero(tmp_path):
@@ -504,7 +556,14 @@ def test_renew_before_zero(tmp_path):
 
 @pytest.mark.parametrize("renew, duration", [("24h", "24h"), ("2d", "24h")])
 def test_renew_before_not_shorter_than_the_lifetime_would_renew_on_every_pass(tmp_path, renew, duration):
-    one_error(tmp_path, [entry(1, renew_before=renew, duration=duration)], "[0].renew_before", "not shorter than the lifetime", "every pass would renew", '"33%"')
+    one_error(
+        tmp_path,
+        [entry(1, renew_before=renew, duration=duration)],
+        "[0].renew_before",
+        "not shorter than the lifetime",
+        "every pass would renew",
+        '"33%"',
+    )
 
 
 # --------------------------------------------------------------------------- key exposure
@@ -518,7 +577,13 @@ def test_one_permissions_value_that_exposes_the_key_is_the_error_from_the_issue(
 
 @pytest.mark.parametrize("mode", ["604", "0644", "606", "0777"])
 def test_key_permissions_readable_by_others(tmp_path, mode):
-    one_error(tmp_path, [entry(1, key_permissions=mode)], "[0].key_permissions", "readable by every user", '"allow_world_readable_key": true')
+    one_error(
+        tmp_path,
+        [entry(1, key_permissions=mode)],
+        "[0].key_permissions",
+        "readable by every user",
+        '"allow_world_readable_key": true',
+    )
 
 
 def test_cert_permissions_never_expose_the_key(tmp_path):
@@ -526,9 +591,16 @@ def test_cert_permissions_never_expose_the_key(tmp_path):
     assert (c.cert_mode, c.key_mode) == (0o664, 0o600)
 
 
-@pytest.mark.parametrize("field, mode", [("cert_permissions", "666"), ("cert_permissions", "0777"), ("permissions", "602")])
+@pytest.mark.parametrize(
+    "field, mode", [("cert_permissions", "666"), ("cert_permissions", "0777"), ("permissions", "602")]
+)
 def test_a_certificate_every_user_could_replace_is_an_error(tmp_path, field, mode):
-    msg = one_error(tmp_path, [entry(1, **{field: mode}, allow_world_readable_key=True)], f"[0].{field}", "every user replace the certificate")
+    msg = one_error(
+        tmp_path,
+        [entry(1, **{field: mode}, allow_world_readable_key=True)],
+        f"[0].{field}",
+        "every user replace the certificate",
+    )
     assert msg.endswith('set "cert_permissions": "644"')
 
 
@@ -541,15 +613,29 @@ def test_a_key_override_fixes_a_shared_permissions_value(tmp_path):
 
 
 def test_a_user_that_does_not_exist(tmp_path):
-    one_error(tmp_path, [entry(1, owner=NO_SUCH_USER)], "[0].owner", f'user "{NO_SUCH_USER}" does not exist', "numeric uid")
+    one_error(
+        tmp_path, [entry(1, owner=NO_SUCH_USER)], "[0].owner", f'user "{NO_SUCH_USER}" does not exist', "numeric uid"
+    )
 
 
 def test_a_group_that_does_not_exist(tmp_path):
-    one_error(tmp_path, [entry(1, owner=f"{ROOT_USER}:{NO_SUCH_GROUP}")], "[0].owner", f'group "{NO_SUCH_GROUP}" does not exist', "numeric gid")
+    one_error(
+        tmp_path,
+        [entry(1, owner=f"{ROOT_USER}:{NO_SUCH_GROUP}")],
+        "[0].owner",
+        f'group "{NO_SUCH_GROUP}" does not exist',
+        "numeric gid",
+    )
 
 
 def test_user_and_group_that_do_not_exist_are_both_named(tmp_path):
-    one_error(tmp_path, [entry(1, owner=f"{NO_SUCH_USER}:{NO_SUCH_GROUP}")], "[0].owner", f'user "{NO_SUCH_USER}"', f'group "{NO_SUCH_GROUP}"')
+    one_error(
+        tmp_path,
+        [entry(1, owner=f"{NO_SUCH_USER}:{NO_SUCH_GROUP}")],
+        "[0].owner",
+        f'user "{NO_SUCH_USER}"',
+        f'group "{NO_SUCH_GROUP}"',
+    )
 
 
 # --------------------------------------------------------------------------- SANs
@@ -572,7 +658,13 @@ def test_user_and_group_that_do_not_exist_are_both_named(tmp_path):
     ],
 )
 def test_a_san_that_is_neither_dns_nor_ip(tmp_path, san, words):
-    one_error(tmp_path, {"certificates": [entry(1, sans=["ok.example.com", san])]}, "certificates[0].sans[1]", repr(san), *words)
+    one_error(
+        tmp_path,
+        {"certificates": [entry(1, sans=["ok.example.com", san])]},
+        "certificates[0].sans[1]",
+        repr(san),
+        *words,
+    )
 
 
 def test_a_common_name_that_is_neither_dns_nor_ip(tmp_path):
@@ -581,7 +673,12 @@ def test_a_common_name_that_is_neither_dns_nor_ip(tmp_path):
 
 @pytest.mark.parametrize(
     "written, want",
-    [(" a.example ", "a.example"), ("A.Example.", "a.example"), (" 10.0.0.5", "10.0.0.5"), ("[2001:DB8::1]", "2001:db8::1")],
+    [
+        (" a.example ", "a.example"),
+        ("A.Example.", "a.example"),
+        (" 10.0.0.5", "10.0.0.5"),
+        ("[2001:DB8::1]", "2001:db8::1"),
+    ],
 )
 def test_the_common_name_is_normalised_as_the_sans_are(tmp_path, written, want):
     """The CN went into the certificate as written: " a.example " and "A.Example." then
@@ -611,7 +708,7 @@ def test_a_compatibility_character_is_refused_not_folded_into_another_name(tmp_p
 @pytest.mark.parametrize("field", ["cert_path", "key_path", "ca_path"])
 @pytest.mark.parametrize("value", ["certs/", "certs/svc.d/", "certs/.", "certs/.."])
 def test_a_path_that_names_a_folder_is_an_error_not_silently_trimmed(tmp_path, field, value):
-    """"certs/svc.d/" was resolved to the file certs/svc.d: the trailing slash, the
+    """ "certs/svc.d/" was resolved to the file certs/svc.d: the trailing slash, the
     operator's word that this is a folder, was dropped."""
     one_error(tmp_path, [entry(1, **{field: value})], f"[0].{field}", repr(value), "names a folder")
 
@@ -626,7 +723,12 @@ def test_a_bad_common_name_and_bad_sans_are_all_reported(tmp_path):
 
 def test_two_entries_with_the_same_cert_path(tmp_path):
     issues = issues_of(tmp_path, {"certificates": [entry(1), entry(2, cert_path="certs/svc1.crt")]})
-    msg = error_at(issues, "certificates[1].cert_path", "is also the cert_path of certificates[0]", "every file belongs to one certificate")
+    msg = error_at(
+        issues,
+        "certificates[1].cert_path",
+        "is also the cert_path of certificates[0]",
+        "every file belongs to one certificate",
+    )
     assert str(tmp_path / "certs" / "svc1.crt") in msg
 
 
@@ -735,7 +837,6 @@ def test_loading_without_a_state_dir_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == ["certificate-manifest.json"]
 
 
-
 def load_remembering(path: Path, state: Path):
     """One load as a pass does it: with the state folder's validation cache, saved after."""
     cache = ValidationCache(state, repair=True)
@@ -746,15 +847,23 @@ def load_remembering(path: Path, state: Path):
 
 def test_a_byte_identical_manifest_reuses_what_it_derived_and_gives_the_same_desired(tmp_path):
     state = tmp_path / "state"
-    path = write(tmp_path, {"defaults": {"owner": "0"}, "certificates": [
-        entry(1, sans=["Alt.Example.", "[::FFFF:1]", "::0:1"], common_name=" Svc1.Example.com "),
-        entry(2, ca_path="ca/root.crt", cert_path="./certs//svc2.crt"),
-    ]})
+    path = write(
+        tmp_path,
+        {
+            "defaults": {"owner": "0"},
+            "certificates": [
+                entry(1, sans=["Alt.Example.", "[::FFFF:1]", "::0:1"], common_name=" Svc1.Example.com "),
+                entry(2, ca_path="ca/root.crt", cert_path="./certs//svc2.crt"),
+            ],
+        },
+    )
     first = load_remembering(path, state)
     assert list((state / "cache").glob("derived-*.json"))
     again = load_remembering(path, state)
     assert again == first
-    assert [(c.fields, c.where, c.sans, c.common_name) for c in again.certificates] == [(c.fields, c.where, c.sans, c.common_name) for c in first.certificates]
+    assert [(c.fields, c.where, c.sans, c.common_name) for c in again.certificates] == [
+        (c.fields, c.where, c.sans, c.common_name) for c in first.certificates
+    ]
     assert first.certificates[0].common_name == "svc1.example.com"
     assert first.certificates[1].cert_path == tmp_path / "certs" / "svc2.crt"
 
@@ -790,8 +899,14 @@ def test_a_byte_identical_manifest_still_finds_a_folder_that_became_a_link(tmp_p
     error_at(info.value.issues, "[1].cert_path", "through a linked folder")
 
 
-@pytest.mark.parametrize("damage", [b"{not json", b'{"version": 1, "manifest": "m", "digest": "x", "entries": []}',
-                                    b'{"version": 1, "manifest": "m", "digest": "' + b"a" * 64 + b'", "entries": [["a", "b", "c", "d", null]]}'])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b"{not json",
+        b'{"version": 1, "manifest": "m", "digest": "x", "entries": []}',
+        b'{"version": 1, "manifest": "m", "digest": "' + b"a" * 64 + b'", "entries": [["a", "b", "c", "d", null]]}',
+    ],
+)
 def test_damaged_derived_values_are_set_aside_and_worked_out_again(tmp_path, damage, caplog):
     state = tmp_path / "state"
     path = write(tmp_path, [entry(1)])
@@ -802,6 +917,7 @@ def test_damaged_derived_values_are_set_aside_and_worked_out_again(tmp_path, dam
     assert [p.name for p in (state / "cache").glob("derived-*.bad-*")], "the damaged file is kept aside for a look"
     assert "validation cache" in caplog.text and "damaged" in caplog.text
     assert load_remembering(path, state) == first
+
 
 # --------------------------------------------------------------------------- editors and whole numbers
 
@@ -820,13 +936,24 @@ def test_an_entry_cannot_carry_schema(tmp_path):
     one_error(tmp_path, [entry(1, **{"$schema": "x.json"})], "[0].$schema", "unknown field")
 
 
-@pytest.mark.parametrize("number, suggestion", [("101.0", '101 (or the string "101")'), ("1e3", '1000 (or the string "1000")'), ("1.01e2", "101"), ("101.5", None), ("-0.0", '0 (or the string "0")')])
+@pytest.mark.parametrize(
+    "number, suggestion",
+    [
+        ("101.0", '101 (or the string "101")'),
+        ("1e3", '1000 (or the string "1000")'),
+        ("1.01e2", "101"),
+        ("101.5", None),
+        ("-0.0", '0 (or the string "0")'),
+    ],
+)
 def test_a_guest_id_written_with_a_fraction_or_exponent_is_an_error(tmp_path, number, suggestion):
     text = f'[{{"common_name": "a.example", "cert_path": "a", "key_path": "b", "guest_id": {number}}}]'
     (issue,) = raw_issues(tmp_path, text.encode())
     assert issue.path == "[0].guest_id", str(issue)
     # quoted as written, not as Python reads it back (1e3, not 1000.0)
-    assert issue.message.startswith(f"{number} is written with a fraction or exponent; write a whole number"), issue.message
+    assert issue.message.startswith(f"{number} is written with a fraction or exponent; write a whole number"), (
+        issue.message
+    )
     assert (suggestion in issue.message) if suggestion else "e.g." not in issue.message, issue.message
 
 
@@ -891,9 +1018,20 @@ CANDIDATES: dict[str, list] = {
     "renew_before": ["12h", "33%", "12.5%", "24h\n", "12", "1h30m", 12],
     "duration": ["24h", "1h30m", "24H", "\u0663h", "24h\n", ""],
     "hook_timeout": ["5m", "5", None],
-    "key": [{"type": "EC"}, {"type": "EC", "curve": "P-384"}, {"type": "RSA", "size": 3072}, {"type": "RSA", "size": 2048.0},
-            {"type": "RSA", "size": 1e3}, {"type": "RSA", "curve": "P-256"}, {"type": "EC", "size": 2048},
-            {"type": "Ed25519", "rotation": "never"}, {"type": "Ed25519", "curve": "P-256"}, {"type": "DSA"}, {}, "EC"],
+    "key": [
+        {"type": "EC"},
+        {"type": "EC", "curve": "P-384"},
+        {"type": "RSA", "size": 3072},
+        {"type": "RSA", "size": 2048.0},
+        {"type": "RSA", "size": 1e3},
+        {"type": "RSA", "curve": "P-256"},
+        {"type": "EC", "size": 2048},
+        {"type": "Ed25519", "rotation": "never"},
+        {"type": "Ed25519", "curve": "P-256"},
+        {"type": "DSA"},
+        {},
+        "EC",
+    ],
     "include_ca": [True, False, 1, "true"],
     "cert_type": ["server", "client", "both"],
     "guest_id": [101, "101", 101.0, -0.0, 2**64, -1, True, "1e3", "10a"],
@@ -914,8 +1052,12 @@ def test_the_fast_schema_gate_passes_nothing_the_python_jsonschema_refuses():
     from reconciler.manifest_schema import _explainer, schema_issues
 
     # a valid entry with a few fields set, each to a value the schema takes or refuses
-    fields = st.sampled_from(sorted(CANDIDATES)).flatmap(lambda f: st.tuples(st.just(f), st.sampled_from(CANDIDATES[f])))
-    entries = st.lists(fields, max_size=4).map(lambda changes: {"common_name": "a.example", "cert_path": "a.crt", "key_path": "a.key", **dict(changes)})
+    fields = st.sampled_from(sorted(CANDIDATES)).flatmap(
+        lambda f: st.tuples(st.just(f), st.sampled_from(CANDIDATES[f]))
+    )
+    entries = st.lists(fields, max_size=4).map(
+        lambda changes: {"common_name": "a.example", "cert_path": "a.crt", "key_path": "a.key", **dict(changes)}
+    )
 
     @settings(max_examples=600, deadline=None, database=None)
     @given(entries)

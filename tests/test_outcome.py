@@ -24,8 +24,11 @@ from reconciler.status import read_only
 
 def entry(out: Path, name: str, **extra) -> dict:
     return {
-        "name": name, "common_name": f"{name}.example",
-        "cert_path": str(out / f"{name}.crt"), "key_path": str(out / f"{name}.key"), **extra,
+        "name": name,
+        "common_name": f"{name}.example",
+        "cert_path": str(out / f"{name}.crt"),
+        "key_path": str(out / f"{name}.key"),
+        **extra,
     }
 
 

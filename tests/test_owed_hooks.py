@@ -136,8 +136,10 @@ def test_an_owed_hook_survives_every_sequence_of_up_to_three_kills(tmp_path, cap
             planned = [(p.cert.name, [a.action for a in p.actions]) for p in snap.plan.certificates if p.actions]
             problems.append(f"{seq}: not converged: owed {sorted(store.hooks_pending(serials))}, plan {planned}")
     with capsys.disabled():
-        print(f"\nowed-hook kill sequences: {len(sequences())} ({kills} kills) "
-              f"in {time.monotonic() - started:.0f}s; problems: {len(problems)}")
+        print(
+            f"\nowed-hook kill sequences: {len(sequences())} ({kills} kills) "
+            f"in {time.monotonic() - started:.0f}s; problems: {len(problems)}"
+        )
     assert not problems, "\n".join(problems[:30])
 
 
@@ -187,16 +189,31 @@ def test_a_crash_then_a_stopped_watcher_keeps_every_hook_it_did_not_run_owed(tmp
     out, hooks = base / "out", base / "hooks"
     hooks.mkdir(parents=True)
     started, go = base / "a-started", base / "go"
-    record = f'sha256sum < "{out}/$RECONCILER_CERTIFICATES.crt" | cut -d" " -f1 >> "{hooks}/$RECONCILER_CERTIFICATES.log"'
+    record = (
+        f'sha256sum < "{out}/$RECONCILER_CERTIFICATES.crt" | cut -d" " -f1 >> "{hooks}/$RECONCILER_CERTIFICATES.log"'
+    )
     slow = f"touch {started}; i=0; while [ ! -e {go} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; {record}"
     manifest = base / "m.json"
 
     def write(version: int) -> None:
-        manifest.write_text(json.dumps({"issuer": {"type": "local"}, "certificates": [
-            {"name": n, "common_name": f"{n}.owed.test", "sans": [f"v{version}.{n}.owed.test"], "cert_path": str(out / f"{n}.crt"),
-             "key_path": str(out / f"{n}.key"), "post_renewal_command": cmd}
-            for n, cmd in (("a", slow), ("b", record))
-        ]}))
+        manifest.write_text(
+            json.dumps(
+                {
+                    "issuer": {"type": "local"},
+                    "certificates": [
+                        {
+                            "name": n,
+                            "common_name": f"{n}.owed.test",
+                            "sans": [f"v{version}.{n}.owed.test"],
+                            "cert_path": str(out / f"{n}.crt"),
+                            "key_path": str(out / f"{n}.key"),
+                            "post_renewal_command": cmd,
+                        }
+                        for n, cmd in (("a", slow), ("b", record))
+                    ],
+                }
+            )
+        )
 
     site = Site.__new__(Site)
     site.base, site.out, site.hooks, site.state, site.manifest = base, out, hooks, base / "state", manifest
@@ -211,11 +228,18 @@ def test_a_crash_then_a_stopped_watcher_keeps_every_hook_it_did_not_run_owed(tmp
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_") and k != "NOTIFY_SOCKET"}
     env.update(NO_COLOR="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     with open(log_path, "wb") as log_file:
-        watch = subprocess.Popen([sys.executable, "-m", "reconciler", *site.argv("--watch", "-vv")], stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", *site.argv("--watch", "-vv")],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         try:
             deadline = time.monotonic() + 60
             while not started.exists():
-                assert watch.poll() is None and time.monotonic() < deadline, f"the first hook never started\n{log_path.read_text()}"
+                assert watch.poll() is None and time.monotonic() < deadline, (
+                    f"the first hook never started\n{log_path.read_text()}"
+                )
                 time.sleep(0.05)
             watch.send_signal(signal.SIGTERM)
             go.touch()

@@ -12,7 +12,9 @@ from helpers import load_cert, reconcile, write_manifest
 from test_stepca_cli import entry, issuer_block, password_copy
 
 
-def test_a_kill_during_mtls_renewal_leaves_the_key_only_in_the_private_state_folder_and_the_next_pass_sweeps_it(tmp_path, step_ca):
+def test_a_kill_during_mtls_renewal_leaves_the_key_only_in_the_private_state_folder_and_the_next_pass_sweeps_it(
+    tmp_path, step_ca
+):
     out, state, tmp = tmp_path / "out", tmp_path / "state", tmp_path / "tmp"
     tmp.mkdir()
     env = {"STEPPATH": str(tmp_path), "TMPDIR": str(tmp)}

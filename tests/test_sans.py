@@ -141,7 +141,10 @@ def test_san_set_counts_the_common_name_in():
 
 
 def test_san_set_collapses_duplicates_in_any_spelling():
-    got = san_set("www.example.com", ["WWW.EXAMPLE.COM.", "www.example.com", "10.0.0.1", "10.0.0.1", "2001:DB8::1", "[2001:db8:0::1]"])
+    got = san_set(
+        "www.example.com",
+        ["WWW.EXAMPLE.COM.", "www.example.com", "10.0.0.1", "10.0.0.1", "2001:DB8::1", "[2001:db8:0::1]"],
+    )
     assert got == frozenset({"www.example.com", "IP:10.0.0.1", "IP:2001:db8::1"})
 
 
@@ -153,7 +156,9 @@ def test_san_set_ignores_order():
 
 @given(st.permutations(["a.example", "B.example.", "10.0.0.1", "2001:DB8::1", "*.c.example", "[::1]"]))
 def test_san_set_is_order_independent_for_any_permutation(names):
-    assert san_set("a.example", names) == san_set("a.example", ["a.example", "b.example", "10.0.0.1", "2001:db8::1", "*.c.example", "::1"])
+    assert san_set("a.example", names) == san_set(
+        "a.example", ["a.example", "b.example", "10.0.0.1", "2001:db8::1", "*.c.example", "::1"]
+    )
 
 
 def test_dns_and_ip_are_kept_apart():
@@ -185,8 +190,13 @@ def _cert_with(names):
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "t")])
     now = datetime.now(timezone.utc)
     return (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(1).not_valid_before(now).not_valid_after(now + timedelta(hours=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(hours=1))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .sign(key, hashes.SHA256())
     )

@@ -65,9 +65,18 @@ def schedule(clock, disk):
 
 def cert(name: str, **fields) -> CertOutcome:
     values = dict(
-        name=name, cert_path=f"/srv/{name}.crt", key_path=f"/srv/{name}.key", follow_symlinks=False,
+        name=name,
+        cert_path=f"/srv/{name}.crt",
+        key_path=f"/srv/{name}.key",
+        follow_symlinks=False,
         sans=(f"{name}.example",),
-        state="ready", problem=None, not_after=None, renewal_at=None, owner_ok=True, mode_ok=True, hook_owed=False,
+        state="ready",
+        problem=None,
+        not_after=None,
+        renewal_at=None,
+        owner_ok=True,
+        mode_ok=True,
+        hook_owed=False,
         stamps=((1, 1), (1, 2)),
     )
     values.update(fields)

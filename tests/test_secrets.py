@@ -68,9 +68,25 @@ def run_watch(m: Path, state: Path, metrics_file: Path, port: int, env: dict) ->
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
     full_env.update(PYTHONPATH=str(REPO), NO_COLOR="1", RECONCILER_STATE_DIR=str(state), **env)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "reconciler", "-m", str(m), "--watch", "-vv", "--log-format", "json",
-         "--metrics-file", str(metrics_file), "--metrics-listen", f"127.0.0.1:{port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+        [
+            sys.executable,
+            "-m",
+            "reconciler",
+            "-m",
+            str(m),
+            "--watch",
+            "-vv",
+            "--log-format",
+            "json",
+            "--metrics-file",
+            str(metrics_file),
+            "--metrics-listen",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
     )
     scraped = ""
     try:
@@ -106,10 +122,22 @@ def test_no_secret_appears_in_any_output_of_any_command(tmp_path, step_ca):
     pw_file = tmp_path / "password"
     pw_file.write_text(password + "\n")
     pw_file.chmod(0o600)
-    issuer = {"type": "step-ca", "url": step_ca.url, "root": str(step_ca.root_path), "provisioner": step_ca.provisioner, "password_file": str(pw_file)}
+    issuer = {
+        "type": "step-ca",
+        "url": step_ca.url,
+        "root": str(step_ca.root_path),
+        "provisioner": step_ca.provisioner,
+        "password_file": str(pw_file),
+    }
     entries = [
-        {"common_name": f"s{i}.secret.test", "cert_path": str(out / f"s{i}.crt"), "key_path": str(out / f"s{i}.key"),
-         "post_renewal_command": f"env > {env_dump}; echo hook ran; cat /dev/null", "duration": "1h", "renew_before": "10m"}
+        {
+            "common_name": f"s{i}.secret.test",
+            "cert_path": str(out / f"s{i}.crt"),
+            "key_path": str(out / f"s{i}.key"),
+            "post_renewal_command": f"env > {env_dump}; echo hook ran; cat /dev/null",
+            "duration": "1h",
+            "renew_before": "10m",
+        }
         for i in range(3)
     ]
     entries[2]["key"] = {"type": "RSA", "size": 2048}
@@ -166,8 +194,10 @@ def test_no_secret_appears_in_any_output_of_any_command(tmp_path, step_ca):
         if form in text
     ]
     searched = sum(len(t) for t in outputs.values())
-    figure(f"secrets: {sum(len(f) for f in secrets.values())} secret strings searched "
-           f"in {len(outputs)} outputs ({searched} characters)")
+    figure(
+        f"secrets: {sum(len(f) for f in secrets.values())} secret strings searched "
+        f"in {len(outputs)} outputs ({searched} characters)"
+    )
     assert not leaks, "\n".join(sorted(set(leaks)))
     assert outputs["metrics file"].strip() and "reconciler_" in outputs["metrics http"]
 
@@ -180,8 +210,21 @@ def test_error_text_from_a_hostile_ca_carries_no_secret(tmp_path, mode):
         m = write_manifest(
             tmp_path / "m.json",
             {
-                "issuer": {"type": "step-ca", "url": server.url, "root": str(server.root_path), "provisioner": "admin", "password_file": str(server.password_file)},
-                "certificates": [{"common_name": "svc.test", "sans": ["127.0.0.9"], "cert_path": str(out / "svc.crt"), "key_path": str(out / "svc.key")}],
+                "issuer": {
+                    "type": "step-ca",
+                    "url": server.url,
+                    "root": str(server.root_path),
+                    "provisioner": "admin",
+                    "password_file": str(server.password_file),
+                },
+                "certificates": [
+                    {
+                        "common_name": "svc.test",
+                        "sans": ["127.0.0.9"],
+                        "cert_path": str(out / "svc.crt"),
+                        "key_path": str(out / "svc.key"),
+                    }
+                ],
             },
         )
         server.mode = mode

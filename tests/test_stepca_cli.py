@@ -27,7 +27,9 @@ def run(ca, *args, secrets=(), **kwargs):
     """`reconcile` that also proves no password leaked into stdout or stderr."""
     proc = reconcile(*args, **kwargs)
     for secret in (ca.password, *secrets):
-        assert secret not in proc.stdout and secret not in proc.stderr, f"password leaked:\n{proc.stdout}\n{proc.stderr}"
+        assert secret not in proc.stdout and secret not in proc.stderr, (
+            f"password leaked:\n{proc.stdout}\n{proc.stderr}"
+        )
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
 
@@ -82,7 +84,13 @@ def site(tmp_path, step_ca):
     host's ~/.step never fills in what a test leaves out."""
     empty_step = tmp_path / "no-step"
     empty_step.mkdir()
-    return tmp_path, tmp_path / "state", tmp_path / "out", password_copy(step_ca, tmp_path), {"STEPPATH": str(empty_step)}
+    return (
+        tmp_path,
+        tmp_path / "state",
+        tmp_path / "out",
+        password_copy(step_ca, tmp_path),
+        {"STEPPATH": str(empty_step)},
+    )
 
 
 # --------------------------------------------------------------------------- issue, reissue, renew
@@ -176,7 +184,7 @@ def test_routine_renewal_goes_over_mtls_without_the_password_file_and_rotates_th
     assert cert_sans(out / "renew.example.crt") == {"renew.example", "10.7.7.7"}
     chains_to(step_ca, out / "renew.example.crt")
     # the CA saw an mTLS rekey for this subject, not a token-signed /sign
-    new_log = step_ca.log_path.read_text(errors="replace")[len(log_before):]
+    new_log = step_ca.log_path.read_text(errors="replace")[len(log_before) :]
     calls = [ln for ln in new_log.splitlines() if "subject=renew.example" in ln and "status=201" in ln]
     assert calls and all("path=/1.0/rekey" in ln for ln in calls), new_log[-2000:]
 
@@ -321,7 +329,10 @@ def test_a_root_of_another_ca_is_a_tls_trust_error_and_nothing_is_written(site, 
         {"issuer": issuer_block(step_ca, pw, root=other_step_ca.root_path), "certificates": [entry(out, "t.example")]},
     )
     proc = run(step_ca, "-m", str(m), state_dir=state, env=env, check=1)
-    assert f"TLS verification of step-ca at 127.0.0.1:{step_ca.port} failed against root {other_step_ca.root_path}" in proc.stderr
+    assert (
+        f"TLS verification of step-ca at 127.0.0.1:{step_ca.port} failed against root {other_step_ca.root_path}"
+        in proc.stderr
+    )
     assert "hint:" in proc.stderr
     assert not out.exists()
 
@@ -338,13 +349,18 @@ def test_a_duration_above_the_provisioner_maximum_quotes_the_cas_refusal(site, s
     tmp, state, out, pw, env = site
     m = write_manifest(
         tmp / "m.json",
-        {"issuer": issuer_block(step_ca, pw), "certificates": [entry(out, "long.example", duration="48h", renew_before="33%")]},
+        {
+            "issuer": issuer_block(step_ca, pw),
+            "certificates": [entry(out, "long.example", duration="48h", renew_before="33%")],
+        },
     )
     proc = run(step_ca, "-m", str(m), state_dir=state, env=env, check=1)
     assert "HTTP 403" in proc.stderr
     # step-ca measures the request from its own clock (plus its 1m backdate), so a busy machine
     # asks for 48h0m59.8s or 48h1m0.2s: the figure is checked within a minute, not to the letter
-    found = re.search(r"requested duration of (\S+) is more than the authorized maximum certificate duration of 24h1m0s", proc.stderr)
+    found = re.search(
+        r"requested duration of (\S+) is more than the authorized maximum certificate duration of 24h1m0s", proc.stderr
+    )
     assert found, proc.stderr
     assert abs(go_duration(found.group(1)) - (48 * 3600 + 60)) <= 60, found.group(1)
     assert "maxTLSCertDuration" in proc.stderr  # the hint says where to change it
@@ -355,7 +371,9 @@ def test_a_duration_above_the_provisioner_maximum_quotes_the_cas_refusal(site, s
 
 
 @pytest.mark.parametrize("offset", ["+10m", "-10m"])
-def test_a_host_clock_off_from_the_cas_by_more_than_the_token_leeway_refuses_plainly_and_writes_nothing(site, step_ca, offset):
+def test_a_host_clock_off_from_the_cas_by_more_than_the_token_leeway_refuses_plainly_and_writes_nothing(
+    site, step_ca, offset
+):
     """This host's clock moved with faketime, the real step-ca's not: the pass says the
     clocks differ and how to fix it, instead of step-ca's bare "token not yet valid" or
     certificates that look not yet valid here (issue 10 §6)."""
@@ -364,7 +382,9 @@ def test_a_host_clock_off_from_the_cas_by_more_than_the_token_leeway_refuses_pla
     faketime = shutil.which("faketime")
     assert faketime, "faketime is not installed; scripts/install --test installs it"
     tmp, state, out, pw, env = site
-    m = write_manifest(tmp / "m.json", {"issuer": issuer_block(step_ca, pw), "certificates": [entry(out, "clock.example")]})
+    m = write_manifest(
+        tmp / "m.json", {"issuer": issuer_block(step_ca, pw), "certificates": [entry(out, "clock.example")]}
+    )
     proc = run(step_ca, "-m", str(m), state_dir=state, env=env, wrap=(faketime, "-f", offset))
     said = proc.stdout + proc.stderr
     assert proc.returncode == 1, said
@@ -405,7 +425,16 @@ def test_bare_array_with_wildcard_and_ip_sans_converges_then_a_second_pass_write
     args: list[str] = []
     env = dict(env, RECONCILER_ISSUER=None)  # no choice made: the step-ca settings alone decide
     if how == "flags":
-        args = ["--ca-url", step_ca.url, "--root", str(step_ca.root_path), "--provisioner", step_ca.provisioner, "--password-file", str(pw)]
+        args = [
+            "--ca-url",
+            step_ca.url,
+            "--root",
+            str(step_ca.root_path),
+            "--provisioner",
+            step_ca.provisioner,
+            "--password-file",
+            str(pw),
+        ]
     elif how == "env":
         env.update(
             RECONCILER_CA_URL=step_ca.url,
@@ -428,7 +457,9 @@ def test_bare_array_with_wildcard_and_ip_sans_converges_then_a_second_pass_write
     assert oct((out / "edge" / "edge.crt").stat().st_mode & 0o777) == "0o640"
 
     files, state_files = tree_snapshot(out), tree_snapshot(state)
-    plan = json.loads(run(step_ca, "-m", str(m), *args, "--plan", "--output", "json", state_dir=state, env=env, check=0).stdout)
+    plan = json.loads(
+        run(step_ca, "-m", str(m), *args, "--plan", "--output", "json", state_dir=state, env=env, check=0).stdout
+    )
     assert plan["changes"] is False and not any(actions_of(plan).values())
     second = run(step_ca, "-m", str(m), *args, "--detailed-exitcode", state_dir=state, env=env, check=0)
     assert "No changes" in second.stdout

@@ -243,7 +243,9 @@ def test_error_bodies(step_ca: StepCA):
     with client(step_ca) as c:
         # CSR SANs differ from the token's: 403 with the reason.
         _, csr = make_csr("svc.example", ["other.example"])
-        resp = c.post("/1.0/sign", json={"csr": csr, "ott": one_time_token(step_ca, pkey, "svc.example", ["svc.example"])})
+        resp = c.post(
+            "/1.0/sign", json={"csr": csr, "ott": one_time_token(step_ca, pkey, "svc.example", ["svc.example"])}
+        )
         assert resp.status_code == 403
         assert resp.json() == {
             "status": 403,
@@ -252,7 +254,10 @@ def test_error_bodies(step_ca: StepCA):
         }
         # Longer than maxTLSCertDuration (24h + 1m backdate allowance).
         _, csr = make_csr("svc.example")
-        resp = c.post("/1.0/sign", json={"csr": csr, "ott": one_time_token(step_ca, pkey, "svc.example", ["svc.example"]), "notAfter": "48h"})
+        resp = c.post(
+            "/1.0/sign",
+            json={"csr": csr, "ott": one_time_token(step_ca, pkey, "svc.example", ["svc.example"]), "notAfter": "48h"},
+        )
         assert resp.status_code == 403
         assert "more than the authorized maximum certificate duration of 24h1m0s" in resp.json()["message"]
         # A token is single-use (jti stored in the CA's DB): replay -> 401,
@@ -270,7 +275,10 @@ def test_error_bodies(step_ca: StepCA):
         assert resp.json() == {"status": 400, "message": "The request could not be completed: missing csr."}
         # Renew without a client certificate.
         resp = c.post("/1.0/renew")
-        assert resp.json() == {"status": 400, "message": "The request could not be completed: missing client certificate."}
+        assert resp.json() == {
+            "status": 400,
+            "message": "The request could not be completed: missing client certificate.",
+        }
 
 
 def test_renew_and_rekey_over_mtls(step_ca: StepCA, tmp_path: Path):
@@ -285,7 +293,10 @@ def test_renew_and_rekey_over_mtls(step_ca: StepCA, tmp_path: Path):
         assert renewed.public_key().public_numbers() == old.public_key().public_numbers()
         assert renewed.subject == old.subject and sans_of(renewed) == sans_of(old)
         # Same lifetime as the old certificate, counted from now.
-        assert renewed.not_valid_after_utc - renewed.not_valid_before_utc == old.not_valid_after_utc - old.not_valid_before_utc
+        assert (
+            renewed.not_valid_after_utc - renewed.not_valid_before_utc
+            == old.not_valid_after_utc - old.not_valid_before_utc
+        )
 
         new_key, csr = make_csr("ignored.example")
         resp = c.post("/1.0/rekey", json={"csr": csr})
@@ -319,12 +330,16 @@ def renew_token(ca: StepCA, body: dict, key, subject: str) -> str:
 def test_renew_with_an_x5c_bearer_token(step_ca: StepCA):
     key, body = issue(step_ca, "bearer.example", ["bearer.example"], [])
     with client(step_ca) as c:
-        resp = c.post("/1.0/renew", headers={"Authorization": "Bearer " + renew_token(step_ca, body, key, "bearer.example")})
+        resp = c.post(
+            "/1.0/renew", headers={"Authorization": "Bearer " + renew_token(step_ca, body, key, "bearer.example")}
+        )
     assert resp.status_code == 201, resp.text
     assert load(resp.json()["crt"]).serial_number != load(body["crt"]).serial_number
 
 
-def test_expired_certificates_renew_only_with_allow_renewal_after_expiry(step_ca_factory, step_ca: StepCA, tmp_path: Path):
+def test_expired_certificates_renew_only_with_allow_renewal_after_expiry(
+    step_ca_factory, step_ca: StepCA, tmp_path: Path
+):
     lenient = step_ca_factory(name="Lenient CA", allow_renewal_after_expiry=True)
     for ca, allowed in ((step_ca, False), (lenient, True)):
         key, body = issue(ca, "old.example", ["old.example"], [], not_after="1s")
@@ -335,7 +350,9 @@ def test_expired_certificates_renew_only_with_allow_renewal_after_expiry(step_ca
             with pytest.raises(httpx.HTTPError):
                 c.post("/1.0/renew")
         with client(ca) as c:
-            resp = c.post("/1.0/renew", headers={"Authorization": "Bearer " + renew_token(ca, body, key, "old.example")})
+            resp = c.post(
+                "/1.0/renew", headers={"Authorization": "Bearer " + renew_token(ca, body, key, "old.example")}
+            )
         if allowed:
             assert resp.status_code == 201, resp.text
             assert load(resp.json()["crt"]).not_valid_after_utc > datetime.now(timezone.utc)

@@ -40,7 +40,9 @@ def doctor_checks(spec: IssuerSpec, state_dir) -> list:
         return ca.diagnose()
 
 
-def request_for(common_name: str, *sans: str, duration=timedelta(hours=1), cert_type="server", name=None) -> IssueRequest:
+def request_for(
+    common_name: str, *sans: str, duration=timedelta(hours=1), cert_type="server", name=None
+) -> IssueRequest:
     from reconciler.sans import san_set, ordered
 
     return IssueRequest(
@@ -80,7 +82,9 @@ def write_defaults(steppath: Path, **values) -> None:
 
 
 def test_resolve_spec_fills_url_and_trust_pair_from_step_defaults(tmp_path):
-    write_defaults(tmp_path, **{"ca-url": "https://ca.test:9000", "root": str(tmp_path / "root.crt"), "fingerprint": "ab" * 32})
+    write_defaults(
+        tmp_path, **{"ca-url": "https://ca.test:9000", "root": str(tmp_path / "root.crt"), "fingerprint": "ab" * 32}
+    )
     env = {"STEPPATH": str(tmp_path)}
     spec = resolve_spec(IssuerSpec(type="step-ca", provisioner="admin"), env)
     assert spec.url == "https://ca.test:9000"
@@ -139,7 +143,10 @@ def test_csr_carries_common_name_and_split_dns_and_ip_sans():
     assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "svc.example.com"
     ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(ext.get_values_for_type(x509.DNSName)) == {"svc.example.com", "*.svc.example.com"}
-    assert set(ext.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("10.0.0.7"), ipaddress.ip_address("::1")}
+    assert set(ext.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("10.0.0.7"),
+        ipaddress.ip_address("::1"),
+    }
     assert spki(csr.public_key()) == spki(key.public_key())
     assert csr.is_signature_valid
 
@@ -304,8 +311,13 @@ def test_doctor_against_the_hostile_server_passes_every_check(hostile, tmp_path)
 
 
 def test_doctor_names_the_unreachable_port(tmp_path):
-    spec = IssuerSpec(type="step-ca", url="https://127.0.0.1:9", root=tmp_path / "root.crt", provisioner="p",
-                      password_file=tmp_path / "pw")
+    spec = IssuerSpec(
+        type="step-ca",
+        url="https://127.0.0.1:9",
+        root=tmp_path / "root.crt",
+        provisioner="p",
+        password_file=tmp_path / "pw",
+    )
     results = doctor_checks(spec, tmp_path / "state")
     failed = [(what, hint) for ok, what, hint in results if not ok]
     assert any("127.0.0.1:9" in what and "port 9" in hint for what, hint in failed), results
@@ -355,7 +367,9 @@ def _directly_issued(child, parent) -> bool:
         return False
 
 
-@pytest.mark.parametrize("make_key", [lambda: rsa.generate_private_key(65537, 2048), ed25519.Ed25519PrivateKey.generate])
+@pytest.mark.parametrize(
+    "make_key", [lambda: rsa.generate_private_key(65537, 2048), ed25519.Ed25519PrivateKey.generate]
+)
 def test_issue_works_for_rsa_and_ed25519_keys(step_ca, tmp_path, make_key):
     key = make_key()
     with StepCA(ca_spec(step_ca), tmp_path) as ca:
@@ -435,7 +449,9 @@ def test_renew_falls_back_to_a_token_when_the_ca_rejects_the_client_certificate(
     # a certificate the CA never issued: its TLS layer refuses it, so mTLS renewal cannot work
     foreign_ca, foreign_key = make_ca("foreign")
     key = ec_key()
-    foreign_leaf = sign_leaf(foreign_ca, foreign_key, key.public_key(), "fallback.example.internal", ["fallback.example.internal"])
+    foreign_leaf = sign_leaf(
+        foreign_ca, foreign_key, key.public_key(), "fallback.example.internal", ["fallback.example.internal"]
+    )
     caplog.set_level(logging.INFO, logger="reconciler.issuers.stepca")
     req = request_for("fallback.example.internal")
     with StepCA(ca_spec(step_ca), tmp_path) as ca:
@@ -449,8 +465,15 @@ def test_renew_of_an_expired_certificate_uses_the_token_flow(step_ca, tmp_path, 
     foreign_ca, foreign_key = make_ca("foreign")
     key = ec_key()
     now = datetime.now(timezone.utc)
-    expired = sign_leaf(foreign_ca, foreign_key, key.public_key(), "expired.example.internal",
-                        ["expired.example.internal"], not_before=now - timedelta(hours=2), not_after=now - timedelta(hours=1))
+    expired = sign_leaf(
+        foreign_ca,
+        foreign_key,
+        key.public_key(),
+        "expired.example.internal",
+        ["expired.example.internal"],
+        not_before=now - timedelta(hours=2),
+        not_after=now - timedelta(hours=1),
+    )
     caplog.set_level(logging.INFO, logger="reconciler.issuers.stepca")
     with StepCA(ca_spec(step_ca), tmp_path) as ca:
         issued = ca.renew(request_for("expired.example.internal"), key, pem(expired), key)

@@ -80,8 +80,12 @@ def mock(tmp_path):
 
 def request_for(common_name: str, *names: str) -> IssueRequest:
     return IssueRequest(
-        name=common_name, common_name=common_name, sans=ordered(san_set(common_name, list(names))),
-        duration=timedelta(hours=1), cert_type="server", key=KeySpec(),
+        name=common_name,
+        common_name=common_name,
+        sans=ordered(san_set(common_name, list(names))),
+        duration=timedelta(hours=1),
+        cert_type="server",
+        key=KeySpec(),
     )
 
 

@@ -29,7 +29,13 @@ TMP_MARK = ".reconciler-tmp-"
 
 
 def entry(name: str, out: Path, **extra) -> dict:
-    return {"name": name, "common_name": f"{name}.internal.example", "cert_path": str(out / f"{name}.crt"), "key_path": str(out / f"{name}.key"), **extra}
+    return {
+        "name": name,
+        "common_name": f"{name}.internal.example",
+        "cert_path": str(out / f"{name}.crt"),
+        "key_path": str(out / f"{name}.key"),
+        **extra,
+    }
 
 
 def manifest_doc(entries: list[dict]) -> dict:
@@ -46,7 +52,9 @@ def wait_for(condition, timeout: float, what: str, watch: "Watch | None" = None)
             log = watch.log() if watch else ""
             raise AssertionError(f"timed out after {timeout}s waiting for {what}\n--- watch log ---\n{log}")
         if watch is not None and watch.proc.poll() is not None:
-            raise AssertionError(f"reconcile --watch exited with {watch.proc.returncode} while waiting for {what}\n{watch.log()}")
+            raise AssertionError(
+                f"reconcile --watch exited with {watch.proc.returncode} while waiting for {what}\n{watch.log()}"
+            )
         time.sleep(0.05)
 
 
@@ -61,8 +69,22 @@ class Watch:
         full_env.update(NO_COLOR="1", PYTHONPATH=str(REPO), RECONCILER_ISSUER="local", **(env or {}))
         self._log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "reconciler", "-m", str(manifest), "--state-dir", str(self.state), "--watch", "-vv", *extra],
-            stdout=self._log_file, stderr=subprocess.STDOUT, env=full_env, cwd=tmp,
+            [
+                sys.executable,
+                "-m",
+                "reconciler",
+                "-m",
+                str(manifest),
+                "--state-dir",
+                str(self.state),
+                "--watch",
+                "-vv",
+                *extra,
+            ],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=tmp,
         )
 
     def log(self) -> str:
@@ -161,7 +183,11 @@ def site(tmp_path):
 # --------------------------------------------------------------------------- manifest saves
 
 
-@pytest.mark.parametrize("save", [save_by_rename, save_by_truncate_and_write, save_in_place], ids=["rename-over", "truncate-and-write", "write-in-place"])
+@pytest.mark.parametrize(
+    "save",
+    [save_by_rename, save_by_truncate_and_write, save_in_place],
+    ids=["rename-over", "truncate-and-write", "write-in-place"],
+)
 def test_each_way_of_saving_the_manifest_issues_the_new_certificate_in_exactly_one_pass(site, watch_factory, save):
     tmp, out, manifest = site
     w = watch_factory(manifest)
@@ -210,7 +236,9 @@ def test_invalid_save_keeps_the_last_valid_manifest_and_the_next_valid_save_reco
 
     status = reconcile("status", "-m", str(manifest), "--state-dir", str(w.state))
     assert status.returncode == 1
-    assert re.search(r"manifest invalid since \d{4}-\d\d-\d\dT[\d:]+\+00:00: certificates\[0\]\.colour", status.stdout), status.stdout
+    assert re.search(
+        r"manifest invalid since \d{4}-\d\d-\d\dT[\d:]+\+00:00: certificates\[0\]\.colour", status.stdout
+    ), status.stdout
 
     # still reconciling against the last valid manifest: damage is repaired
     (out / "first.key").unlink()
@@ -232,7 +260,9 @@ def test_a_deleted_manifest_is_treated_as_invalid_and_nothing_is_deleted(site, w
     wait_for(lambda: (out / "first.crt").exists(), 15, "the first certificate", w)
 
     manifest.unlink()
-    wait_for(lambda: "is invalid" in w.log() and "does not exist" in w.log(), 5, "the missing manifest to be reported", w)
+    wait_for(
+        lambda: "is invalid" in w.log() and "does not exist" in w.log(), 5, "the missing manifest to be reported", w
+    )
     assert (out / "first.crt").exists() and (out / "first.key").exists()
 
     def recorded_invalid() -> bool:  # the pass records it after logging the error
@@ -280,7 +310,12 @@ def test_a_deleted_key_comes_back_and_a_chmodded_key_is_restored(site, watch_fac
 
     serial = load_cert(crt).serial_number
     crt.write_text("not a certificate\n")
-    wait_for(lambda: b"BEGIN CERTIFICATE" in crt.read_bytes() and load_cert(crt).serial_number != serial, 5, "the replaced certificate to be repaired", w)
+    wait_for(
+        lambda: b"BEGIN CERTIFICATE" in crt.read_bytes() and load_cert(crt).serial_number != serial,
+        5,
+        "the replaced certificate to be repaired",
+        w,
+    )
     w.stop()
 
 
@@ -464,11 +499,20 @@ def _families(text: str) -> dict[tuple[str, str], float]:
 def test_metrics_endpoint_and_file_carry_the_right_values(tmp_path, watch_factory):
     out = tmp_path / "out"
     manifest = tmp_path / "m.json"
-    write_json(manifest, manifest_doc([entry("good", out), entry("hooked", out, post_renewal_command="echo failing; exit 3")]))
+    write_json(
+        manifest, manifest_doc([entry("good", out), entry("hooked", out, post_renewal_command="echo failing; exit 3")])
+    )
     prom = tmp_path / "textfile" / "reconciler.prom"
     prom.parent.mkdir()
     w = watch_factory(manifest, "--metrics-listen", "127.0.0.1:0", "--metrics-file", str(prom))
-    port = int(wait_for(lambda: re.search(r"serving metrics on http://127\.0\.0\.1:(\d+)/metrics", w.log()), 15, "the metrics address", w).group(1))
+    port = int(
+        wait_for(
+            lambda: re.search(r"serving metrics on http://127\.0\.0\.1:(\d+)/metrics", w.log()),
+            15,
+            "the metrics address",
+            w,
+        ).group(1)
+    )
     wait_for(lambda: prom.exists() and "reconciler_hook_failures_total" in prom.read_text(), 15, "the metrics file", w)
 
     served = _families(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
@@ -489,7 +533,12 @@ def test_metrics_endpoint_and_file_carry_the_right_values(tmp_path, watch_factor
         assert m[("reconciler_last_pass_timestamp_seconds", "")] == pytest.approx(time.time(), abs=30)
 
     save_by_rename(manifest, {"certificates": "nope"})
-    wait_for(lambda: _families(prom.read_text()).get(("reconciler_manifest_valid", "")) == 0, 5, "manifest_valid 0 in the file", w)
+    wait_for(
+        lambda: _families(prom.read_text()).get(("reconciler_manifest_valid", "")) == 0,
+        5,
+        "manifest_valid 0 in the file",
+        w,
+    )
     served = _families(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
     assert served[("reconciler_manifest_valid", "")] == 0
     w.stop()
@@ -518,7 +567,10 @@ def test_the_pass_log_systemd_metrics_and_status_agree_that_a_blocked_certificat
     assert re.search(r"pass \([^)]*\): 1 changed, 1 failed, 1 of 2 ready", w.log()), w.log()
     assert any(m.startswith("STATUS=1 of 2 certificates ready") for m in messages), messages
     gauges = _families(prom.read_text())
-    assert (gauges[("reconciler_certificate_ready", "good")], gauges[("reconciler_certificate_ready", "blocked")]) == (1, 0)
+    assert (gauges[("reconciler_certificate_ready", "good")], gauges[("reconciler_certificate_ready", "blocked")]) == (
+        1,
+        0,
+    )
     w.stop()
     proc = reconcile("status", "-m", str(manifest), "--state-dir", str(w.state), "--output", "json")
     states = {r["name"]: r["state"] for r in json.loads(proc.stdout)["certificates"]}
@@ -553,7 +605,9 @@ def test_a_short_lived_certificate_renews_on_its_timer_without_any_event(tmp_pat
     first = load_cert(crt)
     # embedded CA: 1 min backdated, so lifetime 3 min; due 1 min before expiry minus <= 9 s jitter
     due = first.not_valid_after_utc.timestamp() - 60
-    wait_for(lambda: load_cert(crt).serial_number != first.serial_number, max(5, due - time.time()) + 10, "the renewal", w)
+    wait_for(
+        lambda: load_cert(crt).serial_number != first.serial_number, max(5, due - time.time()) + 10, "the renewal", w
+    )
     renewed_at = time.time()
     assert due - 10 <= renewed_at <= due + 3, f"renewed {renewed_at - due:+.1f}s from the deadline"
     # the pass is logged when it ends, a moment after the certificate is in place
@@ -604,11 +658,19 @@ def test_deferral_leaves_backed_off_certificates_and_hooks_for_later_and_limits_
 # --------------------------------------------------------------------------- an unreachable CA
 
 
-def test_an_unreachable_ca_is_probed_by_one_certificate_at_a_time_and_everything_goes_when_it_answers(tmp_path, watch_factory, step_ca_factory):
+def test_an_unreachable_ca_is_probed_by_one_certificate_at_a_time_and_everything_goes_when_it_answers(
+    tmp_path, watch_factory, step_ca_factory
+):
     ca = step_ca_factory(start=False)  # created, not running: connection refused
     out = tmp_path / "out"
     manifest = tmp_path / "m.json"
-    issuer = {"type": "step-ca", "url": ca.url, "root": str(ca.root_path), "provisioner": ca.provisioner, "password_file": str(ca.password_file)}
+    issuer = {
+        "type": "step-ca",
+        "url": ca.url,
+        "root": str(ca.root_path),
+        "provisioner": ca.provisioner,
+        "password_file": str(ca.password_file),
+    }
     write_json(manifest, {"issuer": issuer, "certificates": [entry(n, out) for n in ("one", "two", "three")]})
     w = watch_factory(manifest)
     failures = lambda: len(re.findall(r": issue failed: ", w.log()))  # noqa: E731
@@ -619,7 +681,12 @@ def test_an_unreachable_ca_is_probed_by_one_certificate_at_a_time_and_everything
     assert failures() == 4, "a probe is one certificate, not one failure per certificate"
 
     ca.start()
-    wait_for(lambda: all((out / f"{n}.crt").exists() for n in ("one", "two", "three")), 35, "every certificate once the CA answers", w)
+    wait_for(
+        lambda: all((out / f"{n}.crt").exists() for n in ("one", "two", "three")),
+        35,
+        "every certificate once the CA answers",
+        w,
+    )
     wait_for(lambda: "the CA answers again" in w.log(), 5, "the recovery to be logged (after the pass's writes)", w)
     assert failures() == 4
     w.stop()

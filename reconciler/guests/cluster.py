@@ -42,6 +42,9 @@ def local_share(desired: Desired, cli: ProxmoxCLI | None = None) -> tuple[Desire
         node = cli.local_node()
         placement = placement_of(cli.resources())
     except GuestError as exc:
-        raise GuestError(f"cluster mode ({desired.manifest_path} is a Proxmox cluster's manifest): {exc.message}", exc.hint or "is pvesh working on this node?") from None
+        raise GuestError(
+            f"cluster mode ({desired.manifest_path} is a Proxmox cluster's manifest): {exc.message}",
+            exc.hint or "is pvesh working on this node?",
+        ) from None
     kept, left = for_this_node(desired.certificates, node, placement)
     return replace(desired, certificates=tuple(kept)), tuple(f"left to another node: {why}" for why in left)

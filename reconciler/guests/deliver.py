@@ -55,7 +55,9 @@ def look(cli: ProxmoxCLI, spec: GuestSpec, paths: list[str]) -> GuestView:
         return GuestView("unreachable", f"looking at the files in {guest} failed: {run.describe()}")
     lines = run.out.splitlines()
     if len(lines) != len(paths):
-        return GuestView("unreachable", f"looking at the files in {guest} printed {len(lines)} lines for {len(paths)} files")
+        return GuestView(
+            "unreachable", f"looking at the files in {guest} printed {len(lines)} lines for {len(paths)} files"
+        )
     return GuestView(RUNNING, files={p: _file_of(line) for p, line in zip(paths, lines, strict=True)})
 
 
@@ -84,7 +86,10 @@ def deliver(cli: ProxmoxCLI, spec: GuestSpec, payload: dict[str, bytes]) -> dict
     pairs = [arg for t in targets for arg in (temporary(t.path), t.path)]
     run = cli.run(guest, _RENAME, tuple(pairs))
     if not run.ok:
-        raise GuestError(f"moving the delivered files into place in {guest} failed: {run.describe()}", "do the target folders exist inside the guest?")
+        raise GuestError(
+            f"moving the delivered files into place in {guest} failed: {run.describe()}",
+            "do the target folders exist inside the guest?",
+        )
     fault_point("guest_renamed")
     return {t.path: _delivered(t, payload[t.label]) for t in targets}
 

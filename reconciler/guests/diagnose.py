@@ -42,7 +42,13 @@ def guest_checks(desired, cli: ProxmoxCLI | None = None) -> list[Check]:
     for tool in sorted({s[0].type for s in specs.values()}):
         program = "pct" if tool == "lxc" else "qm"
         found = shutil.which(program, path=(cli.env or {}).get("PATH")) if cli.env else shutil.which(program)
-        checks.append(Check(bool(found), f"{program} is present" if found else f"{program} not found on PATH", "run the reconciler on the Proxmox node that runs the guests"))
+        checks.append(
+            Check(
+                bool(found),
+                f"{program} is present" if found else f"{program} not found on PATH",
+                "run the reconciler on the Proxmox node that runs the guests",
+            )
+        )
     for group in specs.values():
         checks += _one_guest(cli, group)
     return checks
@@ -58,7 +64,11 @@ def _one_guest(cli: ProxmoxCLI, specs: list) -> list[Check]:
     except GuestError as exc:
         return [Check(False, f"{guest}: {exc.message}", exc.hint)]
     if state != RUNNING:
-        return [Check(False, f"{guest} is {state}", f"its deliveries are owed until it runs ({guest.tool} start {guest.id})")]
+        return [
+            Check(
+                False, f"{guest} is {state}", f"its deliveries are owed until it runs ({guest.tool} start {guest.id})"
+            )
+        ]
     checks: list[Check] = [Check(True, f"{guest} exists and runs", "")]
     if guest.type == "vm":
         try:
@@ -67,7 +77,10 @@ def _one_guest(cli: ProxmoxCLI, specs: list) -> list[Check]:
         except GuestError as exc:
             return checks + [Check(False, exc.message, exc.hint)]
     asked = sorted({f"d:{posixpath.dirname(t.path)}" for s in specs for t in s.targets()})
-    asked += sorted({f"u:{t.user}" for s in specs for t in s.targets() if t.user} | {f"g:{t.group}" for s in specs for t in s.targets() if t.group})
+    asked += sorted(
+        {f"u:{t.user}" for s in specs for t in s.targets() if t.user}
+        | {f"g:{t.group}" for s in specs for t in s.targets() if t.group}
+    )
     try:
         run = cli.run(guest, _LOOK, tuple(asked))
     except GuestError as exc:
@@ -80,7 +93,15 @@ def _one_guest(cli: ProxmoxCLI, specs: list) -> list[Check]:
 def _answer(guest, asked: str, ok: bool) -> Check:
     kind, value = asked[0], asked[2:]
     if kind == "d":
-        fix = f"create it inside the guest ({guest.tool} exec {guest.id} -- mkdir -p {value})" if guest.type == "lxc" else "create it inside the VM"
+        fix = (
+            f"create it inside the guest ({guest.tool} exec {guest.id} -- mkdir -p {value})"
+            if guest.type == "lxc"
+            else "create it inside the VM"
+        )
         return Check(ok, f"{guest}: target folder {value} " + ("exists" if ok else "does not exist"), fix)
     what = "user" if kind == "u" else "group"
-    return Check(ok, f"{guest}: owner {what} {value} " + ("exists" if ok else "does not exist in the guest"), f"create the {what} inside the guest, or change guest.owner")
+    return Check(
+        ok,
+        f"{guest}: owner {what} {value} " + ("exists" if ok else "does not exist in the guest"),
+        f"create the {what} inside the guest, or change guest.owner",
+    )

@@ -52,13 +52,17 @@ class Guest:
 class ProxmoxCLI:
     """`env`: the environment the commands run with (tests put stand-ins first in PATH)."""
 
-    def __init__(self, env: dict[str, str] | None = None, timeout: float = CALL_TIMEOUT, agent_timeout: int = AGENT_TIMEOUT):
+    def __init__(
+        self, env: dict[str, str] | None = None, timeout: float = CALL_TIMEOUT, agent_timeout: int = AGENT_TIMEOUT
+    ):
         self.env = env
         self.timeout = timeout
         self.agent_timeout = agent_timeout
 
     # ------------------------------------------------------------------ processes
-    def _call(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    def _call(
+        self, argv: list[str], stdin: bytes | None = None, timeout: float | None = None
+    ) -> subprocess.CompletedProcess:
         try:
             proc = subprocess.Popen(
                 argv,
@@ -69,15 +73,22 @@ class ProxmoxCLI:
                 start_new_session=True,  # a timeout kills pct/qm and whatever they started
             )
         except FileNotFoundError:
-            raise GuestError(f"{argv[0]} is not installed here", "run the reconciler on the Proxmox node that runs the guest") from None
+            raise GuestError(
+                f"{argv[0]} is not installed here", "run the reconciler on the Proxmox node that runs the guest"
+            ) from None
         try:
             out, err = proc.communicate(stdin, timeout=timeout or self.timeout)
         except subprocess.TimeoutExpired:
             _kill(proc)
-            raise GuestError(f"{' '.join(argv[:3])} did not answer within {timeout or self.timeout:.0f}s", "is the node overloaded or the guest hanging?") from None
+            raise GuestError(
+                f"{' '.join(argv[:3])} did not answer within {timeout or self.timeout:.0f}s",
+                "is the node overloaded or the guest hanging?",
+            ) from None
         return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
-    def _checked(self, guest: Guest, argv: list[str], stdin: bytes | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    def _checked(
+        self, guest: Guest, argv: list[str], stdin: bytes | None = None, timeout: float | None = None
+    ) -> subprocess.CompletedProcess:
         proc = self._call(argv, stdin, timeout)
         if proc.returncode != 0:
             raise _error_of(guest, argv, proc)
@@ -96,7 +107,14 @@ class ProxmoxCLI:
         """Raises GuestError unless the VM's guest agent answers."""
         self._checked(guest, ["qm", "guest", "cmd", guest.id, "ping"])
 
-    def run(self, guest: Guest, script: str, args: tuple[str, ...] = (), stdin: bytes | None = None, timeout: int | None = None) -> GuestRun:
+    def run(
+        self,
+        guest: Guest,
+        script: str,
+        args: tuple[str, ...] = (),
+        stdin: bytes | None = None,
+        timeout: int | None = None,
+    ) -> GuestRun:
         """`/bin/sh -c script sh args...` inside the guest. Arguments travel as argv, never
         spliced into the script; `stdin` (a key) travels on stdin."""
         command = ["/bin/sh", "-c", script, "sh", *args]
@@ -184,11 +202,15 @@ def _error_of(guest: Guest, argv: list[str], proc: subprocess.CompletedProcess) 
     said = said.splitlines()[-1] if said else f"exit status {proc.returncode}"
     what = " ".join(argv[:2])
     if "does not exist" in said and "Configuration file" in said:
-        return GuestMissing(f"{guest} does not exist on this node ({said})", "check guest.id, or whether it migrated to another node")
+        return GuestMissing(
+            f"{guest} does not exist on this node ({said})", "check guest.id, or whether it migrated to another node"
+        )
     if "failed to get uid" in said or "failed to get gid" in said:
         return GuestError(f"{what} into {guest} failed: {said}", "the owner must exist inside the guest")
     if "guest agent" in said:
-        return GuestError(f"{guest}: {said}", "start qemu-guest-agent inside the VM and enable the agent option (agent: 1)")
+        return GuestError(
+            f"{guest}: {said}", "start qemu-guest-agent inside the VM and enable the agent option (agent: 1)"
+        )
     return GuestError(f"{what} {guest.id} failed: {said}")
 
 

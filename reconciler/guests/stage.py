@@ -39,22 +39,34 @@ def source_of(cert: DesiredCert, o: Observed) -> dict | None:
         return None
     ca = None
     if spec.ca_path:
-        ca = o.ca_file.stamp if cert.ca_path is not None and o.ca_file is not None and o.ca_file.present else o.issuer_root
+        ca = (
+            o.ca_file.stamp
+            if cert.ca_path is not None and o.ca_file is not None and o.ca_file.present
+            else o.issuer_root
+        )
     return host_source(o.cert_file.stamp, o.key_file.stamp, ca)
 
 
-def with_records(certs, observed: Mapping[str, Observed], records: Mapping[str, DeliveryRecord | None]) -> dict[str, Observed]:
+def with_records(
+    certs, observed: Mapping[str, Observed], records: Mapping[str, DeliveryRecord | None]
+) -> dict[str, Observed]:
     """`observed` with each guest entry's last delivery and host stamps; no guest is looked at."""
     out = dict(observed)
     for cert in certs:
         if cert.guest is not None:
-            out[cert.name] = replace(observed[cert.name], guest=GuestSeen(records.get(cert.name), None, source_of(cert, observed[cert.name])))
+            out[cert.name] = replace(
+                observed[cert.name], guest=GuestSeen(records.get(cert.name), None, source_of(cert, observed[cert.name]))
+            )
     return out
 
 
 def observe_guests(
-    certs, observed: Mapping[str, Observed], records: Mapping[str, DeliveryRecord | None], cli: ProxmoxCLI | None = None,
-    look_all: bool = True, workers: int = 4,
+    certs,
+    observed: Mapping[str, Observed],
+    records: Mapping[str, DeliveryRecord | None],
+    cli: ProxmoxCLI | None = None,
+    look_all: bool = True,
+    workers: int = 4,
 ) -> dict[str, Observed]:
     """`observed` with each guest entry's GuestSeen. A guest is looked at (one command for
     all its files) when `look_all` (a resync) or when one of its certificates' rows already
@@ -209,7 +221,13 @@ def _one_cert(p, cli: ProxmoxCLI, ctx: DeliveryContext) -> DeliveryOutcome:
             record.files = deliver(cli, spec, payload)
         except (GuestError, OSError) as exc:
             return DeliveryOutcome(p.cert.name, spec.describe(), False, error=str(exc))
-        record.source, record.node, record.at, record.owed, record.error = source, ctx.node, ctx.now().isoformat(), None, None
+        record.source, record.node, record.at, record.owed, record.error = (
+            source,
+            ctx.node,
+            ctx.now().isoformat(),
+            None,
+            None,
+        )
         outcome.delivered = True
         log.info("%s: delivered to %s", p.cert.name, spec.describe())
     return outcome

@@ -48,14 +48,22 @@ def choose_issuer(
         return _local(chosen_by, given_flags, given_env)
     if choice is None and not given_flags and not given_env and not _has_step_defaults(env):
         raise _no_issuer(manifest, env)
-    spec = spec_from_options(flags.get("url"), flags.get("root"), flags.get("fingerprint"),  # type: ignore[arg-type]
-                             flags.get("provisioner"), flags.get("password_file"), env)  # type: ignore[arg-type]
+    spec = spec_from_options(
+        flags.get("url"),
+        flags.get("root"),
+        flags.get("fingerprint"),  # type: ignore[arg-type]
+        flags.get("provisioner"),
+        flags.get("password_file"),
+        env,
+    )  # type: ignore[arg-type]
     return _complete(spec, bare=True, env=env)
 
 
 def _given(flags: Mapping[str, str | Path | None], env: Mapping[str, str]) -> tuple[list[str], list[str]]:
     """The step-ca settings given as flags, and as environment variables, by their names."""
-    return [_FLAGS[k] for k, v in flags.items() if v not in (None, "")], [ENV_ISSUER_SETTINGS[k] for k in ENV_ISSUER_SETTINGS if env.get(ENV_ISSUER_SETTINGS[k])]
+    return [_FLAGS[k] for k, v in flags.items() if v not in (None, "")], [
+        ENV_ISSUER_SETTINGS[k] for k in ENV_ISSUER_SETTINGS if env.get(ENV_ISSUER_SETTINGS[k])
+    ]
 
 
 def _from_manifest(spec: IssuerSpec, manifest: Path, issuer_flag: str | None, env: Mapping[str, str]) -> IssuerSpec:

@@ -129,7 +129,10 @@ class LocalCA:
         for name, cert, key in ((INT_KEY, inter, int_key), (ROOT_KEY, root, root_key)):
             if key is not None and not same_public_key(cert, key):
                 raise damaged(f"{self.folder / name} does not belong to {name[: -len('.key')]}.crt (another key)")
-        for child, parent, what in ((root, root, f"{ROOT_CERT} is not a self-signed root"), (inter, root, f"{INT_CERT} is not signed by {ROOT_CERT}")):
+        for child, parent, what in (
+            (root, root, f"{ROOT_CERT} is not a self-signed root"),
+            (inter, root, f"{INT_CERT} is not signed by {ROOT_CERT}"),
+        ):
             try:
                 child.verify_directly_issued_by(parent)
             except Exception:  # wrong signature, wrong issuer name, unsupported algorithm
@@ -167,7 +170,9 @@ class LocalCA:
             self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(self.folder, 0o700)
         except OSError as exc:
-            raise IssuerError(f"cannot create the embedded CA folder {self.folder}: {exc.strerror}", hint="check --state-dir") from None
+            raise IssuerError(
+                f"cannot create the embedded CA folder {self.folder}: {exc.strerror}", hint="check --state-dir"
+            ) from None
         now = datetime.now(timezone.utc)
         root_key = ec.generate_private_key(ec.SECP384R1())
         root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Reconciler Embedded Root CA")])
@@ -204,9 +209,7 @@ class LocalCA:
             .not_valid_before(now - BACKDATE)
             .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-            .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-            )
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         )
 
     def issue(self, request: IssueRequest, key) -> Issued:
@@ -248,10 +251,14 @@ class LocalCA:
         try:
             leaf.verify_directly_issued_by(inter)
         except Exception:
-            raise IssuerError(f"embedded CA in {self.folder} made a certificate for {request.name} that does not verify", hint=RESTORE) from None
+            raise IssuerError(
+                f"embedded CA in {self.folder} made a certificate for {request.name} that does not verify", hint=RESTORE
+            ) from None
         if cert_sans(leaf) != want:
             shown = ", ".join(sorted(display(s) for s in cert_sans(leaf)))
-            raise IssuerError(f"embedded CA in {self.folder} made a certificate for {request.name} with other names ({shown})")
+            raise IssuerError(
+                f"embedded CA in {self.folder} made a certificate for {request.name} with other names ({shown})"
+            )
         return Issued(leaf.public_bytes(serialization.Encoding.PEM), int_pem, root_pem)
 
     def renew(self, request: IssueRequest, key, current_cert_pem: bytes, current_key) -> Issued:

@@ -80,8 +80,13 @@ class StepCA:
         self.spec = spec
         self.state_dir = Path(state_dir)
         self.transport = StepCATransport(
-            spec, self.state_dir, self.root_pem, lambda: self.trust.description(),
-            connect_timeout=connect_timeout, read_timeout=read_timeout, max_connections=max_connections,
+            spec,
+            self.state_dir,
+            self.root_pem,
+            lambda: self.trust.description(),
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_connections=max_connections,
             transport=transport,
         )
         self.trust = StepCATrust(spec, self.state_dir, self.transport)
@@ -213,6 +218,7 @@ class StepCA:
         """The answer to a sign/renew/rekey as an `Issued`, once every check holds: the
         certificate is for our key, our names and our common name, valid, with the usage
         the request needs, and chains link by link to our root."""
+
         def bad(why: str, hint: str = f"check that {self.spec.where('url')} points at step-ca") -> IssuerError:
             return IssuerError(f"step-ca at {self.url} answered {label} for {request.name} with {why}", hint=hint)
 
@@ -267,6 +273,7 @@ def _check_leaf(leaf: x509.Certificate, request: IssueRequest, key, bad: Bad) ->
     want = sanlib.renormalise([request.common_name, *request.sans])
     got = crypto.cert_sans(leaf)
     if got != want:
+
         def shown(names) -> str:
             return ", ".join(sorted(sanlib.display(x) for x in names)) or "none"
 

@@ -155,7 +155,9 @@ def configuration_lines(spec: IssuerSpec | None, bare: bool, env: Mapping[str, s
     if spec is None or not spec.url:
         lines.append(f"URL: {_ways('url', bare, env)} (e.g. https://ca.internal:9000)")
     elif urlsplit(spec.url).scheme != "https":
-        lines.append(f"URL: {spec.url} (from {spec.where('url')}) is not https; step-ca only speaks HTTPS: write https://host:port")
+        lines.append(
+            f"URL: {spec.url} (from {spec.where('url')}) is not https; step-ca only speaks HTTPS: write https://host:port"
+        )
     if spec is None or (spec.root is None and not spec.fingerprint):
         lines.append(
             f"trust: {_ways('root', bare, env)} (the CA's root certificate file), or "

@@ -59,8 +59,11 @@ def _dns(ca: "StepCA") -> Check:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        return Check(False, f"DNS: {host} cannot be resolved ({exc})",
-                     f"check the host name in {ca.spec.where('url')} and this host's DNS")
+        return Check(
+            False,
+            f"DNS: {host} cannot be resolved ({exc})",
+            f"check the host name in {ca.spec.where('url')} and this host's DNS",
+        )
     addresses = sorted({str(i[4][0]) for i in infos})
     return Check(True, f"DNS: {host} resolves to {', '.join(addresses)}")
 
@@ -72,8 +75,11 @@ def _tcp(ca: "StepCA") -> Check:
             pass
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        return Check(False, f"TCP: cannot connect to {t.hostport} ({reason})",
-                     f"check the CA container/service is running and the firewall allows port {t.port}")
+        return Check(
+            False,
+            f"TCP: cannot connect to {t.hostport} ({reason})",
+            f"check the CA container/service is running and the firewall allows port {t.port}",
+        )
     return Check(True, f"TCP: connected to {t.hostport}")
 
 
@@ -88,12 +94,16 @@ def _tls(ca: "StepCA") -> Check:
     except IssuerError as exc:  # the root itself could not be had
         return _failed(exc, "TLS: ")
     except ssl.SSLCertVerificationError as exc:
-        return Check(False, f"TLS: verification of {t.hostport} failed against root {ca.trust.description()}: "
-                     f"{exc.verify_message or exc}",
-                     "that root (or fingerprint) is not this CA's: fetch the right one with `step ca root`")
+        return Check(
+            False,
+            f"TLS: verification of {t.hostport} failed against root {ca.trust.description()}: "
+            f"{exc.verify_message or exc}",
+            "that root (or fingerprint) is not this CA's: fetch the right one with `step ca root`",
+        )
     except (OSError, ssl.SSLError) as exc:
-        return Check(False, f"TLS: handshake with {t.hostport} failed: {exc}",
-                     "check that the port is step-ca's HTTPS port")
+        return Check(
+            False, f"TLS: handshake with {t.hostport} failed: {exc}", "check that the port is step-ca's HTTPS port"
+        )
     return Check(True, f"TLS: {t.hostport} verified against root {ca.trust.description()} ({version})")
 
 

@@ -50,8 +50,10 @@ class Refused(IssuerError):
 def refusal_hint(message: str, status: int) -> str:
     text = message.lower()
     if "duration" in text:
-        return ("shorten the certificate's duration in the manifest, or raise the provisioner's "
-                "maxTLSCertDuration in ca.json")
+        return (
+            "shorten the certificate's duration in the manifest, or raise the provisioner's "
+            "maxTLSCertDuration in ca.json"
+        )
     if any(word in text for word in ("not allowed", "policy", "san", "dns name", "ip address")):
         return "the provisioner's policy does not allow these names; change the names or the policy in ca.json"
     if status == 401:

@@ -22,7 +22,11 @@ GROUP = "root:x:0:\nwww-data:x:33:\nnginx:x:101:\nssl-cert:x:110:www-data\n"
 
 
 def _busybox_is_static() -> bool:
-    out = subprocess.run(["file", "-L", str(BUSYBOX)], capture_output=True, text=True).stdout if shutil.which("file") else ""
+    out = (
+        subprocess.run(["file", "-L", str(BUSYBOX)], capture_output=True, text=True).stdout
+        if shutil.which("file")
+        else ""
+    )
     return "statically linked" in out or not out
 
 
@@ -31,7 +35,9 @@ class Cluster:
 
     def __init__(self, root: Path, node: str = "pve1"):
         if not BUSYBOX.exists():
-            raise RuntimeError("the Proxmox stand-ins need Debian's busybox-static (/bin/busybox): run scripts/install --test")
+            raise RuntimeError(
+                "the Proxmox stand-ins need Debian's busybox-static (/bin/busybox): run scripts/install --test"
+            )
         self.root = root
         self.node = node
         (root / "pve" / "nodes" / node).mkdir(parents=True, exist_ok=True)
@@ -61,7 +67,9 @@ class Cluster:
         (rootfs / "bin" / "bash").write_text('#!/bin/sh\nexec /bin/sh "$@"\n')
         os.chmod(rootfs / "bin" / "bash", 0o755)
 
-    def add(self, vmid: int, kind: str = "lxc", node: str | None = None, running: bool = True, agent: bool = True) -> Path:
+    def add(
+        self, vmid: int, kind: str = "lxc", node: str | None = None, running: bool = True, agent: bool = True
+    ) -> Path:
         """A guest (`kind` "lxc" or "vm") on `node`; returns its root folder as the host sees it."""
         node = node or self.node
         folder = "lxc" if kind == "lxc" else "qemu-server"
@@ -113,11 +121,12 @@ class Cluster:
         if was_running:
             self.start(vmid)
 
-    def run(self, tool: str, *args: str, node: str | None = None, input: bytes | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self, tool: str, *args: str, node: str | None = None, input: bytes | None = None
+    ) -> subprocess.CompletedProcess:
         """Run a stand-in as the reconciler would (tests of the contracts themselves)."""
         env = {**os.environ, **self.env(node)}
         return subprocess.run([str(BIN / tool), *args], input=input, capture_output=True, env=env, timeout=120)
-
 
 
 def legacy_entry(out: Path, name: str, vmid: int, kind: str, command: str, **extra) -> dict:

@@ -74,8 +74,10 @@ def find_node(vmid: str) -> str | None:
 
 def load_config(tool: str, vmid: str) -> dict:
     if not vmid.isdigit() or int(vmid) < 100:
-        print("400 Parameter verification failed.\n"
-              "vmid: invalid format - value does not look like a valid VM ID\n", file=sys.stderr)
+        print(
+            "400 Parameter verification failed.\nvmid: invalid format - value does not look like a valid VM ID\n",
+            file=sys.stderr,
+        )
         raise SystemExit(255)
     conf = config_dir(NODE, tool) / f"{vmid}.conf"
     if not conf.exists():
@@ -118,8 +120,11 @@ def split_options(args: list[str], booleans=(), values=()) -> tuple[list[str], d
                     raise SystemExit(255)
                 value = args[i]
             if name not in booleans and name not in values:
-                print(f"400 Parameter verification failed.\n{name}: property is not defined in schema "
-                      "and the schema does not allow additional properties\n", file=sys.stderr)
+                print(
+                    f"400 Parameter verification failed.\n{name}: property is not defined in schema "
+                    "and the schema does not allow additional properties\n",
+                    file=sys.stderr,
+                )
                 raise SystemExit(255)
             opts[name] = value
         else:
@@ -267,7 +272,9 @@ def start_stop(tool: str, cmd: str, rest: list[str]) -> int:
 
 
 def migrate(tool: str, rest: list[str]) -> int:
-    pos, _opts, _ = split_options(rest, booleans=("online", "restart", "with-local-disks"), values=("timeout", "targetstorage"))
+    pos, _opts, _ = split_options(
+        rest, booleans=("online", "restart", "with-local-disks"), values=("timeout", "targetstorage")
+    )
     vmid, target = pos
     load_config(tool, vmid)
     if running(vmid) and tool == "pct":
@@ -355,7 +362,16 @@ def pvesh(args: list[str]) -> int:
                 for conf in sorted(config_dir(node, tool).glob("*.conf")):
                     vmid = conf.stem
                     kind = KINDS[tool][0]
-                    data.append({"type": kind, "id": f"{kind}/{vmid}", "vmid": int(vmid), "node": node, "status": "running" if running(vmid) else "stopped", "name": f"guest{vmid}"})
+                    data.append(
+                        {
+                            "type": kind,
+                            "id": f"{kind}/{vmid}",
+                            "vmid": int(vmid),
+                            "node": node,
+                            "status": "running" if running(vmid) else "stopped",
+                            "name": f"guest{vmid}",
+                        }
+                    )
         if opts.get("type") == "vm":
             data = [d for d in data if d["type"] in ("lxc", "qemu")]
         elif opts.get("type") == "node":
