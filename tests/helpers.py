@@ -63,6 +63,17 @@ def reconcile(
     return proc
 
 
+def entry(out: Path, name: str, **extra) -> dict:
+    """One manifest entry named `name`, its files in `out`; `extra` adds or overrides fields."""
+    return {
+        "name": name,
+        "common_name": f"{name}.example",
+        "cert_path": str(out / f"{name}.crt"),
+        "key_path": str(out / f"{name}.key"),
+        **extra,
+    }
+
+
 def write_manifest(path: Path, document) -> Path:
     path.write_text(json.dumps(document, indent=2))
     return path

@@ -12,19 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import after_issuer, REPO, reconcile, write_manifest
+from helpers import after_issuer, REPO, entry, reconcile, write_manifest
 
 LOCAL = {"type": "local"}
-
-
-def entry(out: Path, name: str, **extra) -> dict:
-    return {
-        "name": name,
-        "common_name": f"{name}.example",
-        "cert_path": str(out / f"{name}.crt"),
-        "key_path": str(out / f"{name}.key"),
-        **extra,
-    }
 
 
 @pytest.fixture

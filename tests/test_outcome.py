@@ -10,26 +10,15 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 
-from helpers import load_cert
+from helpers import entry, load_cert
 from reconciler.diff import renewal_due_at
 from reconciler.outcome import ERROR, HOOK_PENDING, MISSING, READY
 from reconciler.desired import load_desired
 from reconciler.passes import Settings, assess, run_pass, snapshot
 from reconciler.status import read_only
-
-
-def entry(out: Path, name: str, **extra) -> dict:
-    return {
-        "name": name,
-        "common_name": f"{name}.example",
-        "cert_path": str(out / f"{name}.crt"),
-        "key_path": str(out / f"{name}.key"),
-        **extra,
-    }
 
 
 @pytest.fixture

@@ -14,22 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import after_issuer, load_cert, reconcile, tree_snapshot, write_manifest
+from helpers import after_issuer, entry, load_cert, reconcile, tree_snapshot, write_manifest
 from reconciler.diff import CHMOD, RENEW, REISSUE, Drift
 from reconciler.model import DesiredCert, KeySpec, RenewBefore
 from reconciler.plan import FORCED, Action, CertPlan, HookRun, Plan, force_renewal
 
 LOCAL = {"type": "local"}
-
-
-def entry(out: Path, name: str, **extra) -> dict:
-    return {
-        "name": name,
-        "common_name": f"{name}.example",
-        "cert_path": str(out / f"{name}.crt"),
-        "key_path": str(out / f"{name}.key"),
-        **extra,
-    }
 
 
 @pytest.fixture
