@@ -32,26 +32,37 @@ def sidecar_name(name: str) -> str:
 
 def read_mark(path: Path, follow_symlinks: bool = False) -> str | None:
     """The state folder recorded on `path`, or None (unmarked, missing, unreadable)."""
+    return mark_of(path, follow_symlinks)[0]
+
+
+def mark_of(path: Path, follow_symlinks: bool = False) -> tuple[str | None, bool]:
+    """(read_mark's answer, whether it is the file's own extended attribute, set or absent).
+    Only that answer may be kept with the file's stamp (observation_cache.py): setting or
+    removing an xattr changes the file's ctime, writing a sidecar file does not."""
     try:
-        return os.getxattr(path, XATTR, follow_symlinks=follow_symlinks).decode("utf-8", "replace")
+        return os.getxattr(path, XATTR, follow_symlinks=follow_symlinks).decode("utf-8", "replace"), True
     except OSError as exc:
         if exc.errno not in _UNSUPPORTED:
-            return None
+            return None, exc.errno == errno.ENODATA
     try:
         fd = os.open(
             path.with_name(sidecar_name(path.name)), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         )
     except OSError:
-        return None
+        return None, False
     try:
-        return os.read(fd, 8192).decode("utf-8", "replace").strip() or None
+        return os.read(fd, 8192).decode("utf-8", "replace").strip() or None, False
     finally:
         os.close(fd)
 
 
 def foreign(path: Path, ours: str, follow_symlinks: bool = False) -> str | None:
     """The other state folder managing `path`, if it is not ours and still exists."""
-    mark = read_mark(path, follow_symlinks)
+    return foreign_mark(read_mark(path, follow_symlinks), ours)
+
+
+def foreign_mark(mark: str | None, ours: str) -> str | None:
+    """`mark` (read_mark's answer) when it names another state folder that still exists."""
     if mark is None or mark == ours or not os.path.isdir(mark):
         return None
     return mark

@@ -3,7 +3,9 @@ by the files' identity, so a steady-state pass costs a `stat` per file.
 
 A row is keyed by the cert and key paths and holds (dev, inode, size, mtime, ctime) of both
 files and the digest of the trust anchors it was checked against; any change of either
-means the row is not used. What a run observes is kept as values and turned into rows only
+means the row is not used. It also holds the state folder each file was marked with
+(managed.py) when that mark is the file's extended attribute: setting or removing one changes
+the ctime, so a hit needs no `getxattr`. What a run observes is kept as values and turned into rows only
 when a pass saves (`--plan` never does, so it never pays for it). Damaged or stale rows are
 re-read from the certificates, never an error (docs/design.md, "Caches").
 """
@@ -20,7 +22,12 @@ from reconciler.model import CertFacts, DesiredCert, FileState, Observed
 from reconciler.parse import Trust
 from reconciler.statefiles import StateFileDamaged, read_state_file
 
-CACHE_VERSION = 4  # 3: SANs read typed (a dNSName that spells an address is no IP SAN); 4: usages, chains, CA files
+# 3: SANs read typed (a dNSName that spells an address is no IP SAN); 4: usages, chains, CA files; 5: marks
+CACHE_VERSION = 5
+
+# the state folder marked on the cert and on the key file (managed.read_mark), kept in a row
+# only when both are the files' extended attributes (None: read them again every time)
+Marks = tuple[str | None, str | None]
 
 
 class ObservationCache:
@@ -30,8 +37,8 @@ class ObservationCache:
     def __init__(self, state_dir: Path | None, repair: bool = True):
         self.path = state_dir / "cache" / "observed.json" if state_dir else None
         self.entries: dict[str, Any] = {}  # rows, as read or as last saved
-        # observed in this process and not yet a row: (Observed, trust digest) by key
-        self.fresh: dict[str, tuple[Observed, str]] = {}
+        # observed in this process and not yet a row: (Observed, trust digest, marks) by key
+        self.fresh: dict[str, tuple[Observed, str, Marks | None]] = {}
         # keys asked for since the last save: a row no one asked for is a file no longer managed
         self.used: set[str] = set()
         self.dirty = False
@@ -51,27 +58,32 @@ class ObservationCache:
     def _key(cert: DesiredCert) -> str:
         return f"{cert.cert_path}\0{cert.key_path}"
 
-    def get(self, cert: DesiredCert, cert_file: FileState, key_file: FileState, trust: Trust) -> Observed | None:
+    def get(
+        self, cert: DesiredCert, cert_file: FileState, key_file: FileState, trust: Trust
+    ) -> tuple[Observed, Marks | None] | None:
+        """(what was observed of these very files, the marks they had then) or None."""
         key = self._key(cert)
         self.used.add(key)
         if not cert_file.present or not key_file.present:
             return None
         if key in self.fresh:
-            o, digest = self.fresh[key]
+            o, digest, marks = self.fresh[key]
             if o.cert_file.stamp != cert_file.stamp or o.key_file.stamp != key_file.stamp or digest != trust.digest:
                 return None
-            return Observed(
+            hit = Observed(
                 cert_file, key_file, o.cert, None, o.key_public_id, None, o.chains_to_issuer, issuer_root=trust.root
             )
+            return hit, marks
         row = self.entries.get(key)
         if not row or row[0] != list(cert_file.stamp) or row[1] != list(key_file.stamp) or row[2] != trust.digest:
             return None
         try:
-            return Observed(cert_file, key_file, _facts_of(row[3]), None, row[4], None, row[5], issuer_root=trust.root)
+            hit = Observed(cert_file, key_file, _facts_of(row[3]), None, row[4], None, row[5], issuer_root=trust.root)
         except (KeyError, TypeError, ValueError, IndexError):
             return None
+        return hit, None if row[6] is None else (row[6][0], row[6][1])
 
-    def put(self, cert: DesiredCert, observed: Observed, trust: Trust) -> None:
+    def put(self, cert: DesiredCert, observed: Observed, trust: Trust, marks: Marks | None = None) -> None:
         key = self._key(cert)
         self.used.add(key)
         if observed.cert is None or observed.key_public_id is None:
@@ -79,7 +91,7 @@ class ObservationCache:
             if self.fresh.pop(key, None) is not None or gone:
                 self.dirty = True
             return
-        self.fresh[key] = (observed, trust.digest)
+        self.fresh[key] = (observed, trust.digest, marks)
         self.dirty = True
 
     def get_ca(self, path: Path, state: FileState) -> tuple[str, ...] | None:
@@ -111,8 +123,8 @@ class ObservationCache:
             self.used = set()
         if not self.dirty:
             return
-        for key, (observed, digest) in self.fresh.items():
-            self.entries[key] = _row(observed, digest)
+        for key, (observed, digest, marks) in self.fresh.items():
+            self.entries[key] = _row(observed, digest, marks)
         self.fresh.clear()
         try:
             data = json.dumps({"version": CACHE_VERSION, "entries": self.entries}, separators=(",", ":")).encode()
@@ -122,7 +134,7 @@ class ObservationCache:
             pass
 
 
-def _row(o: Observed, digest: str) -> list:
+def _row(o: Observed, digest: str, marks: Marks | None) -> list:
     f = o.cert
     assert f is not None
     facts = {
@@ -139,7 +151,15 @@ def _row(o: Observed, digest: str) -> list:
         "issuer_chain": None if f.issuer_chain is None else list(f.issuer_chain),
         "signer_not_after": None if f.signer_not_after is None else f.signer_not_after.timestamp(),
     }
-    return [list(o.cert_file.stamp), list(o.key_file.stamp), digest, facts, o.key_public_id, o.chains_to_issuer]
+    return [
+        list(o.cert_file.stamp),
+        list(o.key_file.stamp),
+        digest,
+        facts,
+        o.key_public_id,
+        o.chains_to_issuer,
+        None if marks is None else list(marks),
+    ]
 
 
 def _facts_of(f: dict) -> CertFacts:
@@ -195,8 +215,8 @@ def _ca_row_problem(row: Any) -> str | None:
 
 
 def _row_problem(row: Any) -> str | None:
-    if type(row) is not list or len(row) != 6:
-        return "not a list of 6 fields"
+    if type(row) is not list or len(row) != 7:
+        return "not a list of 7 fields"
     if not (
         _ints(row[0])
         and _ints(row[1])
@@ -205,6 +225,11 @@ def _row_problem(row: Any) -> str | None:
         and row[5] in (True, False, None)
     ):
         return "file stamps, trust, key id or chain flag of the wrong type"
+    marks = row[6]
+    if marks is not None and not (
+        type(marks) is list and len(marks) == 2 and all(type(m) in _OPTIONAL_TEXT for m in marks)
+    ):
+        return "file marks are not a pair of state folders"
     f = row[3]
     if type(f) is not dict:
         return "certificate facts are not an object"

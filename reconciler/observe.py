@@ -14,9 +14,9 @@ from pathlib import Path
 
 from reconciler.crypto import fingerprint
 from reconciler.folder_checks import folders_problem
-from reconciler.managed import foreign, refusal
+from reconciler.managed import foreign_mark, mark_of, refusal
 from reconciler.model import CertFacts, DesiredCert, FileState, Observed, Written
-from reconciler.observation_cache import ObservationCache
+from reconciler.observation_cache import Marks, ObservationCache
 from reconciler.parse import LIMIT, Trust, content_digest, parse_cert, parse_key, pem_certificates
 
 
@@ -47,12 +47,15 @@ def observe(
     follow = cert.allow_symlink
     cert_file = stat_file(cert.cert_path, follow)
     key_file = stat_file(cert.key_path, follow)
-    problem = folders_problem(cert, folders) or _foreign_problem(cert, cert_file, key_file, manager)
+    found = cache.get(cert, cert_file, key_file, trust) if cache is not None else None
+    hit, marks = found if found is not None else (None, None)
+    vouched = marks is not None
+    if marks is None:  # no marks the files' stamps vouch for: read them
+        marks, vouched = _read_marks(cert, cert_file, key_file)
+    problem = folders_problem(cert, folders) or _foreign_problem(cert, marks, manager)
     ca = _observe_ca(cert.ca_path, follow, cache) if cert.ca_path is not None else {}
-    if cache is not None:
-        hit = cache.get(cert, cert_file, key_file, trust)
-        if hit is not None:
-            return replace(hit, folder_problem=problem, **ca) if problem or ca else hit
+    if hit is not None:
+        return replace(hit, folder_problem=problem, **ca) if problem or ca else hit
     cert_file, facts, cert_error = _read_parsed(
         cert.cert_path, cert_file, lambda data: parse_cert(data, trust, written)
     )
@@ -70,7 +73,7 @@ def observe(
         **ca,
     )
     if cache is not None:
-        cache.put(cert, observed, trust)
+        cache.put(cert, observed, trust, marks if vouched else None)
     return observed
 
 
@@ -100,14 +103,23 @@ def _chains(facts: CertFacts | None, trust: Trust) -> bool | None:
     return False if trust.fingerprints or trust.authoritative else None
 
 
-def _foreign_problem(cert: DesiredCert, cert_file: FileState, key_file: FileState, manager: str | None) -> str | None:
+def _read_marks(cert: DesiredCert, cert_file: FileState, key_file: FileState) -> tuple[Marks, bool]:
+    """(the state folder marked on the cert and the key file, whether both answers are the
+    files' own extended attributes, which their stamps vouch for); a file not there has none."""
+    found = [
+        mark_of(path, cert.allow_symlink) if state.present else (None, False)
+        for path, state in ((cert.cert_path, cert_file), (cert.key_path, key_file))
+    ]
+    return (found[0][0], found[1][0]), found[0][1] and found[1][1]
+
+
+def _foreign_problem(cert: DesiredCert, marks: Marks, manager: str | None) -> str | None:
     if manager is None:
         return None
-    for label, path, state in (("cert", cert.cert_path, cert_file), ("key", cert.key_path, key_file)):
-        if state.present:
-            other = foreign(path, manager, cert.allow_symlink)
-            if other:
-                return refusal(label, path, other, manager)
+    for label, path, mark in (("cert", cert.cert_path, marks[0]), ("key", cert.key_path, marks[1])):
+        other = foreign_mark(mark, manager)
+        if other:
+            return refusal(label, path, other, manager)
     return None
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import reconcile, tree_snapshot, write_manifest
+from reconciler.managed import XATTR, identity
 from reconciler.manifest import build
 from reconciler.observation_cache import CACHE_VERSION, ObservationCache
 from reconciler.observe import observe_all
@@ -118,3 +119,26 @@ def test_rows_of_certificates_gone_from_the_manifest_are_dropped_once(host):
     settled = tree_snapshot(state)
     reconcile("-m", str(manifest), state_dir=state, check=0)
     assert tree_snapshot(state) == settled
+
+
+def test_a_hit_takes_the_files_marks_from_its_row_and_a_new_mark_is_seen(host, tmp_path, monkeypatch):
+    """The state folder marked on each file (managed.py) is kept in the row when it is the
+    file's extended attribute: a hit reads no attribute, and setting one changes the file's
+    ctime, so a file another state folder marks since is observed again and refused."""
+    manifest, state = host
+    desired = build(json.loads(manifest.read_bytes()), manifest)
+    trust = Trust.of(LocalCA(state / "ca").trust_roots(), authoritative=True)
+    ours = identity(state)
+    reads = []
+    real_getxattr = os.getxattr
+    monkeypatch.setattr(os, "getxattr", lambda *a, **k: reads.append(a[0]) or real_getxattr(*a, **k))
+    hits = observe_all(desired.certificates, trust, ObservationCache(state), manager=ours)
+    assert reads == [] and all(o.folder_problem is None for o in hits.values())
+    other = tmp_path / "other-state"
+    other.mkdir()
+    c1 = desired.certificates[1]
+    os.setxattr(c1.cert_path, XATTR, str(other).encode())
+    again = observe_all(desired.certificates, trust, ObservationCache(state), manager=ours)
+    assert f"is managed by the reconciler with state folder {other}" in again["c1"].folder_problem
+    assert again["c0"] == hits["c0"] and again["c2"] == hits["c2"]
+    assert reads == [c1.cert_path, c1.key_path]  # only the changed files' marks were read
