@@ -27,7 +27,6 @@ from reconciler.drift_rows import (
     Drift,
     Row,
     renewal_due_at,
-    usable_facts,
 )
 from reconciler.model import DesiredCert, FileState, Observed
 
@@ -145,7 +144,7 @@ def diff(
     problem = blocked(cert, observed)
     if problem:
         raise Blocked(problem)
-    return walk(cert, observed, now, Context(hook_pending, issuer_unknown))
+    return walk(cert, observed, now, Context.of(cert, observed, hook_pending, issuer_unknown))
 
 
 def walk(cert: DesiredCert, observed: Observed, now: datetime, ctx: Context) -> list[Drift]:
@@ -190,18 +189,17 @@ def readiness(
     problem = blocked(cert, observed)
     if problem:
         return Readiness(False, problem, ())
-    return readiness_of(cert, observed, walk(cert, observed, now, Context(hook_owed, issuer_unknown)))
+    ctx = Context.of(cert, observed, hook_owed, issuer_unknown)
+    return readiness_of(walk(cert, observed, now, ctx), ctx)
 
 
-def readiness_of(cert: DesiredCert, observed: Observed, drifts: list[Drift]) -> Readiness:
-    """Readiness from drifts already walked (plan_cert walks once for both)."""
+def readiness_of(drifts: list[Drift], ctx: Context) -> Readiness:
+    """Readiness from drifts already walked with `ctx` (plan_cert walks once for both)."""
     unusable = next((d for d in drifts if d.unusable), None)
-    facts = usable_facts(observed)
-    due = renewal_due_at(cert, facts.not_before, facts.not_after) if facts is not None else None
     return Readiness(
         unusable is None,
         unusable.reason if unusable else None,
         tuple(drifts),
-        facts.not_after if facts is not None else None,
-        due,
+        ctx.facts.not_after if ctx.facts is not None else None,
+        ctx.renewal_at,
     )

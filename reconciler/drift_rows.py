@@ -52,11 +52,21 @@ class Drift:
 
 @dataclass(frozen=True)
 class Context:
-    """What some rows need beyond desired, observed and now."""
+    """What some rows need beyond desired, observed and now (`Context.of`)."""
 
     hook_owed: bool = False  # the status store says the post-renewal command is owed
     # why the issuer cannot be checked here; certificates are then not trusted
     issuer_unknown: str | None = None
+    # the certificate's facts when the pair is usable (usable_facts), and when it enters its
+    # renewal window (renewal_due_at): worked out once for all the rows and the readiness
+    facts: CertFacts | None = None
+    renewal_at: datetime | None = None
+
+    @classmethod
+    def of(cls, cert: DesiredCert, o: Observed, hook_owed: bool = False, issuer_unknown: str | None = None) -> Context:
+        facts = usable_facts(o)
+        due = renewal_due_at(cert, facts.not_before, facts.not_after) if facts is not None else None
+        return cls(hook_owed, issuer_unknown, facts, due)
 
 
 Row = Callable[[DesiredCert, Observed, datetime, Context], "Drift | None"]
@@ -118,7 +128,7 @@ def key_matches(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> 
 
 def usable_facts(o: Observed) -> CertFacts | None:
     """The certificate's facts when the pair is usable at all (both parse, key matches):
-    the rows below compare them with the manifest."""
+    the rows below compare them (`Context.facts`) with the manifest."""
     return o.cert if o.key_matches else None
 
 
@@ -126,7 +136,7 @@ def usable_facts(o: Observed) -> CertFacts | None:
 
 
 def common_name(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
-    facts = usable_facts(o)
+    facts = ctx.facts
     if facts is None or facts.common_name == cert.common_name:
         return None
     return Drift(
@@ -139,7 +149,7 @@ def common_name(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> 
 
 
 def sans(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
-    facts = usable_facts(o)
+    facts = ctx.facts
     if facts is None or facts.sans == cert.sans:
         return None
     adds = sorted(display(s) for s in cert.sans - facts.sans)
@@ -157,14 +167,14 @@ def sans(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift |
 
 
 def key_type(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
-    facts, want = usable_facts(o), cert.key.describe()
+    facts, want = ctx.facts, cert.key.describe()
     if facts is None or facts.key_type == want:
         return None
     return Drift("key_type", REISSUE, f"key type is {facts.key_type}, want {want}", facts.key_type, want)
 
 
 def cert_type(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
-    facts, usage = usable_facts(o), USAGE[cert.cert_type]
+    facts, usage = ctx.facts, USAGE[cert.cert_type]
     # step-ca's default template gives every certificate both usages: having more than
     # asked is no drift, or each of its certificates would be re-issued on every pass
     if facts is None or usage in facts.usages or "any" in facts.usages:
@@ -180,7 +190,7 @@ def cert_type(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Dr
 
 
 def duration(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
-    facts = usable_facts(o)
+    facts = ctx.facts
     if facts is None:
         return None
     lifetime = facts.not_after - facts.not_before
@@ -202,7 +212,7 @@ def _lifetime_differs(lifetime: timedelta, duration: timedelta, facts: CertFacts
 
 
 def issuer(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
-    facts = usable_facts(o)
+    facts = ctx.facts
     if facts is None:
         return None
     if o.chains_to_issuer is False:
@@ -220,7 +230,7 @@ def issuer(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift
 
 
 def not_yet_valid(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
-    facts = usable_facts(o)
+    facts = ctx.facts
     if facts is None or now >= facts.not_before:
         return None
     # TLS clients refuse it ("certificate is not yet valid") until then; a renewal could
@@ -236,7 +246,7 @@ def not_yet_valid(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -
 
 
 def expired(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
-    facts = usable_facts(o)
+    facts = ctx.facts
     if facts is None or now < facts.not_after:
         return None
     return Drift(
@@ -250,10 +260,9 @@ def expired(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drif
 
 
 def renewal_due(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
-    facts = usable_facts(o)
-    if facts is None or now >= facts.not_after:
+    facts, due = ctx.facts, ctx.renewal_at
+    if facts is None or due is None or now >= facts.not_after:
         return None  # expired: the row above
-    due = renewal_due_at(cert, facts.not_before, facts.not_after)
     if now < due:
         return None
     # the jitter moves the moment earlier than the window alone says: name the moment,
@@ -274,7 +283,7 @@ def renewal_due(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> 
 def chain(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
     """The certificates after the leaf are exactly the issuer's chain with include_ca, none
     without. Unknown when the issuer's chain is not known here (then only "none" is judged)."""
-    facts = usable_facts(o)
+    facts = ctx.facts
     if facts is None:
         return None
     want = facts.issuer_chain if cert.include_ca else ()
@@ -410,6 +419,6 @@ def served(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift
     """A command can exit 0 and change nothing: a `serve` endpoint still presenting another
     leaf than the file owes it again. An unreachable endpoint is its own state (status,
     metrics), never a reason to rerun the command; without a command there is nothing to run."""
-    facts = usable_facts(o)
+    facts = ctx.facts
     why = stale_reason(o.served, facts) if facts is not None and cert.post_renewal_command else None
     return Drift("serve", RUN_HOOK, why, "another certificate", facts.serial) if why and facts else None

@@ -91,7 +91,8 @@ def plan_cert(
     problem = blocked(cert, observed)
     if problem:
         return CertPlan(cert, (), problem, Readiness(False, problem, ()))
-    drifts = walk(cert, observed, now, Context(hook_pending, issuer_unknown))
+    ctx = Context.of(cert, observed, hook_pending, issuer_unknown)
+    drifts = walk(cert, observed, now, ctx)
     content = [d for d in drifts if d.action in CONTENT_ACTIONS]
     actions: list[Action] = []
     if content:
@@ -99,13 +100,13 @@ def plan_cert(
         first = content[0].action
         same = tuple(d for d in content if d.action == first)
         actions.append(Action(first, "; ".join(d.reason for d in same), same))
-    else:
+    elif drifts:  # (none: the steady state, nothing to sort)
         # a new certificate is written with the right chain, CA file, owner and mode anyway
         for kind in (REWRITE_CHAIN, WRITE_CA, CHOWN, CHMOD, DELIVER, RELOAD, RUN_HOOK):
             found = tuple(d for d in drifts if d.action == kind)
             if found:
                 actions.append(Action(kind, "; ".join(d.reason for d in found), found))
-    return CertPlan(cert, _with_delivery(cert, actions, observed.guest), None, readiness_of(cert, observed, drifts))
+    return CertPlan(cert, _with_delivery(cert, actions, observed.guest), None, readiness_of(drifts, ctx))
 
 
 def _with_delivery(cert: DesiredCert, actions: list[Action], seen: GuestSeen | None) -> tuple[Action, ...]:
