@@ -15,7 +15,7 @@ from reconciler.guestfacts import GuestSeen, GuestSpec
 CA_MODE = 0o644
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KeySpec:
     type: str = "EC"  # "EC" | "RSA" | "Ed25519"
     curve: str | None = "P-256"  # EC only
@@ -30,7 +30,7 @@ class KeySpec:
         return self.type
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IssuerSpec:
     type: str = "local"  # "local" | "step-ca"
     dir: Path | None = None  # local: where the embedded CA lives (default <state-dir>/ca)
@@ -69,7 +69,7 @@ class IssuerSpec:
         return {"type": self.type, **{k: v for k, v in values.items() if v}, "description": self.describe(state_dir)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RenewBefore:
     """Either a fixed time before expiry or a share of the lifetime."""
 
@@ -87,7 +87,7 @@ class RenewBefore:
         return f"{round((self.share or 0) * 100)}%"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DesiredCert:
     name: str
     common_name: str
@@ -126,7 +126,7 @@ class DesiredCert:
         return json.dumps(self.fields, sort_keys=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Desired:
     issuer: IssuerSpec | None  # None: the manifest names no issuer (flags, env or defaults.json decide)
     certificates: tuple[DesiredCert, ...]
@@ -138,7 +138,7 @@ class Desired:
 # never import the stage that reads files.
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileState:
     kind: str  # "file" | "missing" | "symlink" | "directory" | "special" | "unreadable"
     uid: int | None = None
@@ -152,7 +152,7 @@ class FileState:
         return self.kind == "file"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CertFacts:
     common_name: str | None
     sans: frozenset[str]  # normalised like a desired SAN set (reconciler.sans)
@@ -172,7 +172,7 @@ class CertFacts:
     signer_not_after: datetime | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Observed:
     cert_file: FileState
     key_file: FileState
@@ -200,7 +200,7 @@ class Observed:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Written:
     """What apply wrote for one certificate, as SHA-256 digests of the bytes (kept small:
     a pass may write thousands). Re-observing a file whose bytes still have that digest
