@@ -34,8 +34,12 @@ class ObservationCache:
     """Parsed facts keyed by the files' identity; stale or damaged entries are simply re-read.
     Every method that reads or writes a row marks its key used: save() drops the others."""
 
-    def __init__(self, state_dir: Path | None, repair: bool = True):
+    def __init__(self, state_dir: Path | None, repair: bool = True, keep: bool = True):
         self.path = state_dir / "cache" / "observed.json" if state_dir else None
+        # `keep`: remember what this process observes, for save() and later passes; a
+        # read-only run (--plan, status) never saves, and keeping 50,000 certificates' values
+        # and keys would cost it a sixth of its memory
+        self.keep = keep
         self.entries: dict[str, Any] = {}  # rows, as read or as last saved
         # observed in this process and not yet a row: (Observed, trust digest, marks) by key
         self.fresh: dict[str, tuple[Observed, str, Marks | None]] = {}
@@ -58,12 +62,16 @@ class ObservationCache:
     def _key(cert: DesiredCert) -> str:
         return f"{cert.cert_path}\0{cert.key_path}"
 
+    def _mark(self, key: str) -> None:
+        if self.keep:
+            self.used.add(key)
+
     def get(
         self, cert: DesiredCert, cert_file: FileState, key_file: FileState, trust: Trust
     ) -> tuple[Observed, Marks | None] | None:
         """(what was observed of these very files, the marks they had then) or None."""
         key = self._key(cert)
-        self.used.add(key)
+        self._mark(key)
         if not cert_file.present or not key_file.present:
             return None
         if key in self.fresh:
@@ -84,6 +92,8 @@ class ObservationCache:
         return hit, None if row[6] is None else (row[6][0], row[6][1])
 
     def put(self, cert: DesiredCert, observed: Observed, trust: Trust, marks: Marks | None = None) -> None:
+        if not self.keep:
+            return
         key = self._key(cert)
         self.used.add(key)
         if observed.cert is None or observed.key_public_id is None:
@@ -95,14 +105,14 @@ class ObservationCache:
         self.dirty = True
 
     def get_ca(self, path: Path, state: FileState) -> tuple[str, ...] | None:
-        self.used.add(f"ca\0{path}")
+        self._mark(f"ca\0{path}")
         row = self.entries.get(f"ca\0{path}")
         if not isinstance(row, list) or len(row) != 2 or row[0] != list(state.stamp) or not isinstance(row[1], list):
             return None
         return tuple(row[1])
 
     def put_ca(self, path: Path, state: FileState, certs: tuple[str, ...]) -> None:
-        self.used.add(f"ca\0{path}")
+        self._mark(f"ca\0{path}")
         row = [list(state.stamp), list(certs)]
         if self.entries.get(f"ca\0{path}") != row:
             self.entries[f"ca\0{path}"] = row

@@ -164,7 +164,7 @@ def snapshot(
     check_state_dir(settings.state_dir)
     issuer = make_issuer(desired.issuer, settings.state_dir, settings.ca_timeout)
     unknown = _unknown_trust(issuer, desired.issuer, fetch_root)
-    cache = cache if cache is not None else ObservationCache(settings.state_dir, repair=repair)
+    cache = cache if cache is not None else ObservationCache(settings.state_dir, repair=repair, keep=repair)
     trust = trust_of(issuer, desired.issuer)
     manager = identity(settings.state_dir)
     observed = observe_all(desired.certificates, trust, cache, manager=manager)

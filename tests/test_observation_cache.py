@@ -90,6 +90,18 @@ def test_a_saved_row_reads_back_as_the_facts_observed(host):
     assert make_plan(desired, hits, now) == make_plan(desired, observed, now)
 
 
+def test_a_read_only_run_keeps_nothing_it_observed(host):
+    """--plan and status never save: they read the rows, and what they observe beyond them is
+    not kept (values and keys of 50,000 certificates are a sixth of a --plan's memory)."""
+    manifest, state = host
+    desired = build(json.loads(manifest.read_bytes()), manifest)
+    trust = Trust.of(LocalCA(state / "ca").trust_roots(), authoritative=True)
+    cache = ObservationCache(None, keep=False)
+    observed = observe_all(desired.certificates, trust, cache)
+    assert not cache.fresh and not cache.used
+    assert observed == observe_all(desired.certificates, trust, ObservationCache(None))
+
+
 def test_a_cache_kept_across_passes_answers_from_what_it_observed_until_a_file_changes(host):
     """--watch keeps one cache: a second observation of unchanged files is a hit from the
     values kept, and a changed file is read again."""
