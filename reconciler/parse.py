@@ -25,6 +25,8 @@ _USAGE_NAMES = {
     ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
     ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "any",
 }
+# the few distinct usage sets, one object each: 50,000 certificates share two or three
+_USAGE_SETS: dict[frozenset[str], frozenset[str]] = {}
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,10 @@ def parse_cert(data: bytes, trust: Trust, written: Written | None = None) -> tup
 def _usages(leaf) -> frozenset[str]:
     try:
         ekus = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        found = frozenset(_USAGE_NAMES[u] for u in ekus if u in _USAGE_NAMES)
     except x509.ExtensionNotFound:
-        return frozenset({"any"})  # no EKU: usable for anything
-    return frozenset(_USAGE_NAMES[u] for u in ekus if u in _USAGE_NAMES)
+        found = frozenset({"any"})  # no EKU: usable for anything
+    return _USAGE_SETS.setdefault(found, found)
 
 
 def _issuer_path(
