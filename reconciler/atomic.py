@@ -273,6 +273,7 @@ class Transaction:
                 raise CommitRefused(exc, item.label, tuple(d.label for d in done), _put_back(done)) from None
             done.append(item)
             fault_point(f"after_{item.label}")
+        self._staged.clear()  # all renamed: nothing is left to discard
 
     def discard(self) -> None:
         for item in self._staged:

@@ -155,47 +155,64 @@ class _Restart(Exception):
 
 def _walk(path: str, allowed: set[int] | None, create_mode: int | None, what: str) -> Folder:
     names = [n for n in path.split("/") if n]
+    # the owners each folder may have, worked out once per walk (geteuid is a system call)
+    owners = None if allowed is None else allowed | trusted_uids()
     fd = os.open("/", _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     real = "/"
     try:
-        _check(fd, real, allowed, what)
+        _check(fd, real, owners, what)
         for i, name in enumerate(names):
-            last = i == len(names) - 1
             here = os.path.join(real, name)
-            try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                if create_mode is None:
-                    raise FolderError(errno.ENOENT, f"{what} {path}: {here} does not exist") from None
-                _make(fd, name, create_mode if last else 0o755)
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                parent = os.fstat(fd)
-                if not _link_trusted(parent, st):
-                    target = _readlink(name, fd)
-                    raise FolderError(errno.ELOOP, _untrusted_link(f"{what} {path}: {here}", target, parent, st, real))
-                target = _readlink(name, fd)
-                rest = names[i + 1 :]
-                raise _Restart(os.path.normpath(os.path.join(real, target, *rest)))
-            try:
-                nfd = os.open(name, _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                    try:
-                        now = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    except OSError:
-                        now = st
-                    if stat.S_ISLNK(now.st_mode):  # swapped for a link since the stat: look again
-                        raise _Restart(path) from None
-                    raise FolderError(errno.ENOTDIR, f"{what} {path}: {here} is not a folder") from None
-                raise
+            where = f"{what} {path}: {here}"
+            nfd = _open_below(fd, name, create_mode if create_mode is None or i == len(names) - 1 else 0o755, where)
+            if nfd is None:  # a link, or no folder at all
+                target = _trusted_link(fd, name, where, real)
+                raise _Restart(
+                    path if target is None else os.path.normpath(os.path.join(real, target, *names[i + 1 :]))
+                )
             os.close(fd)
             fd, real = nfd, here
-            _check(fd, real, allowed, what)
+            _check(fd, real, owners, what)
         return Folder(fd, Path(real))
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_below(fd: int, name: str, create_mode: int | None, where: str) -> int | None:
+    """The folder `name` in the folder `fd`, opened without following a link (None: `name`
+    is a link or no folder); a missing one made with `create_mode` (None: it must exist).
+    The open comes first and a stat only when it fails: a folder is the usual answer, and
+    this way it costs one system call."""
+    for _ in range(2):  # a folder made here is opened on the second round
+        try:
+            return os.open(name, _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        except FileNotFoundError:
+            if create_mode is None:
+                raise FolderError(errno.ENOENT, f"{where} does not exist") from None
+            _make(fd, name, create_mode)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                return None
+            raise
+    raise FolderError(errno.ENOENT, f"{where} does not exist")  # removed again as soon as it was made
+
+
+def _trusted_link(fd: int, name: str, where: str, real: str) -> str | None:
+    """The target of `name`, which could not be opened as a folder, when it is a link only
+    root (or we) could have planted; None when it is gone (look again). Anything else raises:
+    a link someone else could swap, or no folder at all."""
+    try:
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISLNK(st.st_mode):
+        raise FolderError(errno.ENOTDIR, f"{where} is not a folder")
+    parent = os.fstat(fd)
+    target = _readlink(name, fd)
+    if not _link_trusted(parent, st):
+        raise FolderError(errno.ELOOP, _untrusted_link(where, target, parent, st, real))
+    return target
 
 
 def _untrusted_link(where: str, target: str, parent: os.stat_result, link: os.stat_result, folder: str) -> str:
@@ -214,10 +231,10 @@ def _readlink(name: str, fd: int) -> str:
         return "?"
 
 
-def _check(fd: int, real: str, allowed: set[int] | None, what: str) -> None:
-    if allowed is None:
+def _check(fd: int, real: str, owners: set[int] | None, what: str) -> None:
+    if owners is None:
         return
-    found = unsafe(os.fstat(fd), real, allowed | trusted_uids())
+    found = unsafe(os.fstat(fd), real, owners)
     if found:
         raise FolderError(
             errno.EPERM,
