@@ -22,7 +22,7 @@ from reconciler.loop import WatchSettings, run_watch
 from reconciler.manifest_schema import schema_bytes
 from reconciler.metrics import Metrics
 from reconciler.passes import ForcedRenewal, IssuerOptions, Settings, run_pass, snapshot
-from reconciler.render import dumps, failure_headline, held_back, plan_json, plan_text, result_text, use_colour
+from reconciler.render import failure_headline, held_back, json_pieces, plan_json, plan_text, result_text, use_colour
 from reconciler.report import status_json, status_outcome, status_text
 from reconciler.status import read_only
 
@@ -172,7 +172,7 @@ def cmd_plan(args, forced=None) -> int:
     plan = snapshot(settings, desired, read_only(settings.state_dir), forced=forced).plan
     issuer = desired.issuer
     if args.output == "json":
-        sys.stdout.write(dumps(plan_json(plan, issuer.summary(settings.state_dir))))
+        sys.stdout.writelines(json_pieces(plan_json(plan, issuer.summary(settings.state_dir))))
     else:
         sys.stdout.write(plan_text(plan, use_colour(), issuer.describe(settings.state_dir)))
     if plan.errors:
@@ -205,7 +205,7 @@ def cmd_apply(args, forced=None) -> int:
                 for c, names, why in held_back(outcome.plan, result)
             ],
         }
-        sys.stdout.write(dumps(data))
+        sys.stdout.writelines(json_pieces(data))
     else:
         sys.stdout.write(result_text(outcome.plan, result, issuer=issuer.describe(settings.state_dir)))
     failures = outcome.failures()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import after_issuer, REPO, entry, reconcile, write_manifest
+from reconciler.render import json_pieces
 
 LOCAL = {"type": "local"}
 
@@ -117,6 +118,20 @@ def test_a_successful_pass_says_how_many_of_how_many(site):
     os.chmod(out / "b.key", 0o644)
     proc = reconcile("-m", str(m), state_dir=state, check=0)
     assert after_issuer(proc.stdout).splitlines()[0] == "Applied: 1 of 1 chmodded (1 of 2 unchanged)."
+
+
+def test_json_output_written_in_pieces_is_the_one_line_document():
+    """--output json is written a thousand certificates at a time (json_pieces): the same bytes
+    as encoding the whole document at once, for lists shorter and longer than a piece."""
+    data = {
+        "format_version": 1,
+        "changes": True,
+        "certificates": [{"name": f"c{i}", "actions": [{"action": "issue", "drift": []}]} for i in range(2345)],
+        "hooks": [],
+        "issuer": {"type": "local", "description": "embedded CA in /x"},
+        "notes": ["é ✓"],
+    }
+    assert "".join(json_pieces(data)) == json.dumps(data, separators=(",", ":")) + "\n"
 
 
 # --------------------------------------------------------------------------- grammar and wording
