@@ -162,7 +162,7 @@ def walk(cert: DesiredCert, observed: Observed, now: datetime, ctx: Context) -> 
 # --------------------------------------------------------------------------- readiness
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Readiness:
     """The certificate on disk, judged by the same rows as the plan (docs/design.md, "Ready").
 

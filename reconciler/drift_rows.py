@@ -31,7 +31,7 @@ USAGE = {"server": "serverAuth", "client": "clientAuth"}
 LIFETIME_SLACK, LIFETIME_SHARE = timedelta(minutes=2), 0.01
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Drift:
     field: str
     action: str

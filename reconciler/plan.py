@@ -25,14 +25,14 @@ from reconciler.guestfacts import DELIVER, RELOAD, GuestSeen, guest_drifts
 from reconciler.model import Desired, DesiredCert, Observed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Action:
     action: str
     reason: str
     drifts: tuple[Drift, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CertPlan:
     cert: DesiredCert
     actions: tuple[Action, ...] = ()
