@@ -5,6 +5,7 @@ never re-decides them; what any CA returns is checked before it is written.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from cryptography import x509
@@ -97,11 +98,18 @@ def _deploy_content(
 def _signer(leaf: x509.Certificate, issued: Issued) -> str | None:
     """The fingerprint of the chain's certificate named as the leaf's issuer: the issuer
     verified the leaf's signature under it before it answered (the Issuer protocol)."""
+    return next((fp for subject, fp in _chain_names(issued.chain_pem) if subject == leaf.issuer), None)
+
+
+@functools.lru_cache(maxsize=16)
+def _chain_names(chain_pem: bytes) -> tuple[tuple[x509.Name, str], ...]:
+    """(subject, fingerprint) of each certificate of a CA's chain. Every answer of one CA
+    carries the same chain: it is parsed once, not once per certificate issued."""
     try:
-        chain = x509.load_pem_x509_certificates(issued.chain_pem) if issued.chain_pem.strip() else []
+        chain = x509.load_pem_x509_certificates(chain_pem) if chain_pem.strip() else []
     except ValueError:
         raise IssuerError("the CA returned a chain that is not PEM certificates", hint="check the CA's logs") from None
-    return next((fingerprint(c) for c in chain if c.subject == leaf.issuer), None)
+    return tuple((c.subject, fingerprint(c)) for c in chain)
 
 
 def _current_key(cert: DesiredCert, action: str, key_file: tuple[Folder, str] | None):
