@@ -290,7 +290,7 @@ def _resolve_all(
             certificates.append(cert)
     # path and name clashes are checked on every entry whose paths are strings, so an entry
     # with another problem (an unknown owner, say) still has its clashes reported now
-    issues += cross_checks(claims)
+    issues += cross_checks(claims, checked_before=rows is not None)
     return certificates
 
 

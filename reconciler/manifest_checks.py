@@ -71,11 +71,17 @@ def entry_paths(e: dict[str, Any], base: Path) -> dict[str, str | None]:
     }
 
 
-def cross_checks(claims: list[Claim]) -> list[Issue]:
+def cross_checks(claims: list[Claim], checked_before: bool = False) -> list[Issue]:
+    """`checked_before`: these very claims passed before (the same manifest bytes at the same
+    path), so no two of their names or path strings clash; only this host can make two of
+    their paths one file now, through a folder that is a link: the pairs are compared again
+    only then. The owners of shared CA files are checked every time (users and groups change)."""
+    folders: dict[str, str] = {}  # folder -> its realpath
+    if checked_before and not _linked_folders(claims, folders):
+        return _shared_ca_owners(claims)
     issues: list[Issue] = []
     owners: dict[str, tuple[Claim, str]] = {}
     names: dict[str, Claim] = {}
-    folders: dict[str, str] = {}
 
     def same_file(p: str) -> str:
         """Where `p` really is: two names for one file through a linked folder are one
@@ -132,6 +138,19 @@ def cross_checks(claims: list[Claim]) -> list[Issue]:
                 )
             )
     return issues + _shared_ca_owners(claims)
+
+
+def _linked_folders(claims: list[Claim], folders: dict[str, str]) -> bool:
+    """Whether a folder of any claimed path resolves elsewhere (each folder resolved once,
+    into `folders`)."""
+    linked = False
+    for c in claims:
+        for p in (c.cert_path, c.key_path, c.ca_path):
+            head = os.path.dirname(p) if p is not None else None
+            if head is not None and head not in folders:
+                folders[head] = os.path.realpath(head)
+                linked = linked or folders[head] != head
+    return linked
 
 
 def _shared_ca_owners(claims: list[Claim]) -> list[Issue]:
