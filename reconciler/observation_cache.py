@@ -22,8 +22,9 @@ from reconciler.model import CertFacts, DesiredCert, FileState, Observed
 from reconciler.parse import Trust
 from reconciler.statefiles import StateFileDamaged, read_state_file
 
-# 3: SANs read typed (a dNSName that spells an address is no IP SAN); 4: usages, chains, CA files; 5: marks
-CACHE_VERSION = 5
+# 3: SANs read typed (a dNSName that spells an address is no IP SAN); 4: usages, chains, CA files;
+# 5: marks; 6: facts as a list, a matching key's id as null
+CACHE_VERSION = 6
 
 # the state folder marked on the cert and on the key file (managed.read_mark), kept in a row
 # only when both are the files' extended attributes (None: read them again every time)
@@ -86,9 +87,11 @@ class ObservationCache:
         if not row or row[0] != list(cert_file.stamp) or row[1] != list(key_file.stamp) or row[2] != trust.digest:
             return None
         try:
-            hit = Observed(cert_file, key_file, _facts_of(row[3]), None, row[4], None, row[5], issuer_root=trust.root)
-        except (KeyError, TypeError, ValueError, IndexError):
+            facts = _facts_of(row[3])
+        except (TypeError, ValueError, OverflowError):
             return None
+        key_id = facts.public_key_id if row[4] is None else row[4]
+        hit = Observed(cert_file, key_file, facts, None, key_id, None, row[5], issuer_root=trust.root)
         return hit, None if row[6] is None else (row[6][0], row[6][1])
 
     def put(self, cert: DesiredCert, observed: Observed, trust: Trust, marks: Marks | None = None) -> None:
@@ -147,45 +150,50 @@ class ObservationCache:
 def _row(o: Observed, digest: str, marks: Marks | None) -> list:
     f = o.cert
     assert f is not None
-    facts = {
-        "common_name": f.common_name,
-        "sans": sorted(f.sans),
-        "not_before": f.not_before.timestamp(),
-        "not_after": f.not_after.timestamp(),
-        "key_type": f.key_type,
-        "public_key_id": f.public_key_id,
-        "issued_by": f.issued_by,
-        "serial": f.serial,
-        "usages": sorted(f.usages),
-        "chain": list(f.chain),
-        "issuer_chain": None if f.issuer_chain is None else list(f.issuer_chain),
-        "signer_not_after": None if f.signer_not_after is None else f.signer_not_after.timestamp(),
-    }
+    facts = [  # CertFacts' fields in their order (FACTS), times as POSIX seconds
+        f.common_name,
+        sorted(f.sans),
+        f.not_before.timestamp(),
+        f.not_after.timestamp(),
+        f.key_type,
+        f.public_key_id,
+        f.issued_by,
+        f.serial,
+        sorted(f.usages),
+        list(f.chain),
+        None if f.issuer_chain is None else list(f.issuer_chain),
+        None if f.signer_not_after is None else f.signer_not_after.timestamp(),
+    ]
     return [
         list(o.cert_file.stamp),
         list(o.key_file.stamp),
         digest,
         facts,
-        o.key_public_id,
+        # the key's public id is the certificate's in a usable pair: null, not its 64 digits again
+        None if o.key_public_id == f.public_key_id else o.key_public_id,
         o.chains_to_issuer,
         None if marks is None else list(marks),
     ]
 
 
-def _facts_of(f: dict) -> CertFacts:
+FACTS = 12  # fields in a row's certificate facts (_row)
+
+
+def _facts_of(f: list) -> CertFacts:
+    cn, sans, not_before, not_after, key_type, key_id, issued_by, serial, usages, chain, issuer_chain, signer = f
     return CertFacts(
-        f["common_name"],
-        frozenset(f["sans"]),
-        datetime.fromtimestamp(f["not_before"], timezone.utc),
-        datetime.fromtimestamp(f["not_after"], timezone.utc),
-        f["key_type"],
-        f["public_key_id"],
-        f["issued_by"],
-        f["serial"],
-        frozenset(f["usages"]),
-        tuple(f["chain"]),
-        None if f["issuer_chain"] is None else tuple(f["issuer_chain"]),
-        None if f["signer_not_after"] is None else datetime.fromtimestamp(f["signer_not_after"], timezone.utc),
+        cn,
+        frozenset(sans),
+        datetime.fromtimestamp(not_before, timezone.utc),
+        datetime.fromtimestamp(not_after, timezone.utc),
+        key_type,
+        key_id,
+        issued_by,
+        serial,
+        frozenset(usages),
+        tuple(chain),
+        None if issuer_chain is None else tuple(issuer_chain),
+        None if signer is None else datetime.fromtimestamp(signer, timezone.utc),
     )
 
 
@@ -241,26 +249,27 @@ def _row_problem(row: Any) -> str | None:
     ):
         return "file marks are not a pair of state folders"
     f = row[3]
-    if type(f) is not dict:
-        return "certificate facts are not an object"
+    if type(f) is not list or len(f) != FACTS:
+        return f"certificate facts are not a list of {FACTS}"
     return _facts_problem(f)
 
 
-def _facts_problem(f: dict) -> str | None:
-    get = f.get
+def _facts_problem(f: list) -> str | None:
+    cn, sans, not_before, not_after, key_type, key_id, issued_by, serial, _, _, _, signer = f
     if not (
-        type(get("common_name")) in _OPTIONAL_TEXT
-        and type(get("issued_by")) in _OPTIONAL_TEXT
-        and type(get("key_type")) is str
-        and type(get("public_key_id")) is str
-        and type(get("serial")) is str
+        type(cn) in _OPTIONAL_TEXT
+        and type(issued_by) in _OPTIONAL_TEXT
+        and type(key_type) is str
+        and type(key_id) is str
+        and type(serial) is str
     ):
         return "certificate facts of the wrong type"
-    sans = get("sans")
     if type(sans) is not list or not all(type(x) is str for x in sans):
         return "SANs are not a list of names"
-    for name in ("not_before", "not_after"):
-        value = get(name)
+    times = {"not_before": not_before, "not_after": not_after}
+    if signer is not None:
+        times["signer_not_after"] = signer
+    for name, value in times.items():
         if type(value) not in (int, float):
             return f"{name} is not a time"
         if not _MIN_TIME <= value <= _MAX_TIME:

@@ -84,8 +84,8 @@ DAMAGES = [
     ("status-a-folder", make_folder("status.json"), "status.json", True),
     ("observed-object-of-numbers", write("cache/observed.json", '{"0":1}'), "cache/observed.json", False),
     ("observed-row-object", damage_observed("doc['entries'][key] = {'0': 1}"), "cache/observed.json", False),
-    ("observed-not-after-1e300", damage_observed("row[3]['not_after'] = 1e300"), "cache/observed.json", False),
-    ("observed-sans-number", damage_observed("row[3]['sans'] = 7"), "cache/observed.json", False),
+    ("observed-not-after-1e300", damage_observed("row[3][3] = 1e300"), "cache/observed.json", False),  # not_after
+    ("observed-sans-number", damage_observed("row[3][1] = 7"), "cache/observed.json", False),  # the SANs
     ("observed-entries-text", damage_observed("doc['entries'] = 'x'"), "cache/observed.json", False),
     ("observed-short-row", damage_observed("doc['entries'][key] = row[:2]"), "cache/observed.json", False),
     ("observed-a-folder", make_folder("cache/observed.json"), "cache/observed.json", False),
