@@ -273,6 +273,7 @@ def _resolve_all(
     certificates: list[DesiredCert] = []
     claims: list[Claim] = []
     defaults = shape.defaults
+    inherits = {**DEFAULTS, **defaults}  # one dict, shared by every DesiredCert
     for i, entry in enumerate(shape.entries):
         where = f"{shape.prefix}[{i}]"
         row = rows[i] if rows else None
@@ -284,7 +285,7 @@ def _resolve_all(
             continue
         inherited = frozenset(k for k in defaults if k not in entry)
         names = (row[0], frozenset(row[1])) if row else None
-        cert, found = resolve_entry({**DEFAULTS, **defaults, **entry}, where, mine.paths(), inherited, names)
+        cert, found = resolve_entry(entry, inherits, where, mine.paths(), inherited, names)
         issues += found
         if cert:
             certificates.append(cert)

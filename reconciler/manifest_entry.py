@@ -43,21 +43,24 @@ At = Callable[[str], str]  # field -> its JSON path in the manifest
 
 
 def resolve_entry(
-    e: dict[str, Any],
+    entry: dict[str, Any],
+    defaults: dict[str, Any],
     where: str,
     paths: dict[str, str | None],
     inherited: frozenset[str] = frozenset(),
     names: tuple[str, frozenset[str]] | None = None,
 ) -> tuple[DesiredCert | None, list[Issue]]:
-    """`e`: the entry merged over the defaults; `paths`: its PATH_FIELDS resolved against the
-    manifest's folder (manifest_checks.Claim.paths: worked out once for both). `names`: the
-    common name and SAN set an earlier load of these same bytes derived; the checks of what
-    depends on the bytes alone (SAN syntax, path lengths) passed then, and are not repeated."""
+    """`entry`: as written; `defaults`: what it inherits (DEFAULTS under the manifest's own);
+    `paths`: its PATH_FIELDS resolved against the manifest's folder (manifest_checks.Claim.paths:
+    worked out once for both). `names`: the common name and SAN set an earlier load of these
+    same bytes derived; the checks of what depends on the bytes alone (SAN syntax, path
+    lengths) passed then, and are not repeated."""
 
     def at(field: str) -> str:
         # a value inherited from "defaults" is wrong there, not in the entry
         return f"defaults.{field}" if field.split("[")[0] in inherited else f"{where}.{field}"
 
+    e = {**defaults, **entry}
     common_name, sans, issues = _names(e, at) if names is None else (*names, [])
     (durations, renew), found = _lifetimes(e, at)
     issues += found
@@ -105,7 +108,8 @@ def resolve_entry(
             node=e.get("node"),
             serve=serve,
             serve_settle=durations["serve_settle"],
-            fields=e,
+            entry=entry,
+            defaults=defaults,
             where=where,
         ),
         [],
