@@ -83,7 +83,9 @@ class ObservationCache:
                 cert_file, key_file, o.cert, None, o.key_public_id, None, o.chains_to_issuer, issuer_root=trust.root
             )
             return hit, marks
-        row = self.entries.get(key)
+        # a run that keeps nothing reads each row once: dropped as it becomes values, its
+        # memory holds those values instead of growing the process by the whole file's rows
+        row = self.entries.get(key) if self.keep else self.entries.pop(key, None)
         if not row or row[0] != list(cert_file.stamp) or row[1] != list(key_file.stamp) or row[2] != trust.digest:
             return None
         try:
