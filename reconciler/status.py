@@ -208,14 +208,22 @@ class CertRecord:
         """Raises StateFileDamaged naming the first field of the wrong shape."""
         if not isinstance(raw, dict):
             raise StateFileDamaged(f"a record is {type(raw).__name__}, not an object")
-        rec = cls()
-        for name in ("last_issued", "last_action", "last_error", "last_error_at"):
-            setattr(rec, name, _checked(raw, name, None, _is_text, "not text"))
-        for name in ("failures", "hook_failures"):
-            setattr(rec, name, _checked(raw, name, 0, _is_count, "not a count"))
-        if "deploying_from" in raw:
-            rec.deploying_from = _checked(raw, "deploying_from", None, _is_text, "not a serial")
-        rec.hook_pending = _checked(raw, "hook_pending", False, lambda v: isinstance(v, bool), "not true or false")
+        # a record holds a few of these: looking up each field it has, not each one it may
+        # have, is most of reading a 10,000-certificate store
+        for name, value in raw.items():
+            check = _FIELDS.get(name)
+            if check is not None and value is not None and not check[0](value):
+                raise StateFileDamaged(f"{name} is {value!r}, {check[1]}")
+        rec = cls(
+            last_issued=raw.get("last_issued"),
+            last_action=raw.get("last_action"),
+            last_error=raw.get("last_error"),
+            last_error_at=raw.get("last_error_at"),
+            failures=raw.get("failures", 0),
+            deploying_from=raw.get("deploying_from", _UNSET),
+            hook_pending=raw.get("hook_pending", False),
+            hook_failures=raw.get("hook_failures", 0),
+        )
         if raw.get("hook") is not None:
             rec.hook = HookRun.from_json(raw["hook"])
         if raw.get("delivery") is not None:
@@ -223,15 +231,9 @@ class CertRecord:
                 rec.delivery = DeliveryRecord.from_json(raw["delivery"])
             except ValueError as exc:
                 raise StateFileDamaged(str(exc)) from None
-        rec.served = _checked(raw, "served", {}, _is_served, "not endpoint states")
+        if "served" in raw:
+            rec.served = raw["served"]
         return rec
-
-
-def _checked(raw: dict, name: str, default: Any, valid: Callable[[Any], bool], shape: str) -> Any:
-    value = raw.get(name, default)
-    if value is not None and not valid(value):
-        raise StateFileDamaged(f"{name} is {value!r}, {shape}")
-    return value
 
 
 def _is_text(value: Any) -> bool:
@@ -250,6 +252,20 @@ def _is_served(value: Any) -> bool:
         and all(isinstance(v, str) for v in state.values())
         for state in value.values()
     )
+
+
+# the plain fields of a record: (valid(value), what a wrong one is not); None is always valid
+_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "last_issued": (_is_text, "not text"),
+    "last_action": (_is_text, "not text"),
+    "last_error": (_is_text, "not text"),
+    "last_error_at": (_is_text, "not text"),
+    "failures": (_is_count, "not a count"),
+    "hook_failures": (_is_count, "not a count"),
+    "deploying_from": (_is_text, "not a serial"),
+    "hook_pending": (lambda v: isinstance(v, bool), "not true or false"),
+    "served": (_is_served, "not endpoint states"),
+}
 
 
 class StatusStore:
