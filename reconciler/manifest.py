@@ -278,14 +278,16 @@ def _resolve_all(
         where = f"{shape.prefix}[{i}]"
         row = rows[i] if rows else None
         paths = {"cert_path": row[2], "key_path": row[3], "ca_path": row[4]} if row else None
-        mine = claim({**defaults, **entry} if isinstance(entry, dict) else entry, where, base, paths)
+        # (a bare array has no defaults: most manifests, whose entries are then used as they are)
+        merged = {**defaults, **entry} if defaults and isinstance(entry, dict) else entry
+        mine = claim(merged, where, base, paths)
         if mine:
             claims.append(mine)
         if not schema_ok[i] or mine is None:  # no claim: paths that are not strings, which the schema reported
             continue
-        inherited = frozenset(k for k in defaults if k not in entry)
+        inherited = frozenset(k for k in defaults if k not in entry) if defaults else _NONE
         names = (row[0], frozenset(row[1])) if row else None
-        cert, found = resolve_entry(entry, inherits, where, mine.paths(), inherited, names)
+        cert, found = resolve_entry(entry, inherits, where, paths or mine.paths(), inherited, names)
         issues += found
         if cert:
             certificates.append(cert)
@@ -293,6 +295,9 @@ def _resolve_all(
     # with another problem (an unknown owner, say) still has its clashes reported now
     issues += cross_checks(claims, checked_before=rows is not None)
     return certificates
+
+
+_NONE: frozenset[str] = frozenset()
 
 
 def _issuer(raw: Any, base: Path) -> IssuerSpec | None:

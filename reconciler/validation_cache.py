@@ -56,13 +56,16 @@ def _parse_derived(data: bytes) -> Derived | None:
 
 
 def _is_row(row: Any) -> bool:
+    # one call per entry of every warm load: exact type checks, no slices copied
     return (
-        isinstance(row, list)
+        type(row) is list
         and len(row) == 5
-        and all(isinstance(v, str) for v in row[:1] + row[2:4])
-        and isinstance(row[1], list)
-        and all(isinstance(s, str) for s in row[1])
-        and (row[4] is None or isinstance(row[4], str))
+        and type(row[0]) is str
+        and type(row[2]) is str
+        and type(row[3]) is str
+        and type(row[1]) is list
+        and all(type(s) is str for s in row[1])
+        and (row[4] is None or type(row[4]) is str)
     )
 
 
