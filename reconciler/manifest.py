@@ -130,7 +130,8 @@ class _BadConstant(Exception):
 
 # --------------------------------------------------------------------------- load
 
-DERIVED_VERSION = 1  # a new SAN normaliser or path rule: derived values from older code are not reused
+DERIVED_VERSION = 2  # a new SAN normaliser or path rule: derived values from older code are not reused
+# (2: a name ending in a newline is stripped like other whitespace)
 
 
 @dataclass(frozen=True)

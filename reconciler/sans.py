@@ -13,13 +13,15 @@ import ipaddress
 import re
 import unicodedata
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# \Z, not $, ends each pattern: $ also matches before a final newline ("a.example\n" is the
+# name a.example, stripped like other whitespace; "a\n.example" is no name at all)
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 # lower-case LDH labels with at least one letter somewhere (so never an IPv4 lookalike),
 # optionally a leading "*." on a name of three or more labels
 _PLAIN_DNS = re.compile(
-    r"^(?=.{1,253}$)(?=.*[a-z])(?:\*\.(?=[^.]+\.[^.]+))?(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*$"
+    r"^(?=.{1,253}\Z)(?=.*[a-z])(?:\*\.(?=[^.]+\.[^.]+))?(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*\Z"
 )
-_MAYBE_IP = re.compile(r"^[0-9.]+$|^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.%]*(%.*)?$")
+_MAYBE_IP = re.compile(r"^[0-9.]+\Z|^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.%]*(%.*)?\Z")
 
 
 class SANError(ValueError):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.manifest import Issue, ManifestError, load
+from reconciler.manifest import DERIVED_VERSION, Issue, ManifestError, load
 from reconciler.validation_cache import ValidationCache
 from reconciler.model import IssuerSpec, KeySpec, RenewBefore
 
@@ -903,8 +903,9 @@ def test_a_byte_identical_manifest_still_finds_a_folder_that_became_a_link(tmp_p
     "damage",
     [
         b"{not json",
-        b'{"version": 1, "manifest": "m", "digest": "x", "entries": []}',
-        b'{"version": 1, "manifest": "m", "digest": "' + b"a" * 64 + b'", "entries": [["a", "b", "c", "d", null]]}',
+        b'{"version": %d, "manifest": "m", "digest": "x", "entries": []}' % DERIVED_VERSION,
+        b'{"version": %d, "manifest": "m", "digest": "%s", "entries": [["a", "b", "c", "d", null]]}'
+        % (DERIVED_VERSION, b"a" * 64),
     ],
 )
 def test_damaged_derived_values_are_set_aside_and_worked_out_again(tmp_path, damage, caplog):

@@ -21,6 +21,7 @@ from reconciler.sans import SANError, display, is_ip, normalise, ordered, renorm
         ("WWW.Example.COM", "www.example.com"),
         ("www.example.com.", "www.example.com"),
         ("  www.example.com ", "www.example.com"),
+        ("www.example.com\n", "www.example.com"),  # the fast path's regex once took it as it was
         ("localhost", "localhost"),
         ("a-b.c-d.example", "a-b.c-d.example"),
         ("123.example.com", "123.example.com"),
@@ -66,6 +67,7 @@ def test_invalid_wildcards(value, words):
         "a-.example",
         "under_score.example",
         "exa mple.com",
+        "a\n.example",
         "bücher.example",
         "a" * 64 + ".example",
         ".".join(["a" * 60] * 5),  # 304 characters
