@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from reconciler.crypto import fingerprint
@@ -17,7 +18,7 @@ from reconciler.folder_checks import folders_problem
 from reconciler.managed import foreign_mark, mark_of, refusal
 from reconciler.model import CertFacts, DesiredCert, FileState, Observed, Written
 from reconciler.observation_cache import Marks, ObservationCache
-from reconciler.parse import LIMIT, Trust, content_digest, parse_cert, parse_key, pem_certificates
+from reconciler.parse import LIMIT, ParsedCert, Trust, content_digest, parse_key, parse_leaf, pem_certificates
 
 
 def observe_all(
@@ -27,10 +28,24 @@ def observe_all(
     manager: str | None = None,
     written: dict[str, Written] | None = None,
 ) -> dict[str, Observed]:
-    """`written`: by certificate name, what this pass's apply wrote (see observe)."""
+    """`written`: by certificate name, what this pass's apply wrote (see observe).
+    What the cache answers is looked up here; the files it does not answer for are read and
+    parsed by `_parse_all` (in parallel when there are many)."""
     folders: dict = {}
     written = written or {}
-    return {c.name: observe(c, trust, cache, folders, manager, written.get(c.name)) for c in certs}
+    found: dict[str, Observed] = {}
+    misses = []
+    for c in certs:
+        seen = _look(c, trust, cache, folders, manager)
+        if isinstance(seen, Observed):
+            found[c.name] = seen
+        else:
+            misses.append((c, seen, written.get(c.name)))
+    for (c, seen, _), observed in zip(misses, _parse_all(misses, trust), strict=True):
+        if cache is not None:
+            cache.put(c, observed, trust, seen.marks)
+        found[c.name] = observed
+    return {c.name: found[c.name] for c in certs}  # in the manifest's order
 
 
 def observe(
@@ -44,6 +59,31 @@ def observe(
     """`folders`: a memo of folder checks shared by the certificates of one pass.
     `manager`: our state folder's identity; files another one manages are a problem.
     `written`: what apply just wrote there (files still holding it are not parsed again)."""
+    seen = _look(cert, trust, cache, folders, manager)
+    if isinstance(seen, Observed):
+        return seen
+    observed = _check(cert, _read_files(cert, seen, written), trust)
+    if cache is not None:
+        cache.put(cert, observed, trust, seen.marks)
+    return observed
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What `_look` found of a certificate the cache does not answer for: its files' states,
+    the folder problem and the `ca_path` fields of its Observed, and the marks for its cache
+    row (None: not the files' own attributes, which their stamps vouch for)."""
+
+    cert_file: FileState
+    key_file: FileState
+    problem: str | None
+    ca: dict
+    marks: Marks | None
+
+
+def _look(cert: DesiredCert, trust: Trust, cache: ObservationCache | None, folders: dict | None, manager: str | None):
+    """The stats and checks every pass makes, and the cache's answer (an Observed); or, when
+    the cache has none, what is needed to read and parse the files (a _Seen)."""
     follow = cert.allow_symlink
     cert_file = stat_file(cert.cert_path, follow)
     key_file = stat_file(cert.key_path, follow)
@@ -56,26 +96,71 @@ def observe(
     ca = _observe_ca(cert.ca_path, follow, cache) if cert.ca_path is not None else {}
     if hit is not None:
         return replace(hit, folder_problem=problem, **ca) if problem or ca else hit
-    cert_file, facts, cert_error = _read_parsed(
-        cert.cert_path, cert_file, lambda data: parse_cert(data, trust, written)
-    )
-    key_file, key_id, key_error = _read_parsed(cert.key_path, key_file, lambda data: _parse_key(data, written))
-    facts, key_id = _shared(cert, facts, key_id)
-    observed = Observed(
-        cert_file,
-        key_file,
+    return _Seen(cert_file, key_file, problem, ca, marks if vouched else None)
+
+
+@dataclass(frozen=True)
+class _Read:
+    """A certificate the cache did not answer for, its files read and parsed: its Observed
+    but for what the leaf's signature check gives."""
+
+    seen: _Seen
+    cert_file: FileState
+    cert: ParsedCert | None
+    cert_error: str | None
+    key_file: FileState
+    key_id: str | None
+    key_error: str | None
+
+
+def _read_files(cert: DesiredCert, seen: _Seen, written: Written | None) -> _Read:
+    cert_file, parsed, cert_error = _read_parsed(cert.cert_path, seen.cert_file, lambda data: parse_leaf(data, written))
+    key_file, key_id, key_error = _read_parsed(cert.key_path, seen.key_file, lambda data: _parse_key(data, written))
+    return _Read(seen, cert_file, parsed, cert_error, key_file, key_id, key_error)
+
+
+def _check(cert: DesiredCert, read: _Read, trust: Trust) -> Observed:
+    """The leaf's signature check (ParsedCert.checked), and so the certificate's Observed."""
+    facts, error = read.cert.checked(trust) if read.cert is not None else (None, None)
+    facts, key_id = _shared(cert, facts, read.key_id)
+    return Observed(
+        read.cert_file,
+        read.key_file,
         facts,
-        cert_error,
+        read.cert_error or error,
         key_id,
-        key_error,
+        read.key_error,
         _chains(facts, trust),
-        problem,
+        read.seen.problem,
         issuer_root=trust.root,
-        **ca,
+        **read.seen.ca,
     )
-    if cache is not None:
-        cache.put(cert, observed, trust, marks if vouched else None)
-    return observed
+
+
+# Checking a leaf's signature is ~40 % of a cold --plan and releases the GIL; reading and
+# parsing the files holds it. So with more than one CPU the checks run on a thread of their
+# own, a chunk of files at a time, while this one reads and parses the next chunk (one
+# thread keeps up; a second would only queue for the GIL). On a busy machine the two share
+# what CPU there is: the same work, no more. A handful of files (--watch after a save, a
+# pass after a few renewals) is checked on the calling thread, with no thread started.
+CHECK_THREAD = len(os.sched_getaffinity(0)) > 1
+CHUNK = 64
+
+
+def _parse_all(misses: list, trust: Trust) -> list[Observed]:
+    """The Observed of each (cert, _Seen, Written | None), in order."""
+    if not CHECK_THREAD or len(misses) <= CHUNK:
+        return [_check(c, _read_files(c, seen, w), trust) for c, seen, w in misses]
+    with ThreadPoolExecutor(1, thread_name_prefix="signatures") as checker:
+        pending = [
+            checker.submit(_check_all, [(c, _read_files(c, seen, w)) for c, seen, w in misses[i : i + CHUNK]], trust)
+            for i in range(0, len(misses), CHUNK)
+        ]
+        return [observed for part in pending for observed in part.result()]
+
+
+def _check_all(reads: list[tuple[DesiredCert, _Read]], trust: Trust) -> list[Observed]:
+    return [_check(cert, read, trust) for cert, read in reads]
 
 
 def _read_parsed(path: Path, state: FileState, parse):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -60,6 +61,36 @@ def content_digest(data: bytes) -> str:
 def parse_cert(data: bytes, trust: Trust, written: Written | None = None) -> tuple[CertFacts | None, str | None]:
     """`written`: what apply just wrote; for exactly those bytes the leaf's signature, which
     the issuer verified, is not checked again."""
+    parsed, error = parse_leaf(data, written)
+    return parsed.checked(trust) if parsed is not None else (None, error)
+
+
+@dataclass(frozen=True)
+class ParsedCert:
+    """A certificate file's facts but the three its signature check gives (`checked`). The
+    parse holds the GIL and the check mostly does not, so observe runs many checks on a
+    thread of their own while it parses the next files."""
+
+    leaf: Any  # x509.Certificate
+    chain: list
+    chain_fps: tuple[str, ...]
+    signer: str | None  # Written.signer, for exactly the bytes apply wrote
+    facts: dict[str, Any]  # CertFacts' other fields
+
+    def checked(self, trust: Trust) -> tuple[CertFacts | None, str | None]:
+        try:
+            issuer, issuer_chain, signer_not_after = _issuer_path(
+                self.leaf, self.chain, self.chain_fps, trust, self.signer
+            )
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # an issuer name that does not parse
+            return None, f"certificate does not parse: {exc}"
+        facts = CertFacts(**self.facts, issued_by=issuer, issuer_chain=issuer_chain, signer_not_after=signer_not_after)
+        return facts, None
+
+
+def parse_leaf(data: bytes, written: Written | None = None) -> tuple[ParsedCert | None, str | None]:
+    """Everything parse_cert finds but whether the leaf chains to the issuer: (ParsedCert,
+    None) or (None, why the bytes are no certificate)."""
     if len(data) > LIMIT:
         return None, "file is larger than 1 MiB; not a certificate"
     ours = written is not None and content_digest(data) == written.cert_digest
@@ -72,26 +103,22 @@ def parse_cert(data: bytes, trust: Trust, written: Written | None = None) -> tup
         cn_attrs = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         public_key = leaf.public_key()
         chain_fps = tuple(fingerprint(c) for c in chain)
-        signer = written.signer if written is not None and ours else None
-        issuer, issuer_chain, signer_not_after = _issuer_path(leaf, chain, chain_fps, trust, signer)
-        facts = CertFacts(
+        facts = dict(
             common_name=str(cn_attrs[0].value) if cn_attrs else None,
             sans=cert_sans(leaf),  # the same canonical form as a desired SAN set
             not_before=leaf.not_valid_before_utc,
             not_after=leaf.not_valid_after_utc,
             key_type=key_type_of(public_key),
             public_key_id=public_key_id(public_key),
-            issued_by=issuer,
             serial=format(leaf.serial_number, "x"),
             usages=_usages(leaf),
             chain=chain_fps,
-            issuer_chain=issuer_chain,
-            signer_not_after=signer_not_after,
         )
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         # UnsupportedAlgorithm: a public key type cryptography cannot load (a foreign file)
         return None, f"certificate does not parse: {exc}"
-    return facts, None
+    signer = written.signer if written is not None and ours else None
+    return ParsedCert(leaf, chain, chain_fps, signer, facts), None
 
 
 def _usages(leaf) -> frozenset[str]:

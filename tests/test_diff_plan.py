@@ -11,6 +11,7 @@ import functools
 import os
 import stat
 import tempfile
+import threading
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -505,6 +506,39 @@ def test_the_cached_observation_keeps_the_future_not_before(tmp_path, ca, trust)
     cache.save()
     hit = observe(cert, trust, ObservationCache(tmp_path / "state"))
     assert [d.field for d in diff(cert, hit, datetime.now(timezone.utc))] == ["not_before"]
+
+
+@pytest.mark.parametrize("thread", [False, True])
+def test_observe_all_with_a_signature_thread_answers_as_one_file_at_a_time(
+    tmp_path, ca, other_ca, trust, monkeypatch, thread
+):
+    """Checks on a thread of their own (observe.CHECK_THREAD) see the same files the same way:
+    a foreign certificate, whose intermediate carries our intermediate's very name, is never ours."""
+    from reconciler import observe as stage
+
+    entries = [
+        {"name": f"c{i}", "common_name": f"c{i}.example.com", "cert_path": f"c{i}.crt", "key_path": f"c{i}.key"}
+        for i in range(12)
+    ]
+    certs = build(entries, tmp_path / "certificate-manifest.json").certificates
+    for i, cert in enumerate(certs):
+        if i % 4 == 3:
+            write(cert.cert_path, b"not a certificate", 0o644)
+        else:
+            deploy(other_ca if i % 4 == 1 else ca, cert)
+        if i % 4 == 2:
+            cert.key_path.unlink()
+    one_by_one = {c.name: observe(c, trust) for c in certs}
+    monkeypatch.setattr(stage, "CHECK_THREAD", thread)
+    monkeypatch.setattr(stage, "CHUNK", 5)  # a thread for 12 files, in chunks of 5, 5 and 2
+    threads = []
+    check_all = stage._check_all
+    monkeypatch.setattr(stage, "_check_all", lambda *a: threads.append(threading.current_thread()) or check_all(*a))
+    observed = stage.observe_all(certs, trust)
+    assert len(threads) == (3 if thread else 0) and threading.current_thread() not in threads
+    assert list(observed) == [c.name for c in certs]
+    assert observed == one_by_one
+    assert [o.chains_to_issuer for o in observed.values()][:4] == [True, False, True, None]
 
 
 # --------------------------------------------------------------------------- EKU and lifetime
