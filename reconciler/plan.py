@@ -56,12 +56,12 @@ class CertPlan:
 
     @property
     def runs_hook(self) -> bool:
+        if not self.cert.post_renewal_command or not self.actions:
+            return False  # (asked of every certificate: most have no command, or nothing to do)
         # a legacy guest entry's command moves the delivered /tmp files into place: a
         # delivery runs it, as the old script did
         delivered = self.delivers and self.cert.guest is not None and self.cert.guest.legacy
-        return bool(self.cert.post_renewal_command) and (
-            self.writes_files or delivered or any(a.action == RUN_HOOK for a in self.actions)
-        )
+        return self.writes_files or delivered or any(a.action == RUN_HOOK for a in self.actions)
 
 
 @dataclass(frozen=True)
