@@ -21,6 +21,9 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 _PLAIN_DNS = re.compile(
     r"^(?=.{1,253}\Z)(?=.*[a-z])(?:\*\.(?=[^.]+\.[^.]+))?(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*\Z"
 )
+# an IPv4 address already in canonical form: four decimal octets 0-255, no leading zeros
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_PLAIN_IPV4 = re.compile(rf"^{_OCTET}(?:\.{_OCTET}){{3}}\Z")
 _MAYBE_IP = re.compile(r"^[0-9.]+\Z|^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.%]*(%.*)?\Z")
 
 
@@ -34,6 +37,8 @@ def normalise(value: str) -> str:
         raise SANError(f"{value!r} is empty; a SAN is a DNS name or an IP address")
     if _PLAIN_DNS.match(value):  # the common case, already canonical: one regex, no parsing
         return value
+    if _PLAIN_IPV4.match(value):  # the same for an address (ipaddress would give it back as it is)
+        return "IP:" + value
     text = value.strip()
     _refuse_non_ascii(value, text)
     ip = _address(value, text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import timedelta
 
 import pytest
@@ -110,6 +111,20 @@ def test_a_non_string_is_an_error_not_a_crash():
 )
 def test_ip_addresses_are_canonical_and_marked(value, want):
     assert normalise(value) == want
+
+
+@given(st.lists(st.integers(0, 999).map(str) | st.integers(0, 99).map(lambda n: f"0{n}"), min_size=4, max_size=4))
+def test_a_dotted_quad_is_an_ip_san_exactly_when_ipaddress_reads_it_as_written(parts):
+    value = ".".join(parts)  # the fast path takes canonical addresses without ipaddress
+    try:
+        canonical = str(ipaddress.ip_address(value)) == value
+    except ValueError:
+        canonical = False
+    if canonical:
+        assert normalise(value) == f"IP:{value}"
+    else:
+        with pytest.raises(SANError):
+            normalise(value)
 
 
 def test_the_ipv6_forms_from_the_issue_are_equal():
