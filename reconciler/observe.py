@@ -121,8 +121,10 @@ def _read_files(cert: DesiredCert, seen: _Seen, written: Written | None) -> _Rea
 
 def _check(cert: DesiredCert, read: _Read, trust: Trust) -> Observed:
     """The leaf's signature check (ParsedCert.checked), and so the certificate's Observed."""
-    facts, error = read.cert.checked(trust) if read.cert is not None else (None, None)
-    facts, key_id = _shared(cert, facts, read.key_id)
+    parsed = read.cert
+    facts, error = parsed.checked(trust, **_shared(cert, parsed.facts)) if parsed is not None else (None, None)
+    # a matching key's id as the very string the certificate's facts hold
+    key_id = facts.public_key_id if facts is not None and read.key_id == facts.public_key_id else read.key_id
     return Observed(
         read.cert_file,
         read.key_file,
@@ -173,17 +175,14 @@ def _read_parsed(path: Path, state: FileState, parse):
     return (state, *parse(data))
 
 
-def _shared(cert: DesiredCert, facts: CertFacts | None, key_id: str | None) -> tuple[CertFacts | None, str | None]:
-    """Equal values kept as one object: a converged certificate's names are the manifest's and
-    its key's id is the certificate's. Kept as copies, they cost a 50,000-entry --plan 30 MB."""
-    if facts is None:
-        return None, key_id
-    if key_id == facts.public_key_id:
-        key_id = facts.public_key_id
-    if facts.sans == cert.sans:
-        common_name = cert.common_name if facts.common_name == cert.common_name else facts.common_name
-        facts = replace(facts, sans=cert.sans, common_name=common_name)
-    return facts, key_id
+def _shared(cert: DesiredCert, facts: dict) -> dict:
+    """Equal values kept as one object: a converged certificate's names are the manifest's.
+    Kept as copies (with its key's id), they cost a 50,000-entry --plan 30 MB."""
+    if facts["sans"] != cert.sans:
+        return {}
+    if facts["common_name"] != cert.common_name:
+        return {"sans": cert.sans}
+    return {"sans": cert.sans, "common_name": cert.common_name}
 
 
 def _parse_key(data: bytes, written: Written | None) -> tuple[str | None, str | None]:

@@ -77,14 +77,17 @@ class ParsedCert:
     signer: str | None  # Written.signer, for exactly the bytes apply wrote
     facts: dict[str, Any]  # CertFacts' other fields
 
-    def checked(self, trust: Trust) -> tuple[CertFacts | None, str | None]:
+    def checked(self, trust: Trust, **same: Any) -> tuple[CertFacts | None, str | None]:
+        """`same`: objects equal to some of `facts` (the manifest's SAN set), to keep instead."""
         try:
             issuer, issuer_chain, signer_not_after = _issuer_path(
                 self.leaf, self.chain, self.chain_fps, trust, self.signer
             )
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # an issuer name that does not parse
             return None, f"certificate does not parse: {exc}"
-        facts = CertFacts(**self.facts, issued_by=issuer, issuer_chain=issuer_chain, signer_not_after=signer_not_after)
+        facts = CertFacts(
+            **{**self.facts, **same}, issued_by=issuer, issuer_chain=issuer_chain, signer_not_after=signer_not_after
+        )
         return facts, None
 
 
