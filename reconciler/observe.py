@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -142,23 +143,31 @@ def _check(cert: DesiredCert, read: _Read, trust: Trust) -> Observed:
 # Checking a leaf's signature is ~40 % of a cold --plan and releases the GIL; reading and
 # parsing the files holds it. So with more than one CPU the checks run on a thread of their
 # own, a chunk of files at a time, while this one reads and parses the next chunk (one
-# thread keeps up; a second would only queue for the GIL). On a busy machine the two share
-# what CPU there is: the same work, no more. A handful of files (--watch after a save, a
-# pass after a few renewals) is checked on the calling thread, with no thread started.
+# thread keeps up; a second would only queue for the GIL). At most IN_FLIGHT chunks wait for
+# their checks: a parsed leaf holds ~8 kB until it is checked, and when the checks fall
+# behind (a busy machine) this thread waits for them instead of parsing further ahead. A
+# handful of files (--watch after a save, a pass after a few renewals) is checked on the
+# calling thread, with no thread started.
 CHECK_THREAD = len(os.sched_getaffinity(0)) > 1
 CHUNK = 64
+IN_FLIGHT = 4
 
 
 def _parse_all(misses: list, trust: Trust) -> list[Observed]:
     """The Observed of each (cert, _Seen, Written | None), in order."""
     if not CHECK_THREAD or len(misses) <= CHUNK:
         return [_check(c, _read_files(c, seen, w), trust) for c, seen, w in misses]
+    done: list[Observed] = []
     with ThreadPoolExecutor(1, thread_name_prefix="signatures") as checker:
-        pending = [
-            checker.submit(_check_all, [(c, _read_files(c, seen, w)) for c, seen, w in misses[i : i + CHUNK]], trust)
-            for i in range(0, len(misses), CHUNK)
-        ]
-        return [observed for part in pending for observed in part.result()]
+        pending: deque = deque()
+        for i in range(0, len(misses), CHUNK):
+            reads = [(c, _read_files(c, seen, w)) for c, seen, w in misses[i : i + CHUNK]]
+            pending.append(checker.submit(_check_all, reads, trust))
+            if len(pending) > IN_FLIGHT:
+                done += pending.popleft().result()
+        for part in pending:
+            done += part.result()
+    return done
 
 
 def _check_all(reads: list[tuple[DesiredCert, _Read]], trust: Trust) -> list[Observed]:

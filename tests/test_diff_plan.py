@@ -531,6 +531,7 @@ def test_observe_all_with_a_signature_thread_answers_as_one_file_at_a_time(
     one_by_one = {c.name: observe(c, trust) for c in certs}
     monkeypatch.setattr(stage, "CHECK_THREAD", thread)
     monkeypatch.setattr(stage, "CHUNK", 5)  # a thread for 12 files, in chunks of 5, 5 and 2
+    monkeypatch.setattr(stage, "IN_FLIGHT", 1)  # the first waited for before the third is read
     threads = []
     check_all = stage._check_all
     monkeypatch.setattr(stage, "_check_all", lambda *a: threads.append(threading.current_thread()) or check_all(*a))
