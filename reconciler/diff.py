@@ -8,7 +8,7 @@ ready" never disagree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from reconciler import drift_rows as rows
@@ -175,7 +175,17 @@ class Readiness:
     problem: str | None  # why not ready: the blocked path or the first unusable drift's reason
     pending: tuple[Drift, ...]
     not_after: datetime | None = None  # of the usable certificate on disk
-    renewal_at: datetime | None = None  # when it enters its (jittered) renewal window
+    # the certificate and its notBefore, for renewal_at, worked out when asked: the outcome
+    # asks, a --plan (whose output has no renewal times) never does
+    cert: DesiredCert | None = field(default=None, compare=False, repr=False)
+    not_before: datetime | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def renewal_at(self) -> datetime | None:
+        """When the usable certificate enters its (jittered) renewal window (renewal_due_at)."""
+        if self.cert is None or self.not_before is None or self.not_after is None:
+            return None
+        return renewal_due_at(self.cert, self.not_before, self.not_after)
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -190,16 +200,13 @@ def readiness(
     if problem:
         return Readiness(False, problem, ())
     ctx = Context.of(cert, observed, hook_owed, issuer_unknown)
-    return readiness_of(walk(cert, observed, now, ctx), ctx)
+    return readiness_of(cert, walk(cert, observed, now, ctx), ctx)
 
 
-def readiness_of(drifts: list[Drift], ctx: Context) -> Readiness:
+def readiness_of(cert: DesiredCert, drifts: list[Drift], ctx: Context) -> Readiness:
     """Readiness from drifts already walked with `ctx` (plan_cert walks once for both)."""
     unusable = next((d for d in drifts if d.unusable), None)
-    return Readiness(
-        unusable is None,
-        unusable.reason if unusable else None,
-        tuple(drifts),
-        ctx.facts.not_after if ctx.facts is not None else None,
-        ctx.renewal_at,
-    )
+    ready, problem, facts = unusable is None, unusable.reason if unusable else None, ctx.facts
+    if facts is None:
+        return Readiness(ready, problem, tuple(drifts))
+    return Readiness(ready, problem, tuple(drifts), facts.not_after, cert, facts.not_before)

@@ -57,16 +57,13 @@ class Context:
     hook_owed: bool = False  # the status store says the post-renewal command is owed
     # why the issuer cannot be checked here; certificates are then not trusted
     issuer_unknown: str | None = None
-    # the certificate's facts when the pair is usable (usable_facts), and when it enters its
-    # renewal window (renewal_due_at): worked out once for all the rows and the readiness
+    # the certificate's facts when the pair is usable (usable_facts): worked out once for all
+    # the rows and the readiness
     facts: CertFacts | None = None
-    renewal_at: datetime | None = None
 
     @classmethod
     def of(cls, cert: DesiredCert, o: Observed, hook_owed: bool = False, issuer_unknown: str | None = None) -> Context:
-        facts = usable_facts(o)
-        due = renewal_due_at(cert, facts.not_before, facts.not_after) if facts is not None else None
-        return cls(hook_owed, issuer_unknown, facts, due)
+        return cls(hook_owed, issuer_unknown, usable_facts(o))
 
 
 Row = Callable[[DesiredCert, Observed, datetime, Context], "Drift | None"]
@@ -77,11 +74,21 @@ def renewal_due_at(cert: DesiredCert, not_before: datetime, not_after: datetime)
     of up to 5 % of its lifetime (earlier, never later), so a fleet issued together does not
     renew together."""
     lifetime = not_after - not_before
-    window = cert.renew_before.window(lifetime)
     digest = hashlib.sha256(f"{cert.name}\0{not_after.timestamp()}".encode()).digest()
-    fraction = int.from_bytes(digest[:4], "big") / 2**32
+    fraction = int.from_bytes(digest[:4], "big") / 2**32  # below 1: see earliest_renewal
     jitter = timedelta(seconds=lifetime.total_seconds() * JITTER_SHARE * fraction)
-    return not_after - window - jitter
+    return _window_opens(cert, lifetime, not_after) - jitter
+
+
+def earliest_renewal(cert: DesiredCert, not_before: datetime, not_after: datetime) -> datetime:
+    """The earliest moment renewal_due_at can give this certificate (the whole 5 % of jitter):
+    before it a renewal is not due, which the renewal row knows without a digest."""
+    lifetime = not_after - not_before
+    return _window_opens(cert, lifetime, not_after) - timedelta(seconds=lifetime.total_seconds() * JITTER_SHARE)
+
+
+def _window_opens(cert: DesiredCert, lifetime: timedelta, not_after: datetime) -> datetime:
+    return not_after - cert.renew_before.window(lifetime)
 
 
 # --------------------------------------------------------------------------- rows: files present, readable, parsing
@@ -260,9 +267,12 @@ def expired(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drif
 
 
 def renewal_due(cert: DesiredCert, o: Observed, now: datetime, ctx: Context) -> Drift | None:
-    facts, due = ctx.facts, ctx.renewal_at
-    if facts is None or due is None or now >= facts.not_after:
+    facts = ctx.facts
+    if facts is None or now >= facts.not_after:
         return None  # expired: the row above
+    if now < earliest_renewal(cert, facts.not_before, facts.not_after):
+        return None  # (most certificates: not even the largest jitter makes it due)
+    due = renewal_due_at(cert, facts.not_before, facts.not_after)
     if now < due:
         return None
     # the jitter moves the moment earlier than the window alone says: name the moment,

@@ -106,7 +106,7 @@ def plan_cert(
             found = tuple(d for d in drifts if d.action == kind)
             if found:
                 actions.append(Action(kind, "; ".join(d.reason for d in found), found))
-    return CertPlan(cert, _with_delivery(cert, actions, observed.guest), None, readiness_of(drifts, ctx))
+    return CertPlan(cert, _with_delivery(cert, actions, observed.guest), None, readiness_of(cert, drifts, ctx))
 
 
 def _with_delivery(cert: DesiredCert, actions: list[Action], seen: GuestSeen | None) -> tuple[Action, ...]:

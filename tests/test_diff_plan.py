@@ -40,6 +40,7 @@ from reconciler.diff import (
     readiness,
     renewal_due_at,
 )
+from reconciler.drift_rows import earliest_renewal
 from reconciler.issuers import IssueRequest
 from reconciler.issuers.local import LocalCA
 from reconciler.manifest import build
@@ -870,6 +871,23 @@ def test_renewal_jitter_is_stable_earlier_never_later_and_within_5_percent(tmp_p
         assert not_after - timedelta(hours=12) - timedelta(hours=24) * 0.05 <= due <= not_after - timedelta(hours=12)
         dues.append(due)
     assert len(set(dues)) > 40  # a fleet does not renew in the same second
+
+
+@pytest.mark.parametrize("renew_before", ["12h", "33%"])
+def test_the_renewal_row_is_due_from_the_jittered_moment_on_exactly(tmp_path, ca, trust, renew_before):
+    """The row skips the digest before the earliest moment any jitter allows: that shortcut
+    never hides a due renewal, nor makes one due early."""
+    cert = desire(tmp_path, renew_before=renew_before)
+    deploy(ca, cert)
+    observed = observe(cert, trust)
+    facts = observed.cert
+    for i in range(40):
+        c = replace(cert, name=f"c{i}")
+        due = renewal_due_at(c, facts.not_before, facts.not_after)
+        assert earliest_renewal(c, facts.not_before, facts.not_after) <= due
+        assert plan_cert(c, observed, due - timedelta(microseconds=1)).actions == ()
+        assert [a.action for a in plan_cert(c, observed, due).actions] == [RENEW]
+        assert plan_cert(c, observed, due - timedelta(minutes=1)).readiness.renewal_at == due
 
 
 def test_identity_drift_wins_over_expiry(tmp_path, ca, trust):
