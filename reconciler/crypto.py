@@ -9,7 +9,7 @@ import ipaddress
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from reconciler.model import KeySpec
 from reconciler.sans import from_certificate
@@ -76,7 +76,8 @@ def same_public_key(a, b) -> bool:
 def cert_sans(cert: x509.Certificate) -> frozenset[str]:
     """The certificate's SAN set, normalised like a desired one (reconciler.sans)."""
     try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        # by OID: get_extension_for_class tests every extension's value against an ABC
+        ext = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
     except x509.ExtensionNotFound:
         return frozenset()
     # typed: a dNSName "127.0.0.1" is not the iPAddress a client checks an address against.

@@ -300,6 +300,9 @@ def stat_file(path: Path, follow_symlink: bool = False) -> FileState:
     )
 
 
+FIRST_READ = 16 * 1024  # more than a certificate with its chain, or a key; a heap buffer, not an mmap
+
+
 def read(path: Path) -> tuple[bytes | None, str | None]:
     """(up to LIMIT + 1 bytes of the file, None) or (None, the OS error). Never blocks on a
     FIFO swapped in after the stat (O_NONBLOCK)."""
@@ -308,10 +311,11 @@ def read(path: Path) -> tuple[bytes | None, str | None]:
     except OSError as exc:
         return None, exc.strerror or str(exc)
     try:
-        # sized by the file: a read buffer of LIMIT for a 1 kB certificate is an mmap and
-        # munmap of 1 MiB per file, the slowest part of reading 10,000 of them
-        want = min(os.fstat(fd).st_size, LIMIT) + 1
-        chunks = []
+        # one read holds any certificate or key file (no fstat to size it); a larger file is
+        # read on sized by the file: a read buffer of LIMIT for a 1 kB certificate is an mmap
+        # and munmap of 1 MiB per file, the slowest part of reading 10,000 of them
+        chunks = [os.read(fd, FIRST_READ)]
+        want = min(os.fstat(fd).st_size, LIMIT) + 1 - FIRST_READ if len(chunks[0]) == FIRST_READ else 0
         while want > 0:
             chunk = os.read(fd, want)
             chunks.append(chunk)

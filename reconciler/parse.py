@@ -14,7 +14,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from reconciler.crypto import cert_sans, fingerprint, issued_by, key_type_of, public_key_id
 from reconciler.model import CertFacts, Written
@@ -126,7 +126,7 @@ def parse_leaf(data: bytes, written: Written | None = None) -> tuple[ParsedCert 
 
 def _usages(leaf) -> frozenset[str]:
     try:
-        ekus = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        ekus = leaf.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value  # by OID, as cert_sans
         found = frozenset(_USAGE_NAMES[u] for u in ekus if u in _USAGE_NAMES)
     except x509.ExtensionNotFound:
         found = frozenset({"any"})  # no EKU: usable for anything

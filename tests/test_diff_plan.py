@@ -244,6 +244,16 @@ def test_a_garbage_certificate_is_issued_not_a_crash(tmp_path, ca, trust, garbag
     assert actions(plan) == [(ISSUE, f"certificate does not parse: {observed.cert_error}")]
 
 
+@pytest.mark.parametrize("size", [0, 700, 16 * 1024 - 1, 16 * 1024, 16 * 1024 + 1, 40_000, 1024 * 1024 + 10])
+def test_observe_reads_a_file_whole_up_to_one_byte_past_the_limit(tmp_path, size):
+    from reconciler.observe import read
+    from reconciler.parse import LIMIT
+
+    path = tmp_path / "f"
+    path.write_bytes(data := os.urandom(size))
+    assert read(path) == (data[: LIMIT + 1], None)
+
+
 def test_a_certificate_with_a_key_algorithm_cryptography_cannot_load_is_garbage_not_a_crash(tmp_path, ca, trust):
     cert = desire(tmp_path)
     deploy(ca, cert)
