@@ -120,9 +120,20 @@ class Targets:
                 opened[0].close()
         self._opened.clear()
 
+    def _open(self, label: str, path: Path, create: bool = False) -> tuple[Folder, str]:
+        """The folder `path` lands in, walked from / once per deployment: a key and its
+        certificate usually share one, and the walk of a moment ago reached it by the same
+        rules (same owners allowed, no link on the way), so its checks hold for both."""
+        if not self.cert.allow_symlink:  # else a link at `path` itself may lead elsewhere
+            where = Path(os.path.normpath(os.path.abspath(path)))
+            for opened in self._opened.values():
+                if opened is not None and opened[0].path == where.parent:
+                    return opened[0], where.name  # closed once: Folder.close is idempotent
+        return open_target(self.cert, label, path, create)
+
     def check(self, label: str, path: Path) -> None:
         try:
-            self._opened[label] = opened = open_target(self.cert, label, path)
+            self._opened[label] = opened = self._open(label, path)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise DeployError(os_error(exc, "write", path)) from None
@@ -141,7 +152,7 @@ class Targets:
                 self.check(label, path)
             if self._opened[label] is None:
                 try:
-                    self._opened[label] = open_target(self.cert, label, path, create=True)
+                    self._opened[label] = self._open(label, path, create=True)
                 except OSError as exc:
                     raise DeployError(os_error(exc, "write", path)) from None
         marks = {XATTR: self.manager.encode()} if self.manager else None  # key and certificate; a CA root may be shared

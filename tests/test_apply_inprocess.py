@@ -221,3 +221,28 @@ def test_leaving_a_transaction_uncommitted_discards_what_it_staged(tmp_path):
         tx.stage("key", folder, "k", b"new key", 0o600)
         assert len(os.listdir(tmp_path)) == 1
     assert os.listdir(tmp_path) == []
+
+
+def test_a_key_and_its_certificate_in_one_folder_share_one_walk_from_the_root(site, monkeypatch):
+    """The folder both files land in is opened once per deployment, whether it was there
+    (`a`) or is created by the write (`b`'s new folder); a key elsewhere gets its own walk."""
+    import reconciler.targets
+
+    tmp, out, run = site
+    walked: list[Path] = []
+    real = reconciler.targets.resolve_file
+
+    def counting(path, *args, **kwargs):
+        opened = real(path, *args, **kwargs)
+        walked.append(opened[0].path)
+        return opened
+
+    monkeypatch.setattr(reconciler.targets, "resolve_file", counting)
+    entries = [entry(out, "a"), entry(out / "new", "b"), entry(out, "c", key_path=str(tmp / "private" / "c.key"))]
+    _plan, result, _status = run.run(desired_from(tmp, entries))
+    assert result.ok
+    assert sorted(walked) == sorted([out, out / "new", tmp / "private", out])
+    for path in (out / "a.key", out / "a.crt", out / "new" / "b.key", out / "new" / "b.crt", tmp / "private" / "c.key"):
+        assert path.exists()
+    again, _serials = run.plan(desired_from(tmp, entries))
+    assert not again.changes
