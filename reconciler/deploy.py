@@ -6,6 +6,7 @@ never re-decides them; what any CA returns is checked before it is written.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 from cryptography import x509
@@ -25,7 +26,7 @@ from reconciler.diff import CHMOD, CHOWN, RENEW, REWRITE_CHAIN, WRITE_CA
 from reconciler.folders import Folder
 from reconciler.issuers import Issued, IssueRequest, Issuer, IssuerError
 from reconciler.model import CA_MODE, DesiredCert, Written
-from reconciler.parse import content_digest
+from reconciler.parse import ParsedCert, content_digest, parse_leaf
 from reconciler.plan import Action, CertPlan
 from reconciler.sans import ordered
 from reconciler.targets import DeployError, Targets, fix_metadata, open_target, os_error, read
@@ -78,21 +79,37 @@ def _deploy_content(
             issued = issuer.renew(request, key, read(*old_cert), current)
         else:
             issued = issuer.issue(request, key)
-        signer = _signer(_check_issued(cert, key, issued.leaf_pem), issued)
         body = issued.leaf_pem.rstrip(b"\n") + b"\n"
         if cert.include_ca and issued.chain_pem:
             body += issued.chain_pem.rstrip(b"\n") + b"\n"
-        written = Written(content_digest(body), signer)
+        key_id = public_key_id(key.public_key())
+        parsed, signer = _parsed_answer(cert, key_id, key, issued, body)
+        written = Written(content_digest(body), signer, parsed=parsed)
         # key first, then certificate: a crash in between shows as a key mismatch next pass
         files = [("cert", cert.cert_path, body, cert.cert_mode)]
         if not reuse:
             key_pem = key_to_pem(key)
             files.insert(0, ("key", cert.key_path, key_pem, cert.key_mode))
-            written = Written(written.cert_digest, signer, content_digest(key_pem), public_key_id(key.public_key()))
+            written = Written(written.cert_digest, signer, content_digest(key_pem), key_id, parsed)
         if cert.ca_path is not None and issued.root_pem:
             files.append(("ca", cert.ca_path, issued.root_pem, CA_MODE))
         targets.write(files, pending_dirs)
         return written
+
+
+def _parsed_answer(
+    cert: DesiredCert, key_id: str, key, issued: Issued, body: bytes
+) -> tuple[ParsedCert | None, str | None]:
+    """The certificate file's bytes parsed as re-observing them would (parse.parse_leaf),
+    once the CA's answer is checked, and the leaf's signer. The parse is the check: the key
+    and the names must be the ones asked for. Any other answer (or one that does not
+    parse) is judged by _check_issued, which says what is wrong in the CA's terms; the pass
+    then reads back what it wrote, unparsed here (None)."""
+    parsed, _why = parse_leaf(body)
+    if parsed is None or parsed.facts["public_key_id"] != key_id or parsed.facts["sans"] != cert.sans:
+        return None, _signer(_check_issued(cert, key, issued.leaf_pem), issued)
+    signer = _signer(parsed.leaf, issued)
+    return replace(parsed, signer=signer), signer
 
 
 def _signer(leaf: x509.Certificate, issued: Issued) -> str | None:

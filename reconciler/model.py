@@ -209,14 +209,16 @@ class Observed:
 
 @dataclass(frozen=True, slots=True)
 class Written:
-    """What apply wrote for one certificate, as SHA-256 digests of the bytes (kept small:
-    a pass may write thousands). Re-observing a file whose bytes still have that digest
-    reuses what apply already knows: `signer`, the fingerprint of the certificate that
-    signed the leaf, whose signature the issuer verified before it answered (the Issuer
-    protocol), and `key_id`, the new key's public key id. Any other file is read and
-    checked as usual."""
+    """What apply wrote for one certificate: SHA-256 digests of the bytes, and what apply
+    already knows of them. Re-observing a file whose bytes still have that digest reuses it:
+    `parsed`, the certificate file as deploy parsed it to check the CA's answer (it is not
+    parsed again); `signer`, the fingerprint of the certificate that signed the leaf, whose
+    signature the issuer verified before it answered (the Issuer protocol); and `key_id`,
+    the new key's public key id (the key is not loaded). Any other file is read and checked
+    as usual. A pass drops `parsed` once it has read its files back: it may write thousands."""
 
     cert_digest: str
     signer: str | None = None
     key_digest: str | None = None  # None: the key on disk was kept, not written
     key_id: str | None = None
+    parsed: object | None = None  # parse.ParsedCert (this module is below parse)

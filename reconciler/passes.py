@@ -368,6 +368,9 @@ def _reobserve(settings: Settings, snap: Snapshot, result, status: StatusStore) 
     certs = [c for c in snap.desired.certificates if c.name in written]
     parsed = {c.name: c.written for c in result.certificates if c.written is not None}  # not parsed twice
     again = observe_all(certs, trust, snap.cache, manager=identity(settings.state_dir), written=parsed)
+    for c in result.certificates:  # read back: what deploy parsed is not kept until the pass ends
+        if c.written is not None:
+            c.written = replace(c.written, parsed=None)
     # the guests as this pass left them, from the status store (no guest is asked again)
     snap.observed.update(with_records(certs, again, {c.name: status.get(c.name).delivery for c in certs}))
     owed = status.hooks_pending(_serials(snap.observed))

@@ -22,6 +22,7 @@ from reconciler.crypto import fingerprint
 from reconciler.folders import open_folder
 from reconciler.issuers import IssuerError
 from reconciler.observe import Trust, observe
+from reconciler.parse import parse_leaf
 
 
 def entry(out: Path, name: str, **extra) -> dict:
@@ -186,6 +187,8 @@ def test_re_observing_what_apply_wrote_gives_the_facts_of_a_fresh_read_and_sees_
     fresh = observe(cert, trust)
     assert fresh.cert.issued_by == written.signer and fresh.key_matches
     assert observe(cert, trust, written=written) == fresh
+    # the file is parsed once, when deploy checks the CA's answer: the re-read reuses that
+    assert parse_leaf((out / "a.crt").read_bytes(), written)[0] is written.parsed is not None
     # the issuer's word is taken only for the bytes it vouched for: another certificate put
     # there after the pass (here one the fake CA's root never signed) is checked in full
     stranger = FakeIssuer()
@@ -196,6 +199,7 @@ def test_re_observing_what_apply_wrote_gives_the_facts_of_a_fresh_read_and_sees_
     stranger_pass.run(desired_from(elsewhere, [entry(elsewhere, "a")]))
     (out / "a.crt").write_bytes((elsewhere / "a.crt").read_bytes())
     assert observe(cert, trust, written=written).cert.issued_by is None
+    assert parse_leaf((out / "a.crt").read_bytes(), written)[0] is not written.parsed
 
 
 def test_a_refused_rename_puts_the_files_already_replaced_back(tmp_path):
