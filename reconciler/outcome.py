@@ -86,7 +86,7 @@ def cert_state(
     return service_state(served) or READY  # the files are right; are the services?
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per certificate, like model's values
 class CertOutcome:
     name: str
     cert_path: str
