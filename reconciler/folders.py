@@ -15,6 +15,10 @@ certificate's owner (or anyone else) can write is refused: that is the attack.
 Each folder opened is also checked like sshd's `StrictModes` (owner root, us or, for
 target folders, the certificate's owner; writable by no group or other user unless sticky)
 on its open descriptor, so what is checked is what is written into.
+
+One deployment's files (a key, its certificate, a CA file) share most of the way from `/`:
+their walks share the folders opened and checked on it (`Walked`), moments apart, held
+open until the deployment ends, as the final folders themselves are.
 """
 
 from __future__ import annotations
@@ -51,7 +55,9 @@ def trusted_uids() -> set[int]:
     return {0, os.geteuid()}
 
 
-def unsafe(st: os.stat_result, target: Path | str, allowed: set[int], sticky_ok: bool = True) -> tuple[str, str] | None:
+def unsafe(
+    st: os.stat_result, target: Path | str, allowed: set[int] | frozenset[int], sticky_ok: bool = True
+) -> tuple[str, str] | None:
     """(what is wrong, the fix) when someone outside `allowed` (uids) can change the file
     or folder `st` describes; None when only they can."""
     is_dir = stat.S_ISDIR(st.st_mode)
@@ -124,28 +130,68 @@ def _link_trusted(parent: os.stat_result, link: os.stat_result) -> bool:
     return bool(mode & stat.S_ISVTX) and link.st_uid in trusted
 
 
+class Walked:
+    """Folders walks from / reached and checked, kept open by their real path and the owners
+    they were checked for, until `close()`. A walk given one continues from the deepest of
+    them on its way instead of from / again: one deployment's files (a key and its
+    certificate, targets.Targets) usually share most of the way, walked moments before by
+    the same rules. The folder a walk ends in is handed to its caller, not kept here."""
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[str, frozenset[int] | None], int] = {}
+
+    def deepest(self, names: list[str], owners: frozenset[int] | None) -> tuple[int, int | None, str]:
+        """(how many of `names` are walked, the folder they lead to, its path); (0, None, "/")
+        when not even / is open yet."""
+        for i in range(len(names), -1, -1):
+            real = "/" + "/".join(names[:i])
+            fd = self._fds.get((real, owners))
+            if fd is not None:
+                return i, fd, real
+        return 0, None, "/"
+
+    def add(self, real: str, owners: frozenset[int] | None, fd: int) -> None:
+        self._fds[(real, owners)] = fd
+
+    def take(self, real: str, owners: frozenset[int] | None) -> int:
+        return self._fds.pop((real, owners))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 def open_folder(
     folder: Path | str,
     allowed: set[int] | None = None,
     create_mode: int | None = None,
     what: str = "folder",
+    walked: Walked | None = None,
 ) -> Folder:
     """Open `folder` from `/` one name at a time (see the module's docstring).
 
     `allowed`: uids that may own each folder on the way (root and us always may); None
     skips that StrictModes check (links are still only followed where trusted).
     `create_mode`: create missing folders, the last with this mode and the ones above it
-    0755, whatever the umask. `what` names the path in errors ("folder of key /a/b.key")."""
+    0755, whatever the umask. `what` names the path in errors ("folder of key /a/b.key").
+    `walked`: folders walked to before, kept open by the caller (see Walked)."""
     path = os.path.normpath(os.path.abspath(os.fspath(folder)))
+    own = walked is None
+    walked = Walked() if walked is None else walked
     links = 0
-    while True:
-        try:
-            return _walk(path, allowed, create_mode, what)
-        except _Restart as again:
-            links += 1
-            if links > _MAX_LINKS:
-                raise FolderError(errno.ELOOP, f"{what} {folder}: too many levels of symbolic links") from None
-            path = again.path
+    try:
+        while True:
+            try:
+                return _walk(path, allowed, create_mode, what, walked)
+            except _Restart as again:
+                links += 1
+                if links > _MAX_LINKS:
+                    raise FolderError(errno.ELOOP, f"{what} {folder}: too many levels of symbolic links") from None
+                path = again.path
+    finally:
+        if own:
+            walked.close()
 
 
 class _Restart(Exception):
@@ -153,30 +199,37 @@ class _Restart(Exception):
         self.path = path
 
 
-def _walk(path: str, allowed: set[int] | None, create_mode: int | None, what: str) -> Folder:
+def _walk(path: str, allowed: set[int] | None, create_mode: int | None, what: str, walked: Walked) -> Folder:
+    """Every folder opened on the way is kept in `walked` once it passed its check; the
+    last one is handed over as the Folder."""
     names = [n for n in path.split("/") if n]
     # the owners each folder may have, worked out once per walk (geteuid is a system call)
-    owners = None if allowed is None else allowed | trusted_uids()
-    fd = os.open("/", _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    real = "/"
+    owners = None if allowed is None else frozenset(allowed | trusted_uids())
+    start, fd, real = walked.deepest(names, owners)
+    if fd is None:
+        fd = _checked(os.open("/", _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), real, owners, what)
+        walked.add(real, owners, fd)
+    for i in range(start, len(names)):
+        name = names[i]
+        here = os.path.join(real, name)
+        where = f"{what} {path}: {here}"
+        nfd = _open_below(fd, name, create_mode if create_mode is None or i == len(names) - 1 else 0o755, where)
+        if nfd is None:  # a link, or no folder at all
+            target = _trusted_link(fd, name, where, real)
+            raise _Restart(path if target is None else os.path.normpath(os.path.join(real, target, *names[i + 1 :])))
+        fd, real = _checked(nfd, here, owners, what), here
+        walked.add(real, owners, fd)
+    return Folder(walked.take(real, owners), Path(real))
+
+
+def _checked(fd: int, real: str, owners: frozenset[int] | None, what: str) -> int:
+    """`fd`, once the folder passed _check; closed when it did not."""
     try:
         _check(fd, real, owners, what)
-        for i, name in enumerate(names):
-            here = os.path.join(real, name)
-            where = f"{what} {path}: {here}"
-            nfd = _open_below(fd, name, create_mode if create_mode is None or i == len(names) - 1 else 0o755, where)
-            if nfd is None:  # a link, or no folder at all
-                target = _trusted_link(fd, name, where, real)
-                raise _Restart(
-                    path if target is None else os.path.normpath(os.path.join(real, target, *names[i + 1 :]))
-                )
-            os.close(fd)
-            fd, real = nfd, here
-            _check(fd, real, owners, what)
-        return Folder(fd, Path(real))
     except BaseException:
         os.close(fd)
         raise
+    return fd
 
 
 def _open_below(fd: int, name: str, create_mode: int | None, where: str) -> int | None:
@@ -231,7 +284,7 @@ def _readlink(name: str, fd: int) -> str:
         return "?"
 
 
-def _check(fd: int, real: str, owners: set[int] | None, what: str) -> None:
+def _check(fd: int, real: str, owners: frozenset[int] | None, what: str) -> None:
     if owners is None:
         return
     found = unsafe(os.fstat(fd), real, owners)
@@ -258,14 +311,20 @@ def _make(parent_fd: int, name: str, mode: int) -> None:
 
 
 def resolve_file(
-    path: Path, allowed: set[int] | None, follow_link: bool, create_mode: int | None = None, what: str = "file"
+    path: Path,
+    allowed: set[int] | None,
+    follow_link: bool,
+    create_mode: int | None = None,
+    what: str = "file",
+    walked: Walked | None = None,
 ) -> tuple[Folder, str]:
     """The open folder `path` lands in and the file's name there. `follow_link`
     ("allow_symlink": true): a link at `path` itself is followed to its final target,
-    under the same rule as every folder on the way (only where nobody else could plant it)."""
+    under the same rule as every folder on the way (only where nobody else could plant it).
+    `walked`: see open_folder."""
     current = os.path.normpath(os.path.abspath(os.fspath(path)))
     for _ in range(_MAX_LINKS):
-        folder = open_folder(os.path.dirname(current), allowed, create_mode, f"folder of {what}")
+        folder = open_folder(os.path.dirname(current), allowed, create_mode, f"folder of {what}", walked)
         name = os.path.basename(current)
         if not follow_link:
             return folder, name

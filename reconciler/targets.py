@@ -18,7 +18,7 @@ from pathlib import Path
 
 from reconciler.atomic import CommitRefused, Transaction, commit, set_metadata, stage
 from reconciler.errors import ReconcilerError
-from reconciler.folders import Folder, FolderError, resolve_file
+from reconciler.folders import Folder, FolderError, Walked, resolve_file
 from reconciler.managed import XATTR, foreign, refusal, sidecar_name, xattr_supported
 from reconciler.model import CA_MODE, DesiredCert
 
@@ -52,12 +52,19 @@ def os_error(exc: OSError, what: str, path: Path) -> str:
     return f"cannot {what} {path}: {exc.strerror or exc}" + (f" ({hints[exc.errno]})" if exc.errno in hints else "")
 
 
-def open_target(cert: DesiredCert, label: str, path: Path, create: bool = False) -> tuple[Folder, str]:
+def open_target(
+    cert: DesiredCert, label: str, path: Path, create: bool = False, walked: Walked | None = None
+) -> tuple[Folder, str]:
     """The folder a write to `path` lands in, and the file's name there. A symlink at `path`
     itself is replaced, never written through, unless the entry says "allow_symlink": true:
-    then its final target is (observe followed it too)."""
+    then its final target is (observe followed it too). `walked`: see folders.open_folder."""
     return resolve_file(
-        path, {cert.uid} if cert.uid is not None else set(), cert.allow_symlink, 0o755 if create else None, label
+        path,
+        {cert.uid} if cert.uid is not None else set(),
+        cert.allow_symlink,
+        0o755 if create else None,
+        label,
+        walked,
     )
 
 
@@ -100,7 +107,8 @@ def read(folder: Folder, name: str) -> bytes:
 
 
 class Targets:
-    """The folders of one certificate's files, each opened once for the whole deployment.
+    """The folders of one certificate's files, each opened once for the whole deployment
+    (and the folders on the way to them walked once: folders.Walked).
 
     `check()` opens the folder of each existing file and refuses, before the CA is asked,
     a target a rename could not replace. A folder that does not exist yet is created only by
@@ -110,6 +118,7 @@ class Targets:
         self.cert = cert
         self.manager = manager
         self._opened: dict[str, tuple[Folder, str] | None] = {}
+        self._walked = Walked()  # the folders on the way to them, walked once for all
 
     def __enter__(self) -> "Targets":
         return self
@@ -119,6 +128,7 @@ class Targets:
             if opened is not None:
                 opened[0].close()
         self._opened.clear()
+        self._walked.close()
 
     def _open(self, label: str, path: Path, create: bool = False) -> tuple[Folder, str]:
         """The folder `path` lands in, walked from / once per deployment: a key and its
@@ -129,7 +139,7 @@ class Targets:
             for opened in self._opened.values():
                 if opened is not None and opened[0].path == where.parent:
                     return opened[0], where.name  # closed once: Folder.close is idempotent
-        return open_target(self.cert, label, path, create)
+        return open_target(self.cert, label, path, create, self._walked)
 
     def check(self, label: str, path: Path) -> None:
         try:

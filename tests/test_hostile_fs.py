@@ -19,6 +19,7 @@ import pytest
 
 from helpers import cert_sans, reconcile, tree_snapshot, write_manifest
 from reconciler.atomic import commit, is_temporary, set_metadata, stage
+from reconciler.folders import FolderError, Walked, open_folder
 
 NOBODY = pwd.getpwnam("nobody").pw_uid
 
@@ -642,3 +643,29 @@ def test_two_entries_naming_one_file_through_a_linked_folder_are_invalid(site):
         f"{tmp / 'alias' / 'a.crt'} is also the cert_path of" in proc.stderr
         and f"the same file as {out / 'a.crt'}" in proc.stderr
     ), proc.stderr
+
+
+def test_a_walk_continues_from_the_folders_walked_before_but_never_from_one_that_failed(tmp_path, monkeypatch):
+    """One deployment's files share most of the way from /: the second walk opens only what
+    lies below the part they share. A folder that failed its check is not kept for later."""
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "site" / "keys").mkdir(parents=True)
+    (tmp_path / "site" / "certs").mkdir()
+    (tmp_path / "open" / "x").mkdir(parents=True)
+    os.chmod(tmp_path / "open", 0o777)  # writable by every user, not sticky: refused
+    opened: list = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    walked = Walked()
+    try:
+        open_folder(tmp_path / "site" / "keys", set(), walked=walked).close()
+        before = len(opened)
+        with open_folder(tmp_path / "site" / "certs", set(), walked=walked) as certs:
+            assert certs.path == tmp_path / "site" / "certs"
+        assert opened[before:] == ["certs"]
+        for _ in range(2):
+            with pytest.raises(FolderError, match="can be written by group root and every user"):
+                open_folder(tmp_path / "open" / "x", set(), walked=walked)
+        assert opened.count("open") == 2, "the refused folder was opened again, not kept"
+    finally:
+        walked.close()
