@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.manifest import DERIVED_VERSION, Issue, ManifestError, load
+from reconciler.manifest_entry import file_path
 from reconciler.validation_cache import ValidationCache
 from reconciler.model import IssuerSpec, KeySpec, RenewBefore
 
@@ -1067,3 +1068,12 @@ def test_the_fast_schema_gate_passes_nothing_the_python_jsonschema_refuses():
         assert bool(schema_issues("entry", e, "")) == refused_by_python, e
 
     gate_agrees()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["/srv/tls/a.crt", "/a.crt", "a.crt", "tls/a.crt", "/srv/../tls/a", "/srv//a", "/", "", "/srv/tls/", "a b/ c"],
+)
+def test_a_path_made_from_its_folder_is_the_path(text):
+    made = file_path(text)
+    assert made == Path(text) and str(made) == str(Path(text)) and made.parts == Path(text).parts
