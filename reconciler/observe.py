@@ -69,7 +69,7 @@ def observe(
     return observed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Seen:
     """What `_look` found of a certificate the cache does not answer for: its files' states,
     the folder problem and the `ca_path` fields of its Observed, and the marks for its cache
@@ -100,7 +100,7 @@ def _look(cert: DesiredCert, trust: Trust, cache: ObservationCache | None, folde
     return _Seen(cert_file, key_file, problem, ca, marks if vouched else None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Read:
     """A certificate the cache did not answer for, its files read and parsed: its Observed
     but for what the leaf's signature check gives."""
