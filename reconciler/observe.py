@@ -141,21 +141,24 @@ def _check(cert: DesiredCert, read: _Read, trust: Trust) -> Observed:
 
 
 # Checking a leaf's signature is ~40 % of a cold --plan and releases the GIL; reading and
-# parsing the files holds it. So with more than one CPU the checks run on a thread of their
+# parsing the files holds it. So with a CPU to spare the checks run on a thread of their
 # own, a chunk of files at a time, while this one reads and parses the next chunk (one
-# thread keeps up; a second would only queue for the GIL). At most IN_FLIGHT chunks wait for
-# their checks: a parsed leaf holds ~8 kB until it is checked, and when the checks fall
-# behind (a busy machine) this thread waits for them instead of parsing further ahead. A
-# handful of files (--watch after a save, a pass after a few renewals) is checked on the
+# thread keeps up; a second would only queue for the GIL). Without one (a busy machine) the
+# thread costs more than it overlaps: each check hands the GIL over and back, and a thread
+# that loses its CPU while holding it stalls the other (a cold 50,000-entry --plan on a
+# loaded 2-CPU machine: 22 -> 32 s), so then everything stays on this thread. At most
+# IN_FLIGHT chunks wait for their checks: a parsed leaf holds ~8 kB until it is checked, and
+# when the checks fall behind this thread waits for them instead of parsing further ahead.
+# A handful of files (--watch after a save, a pass after a few renewals) is checked on the
 # calling thread, with no thread started.
-CHECK_THREAD = len(os.sched_getaffinity(0)) > 1
+CHECK_THREAD: bool | None = None  # None: when a CPU is to spare (_spare_cpu); tests set it
 CHUNK = 64
 IN_FLIGHT = 4
 
 
 def _parse_all(misses: list, trust: Trust) -> list[Observed]:
     """The Observed of each (cert, _Seen, Written | None), in order."""
-    if not CHECK_THREAD or len(misses) <= CHUNK:
+    if len(misses) <= CHUNK or not (_spare_cpu() if CHECK_THREAD is None else CHECK_THREAD):
         return [_check(c, _read_files(c, seen, w), trust) for c, seen, w in misses]
     done: list[Observed] = []
     with ThreadPoolExecutor(1, thread_name_prefix="signatures") as checker:
@@ -168,6 +171,13 @@ def _parse_all(misses: list, trust: Trust) -> list[Observed]:
         for part in pending:
             done += part.result()
     return done
+
+
+def _spare_cpu() -> bool:
+    """More than one CPU, and over the last minute fewer runnable tasks than CPUs by at least
+    one half (this run counts as about one)."""
+    cpus = len(os.sched_getaffinity(0))
+    return cpus > 1 and os.getloadavg()[0] < cpus - 0.5
 
 
 def _check_all(reads: list[tuple[DesiredCert, _Read]], trust: Trust) -> list[Observed]:
