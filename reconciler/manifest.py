@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler.manifest_checks import Claim, claim, cross_checks
+from reconciler.manifest_checks import Claim, claim, cross_checks, linked_folders
 from reconciler.manifest_entry import DEFAULTS, resolve_entry, resolve_path
 from reconciler.manifest_issues import Issue, ManifestError, json_type
 from reconciler.manifest_schema import schema_issues
@@ -272,30 +272,51 @@ def _resolve_all(
 ) -> list[DesiredCert]:
     """`rows`: what a load of these same bytes derived, entry by entry (Derived.rows)."""
     certificates: list[DesiredCert] = []
-    claims: list[Claim] = []
     defaults = shape.defaults
     inherits = {**DEFAULTS, **defaults}  # one dict, shared by every DesiredCert
+    # bytes that loaded before had no clash between entries: unless this host may have changed
+    # that, their claims are not even made
+    claims = _claims(shape, base, rows) if rows is None or _host_may_differ(rows) else None
     for i, entry in enumerate(shape.entries):
         where = f"{shape.prefix}[{i}]"
-        row = rows[i] if rows else None
-        paths = {"cert_path": row[2], "key_path": row[3], "ca_path": row[4]} if row else None
-        # (a bare array has no defaults: most manifests, whose entries are then used as they are)
-        merged = {**defaults, **entry} if defaults and isinstance(entry, dict) else entry
-        mine = claim(merged, where, base, paths)
-        if mine:
-            claims.append(mine)
-        if not schema_ok[i] or mine is None:  # no claim: paths that are not strings, which the schema reported
-            continue
+        if rows:
+            row = rows[i]
+            paths, names = {"cert_path": row[2], "key_path": row[3], "ca_path": row[4]}, (row[0], frozenset(row[1]))
+        else:
+            mine = claims[i] if claims else None
+            if not schema_ok[i] or mine is None:  # no claim: paths that are not strings, which the schema reported
+                continue
+            paths, names = mine.paths(), None
         inherited = frozenset(k for k in defaults if k not in entry) if defaults else _NONE
-        names = (row[0], frozenset(row[1])) if row else None
-        cert, found = resolve_entry(entry, inherits, where, paths or mine.paths(), inherited, names)
+        cert, found = resolve_entry(entry, inherits, where, paths, inherited, names)
         issues += found
         if cert:
             certificates.append(cert)
-    # path and name clashes are checked on every entry whose paths are strings, so an entry
-    # with another problem (an unknown owner, say) still has its clashes reported now
-    issues += cross_checks(claims, checked_before=rows is not None)
+    if claims is not None:
+        # path and name clashes are checked on every entry whose paths are strings, so an entry
+        # with another problem (an unknown owner, say) still has its clashes reported now
+        issues += cross_checks([c for c in claims if c is not None], checked_before=rows is not None)
     return certificates
+
+
+def _claims(shape: _Shape, base: Path, rows: list[list[Any]] | None) -> list[Claim | None]:
+    """What each entry claims on this host (manifest_checks.claim), in order; None for one
+    whose paths are not strings."""
+    out = []
+    for i, entry in enumerate(shape.entries):
+        row = rows[i] if rows else None
+        paths = {"cert_path": row[2], "key_path": row[3], "ca_path": row[4]} if row else None
+        # (a bare array has no defaults: most manifests, whose entries are then used as they are)
+        merged = {**shape.defaults, **entry} if shape.defaults and isinstance(entry, dict) else entry
+        out.append(claim(merged, f"{shape.prefix}[{i}]", base, paths))
+    return out
+
+
+def _host_may_differ(rows: list[list[Any]]) -> bool:
+    """For bytes that loaded before: whether this host may have changed what the checks
+    across entries found then (manifest_checks.cross_checks): entries share a CA file (the
+    ids of its owners may have changed), or a folder of theirs has become a link."""
+    return any(row[4] is not None for row in rows) or linked_folders(p for row in rows for p in (row[2], row[3]))
 
 
 _NONE: frozenset[str] = frozenset()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from reconciler.manifest_entry import path_problem, resolve_owner
 from reconciler.manifest_issues import Issue
@@ -77,7 +77,8 @@ def cross_checks(claims: list[Claim], checked_before: bool = False) -> list[Issu
     their paths one file now, through a folder that is a link: the pairs are compared again
     only then. The owners of shared CA files are checked every time (users and groups change)."""
     folders: dict[str, str] = {}  # folder -> its realpath
-    if checked_before and not _linked_folders(claims, folders):
+    paths = (p for c in claims for p in (c.cert_path, c.key_path, c.ca_path))
+    if checked_before and not linked_folders(paths, folders):
         return _shared_ca_owners(claims)
     issues: list[Issue] = []
     owners: dict[str, tuple[Claim, str]] = {}
@@ -140,17 +141,17 @@ def cross_checks(claims: list[Claim], checked_before: bool = False) -> list[Issu
     return issues + _shared_ca_owners(claims)
 
 
-def _linked_folders(claims: list[Claim], folders: dict[str, str]) -> bool:
-    """Whether a folder of any claimed path resolves elsewhere (each folder resolved once,
-    into `folders`)."""
+def linked_folders(paths: Iterable[str | None], folders: dict[str, str] | None = None) -> bool:
+    """Whether the folder of any of these claimed paths resolves elsewhere (each folder
+    resolved once, into `folders`)."""
+    folders = {} if folders is None else folders
     linked = False
-    for c in claims:
-        for p in (c.cert_path, c.key_path, c.ca_path):
-            # os.path.dirname of a claimed path (absolute, normalised), at a fifth of its cost
-            head = (p.rpartition("/")[0] or "/") if p is not None else None
-            if head is not None and head not in folders:
-                folders[head] = os.path.realpath(head)
-                linked = linked or folders[head] != head
+    for p in paths:
+        # os.path.dirname of a claimed path (absolute, normalised), at a fifth of its cost
+        head = (p.rpartition("/")[0] or "/") if p is not None else None
+        if head is not None and head not in folders:
+            folders[head] = os.path.realpath(head)
+            linked = linked or folders[head] != head
     return linked
 
 
