@@ -170,8 +170,9 @@ def snapshot(
     observed = observe_all(desired.certificates, trust, cache, manager=manager)
     if _learn_intermediates(issuer, desired, observed, trust, persist=fetch_root):
         observed = observe_all(desired.certificates, trust_of(issuer, desired.issuer), cache, manager=manager)
-    # what each Proxmox guest was given and, where the plan needs it, holds now
-    records = {c.name: status.get(c.name).delivery for c in desired.certificates}
+    # what each Proxmox guest was given and, where the plan needs it, holds now (only guest
+    # entries have a delivery record: no 50,000-entry dict of None for a host without guests)
+    records = {c.name: status.get(c.name).delivery for c in desired.certificates if c.guest is not None}
     observed = observe_guests(
         desired.certificates, observed, records, look_all=look_at_guests, workers=settings.workers
     )
