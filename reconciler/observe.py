@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,7 +29,7 @@ def observe_all(
 ) -> dict[str, Observed]:
     """`written`: by certificate name, what this pass's apply wrote (see observe).
     What the cache answers is looked up here; the files it does not answer for are read and
-    parsed by `_parse_all` (in parallel when there are many)."""
+    parsed by `_parse_all`."""
     folders: dict = {}
     written = written or {}
     found: dict[str, Observed] = {}
@@ -140,48 +138,14 @@ def _check(cert: DesiredCert, read: _Read, trust: Trust) -> Observed:
     )
 
 
-# Checking a leaf's signature is ~40 % of a cold --plan and releases the GIL; reading and
-# parsing the files holds it. So with a CPU to spare the checks run on a thread of their
-# own, a chunk of files at a time, while this one reads and parses the next chunk (one
-# thread keeps up; a second would only queue for the GIL). Without one (a busy machine) the
-# thread costs more than it overlaps: each check hands the GIL over and back, and a thread
-# that loses its CPU while holding it stalls the other (a cold 50,000-entry --plan on a
-# loaded 2-CPU machine: 22 -> 32 s), so then everything stays on this thread. At most
-# IN_FLIGHT chunks wait for their checks: a parsed leaf holds ~8 kB until it is checked, and
-# when the checks fall behind this thread waits for them instead of parsing further ahead.
-# A handful of files (--watch after a save, a pass after a few renewals) is checked on the
-# calling thread, with no thread started.
-CHECK_THREAD: bool | None = None  # None: when a CPU is to spare (_spare_cpu); tests set it
-CHUNK = 64
-IN_FLIGHT = 4
-
-
 def _parse_all(misses: list, trust: Trust) -> list[Observed]:
-    """The Observed of each (cert, _Seen, Written | None), in order."""
-    if len(misses) <= CHUNK or not (_spare_cpu() if CHECK_THREAD is None else CHECK_THREAD):
-        return [_check(c, _read_files(c, seen, w), trust) for c, seen, w in misses]
-    done: list[Observed] = []
-    with ThreadPoolExecutor(1, thread_name_prefix="signatures") as checker:
-        pending: deque = deque()
-        for i in range(0, len(misses), CHUNK):
-            reads = [(c, _read_files(c, seen, w)) for c, seen, w in misses[i : i + CHUNK]]
-            pending.append(checker.submit(_check_all, reads, trust))
-            if len(pending) > IN_FLIGHT:
-                done += pending.popleft().result()
-        for part in pending:
-            done += part.result()
-    return done
+    """The Observed of each (cert, _Seen, Written | None), in order.
 
-
-def _spare_cpu() -> bool:
-    """More than one CPU, and over the last minute fewer runnable tasks than CPUs by at least
-    one half (this run counts as about one)."""
-    cpus = len(os.sched_getaffinity(0))
-    return cpus > 1 and os.getloadavg()[0] < cpus - 0.5
-
-
-def _check_all(reads: list[tuple[DesiredCert, _Read]], trust: Trust) -> list[Observed]:
-    return [_check(cert, read, trust) for cert, read in reads]
+    On one thread: checking a leaf's signature releases the GIL, but a thread checking
+    while this one parsed the next files (tried) handed the GIL back and forth for every
+    file, and on an idle 2-CPU machine a cold 10,000-entry --plan took longer with it
+    (4.1-5.4 s) than without (3.8-4.4 s), with twice the system time."""
+    return [_check(c, _read_files(c, seen, w), trust) for c, seen, w in misses]
 
 
 def _read_parsed(path: Path, state: FileState, parse):

@@ -67,9 +67,9 @@ def parse_cert(data: bytes, trust: Trust, written: Written | None = None) -> tup
 
 @dataclass(frozen=True)
 class ParsedCert:
-    """A certificate file's facts but the three its signature check gives (`checked`). The
-    parse holds the GIL and the check mostly does not, so observe runs many checks on a
-    thread of their own while it parses the next files."""
+    """A certificate file's facts but the three its signature check gives (`checked`): apart,
+    so that deploy, which checks the CA's answer itself, hands its parse on (Written.parsed)
+    and the read-back after the pass does not parse the same bytes again."""
 
     leaf: Any  # x509.Certificate
     chain: list

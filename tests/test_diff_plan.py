@@ -11,7 +11,6 @@ import functools
 import os
 import stat
 import tempfile
-import threading
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -519,16 +518,11 @@ def test_the_cached_observation_keeps_the_future_not_before(tmp_path, ca, trust)
     assert [d.field for d in diff(cert, hit, datetime.now(timezone.utc))] == ["not_before"]
 
 
-@pytest.mark.parametrize(
-    "setting, load, thread",
-    [(False, 0.0, False), (True, 9.0, True), (None, 0.9, True), (None, 1.6, False)],
-)
-def test_observe_all_with_a_signature_thread_answers_as_one_file_at_a_time(
-    tmp_path, ca, other_ca, trust, monkeypatch, setting, load, thread
-):
-    """Checks on a thread of their own (observe.CHECK_THREAD; by default when one of two CPUs
-    is to spare) see the same files the same way: a foreign certificate, whose intermediate
-    carries our intermediate's very name, is never ours."""
+def test_observe_all_answers_as_one_file_at_a_time(tmp_path, ca, other_ca, trust):
+    """observe_all looks every certificate up first and then reads and checks those the
+    cache cannot answer for: each is seen as observe sees it alone, in the manifest's order,
+    and a foreign certificate, whose intermediate carries our intermediate's very name, is
+    never ours."""
     from reconciler import observe as stage
 
     entries = [
@@ -544,16 +538,7 @@ def test_observe_all_with_a_signature_thread_answers_as_one_file_at_a_time(
         if i % 4 == 2:
             cert.key_path.unlink()
     one_by_one = {c.name: observe(c, trust) for c in certs}
-    monkeypatch.setattr(stage, "CHECK_THREAD", setting)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
-    monkeypatch.setattr(stage, "CHUNK", 5)  # a thread for 12 files, in chunks of 5, 5 and 2
-    monkeypatch.setattr(stage, "IN_FLIGHT", 1)  # the first waited for before the third is read
-    threads = []
-    check_all = stage._check_all
-    monkeypatch.setattr(stage, "_check_all", lambda *a: threads.append(threading.current_thread()) or check_all(*a))
     observed = stage.observe_all(certs, trust)
-    assert len(threads) == (3 if thread else 0) and threading.current_thread() not in threads
     assert list(observed) == [c.name for c in certs]
     assert observed == one_by_one
     assert [o.chains_to_issuer for o in observed.values()][:4] == [True, False, True, None]
