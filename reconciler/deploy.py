@@ -105,11 +105,15 @@ def _parsed_answer(
     and the names must be the ones asked for. Any other answer (or one that does not
     parse) is judged by _check_issued, which says what is wrong in the CA's terms; the pass
     then reads back what it wrote, unparsed here (None)."""
-    parsed, _why = parse_leaf(body)
+    # the file's first certificate is the answer's leaf only when the leaf field holds one
+    parsed, _why = parse_leaf(body) if _PEM_CERT in issued.leaf_pem else (None, None)
     if parsed is None or parsed.facts["public_key_id"] != key_id or parsed.facts["sans"] != cert.sans:
         return None, _signer(_check_issued(cert, key, issued.leaf_pem), issued)
     signer = _signer(parsed.leaf, issued)
     return replace(parsed, signer=signer), signer
+
+
+_PEM_CERT = b"-----BEGIN CERTIFICATE-----"
 
 
 def _signer(leaf: x509.Certificate, issued: Issued) -> str | None:
