@@ -157,10 +157,16 @@ class Targets:
 
     def write(self, files: list[tuple[str, Path, bytes, int]], pending_dirs: set[Path] | None) -> None:
         """Replace `files` ((label, path, data, mode)) all or nothing."""
+        walked_again = False
         for label, path, _data, _mode in files:
             if label not in self._opened:
                 self.check(label, path)
             if self._opened[label] is None:
+                if not walked_again:
+                    # a folder created now, after the CA answered, is walked to from / again:
+                    # the folders above it may have changed since they were checked before the call
+                    self._walked.close()
+                    walked_again = True
                 try:
                     self._opened[label] = self._open(label, path, create=True)
                 except OSError as exc:

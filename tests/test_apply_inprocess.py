@@ -98,8 +98,10 @@ def test_a_certificate_for_other_names_than_requested_is_never_written(site):
             lambda i: replace(i, chain_pem=b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n"),
             "a chain that is not PEM",
         ),
+        # no leaf, and the leaf first in the chain: the file would read as a good certificate
+        (lambda i: replace(i, leaf_pem=b"", chain_pem=i.leaf_pem + i.chain_pem), "not a PEM certificate"),
     ],
-    ids=["leaf", "chain"],
+    ids=["leaf", "chain", "leaf-in-chain"],
 )
 def test_a_ca_answer_that_is_not_pem_is_refused_with_a_clear_error_and_nothing_is_written(site, tamper, error):
     tmp, out, run = site
@@ -250,3 +252,31 @@ def test_a_key_and_its_certificate_in_one_folder_share_one_walk_from_the_root(si
         assert path.exists()
     again, _serials = run.plan(desired_from(tmp, entries))
     assert not again.changes
+
+
+def test_a_folder_made_writable_by_every_user_while_the_ca_answers_is_refused_when_a_folder_is_created_below_it(
+    tmp_path,
+):
+    """The certificate's folder does not exist yet, so it is created after the CA answered:
+    that walk starts from / again rather than from the folders checked before the call."""
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "site" / "keys").mkdir(parents=True, mode=0o755)
+    os.chmod(tmp_path / "site", 0o755)
+    issuer = FakeIssuer()
+    real = issuer.issue
+
+    def issue(request, key):
+        os.chmod(tmp_path / "site", 0o777)  # while the CA answers
+        return real(request, key)
+
+    issuer.issue = issue  # type: ignore[method-assign]
+    run = InProcessPass(tmp_path / "state", issuer=issuer)
+    a = {
+        "common_name": "a.example",
+        "key_path": str(tmp_path / "site" / "keys" / "a.key"),
+        "cert_path": str(tmp_path / "site" / "newcerts" / "a.crt"),
+    }
+    _plan, result, _status = run.run(desired_from(tmp_path, [a]))
+    (res,) = result.certificates
+    assert not res.ok and "every user" in res.error
+    assert not (tmp_path / "site" / "newcerts" / "a.crt").exists()
