@@ -229,6 +229,28 @@ class HostileCA:
         values.update(changes)
         return IssuerSpec(**values)
 
+    def manifest(self, out: Path, **entry) -> dict:
+        """A manifest for this CA asking for exactly what it signs whatever it is asked (svc.test
+        + 127.0.0.9), files in `out`; `entry`: more fields of the one certificate."""
+        return {
+            "issuer": {
+                "type": "step-ca",
+                "url": self.url,
+                "root": str(self.root_path),
+                "provisioner": "admin",
+                "password_file": str(self.password_file),
+            },
+            "certificates": [
+                {
+                    "common_name": "svc.test",
+                    "sans": ["127.0.0.9"],
+                    "cert_path": str(out / "svc.crt"),
+                    "key_path": str(out / "svc.key"),
+                    **entry,
+                }
+            ],
+        }
+
     def stop(self):
         self.release.set()
         self.httpd.shutdown()

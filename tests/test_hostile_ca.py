@@ -33,28 +33,7 @@ def hostile(tmp_path):
 
 
 def hostile_manifest(path: Path, server: HostileCA, out: Path, key: dict) -> Path:
-    # the hostile server signs svc.test + 127.0.0.9 whatever it is asked: ask for exactly that
-    return write_manifest(
-        path,
-        {
-            "issuer": {
-                "type": "step-ca",
-                "url": server.url,
-                "root": str(server.root_path),
-                "provisioner": "admin",
-                "password_file": str(server.password_file),
-            },
-            "certificates": [
-                {
-                    "common_name": "svc.test",
-                    "sans": ["127.0.0.9"],
-                    "cert_path": str(out / "svc.crt"),
-                    "key_path": str(out / "svc.key"),
-                    "key": key,
-                }
-            ],
-        },
-    )
+    return write_manifest(path, server.manifest(out, key=key))
 
 
 @pytest.mark.parametrize(

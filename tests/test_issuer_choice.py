@@ -47,6 +47,17 @@ def issued_by_step_ca(ca, cert_path: Path) -> bool:
     return True
 
 
+def fingerprint_only(step_ca, password_file: Path) -> dict:
+    """An issuer object that knows the step-ca's root only by its fingerprint."""
+    return {
+        "type": "step-ca",
+        "url": step_ca.url,
+        "fingerprint": step_ca.fingerprint,
+        "provisioner": step_ca.provisioner,
+        "password_file": str(password_file),
+    }
+
+
 def no_traceback(proc) -> None:
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
 
@@ -313,13 +324,7 @@ def test_fingerprint_only_a_certificate_from_another_ca_is_never_a_match_and_a_p
     shutil.rmtree(tmp_path / "other-state")  # that reconciler is gone: its files may be taken over
 
     pw = password_copy(step_ca, tmp_path)
-    issuer = {
-        "type": "step-ca",
-        "url": step_ca.url,
-        "fingerprint": step_ca.fingerprint,
-        "provisioner": step_ca.provisioner,
-        "password_file": str(pw),
-    }
+    issuer = fingerprint_only(step_ca, pw)
     write_manifest(m, {"issuer": issuer, "certificates": [cert]})
     env = {**NO_CHOICE, "STEPPATH": str(steppath_with(tmp_path, None))}
 
@@ -349,13 +354,7 @@ def test_fingerprint_only_a_certificate_from_another_ca_is_never_a_match_and_a_p
 def test_fingerprint_only_a_pass_checks_a_step_ca_certificate_for_real_and_leaves_it_alone(tmp_path, step_ca):
     """The file carries its chain (include_ca), so the fetched root is all it takes to check it."""
     out, pw = tmp_path / "out", password_copy(step_ca, tmp_path)
-    issuer = {
-        "type": "step-ca",
-        "url": step_ca.url,
-        "fingerprint": step_ca.fingerprint,
-        "provisioner": step_ca.provisioner,
-        "password_file": str(pw),
-    }
+    issuer = fingerprint_only(step_ca, pw)
     m = write_manifest(
         tmp_path / "m.json", {"issuer": issuer, "certificates": [entry(out, "web.example", include_ca=True)]}
     )

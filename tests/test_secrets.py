@@ -207,26 +207,7 @@ def test_error_text_from_a_hostile_ca_carries_no_secret(tmp_path, mode):
     server = HostileCA(tmp_path)
     try:
         out, state = tmp_path / "out", tmp_path / "state"
-        m = write_manifest(
-            tmp_path / "m.json",
-            {
-                "issuer": {
-                    "type": "step-ca",
-                    "url": server.url,
-                    "root": str(server.root_path),
-                    "provisioner": "admin",
-                    "password_file": str(server.password_file),
-                },
-                "certificates": [
-                    {
-                        "common_name": "svc.test",
-                        "sans": ["127.0.0.9"],
-                        "cert_path": str(out / "svc.crt"),
-                        "key_path": str(out / "svc.key"),
-                    }
-                ],
-            },
-        )
+        m = write_manifest(tmp_path / "m.json", server.manifest(out))
         server.mode = mode
         proc = reconcile("-m", str(m), "-vv", "--log-format", "json", "--output", "json", state_dir=state, timeout=60)
         status = reconcile("status", "-m", str(m), "--output", "json", state_dir=state, timeout=60)
