@@ -519,7 +519,8 @@ def test_the_cached_observation_keeps_the_future_not_before(tmp_path, ca, trust)
 
 
 def test_observe_all_answers_as_one_file_at_a_time(tmp_path, ca, other_ca, trust):
-    """observe_all sees each certificate as observe sees it alone, in the manifest's order,
+    """observe_all looks every certificate up first and then reads and checks those the
+    cache cannot answer for: each is seen as observe sees it alone, in the manifest's order,
     and a foreign certificate, whose intermediate carries our intermediate's very name, is
     never ours."""
     from reconciler import observe as stage
