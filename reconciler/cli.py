@@ -9,6 +9,7 @@ import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NoReturn
 
 from reconciler import defaults
 from reconciler.desired import load_desired
@@ -80,6 +81,23 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+
+
+def run() -> NoReturn:
+    """The `reconcile` command (the console script and `python -m reconciler`): main, then
+    exit without tearing the interpreter down. A one-shot run ends holding ~20 objects per
+    certificate, and freeing them one by one at exit is ~3 % of a 10,000-certificate plan
+    that nobody waits for (mypy ends the same way). What a caller reads is flushed first;
+    no atexit work is skipped: the package registers none, and every thread, pool and child
+    process has been joined by the time main returns."""
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader gone or a stream closed: nothing left to tell it
+            pass
+    os._exit(code)
 
 
 def _main(argv: list[str] | None = None) -> int:
