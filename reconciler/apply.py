@@ -63,8 +63,8 @@ class Result:
 def sweep(plan: Plan, extra: tuple[Path, ...] = ()) -> list[Path]:
     """Remove temporary files earlier, killed passes left beside managed files (and in
     `extra` folders: the state folder, where the status store is written)."""
-    folders = {p.cert.cert_path.parent for p in plan.certificates} | {p.cert.key_path.parent for p in plan.certificates}
-    folders |= {p.cert.ca_path.parent for p in plan.certificates if p.cert.ca_path is not None}
+    folders = {Path(path).parent for p in plan.certificates for path in (p.cert.cert_path, p.cert.key_path)}
+    folders |= {Path(p.cert.ca_path).parent for p in plan.certificates if p.cert.ca_path is not None}
     folders |= {
         Path(os.path.realpath(path)).parent
         for p in plan.certificates

@@ -103,7 +103,7 @@ def _target_checks(desired: Desired) -> list[Check]:
     seen_folders: set[Path] = set()
     seen_hooks: set[str] = set()
     for c in desired.certificates:
-        for path in (c.cert_path, c.key_path):
+        for path in map(Path, (c.cert_path, c.key_path)):
             if path.parent not in seen_folders:
                 seen_folders.add(path.parent)
                 checks.append(_folder_check(path))

@@ -14,7 +14,7 @@ from reconciler.folders import unsafe
 from reconciler.model import DesiredCert
 
 
-def folder_problem(path: Path, owner_uid: int | None, memo: dict | None = None) -> str | None:
+def folder_problem(path: str | Path, owner_uid: int | None, memo: dict | None = None) -> str | None:
     """sshd's StrictModes for the folders above a file we write as root: each existing folder
     from the file's up to / must belong to root (or to the reconciler's user, or to the
     certificate's owner) and be writable by no group and no other user, unless it is sticky
@@ -34,7 +34,7 @@ def folder_problem(path: Path, owner_uid: int | None, memo: dict | None = None) 
     return _folder_problem(path, owner_uid, None)
 
 
-def _folder_problem(path: Path, owner_uid: int | None, memo: dict | None) -> str | None:
+def _folder_problem(path: str | Path, owner_uid: int | None, memo: dict | None) -> str | None:
     allowed = {0, os.geteuid()} | ({owner_uid} if owner_uid is not None else set())
     for f in _folders_above(path):
         key = (str(f), owner_uid)
@@ -69,7 +69,7 @@ def manifest_trust_problem(path: Path) -> str | None:
     return None
 
 
-def _folders_above(path: Path) -> list[Path]:
+def _folders_above(path: str | Path) -> list[Path]:
     """The folders above `path`, along the path as written and along its resolved form."""
     folder = Path(os.path.abspath(path)).parent
     out = [folder, *folder.parents]
@@ -94,7 +94,7 @@ def folders_problem(cert: DesiredCert, memo: dict | None) -> str | None:
     """The first folder problem of any path `cert` writes (see folder_problem)."""
     paths = [cert.cert_path, cert.key_path] + ([cert.ca_path] if cert.ca_path is not None else [])
     if cert.allow_symlink:  # the writes land beside the link's final target
-        paths += [Path(os.path.realpath(p)) for p in (cert.cert_path, cert.key_path)]
+        paths += [os.path.realpath(p) for p in (cert.cert_path, cert.key_path)]
     for p in paths:
         problem = folder_problem(p, cert.uid, memo)
         if problem:

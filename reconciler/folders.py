@@ -311,7 +311,7 @@ def _make(parent_fd: int, name: str, mode: int) -> None:
 
 
 def resolve_file(
-    path: Path,
+    path: str | Path,
     allowed: set[int] | None,
     follow_link: bool,
     create_mode: int | None = None,

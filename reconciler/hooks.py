@@ -146,7 +146,8 @@ def _key_bodies(certs: list[DesiredCert]) -> tuple[bytes, ...]:
     lines: list[bytes] = []
     for c in certs:
         try:
-            data = c.key_path.read_bytes()
+            with open(c.key_path, "rb") as fh:
+                data = fh.read()
         except OSError:
             continue
         lines += [

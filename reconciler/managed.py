@@ -35,7 +35,7 @@ def read_mark(path: Path, follow_symlinks: bool = False) -> str | None:
     return mark_of(path, follow_symlinks)[0]
 
 
-def mark_of(path: Path, follow_symlinks: bool = False) -> tuple[str | None, bool]:
+def mark_of(path: str | Path, follow_symlinks: bool = False) -> tuple[str | None, bool]:
     """(read_mark's answer, whether it is the file's own extended attribute, set or absent).
     Only that answer may be kept with the file's stamp (observation_cache.py): setting or
     removing an xattr changes the file's ctime, writing a sidecar file does not."""
@@ -44,10 +44,10 @@ def mark_of(path: Path, follow_symlinks: bool = False) -> tuple[str | None, bool
     except OSError as exc:
         if exc.errno not in _UNSUPPORTED:
             return None, exc.errno == errno.ENODATA
+    folder, name = os.path.split(path)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(
-            path.with_name(sidecar_name(path.name)), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        )
+        fd = os.open(os.path.join(folder, sidecar_name(name)), flags)
     except OSError:
         return None, False
     try:
@@ -68,7 +68,7 @@ def foreign_mark(mark: str | None, ours: str) -> str | None:
     return mark
 
 
-def refusal(label: str, path: Path, other: str, ours: str) -> str:
+def refusal(label: str, path: str | Path, other: str, ours: str) -> str:
     return (
         f"{label} {path} is managed by the reconciler with state folder {other}, and this one uses {ours}; "
         "refusing to touch it, or the two would replace each other's certificate on every pass. "

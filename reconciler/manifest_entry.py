@@ -86,8 +86,8 @@ def resolve_entry(
             name=e.get("name", e["common_name"]),
             common_name=common_name,
             sans=sans,
-            cert_path=file_path(paths["cert_path"]),  # type: ignore[arg-type]  # a claim always has both
-            key_path=file_path(paths["key_path"]),  # type: ignore[arg-type]
+            cert_path=paths["cert_path"],  # type: ignore[arg-type]  # a claim always has both
+            key_path=paths["key_path"],  # type: ignore[arg-type]
             owner=e.get("owner"),
             uid=uid,
             gid=gid,
@@ -99,7 +99,7 @@ def resolve_entry(
             post_renewal_command=e.get("post_renewal_command"),
             hook_timeout=durations["hook_timeout"],
             include_ca=bool(e["include_ca"]),
-            ca_path=None if ca_path is None else file_path(ca_path),
+            ca_path=ca_path,
             cert_type=e["cert_type"],
             guest_id=None if guest_id is None else str(guest_id),
             guest_type=e.get("guest_type"),
@@ -223,18 +223,6 @@ def _path_issues(e: dict[str, Any], paths: dict[str, str | None], at: At) -> lis
         if problem:
             issues.append(Issue(at(field), problem))
     return issues
-
-
-def file_path(text: str) -> Path:
-    """Path(text), as its folder's Path and the name in it: making a Path parses every name
-    in it, and the entries of a manifest share a few folders (this costs 40 % as much)."""
-    folder = text[: text.rfind("/") + 1]
-    return _folder(folder) / text[len(folder) :]
-
-
-@lru_cache(maxsize=1024)
-def _folder(text: str) -> Path:
-    return Path(text)
 
 
 def resolve_path(base: Path, value: str) -> Path:

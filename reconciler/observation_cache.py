@@ -109,14 +109,14 @@ class ObservationCache:
         self.fresh[key] = (observed, trust.digest, marks)
         self.dirty = True
 
-    def get_ca(self, path: Path, state: FileState) -> tuple[str, ...] | None:
+    def get_ca(self, path: str | Path, state: FileState) -> tuple[str, ...] | None:
         self._mark(f"ca\0{path}")
         row = self.entries.get(f"ca\0{path}")
         if not isinstance(row, list) or len(row) != 2 or row[0] != list(state.stamp) or not isinstance(row[1], list):
             return None
         return tuple(row[1])
 
-    def put_ca(self, path: Path, state: FileState, certs: tuple[str, ...]) -> None:
+    def put_ca(self, path: str | Path, state: FileState, certs: tuple[str, ...]) -> None:
         self._mark(f"ca\0{path}")
         row = [list(state.stamp), list(certs)]
         if self.entries.get(f"ca\0{path}") != row:

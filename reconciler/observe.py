@@ -150,7 +150,7 @@ def _parse_all(misses: list, trust: Trust) -> list[Observed]:
     return [_check(c, _read_files(c, seen, w), trust) for c, seen, w in misses]
 
 
-def _read_parsed(path: Path, state: FileState, parse):
+def _read_parsed(path: str | Path, state: FileState, parse):
     """(the file's state, parse(its bytes)) for a present file; an unreadable one is a state."""
     if not state.present:
         return state, None, None
@@ -206,7 +206,7 @@ def _foreign_problem(cert: DesiredCert, marks: Marks, manager: str | None) -> st
     return None
 
 
-def _observe_ca(path: Path, follow: bool, cache: ObservationCache | None) -> dict:
+def _observe_ca(path: str | Path, follow: bool, cache: ObservationCache | None) -> dict:
     """The `ca_file` and `ca_certs` of an Observed. Entries often share one `ca_path`: the
     parsed fingerprints are cached by the file's stamp like a certificate's facts."""
     state = stat_file(path, follow)
@@ -254,7 +254,7 @@ def _one(n: int) -> int:
     return _INTS.setdefault(n, n)
 
 
-def stat_file(path: Path, follow_symlink: bool = False) -> FileState:
+def stat_file(path: str | Path, follow_symlink: bool = False) -> FileState:
     try:
         st = os.stat(path) if follow_symlink else os.lstat(path)
     except FileNotFoundError:
@@ -288,7 +288,7 @@ def stat_file(path: Path, follow_symlink: bool = False) -> FileState:
 FIRST_READ = 16 * 1024  # more than a certificate with its chain, or a key; a heap buffer, not an mmap
 
 
-def read(path: Path) -> tuple[bytes | None, str | None]:
+def read(path: str | Path) -> tuple[bytes | None, str | None]:
     """(up to LIMIT + 1 bytes of the file, None) or (None, the OS error). Never blocks on a
     FIFO swapped in after the stat (O_NONBLOCK)."""
     try:

@@ -29,7 +29,7 @@ class DeployError(ReconcilerError):
     """One certificate's deployment failed; `str()` says what, where and what to do."""
 
 
-def os_error(exc: OSError, what: str, path: Path) -> str:
+def os_error(exc: OSError, what: str, path: str | Path) -> str:
     """`exc` as one line for an operator: what could not be done to which file, and the fix."""
     if isinstance(exc, FolderError):
         return str(exc)
@@ -45,15 +45,16 @@ def os_error(exc: OSError, what: str, path: Path) -> str:
         errno.EISDIR: "it is a directory; point the manifest at a file inside it",
     }
     if os.geteuid() == 0:  # root already: "run as root" would send the operator the wrong way
+        folder = Path(path).parent
         hints[errno.EPERM] = hints[errno.EACCES] = (
             "not permitted even as root: the file or its folder may have the immutable or append-only attribute "
-            f"(lsattr -d {path} {path.parent}; chattr -i -a ...), or sit on a read-only or bind mount (findmnt {path})"
+            f"(lsattr -d {path} {folder}; chattr -i -a ...), or sit on a read-only or bind mount (findmnt {path})"
         )
     return f"cannot {what} {path}: {exc.strerror or exc}" + (f" ({hints[exc.errno]})" if exc.errno in hints else "")
 
 
 def open_target(
-    cert: DesiredCert, label: str, path: Path, create: bool = False, walked: Walked | None = None
+    cert: DesiredCert, label: str, path: str | Path, create: bool = False, walked: Walked | None = None
 ) -> tuple[Folder, str]:
     """The folder a write to `path` lands in, and the file's name there. A symlink at `path`
     itself is replaced, never written through, unless the entry says "allow_symlink": true:
@@ -68,7 +69,7 @@ def open_target(
     )
 
 
-def refuse_foreign(folder: Folder, name: str, label: str, path: Path, manager: str | None) -> None:
+def refuse_foreign(folder: Folder, name: str, label: str, path: str | Path, manager: str | None) -> None:
     if manager is None:
         return
     other = foreign(folder.path / name, manager)
@@ -92,7 +93,7 @@ def fix_metadata(cert: DesiredCert, owner: bool, mode: bool, manager: str | None
             raise DeployError(os_error(exc, "change the owner or mode of", path)) from None
 
 
-def cert_files(cert: DesiredCert) -> list[tuple[str, Path, int]]:
+def cert_files(cert: DesiredCert) -> list[tuple[str, str, int]]:
     """(label, path, mode) of every file the entry manages."""
     files = [("cert", cert.cert_path, cert.cert_mode), ("key", cert.key_path, cert.key_mode)]
     if cert.ca_path is not None:
@@ -130,7 +131,7 @@ class Targets:
         self._opened.clear()
         self._walked.close()
 
-    def _open(self, label: str, path: Path, create: bool = False) -> tuple[Folder, str]:
+    def _open(self, label: str, path: str | Path, create: bool = False) -> tuple[Folder, str]:
         """The folder `path` lands in, walked from / once per deployment: a key and its
         certificate usually share one, and the walk of a moment ago reached it by the same
         rules (same owners allowed, no link on the way), so its checks hold for both."""
@@ -141,7 +142,7 @@ class Targets:
                     return opened[0], where.name  # closed once: Folder.close is idempotent
         return open_target(self.cert, label, path, create, self._walked)
 
-    def check(self, label: str, path: Path) -> None:
+    def check(self, label: str, path: str | Path) -> None:
         try:
             self._opened[label] = opened = self._open(label, path)
         except OSError as exc:
@@ -155,7 +156,7 @@ class Targets:
         """The checked folder and name of a target whose folder exists (None: it does not)."""
         return self._opened.get(label)
 
-    def write(self, files: list[tuple[str, Path, bytes, int]], pending_dirs: set[Path] | None) -> None:
+    def write(self, files: list[tuple[str, str, bytes, int]], pending_dirs: set[Path] | None) -> None:
         """Replace `files` ((label, path, data, mode)) all or nothing."""
         walked_again = False
         for label, path, _data, _mode in files:
@@ -197,7 +198,7 @@ class Targets:
             commit(stage(side, self.manager.encode() + b"\n", 0o644, None, None, folder), side, pending_dirs, folder)
 
 
-def _refused(exc: CommitRefused, paths: dict[str, Path]) -> str:
+def _refused(exc: CommitRefused, paths: dict[str, str]) -> str:
     message = os_error(exc.cause, "replace", paths[exc.label])
     if not exc.undone:
         return message
@@ -207,7 +208,7 @@ def _refused(exc: CommitRefused, paths: dict[str, Path]) -> str:
     return f"{message}; putting back the old {files} failed too"
 
 
-def _preflight(folder: Folder, name: str, label: str, path: Path, manager: str | None) -> None:
+def _preflight(folder: Folder, name: str, label: str, path: str | Path, manager: str | None) -> None:
     """Refuse a target that a rename could not replace: a folder, an immutable or
     append-only file, a file another state folder manages."""
     try:

@@ -129,10 +129,11 @@ def deploy(manifest: Path, state: Path, only: str | None = None, sans=None, dura
             cert.key,
         )
         issued = ca.issue(request, key)
-        for path, data, mode in (
+        for text, data, mode in (
             (cert.cert_path, issued.leaf_pem + (issued.chain_pem if cert.include_ca else b""), cert.cert_mode),
             (cert.key_path, key_to_pem(key), cert.key_mode),
         ):
+            path = Path(text)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
             os.chmod(path, mode)

@@ -127,7 +127,8 @@ def issue(
     return issued.leaf_pem + (issued.chain_pem if cert.include_ca else b""), key
 
 
-def write(path: Path, data: bytes, mode: int) -> None:
+def write(path: str | Path, data: bytes, mode: int) -> None:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     os.chmod(path, mode)
@@ -187,7 +188,7 @@ def test_observe_reports_the_facts_of_a_good_certificate(tmp_path, ca, trust):
 def test_missing_certificate_is_issued(tmp_path, ca, trust):
     cert = desire(tmp_path)
     deploy(ca, cert)
-    cert.cert_path.unlink()
+    Path(cert.cert_path).unlink()
     plan, _ = plan_for(cert, trust, now=datetime.now(timezone.utc))
     assert actions(plan) == [(ISSUE, "certificate file missing")]
 
@@ -195,7 +196,7 @@ def test_missing_certificate_is_issued(tmp_path, ca, trust):
 def test_missing_key_is_issued(tmp_path, ca, trust):
     cert = desire(tmp_path)
     deploy(ca, cert)
-    cert.key_path.unlink()
+    Path(cert.key_path).unlink()
     plan, _ = plan_for(cert, trust, now=datetime.now(timezone.utc))
     assert actions(plan) == [(ISSUE, "key file missing")]
     assert [d.field for d in plan.actions[0].drifts] == ["key_file"]
@@ -210,7 +211,7 @@ def test_nothing_on_disk_is_one_issue_naming_both_files(tmp_path, trust):
 def test_a_path_that_cannot_be_read_is_an_observation_and_issued(tmp_path, ca, trust):
     (tmp_path / "not-a-dir").write_text("x")
     cert = desire(tmp_path, cert_path="not-a-dir/svc.crt")
-    deploy(ca, replace(cert, cert_path=tmp_path / "elsewhere.crt"))
+    deploy(ca, replace(cert, cert_path=str(tmp_path / "elsewhere.crt")))
     plan, observed = plan_for(cert, trust, now=datetime.now(timezone.utc))
     assert observed.cert_file.kind == "unreadable"
     assert actions(plan) == [(ISSUE, "certificate file unreadable: a parent of the path is not a directory")]
@@ -237,7 +238,7 @@ def test_an_unreadable_file_is_issued(tmp_path):
 def test_a_garbage_certificate_is_issued_not_a_crash(tmp_path, ca, trust, garbage, words):
     cert = desire(tmp_path)
     deploy(ca, cert)
-    cert.cert_path.write_bytes(garbage)
+    Path(cert.cert_path).write_bytes(garbage)
     plan, observed = plan_for(cert, trust, now=datetime.now(timezone.utc))
     assert observed.cert is None and words in observed.cert_error
     assert actions(plan) == [(ISSUE, f"certificate does not parse: {observed.cert_error}")]
@@ -256,14 +257,14 @@ def test_observe_reads_a_file_whole_up_to_one_byte_past_the_limit(tmp_path, size
 def test_a_certificate_with_a_key_algorithm_cryptography_cannot_load_is_garbage_not_a_crash(tmp_path, ca, trust):
     cert = desire(tmp_path)
     deploy(ca, cert)
-    pem = cert.cert_path.read_bytes()
+    pem = Path(cert.cert_path).read_bytes()
     from cryptography import x509
 
     der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
     id_ec_public_key = bytes.fromhex("06072a8648ce3d0201")
     assert der.count(id_ec_public_key) == 1
     der = der.replace(id_ec_public_key, bytes.fromhex("06072a8648ce3d0209"))  # an unknown OID
-    cert.cert_path.write_bytes(
+    Path(cert.cert_path).write_bytes(
         b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE-----\n"
     )
     plan, observed = plan_for(cert, trust, now=datetime.now(timezone.utc))
@@ -282,7 +283,7 @@ def test_a_certificate_with_a_key_algorithm_cryptography_cannot_load_is_garbage_
 def test_a_garbage_key_is_issued_not_a_crash(tmp_path, ca, trust, garbage, words):
     cert = desire(tmp_path)
     deploy(ca, cert)
-    cert.key_path.write_bytes(garbage)
+    Path(cert.key_path).write_bytes(garbage)
     plan, observed = plan_for(cert, trust, now=datetime.now(timezone.utc))
     assert observed.key_public_id is None and words in observed.key_error
     assert actions(plan) == [(ISSUE, f"key does not parse: {observed.key_error}")]
@@ -295,7 +296,7 @@ def test_an_encrypted_key_is_issued_with_the_reason(tmp_path, ca, trust):
     encrypted = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"secret")
     )
-    cert.key_path.write_bytes(encrypted)
+    Path(cert.key_path).write_bytes(encrypted)
     plan, _ = plan_for(cert, trust, now=datetime.now(timezone.utc))
     assert actions(plan) == [
         (ISSUE, "key does not parse: private key is encrypted; the reconciler manages unencrypted keys only")
@@ -305,7 +306,7 @@ def test_an_encrypted_key_is_issued_with_the_reason(tmp_path, ca, trust):
 def test_a_key_that_does_not_match_the_certificate_is_issued(tmp_path, ca, trust):
     cert = desire(tmp_path)
     deploy(ca, cert)
-    cert.key_path.write_bytes(key_to_pem(make_key("EC P-256", 1)))
+    Path(cert.key_path).write_bytes(key_to_pem(make_key("EC P-256", 1)))
     plan, observed = plan_for(cert, trust)
     assert observed.cert is not None and not observed.key_matches
     assert actions(plan) == [(ISSUE, "key does not match the certificate")]
@@ -536,7 +537,7 @@ def test_observe_all_answers_as_one_file_at_a_time(tmp_path, ca, other_ca, trust
         else:
             deploy(other_ca if i % 4 == 1 else ca, cert)
         if i % 4 == 2:
-            cert.key_path.unlink()
+            Path(cert.key_path).unlink()
     one_by_one = {c.name: observe(c, trust) for c in certs}
     observed = stage.observe_all(certs, trust)
     assert list(observed) == [c.name for c in certs]
@@ -794,7 +795,7 @@ def test_a_symlink_at_the_ca_path_is_an_error(tmp_path, ca, trust):
     cert = desire(tmp_path, ca_path="ca.crt")
     deploy(ca, cert)
     write(tmp_path / "real-ca.crt", ca.trust_roots()[0].public_bytes(serialization.Encoding.PEM), 0o644)
-    cert.ca_path.symlink_to(tmp_path / "real-ca.crt")
+    Path(cert.ca_path).symlink_to(tmp_path / "real-ca.crt")
     plan, _ = plan_for(cert, trust)
     assert plan.actions == () and "ca " + str(cert.ca_path) + " is a symlink" in plan.error
 
@@ -967,7 +968,7 @@ def test_a_content_action_suppresses_chown_and_chmod(tmp_path, ca, trust, conten
     observed = observe(cert, trust)
     now = valid_now(observed)
     if content_drift == "missing_key":
-        cert.key_path.unlink()
+        Path(cert.key_path).unlink()
         observed = observe(cert, trust)
     elif content_drift == "expired":
         now = observed.cert.not_after + timedelta(minutes=1)
@@ -1098,9 +1099,9 @@ def test_a_plan_with_nothing_to_do_has_no_changes_and_no_hooks(tmp_path, ca, tru
 
 def test_a_symlink_at_the_cert_path_is_an_error(tmp_path, ca, trust):
     cert = desire(tmp_path)
-    real = replace(cert, cert_path=tmp_path / "real.crt")
+    real = replace(cert, cert_path=str(tmp_path / "real.crt"))
     deploy(ca, real)
-    cert.cert_path.symlink_to(tmp_path / "real.crt")
+    Path(cert.cert_path).symlink_to(tmp_path / "real.crt")
     plan, observed = plan_for(cert, trust, now=datetime.now(timezone.utc))
     assert observed.cert_file.kind == "symlink"
     assert plan.actions == ()
@@ -1110,10 +1111,10 @@ def test_a_symlink_at_the_cert_path_is_an_error(tmp_path, ca, trust):
 
 def test_a_symlink_is_followed_when_allowed(tmp_path, ca, trust):
     cert = desire(tmp_path, allow_symlink=True)
-    real = replace(cert, cert_path=tmp_path / "real.crt", key_path=tmp_path / "real.key")
+    real = replace(cert, cert_path=str(tmp_path / "real.crt"), key_path=str(tmp_path / "real.key"))
     deploy(ca, real)
-    cert.cert_path.symlink_to("real.crt")
-    cert.key_path.symlink_to("real.key")
+    Path(cert.cert_path).symlink_to("real.crt")
+    Path(cert.key_path).symlink_to("real.key")
     plan, _ = plan_for(cert, trust)
     assert plan.actions == () and plan.error is None
 
@@ -1121,8 +1122,8 @@ def test_a_symlink_is_followed_when_allowed(tmp_path, ca, trust):
 def test_a_directory_at_the_key_path_is_an_error(tmp_path, ca, trust):
     cert = desire(tmp_path)
     deploy(ca, cert)
-    cert.key_path.unlink()
-    cert.key_path.mkdir()
+    Path(cert.key_path).unlink()
+    Path(cert.key_path).mkdir()
     plan, _ = plan_for(cert, trust, now=datetime.now(timezone.utc))
     assert plan.actions == ()
     assert plan.error == f"key {cert.key_path} is a directory; point key_path at a file inside it"
@@ -1198,9 +1199,9 @@ def test_a_certificate_that_is_not_the_one_asked_for_is_not_ready(tmp_path, ca, 
     else:
         deploy(ca, cert)
     if change == "cert_missing":
-        cert.cert_path.unlink()
+        Path(cert.cert_path).unlink()
     elif change == "garbage_key":
-        cert.key_path.write_bytes(b"not a key")
+        Path(cert.key_path).write_bytes(b"not a key")
     observed = observe(cert, trust)
     if change == "not_yet_valid":
         now = observed.cert.not_before - timedelta(hours=1)
@@ -1234,8 +1235,8 @@ def test_a_wrong_mode_chain_or_owed_hook_leaves_the_certificate_ready_with_work_
 def test_a_path_that_cannot_be_managed_is_not_ready_and_names_why(tmp_path, ca, trust):
     cert = desire(tmp_path)
     deploy(ca, cert)
-    cert.key_path.unlink()
-    cert.key_path.mkdir()
+    Path(cert.key_path).unlink()
+    Path(cert.key_path).mkdir()
     observed = observe(cert, trust)
     r = readiness(cert, observed, datetime.now(timezone.utc))
     assert not r.ready and r.problem == f"key {cert.key_path} is a directory; point key_path at a file inside it"
@@ -1252,7 +1253,7 @@ def test_the_plan_carries_the_readiness_of_the_same_walk(tmp_path, ca, trust):
         cert = desire(tmp_path / name, **fields)
         deploy(ca, desire(tmp_path / name))
         if name == "missing":
-            cert.key_path.unlink()
+            Path(cert.key_path).unlink()
         observed = observe(cert, trust)
         base = observed.cert.not_before if observed.cert else datetime.now(timezone.utc)
         for now in (base + timedelta(minutes=5), base + timedelta(hours=23), base + timedelta(days=2)):

@@ -112,7 +112,7 @@ def test_a_cache_kept_across_passes_answers_from_what_it_observed_until_a_file_c
     first = observe_all(desired.certificates, trust, cache)
     assert observe_all(desired.certificates, trust, cache) == first
     c0 = desired.certificates[0]
-    c0.key_path.write_bytes(b"not a key")
+    Path(c0.key_path).write_bytes(b"not a key")
     os.utime(c0.key_path, ns=(1, 1))
     again = observe_all(desired.certificates, trust, cache)
     assert again["c0"].key_public_id is None and "not a PEM private key" in again["c0"].key_error
