@@ -4,6 +4,11 @@ Each runs as its own process, like `reconcile`, so both sides pay for an interpr
 imports and are measured the same way (wall, CPU, peak RSS from wait4).
 
     python bench/floors.py parse MANIFEST   read + parse every cert and key, compare public keys
+    python bench/floors.py verify MANIFEST CA_DIR
+                                            the parse floor, plus checking each certificate's
+                                            signature against the CA's intermediate: what any
+                                            plan that can tell our certificates from forged
+                                            ones must also do (shown for information only)
     python bench/floors.py stat MANIFEST    load the manifest's JSON, lstat every cert and key
     python bench/floors.py issue MANIFEST CA_DIR
                                             generate, sign and write every certificate and key
@@ -33,10 +38,11 @@ def stat_floor(manifest: Path) -> int:
     return 0
 
 
-def parse_floor(manifest: Path) -> int:
+def parse_floor(manifest: Path, ca_dir: Path | None = None) -> int:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
+    issuer = x509.load_pem_x509_certificate((ca_dir / "intermediate_ca.crt").read_bytes()) if ca_dir else None
     der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     mismatched = 0
     for _, cert_path, key_path in _entries(manifest):
@@ -44,6 +50,8 @@ def parse_floor(manifest: Path) -> int:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if cert.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
             mismatched += 1
+        if issuer is not None:
+            cert.verify_directly_issued_by(issuer)  # raises on a forged one: the floor's certificates are all ours
     return 1 if mismatched else 0
 
 
@@ -105,5 +113,5 @@ def issue_floor(manifest: Path, ca_dir: Path) -> int:
 
 if __name__ == "__main__":
     what, manifest_path, *rest = sys.argv[1:]
-    floors = {"stat": stat_floor, "parse": parse_floor, "issue": issue_floor}
+    floors = {"stat": stat_floor, "parse": parse_floor, "verify": parse_floor, "issue": issue_floor}
     sys.exit(floors[what](Path(manifest_path), *map(Path, rest)))
