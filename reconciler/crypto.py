@@ -3,23 +3,30 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import ipaddress
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+from typing import TYPE_CHECKING
 
 from reconciler.model import KeySpec
 from reconciler.sans import from_certificate
 
-CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1}
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# cryptography is imported inside the functions that use it (here and in every module that
+# does), never at the top: it is ~50 ms of imports, and a converged run, which parses no
+# certificate (the observation cache answers), should not pay for it
+PEM_BEGIN, PEM_END = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
 
 
 def generate_key(spec: KeySpec):
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
     if spec.type == "EC":
-        return ec.generate_private_key(CURVES[spec.curve or "P-256"]())
+        curve = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1}[spec.curve or "P-256"]
+        return ec.generate_private_key(curve())
     if spec.type == "RSA":
         return rsa.generate_private_key(public_exponent=65537, key_size=spec.size or 2048)
     if spec.type == "Ed25519":
@@ -28,21 +35,30 @@ def generate_key(spec: KeySpec):
 
 
 def key_to_pem(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
 def load_key(data: bytes):
+    from cryptography.hazmat.primitives import serialization
+
     return serialization.load_pem_private_key(data, password=None)
 
 
 def signing_hash(key):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
 def general_names(sans) -> list[x509.GeneralName]:
     """`sans` as plain strings (DNS names and IP addresses) → x509 GeneralNames."""
+    from cryptography import x509
+
     out: list[x509.GeneralName] = []
     for s in sans:
         try:
@@ -53,12 +69,19 @@ def general_names(sans) -> list[x509.GeneralName]:
 
 
 def extended_key_usage(cert_type: str) -> x509.ExtendedKeyUsage:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     return x509.ExtendedKeyUsage(
         [ExtendedKeyUsageOID.CLIENT_AUTH if cert_type == "client" else ExtendedKeyUsageOID.SERVER_AUTH]
     )
 
 
 def build_csr(common_name: str, sans, key) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import NameOID
+
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -69,12 +92,17 @@ def build_csr(common_name: str, sans, key) -> bytes:
 
 
 def same_public_key(a, b) -> bool:
+    from cryptography.hazmat.primitives import serialization
+
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return a.public_key().public_bytes(*fmt) == b.public_key().public_bytes(*fmt)
 
 
 def cert_sans(cert: x509.Certificate) -> frozenset[str]:
     """The certificate's SAN set, normalised like a desired one (reconciler.sans)."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtensionOID
+
     try:
         # by OID: get_extension_for_class tests every extension's value against an ABC
         ext = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
@@ -90,6 +118,8 @@ def cert_sans(cert: x509.Certificate) -> frozenset[str]:
 
 def key_type_of(public_key) -> str:
     """ "EC P-256", "RSA 2048", "Ed25519": how the manifest's key spec describes itself."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         return {"secp256r1": "EC P-256", "secp384r1": "EC P-384", "secp521r1": "EC P-521"}.get(
             public_key.curve.name, f"EC {public_key.curve.name}"
@@ -103,13 +133,38 @@ def key_type_of(public_key) -> str:
 
 def public_key_id(public_key) -> str:
     """SHA-256 of the SubjectPublicKeyInfo: a certificate and its key share it."""
+    from cryptography.hazmat.primitives import serialization
+
     der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
 
 
 def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 of the DER certificate, lower-case hex: how roots and intermediates are named."""
+    from cryptography.hazmat.primitives import hashes
+
     return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def load_certificate(pem: bytes) -> x509.Certificate:
+    """The (first) certificate in `pem`; ValueError when there is none."""
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(pem)
+
+
+def pem_fingerprint(pem: bytes) -> str:
+    """fingerprint() of the certificate in `pem`. From the bytes alone when they are one
+    certificate in plain PEM armour (the embedded CA's files, what to_pem writes): the
+    fingerprint is the SHA-256 of the DER the armour holds. Otherwise the certificate is
+    parsed. ValueError when `pem` holds no certificate."""
+    body = pem.strip()
+    if body.startswith(PEM_BEGIN) and body.endswith(PEM_END) and body.count(b"-----") == 4:
+        try:
+            return hashlib.sha256(base64.b64decode(body[len(PEM_BEGIN) : -len(PEM_END)])).hexdigest()
+        except binascii.Error:
+            pass  # not base64: parsing says what is wrong
+    return fingerprint(load_certificate(pem))
 
 
 def issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:

@@ -8,16 +8,16 @@ from __future__ import annotations
 import functools
 from dataclasses import replace
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING
 
 from reconciler.crypto import (
+    PEM_BEGIN,
     cert_sans,
     fingerprint,
     generate_key,
     key_to_pem,
     key_type_of,
+    load_certificate,
     load_key,
     public_key_id,
     same_public_key,
@@ -30,6 +30,9 @@ from reconciler.parse import ParsedCert, content_digest, parse_leaf
 from reconciler.plan import Action, CertPlan
 from reconciler.sans import ordered
 from reconciler.targets import DeployError, Targets, fix_metadata, open_target, os_error, read
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 
 def deploy(
@@ -106,14 +109,11 @@ def _parsed_answer(
     parse) is judged by _check_issued, which says what is wrong in the CA's terms; the pass
     then reads back what it wrote, unparsed here (None)."""
     # the file's first certificate is the answer's leaf only when the leaf field holds one
-    parsed, _why = parse_leaf(body) if _PEM_CERT in issued.leaf_pem else (None, None)
+    parsed, _why = parse_leaf(body) if PEM_BEGIN in issued.leaf_pem else (None, None)
     if parsed is None or parsed.facts["public_key_id"] != key_id or parsed.facts["sans"] != cert.sans:
         return None, _signer(_check_issued(cert, key, issued.leaf_pem), issued)
     signer = _signer(parsed.leaf, issued)
     return replace(parsed, signer=signer), signer
-
-
-_PEM_CERT = b"-----BEGIN CERTIFICATE-----"
 
 
 def _signer(leaf: x509.Certificate, issued: Issued) -> str | None:
@@ -126,6 +126,8 @@ def _signer(leaf: x509.Certificate, issued: Issued) -> str | None:
 def _chain_names(chain_pem: bytes) -> tuple[tuple[x509.Name, str], ...]:
     """(subject, fingerprint) of each certificate of a CA's chain. Every answer of one CA
     carries the same chain: it is parsed once, not once per certificate issued."""
+    from cryptography import x509  # not at the top: see crypto.py
+
     try:
         chain = x509.load_pem_x509_certificates(chain_pem) if chain_pem.strip() else []
     except ValueError:
@@ -147,6 +149,8 @@ def _current_key(cert: DesiredCert, action: str, key_file: tuple[Folder, str] | 
 def _check_issued(cert: DesiredCert, key, leaf_pem: bytes) -> x509.Certificate:
     """Never deploy what we did not ask for: the CA's answer must carry our key and our
     names. Returns the leaf, parsed."""
+    from cryptography import x509
+
     try:
         leaf = x509.load_pem_x509_certificates(leaf_pem)[0]
     except ValueError:
@@ -174,6 +178,9 @@ def _check_issued(cert: DesiredCert, key, leaf_pem: bytes) -> x509.Certificate:
 def _rewritten_chain(cert: DesiredCert, action: Action, issuer: Issuer) -> bytes:
     """The certificate file's leaf as it is, followed by the chain the plan names (by
     fingerprint), taken from the certificates the issuer knows: no CA is contacted."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     (drift,) = action.drifts
     try:
         folder, name = open_target(cert, "cert", cert.cert_path)
@@ -186,7 +193,7 @@ def _rewritten_chain(cert: DesiredCert, action: Action, issuer: Issuer) -> bytes
         ) from None
     except OSError as exc:
         raise DeployError(os_error(exc, "read", cert.cert_path)) from None
-    known = {fingerprint(c): c for c in issuer.trust_roots()}
+    known = {fingerprint(c): c for c in map(load_certificate, issuer.trust_pems())}
     missing = [fp for fp in drift.desired if fp not in known]
     if missing:
         raise DeployError(

@@ -135,6 +135,13 @@ class DesiredCert:
         """Canonical JSON of `fields`; computed on demand (it costs more than a stat)."""
         return json.dumps(self.fields, sort_keys=True)
 
+    @property
+    def holds_root(self) -> bool:
+        """A file of this entry holds the issuer's root (`ca_path`, or the guest's CA copy):
+        only for these is the root worked out (Observed.issuer_root), which parses the
+        issuer's certificates (parse.Trust)."""
+        return self.ca_path is not None or (self.guest is not None and bool(self.guest.ca_path))
+
 
 @dataclass(frozen=True, slots=True)
 class Desired:
@@ -197,7 +204,9 @@ class Observed:
     folder_problem: str | None = None
     ca_file: FileState | None = None  # None: the entry has no ca_path
     ca_certs: tuple[str, ...] | None = None  # sha256 of each certificate in it; None: no PEM
-    issuer_root: str | None = None  # sha256 of the issuer's root; None: not known here
+    # sha256 of the issuer's root; None: not known here, or no file of the entry holds it
+    # (DesiredCert.holds_root)
+    issuer_root: str | None = None
     guest: GuestSeen | None = None  # the entry's guest: what was delivered, what it holds now
     # what each of the entry's `serve` endpoints presents (reconciler.probe), in manifest
     # order; never cached: it is the running service, not the files

@@ -67,7 +67,7 @@ class Settings:
 
 def trust_of(issuer: Issuer, spec: IssuerSpec) -> Trust:
     # the embedded CA is authoritative: no CA yet means nothing chains to it
-    return Trust.of(issuer.trust_roots(), authoritative=spec.type == "local")
+    return Trust.of(issuer.trust_pems(), authoritative=spec.type == "local")
 
 
 class UnknownCertificate(ReconcilerError, ValueError):
@@ -106,14 +106,14 @@ def _unknown_trust(issuer: Issuer, spec: IssuerSpec, fetch: bool) -> str | None:
 
     `fetch` (a pass, never --plan): a step-ca root known only by its fingerprint is
     downloaded and verified first, so the issuer check is real."""
-    if spec.type != "step-ca" or issuer.trust_roots():
+    if spec.type != "step-ca" or issuer.trust_pems():
         return None
     if fetch:
         try:
             issuer.fetch_root()  # type: ignore[attr-defined]
         except IssuerError as exc:
             return f"the CA's root could not be fetched: {exc}"
-        if issuer.trust_roots():
+        if issuer.trust_pems():
             return None
     return issuer.untrusted_reason()  # type: ignore[attr-defined]
 

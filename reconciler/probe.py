@@ -16,12 +16,11 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Callable, Iterable, NamedTuple
 
-from cryptography import x509
 
 from reconciler.endpoints import Endpoint, Served, stale_reason
 from reconciler.sans import display, ordered
 from reconciler.checks import Check
-from reconciler.crypto import cert_sans, public_key_id
+from reconciler.crypto import cert_sans, load_certificate, public_key_id
 
 PROBE_TIMEOUT = 5.0  # seconds for one endpoint: connect, upgrade and handshake together
 PROBE_WORKERS = 8
@@ -130,6 +129,8 @@ def _is_address(name: str) -> bool:
 
 
 def _served(connect: str, der: bytes) -> Served:
+    from cryptography import x509  # not at the top: see crypto.py
+
     leaf = x509.load_der_x509_certificate(der)
     sans = tuple(display(s) for s in ordered(cert_sans(leaf)))
     return Served(
@@ -215,7 +216,7 @@ def file_leaf(path) -> FileLeaf | None:
     """The leaf in a certificate file, as a probe compares it; None: none readable."""
     try:
         with open(path, "rb") as fh:
-            leaf = x509.load_pem_x509_certificates(fh.read())[0]
+            leaf = load_certificate(fh.read())
     except (OSError, ValueError):
         return None
     return FileLeaf(format(leaf.serial_number, "x"), public_key_id(leaf.public_key()), leaf.not_valid_after_utc)

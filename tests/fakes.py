@@ -96,8 +96,8 @@ class FakeIssuer:
     def renew(self, request: IssueRequest, key, current_cert_pem: bytes, current_key) -> Issued:
         return self.issue(request, key)
 
-    def trust_roots(self) -> list[x509.Certificate]:
-        return [self.root, self.intermediate]
+    def trust_pems(self) -> list[bytes]:
+        return [self.root.public_bytes(PEM), self.intermediate.public_bytes(PEM)]
 
     def root_pem(self) -> bytes:
         return self.root.public_bytes(PEM)
@@ -126,7 +126,7 @@ class InProcessPass:
         self, desired: Desired, status: StatusStore | None = None, now: datetime | None = None
     ) -> tuple[Plan, dict[str, str | None]]:
         status = status or StatusStore(self.state)
-        observed = observe_all(desired.certificates, Trust.of(self.issuer.trust_roots(), authoritative=True))
+        observed = observe_all(desired.certificates, Trust.of(self.issuer.trust_pems(), authoritative=True))
         serials = {name: (o.cert.serial if o.cert else None) for name, o in observed.items()}
         return make_plan(desired, observed, now or datetime.now(timezone.utc), status.hooks_pending(serials)), serials
 

@@ -185,7 +185,7 @@ def test_re_observing_what_apply_wrote_gives_the_facts_of_a_fresh_read_and_sees_
     _plan, result, _status = run.run(desired)
     written = result.certificates[0].written
     assert written is not None and written.signer == fingerprint(run.issuer.intermediate)
-    cert, trust = desired.certificates[0], Trust.of(run.issuer.trust_roots(), authoritative=True)
+    cert, trust = desired.certificates[0], Trust.of(run.issuer.trust_pems(), authoritative=True)
     fresh = observe(cert, trust)
     assert fresh.cert.issued_by == written.signer and fresh.key_matches
     assert observe(cert, trust, written=written) == fresh

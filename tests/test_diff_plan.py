@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.crypto import key_to_pem
+from reconciler.crypto import key_to_pem, pem_fingerprint
 from reconciler.durations import format_duration
 from reconciler.diff import (
     CHMOD,
@@ -94,7 +94,7 @@ def other_ca(tmp_path_factory) -> LocalCA:
 
 @pytest.fixture(scope="module")
 def trust(ca) -> Trust:
-    return Trust.of(ca.trust_roots(), authoritative=True)
+    return Trust.of(ca.trust_pems(), authoritative=True)
 
 
 def desire(folder: Path, **fields) -> DesiredCert:
@@ -390,12 +390,39 @@ def test_issued_by_another_ca(tmp_path, other_ca, trust):
     assert actions(plan) == [(REISSUE, "issued by another CA than the configured issuer")]
 
 
+def test_trust_anchors_are_known_by_their_pem_fingerprints_and_parsed_only_when_needed(ca):
+    root_pem, int_pem = ca.trust_pems()
+    trust = Trust.of([root_pem, int_pem], authoritative=True)
+    parsed = [x509.load_pem_x509_certificate(p) for p in (root_pem, int_pem)]
+    assert trust.fingerprints == tuple(c.fingerprint(hashes.SHA256()).hex() for c in parsed)
+    assert "anchors" not in vars(trust)  # the fingerprints alone key the observation cache
+    assert trust.root == trust.fingerprints[0]  # the self-signed one, once asked
+    # text before the armour, or a second certificate: the first certificate, parsed
+    assert pem_fingerprint(b"the embedded root\n" + root_pem) == trust.fingerprints[0]
+    assert pem_fingerprint(root_pem + int_pem) == trust.fingerprints[0]
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [b"not a certificate", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", b""],
+    ids=["no-armour", "armoured-garbage", "empty"],
+)
+def test_a_damaged_ca_certificate_file_is_no_anchor_and_nothing_chains_to_it(tmp_path, ca, damaged):
+    cert = desire(tmp_path)
+    deploy(ca, cert)
+    trust = Trust.of([ca.trust_pems()[0], damaged], authoritative=True)
+    assert trust.anchors == () and trust.root is None
+    plan, observed = plan_for(cert, trust)
+    assert observed.chains_to_issuer is False
+    assert actions(plan) == [(REISSUE, "issued by another CA than the configured issuer")]
+
+
 def test_nothing_chains_to_an_embedded_ca_that_does_not_exist_yet(tmp_path, other_ca):
     cert = desire(tmp_path)
     deploy(other_ca, cert)
     not_yet = LocalCA(tmp_path / "state" / "ca")
-    trust = Trust.of(not_yet.trust_roots(), authoritative=True)
-    assert trust.certs == ()
+    trust = Trust.of(not_yet.trust_pems(), authoritative=True)
+    assert trust.anchors == ()
     plan, observed = plan_for(cert, trust)
     assert observed.chains_to_issuer is False
     assert [a.action for a in plan.actions] == [REISSUE]
@@ -679,7 +706,7 @@ def test_include_ca_asks_for_the_chain_the_file_lacks(tmp_path, ca, trust):
     plan, _ = plan_for(cert, trust)
     assert actions(plan) == [(REWRITE_CHAIN, "the certificate file lacks the CA chain include_ca asks for")]
     (drift,) = plan.actions[0].drifts
-    intermediate = ca.trust_roots()[1].fingerprint(hashes.SHA256()).hex()
+    intermediate = x509.load_pem_x509_certificate(ca.trust_pems()[1]).fingerprint(hashes.SHA256()).hex()
     assert (drift.field, drift.observed, drift.desired) == ("chain", [], [intermediate])
     assert plan.content_action is None
 
@@ -700,8 +727,8 @@ def test_a_stale_or_foreign_chain_is_rewritten(tmp_path, ca, other_ca, trust, ex
     pem, key = issue(ca, cert)
     leaf, intermediate = pems(pem)
     chain = {
-        "foreign intermediate": other_ca.trust_roots()[1].public_bytes(serialization.Encoding.PEM),
-        "root appended": intermediate + ca.trust_roots()[0].public_bytes(serialization.Encoding.PEM),
+        "foreign intermediate": other_ca.trust_pems()[1],
+        "root appended": intermediate + ca.trust_pems()[0],
         "intermediate twice": intermediate + intermediate,
     }[extra]
     write(cert.cert_path, leaf + chain, 0o644)
@@ -750,9 +777,9 @@ def test_a_missing_ca_file_is_written_without_a_new_certificate(tmp_path, ca, tr
 def test_a_ca_file_holding_something_else_than_the_issuers_root_is_written(tmp_path, ca, other_ca, trust, content):
     cert = desire(tmp_path, ca_path="ca.crt")
     deploy(ca, cert)
-    root, intermediate = (c.public_bytes(serialization.Encoding.PEM) for c in ca.trust_roots())
+    root, intermediate = ca.trust_pems()
     data = {
-        "another root": other_ca.trust_roots()[0].public_bytes(serialization.Encoding.PEM),
+        "another root": other_ca.trust_pems()[0],
         "garbage": b"not a certificate\n",
         "the intermediate": intermediate,
         "root and more": root + intermediate,
@@ -770,7 +797,7 @@ def test_a_ca_file_holding_something_else_than_the_issuers_root_is_written(tmp_p
 def test_a_ca_file_holding_the_issuers_root_plans_nothing(tmp_path, ca, trust):
     cert = desire(tmp_path, ca_path="ca.crt")
     deploy(ca, cert)
-    write(cert.ca_path, ca.trust_roots()[0].public_bytes(serialization.Encoding.PEM), 0o644)
+    write(cert.ca_path, ca.trust_pems()[0], 0o644)
     plan, observed = plan_for(cert, trust)
     assert plan.actions == ()
     assert observed.ca_file.kind == "file"
@@ -782,7 +809,7 @@ def test_a_ca_file_with_another_mode_or_owner_is_chmodded_and_chowned(tmp_path, 
     deploy(ca, cert)
     for p in (cert.cert_path, cert.key_path):
         os.chown(p, 4242, 4343)
-    write(cert.ca_path, ca.trust_roots()[0].public_bytes(serialization.Encoding.PEM), 0o600)
+    write(cert.ca_path, ca.trust_pems()[0], 0o600)
     plan, _ = plan_for(cert, trust)
     assert actions(plan) == [
         (CHOWN, f"CA file owner {UID}:{GID}, want 4242:4343 (4242:4343)"),
@@ -794,7 +821,7 @@ def test_a_ca_file_with_another_mode_or_owner_is_chmodded_and_chowned(tmp_path, 
 def test_a_symlink_at_the_ca_path_is_an_error(tmp_path, ca, trust):
     cert = desire(tmp_path, ca_path="ca.crt")
     deploy(ca, cert)
-    write(tmp_path / "real-ca.crt", ca.trust_roots()[0].public_bytes(serialization.Encoding.PEM), 0o644)
+    write(tmp_path / "real-ca.crt", ca.trust_pems()[0], 0o644)
     Path(cert.ca_path).symlink_to(tmp_path / "real-ca.crt")
     plan, _ = plan_for(cert, trust)
     assert plan.actions == () and "ca " + str(cert.ca_path) + " is a symlink" in plan.error
@@ -805,7 +832,7 @@ def test_a_ca_file_of_an_unknown_root_is_not_judged_but_a_missing_one_is_written
     deploy(ca, cert)
     unknown = Trust.of([], authoritative=False)
     assert [a.action for a in plan_for(cert, unknown)[0].actions] == [WRITE_CA]
-    write(cert.ca_path, other_ca.trust_roots()[0].public_bytes(serialization.Encoding.PEM), 0o644)
+    write(cert.ca_path, other_ca.trust_pems()[0], 0o644)
     assert plan_for(cert, unknown)[0].actions == ()
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from helpers import reconcile, tree_snapshot, write_manifest
+from helpers import REPO, reconcile, tree_snapshot, write_manifest
 from reconciler.managed import XATTR, identity
 from reconciler.manifest import build
 from reconciler.observation_cache import CACHE_VERSION, ObservationCache
@@ -76,7 +78,7 @@ def test_a_saved_row_reads_back_as_the_facts_observed(host):
     """What a pass keeps as values until it saves must be what a later run reads."""
     manifest, state = host
     desired = build(json.loads(manifest.read_bytes()), manifest)
-    trust = Trust.of(LocalCA(state / "ca").trust_roots(), authoritative=True)
+    trust = Trust.of(LocalCA(state / "ca").trust_pems(), authoritative=True)
     fresh = ObservationCache(None)
     observed = observe_all(desired.certificates, trust, fresh)
     # kept as values until a pass saves: --plan never pays for turning them into rows
@@ -95,7 +97,7 @@ def test_a_read_only_run_keeps_nothing_it_observed(host):
     not kept (values and keys of 50,000 certificates are a sixth of a --plan's memory)."""
     manifest, state = host
     desired = build(json.loads(manifest.read_bytes()), manifest)
-    trust = Trust.of(LocalCA(state / "ca").trust_roots(), authoritative=True)
+    trust = Trust.of(LocalCA(state / "ca").trust_pems(), authoritative=True)
     cache = ObservationCache(None, keep=False)
     observed = observe_all(desired.certificates, trust, cache)
     assert not cache.fresh and not cache.used
@@ -107,7 +109,7 @@ def test_a_cache_kept_across_passes_answers_from_what_it_observed_until_a_file_c
     values kept, and a changed file is read again."""
     manifest, state = host
     desired = build(json.loads(manifest.read_bytes()), manifest)
-    trust = Trust.of(LocalCA(state / "ca").trust_roots(), authoritative=True)
+    trust = Trust.of(LocalCA(state / "ca").trust_pems(), authoritative=True)
     cache = ObservationCache(None)
     first = observe_all(desired.certificates, trust, cache)
     assert observe_all(desired.certificates, trust, cache) == first
@@ -139,7 +141,7 @@ def test_a_hit_takes_the_files_marks_from_its_row_and_a_new_mark_is_seen(host, t
     ctime, so a file another state folder marks since is observed again and refused."""
     manifest, state = host
     desired = build(json.loads(manifest.read_bytes()), manifest)
-    trust = Trust.of(LocalCA(state / "ca").trust_roots(), authoritative=True)
+    trust = Trust.of(LocalCA(state / "ca").trust_pems(), authoritative=True)
     ours = identity(state)
     reads = []
     real_getxattr = os.getxattr
@@ -154,3 +156,33 @@ def test_a_hit_takes_the_files_marks_from_its_row_and_a_new_mark_is_seen(host, t
     assert f"is managed by the reconciler with state folder {other}" in again["c1"].folder_problem
     assert again["c0"] == hits["c0"] and again["c2"] == hits["c2"]
     assert reads == [c1.cert_path, c1.key_path]  # only the changed files' marks were read
+
+
+def test_a_converged_plan_parses_nothing_and_never_loads_cryptography(tmp_path):
+    """The observation cache answers for every certificate and the issuer's anchors are known
+    by their PEM's fingerprints (parse.Trust): a converged --plan imports no cryptography
+    (~50 ms of a warm 10,000-entry plan). A changed certificate is parsed, and loads it."""
+    entries = [
+        {"name": f"c{i}", "common_name": f"c{i}.example.com", "cert_path": f"tls/c{i}.crt", "key_path": f"tls/c{i}.key"}
+        for i in range(2)
+    ]
+    manifest = write_manifest(tmp_path / "certificate-manifest.json", entries)
+    state = tmp_path / "state"
+    reconcile("-m", str(manifest), state_dir=state, check=0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    env.update(PYTHONPATH=str(REPO), RECONCILER_STATE_DIR=str(state), RECONCILER_ISSUER="local")
+    probe = (
+        "import sys\nfrom reconciler.cli import main\n"
+        "code = main(sys.argv[1:])\nprint('exit', code, 'cryptography', 'cryptography' in sys.modules)"
+    )
+
+    def plan() -> list[str]:
+        argv = [sys.executable, "-c", probe, "-m", str(manifest), "--plan", "--detailed-exitcode"]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120).stdout.splitlines()
+
+    out = plan()
+    assert "No changes" in out[-2] and out[-1] == "exit 0 cryptography False"
+    cert = tmp_path / "tls" / "c0.crt"
+    cert.write_bytes(cert.read_bytes() + b"\n")  # same certificate, new stamp: read and checked again
+    out = plan()
+    assert "No changes" in out[-2] and out[-1] == "exit 0 cryptography True"

@@ -158,12 +158,12 @@ def test_missing_url_and_missing_trust_are_reported_before_any_network(tmp_path)
     with pytest.raises(IssuerError, match="neither a root file nor a fingerprint") as err:
         ca.issue(request_for("a.test"), ec_key())
     assert not err.value.transient
-    assert ca.trust_roots() == []
+    assert ca.trust_pems() == []
 
 
-def test_trust_roots_is_empty_when_nothing_is_on_disk(tmp_path):
+def test_trust_pems_is_empty_when_nothing_is_on_disk(tmp_path):
     ca = StepCA(IssuerSpec(type="step-ca", url="https://127.0.0.1:1", fingerprint="ab" * 32), tmp_path)
-    assert ca.trust_roots() == []
+    assert ca.trust_pems() == []
     assert not (tmp_path / "step-ca").exists()
 
 
@@ -344,7 +344,7 @@ def test_issue_returns_a_certificate_with_cn_ip_and_wildcard_sans_for_our_key(st
     req = request_for("svc.example.internal", "*.svc.example.internal", "127.0.0.1", "::1", duration=timedelta(hours=2))
     with StepCA(ca_spec(step_ca), tmp_path) as ca:
         issued = ca.issue(req, key)
-        roots = ca.trust_roots()
+        roots = [x509.load_pem_x509_certificate(p) for p in ca.trust_pems()]
     leaf = x509.load_pem_x509_certificate(issued.leaf_pem)
     assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "svc.example.internal"
     assert cert_sans(leaf) == {"svc.example.internal", "*.svc.example.internal", "127.0.0.1", "::1"}
@@ -353,7 +353,7 @@ def test_issue_returns_a_certificate_with_cn_ip_and_wildcard_sans_for_our_key(st
     assert timedelta(hours=1, minutes=55) < lifetime <= timedelta(hours=2, minutes=1)
     verify_chain(issued.leaf_pem, issued.chain_pem, issued.root_pem)
     assert issued.root_pem == pem(x509.load_pem_x509_certificate(Path(step_ca.root_path).read_bytes()))
-    # trust_roots knows the root and the intermediate it has now seen: a leaf alone verifies
+    # trust_pems knows the root and the intermediate it has now seen: a leaf alone verifies
     assert len(roots) == 2
     assert any(_directly_issued(leaf, r) for r in roots)
     assert list((tmp_path / "step-ca" / "intermediates").glob("*.crt"))
@@ -540,7 +540,7 @@ def test_fingerprint_only_bootstraps_and_caches_the_root(step_ca, tmp_path):
     assert cached.read_bytes() == issued.root_pem
     verify_chain(issued.leaf_pem, issued.chain_pem, issued.root_pem)
     with StepCA(spec, tmp_path) as ca:
-        roots = ca.trust_roots()
+        roots = [x509.load_pem_x509_certificate(p) for p in ca.trust_pems()]
     assert roots[0].fingerprint(hashes.SHA256()).hex() == fp
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 import httpx
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from jwcrypto import jwt
 
 from reconciler.issuers import IssueRequest, IssuerError
@@ -241,7 +242,7 @@ def test_a_root_known_by_its_fingerprint_is_downloaded_once_and_believed_only_if
     served["root"] = mock.root
     with StepCA(spec, tmp_path / "state", transport=httpx.MockTransport(mock.handle)) as ca:
         ca.fetch_root()
-        assert ca.trust_roots() == [mock.root]
+        assert ca.trust_pems() == [mock.root.public_bytes(serialization.Encoding.PEM)]
     downloads = [r for r in mock.requests if r.url.path.startswith("/root/")]
     assert len(downloads) == 2
     with StepCA(spec, tmp_path / "state", transport=httpx.MockTransport(mock.handle)) as ca:

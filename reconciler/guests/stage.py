@@ -18,9 +18,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Callable, Mapping
 
-from cryptography import x509
 
-from reconciler.crypto import fingerprint
+from reconciler.crypto import fingerprint, load_certificate
 from reconciler.guestfacts import DELIVER, RELOAD, DeliveryRecord, GuestSeen, GuestSpec, guest_drifts, host_source
 from reconciler.guests.deliver import deliver, guest_of, look, reload
 from reconciler.guests.proxmox import RUNNING, GuestError, GuestMissing, ProxmoxCLI
@@ -271,7 +270,7 @@ def host_payload(cert: DesiredCert, root_pem: Callable[[], bytes]) -> tuple[dict
             payload["ca"], ca = _read(cert.ca_path, cert.allow_symlink)
         else:
             payload["ca"] = root_pem()
-            ca = fingerprint(x509.load_pem_x509_certificate(payload["ca"]))
+            ca = fingerprint(load_certificate(payload["ca"]))
     return payload, host_source(stamps["cert"], stamps["key"], ca)
 
 

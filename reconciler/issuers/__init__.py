@@ -16,7 +16,6 @@ from reconciler.errors import ReconcilerError
 from reconciler.folders import private_folder_problem
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
     from reconciler.checks import Check
@@ -90,8 +89,9 @@ class Issuer(Protocol):
         to `issue` when the CA refuses. `key` is the key the new certificate
         must carry (equal to `current_key` when rotation is off)."""
 
-    def trust_roots(self) -> "list[x509.Certificate]":
-        """Roots (and known intermediates) that certificates of this issuer chain to.
+    def trust_pems(self) -> list[bytes]:
+        """Roots (and known intermediates) that certificates of this issuer chain to, each
+        one certificate in PEM (parse.Trust parses them only when a signature is checked).
 
         Reads local files only: never creates a CA, never touches the network.
         An empty list means no certificate can chain to it yet."""

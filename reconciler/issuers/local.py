@@ -14,11 +14,6 @@ import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
-
 from reconciler.atomic import write_atomic
 from reconciler.checks import Check, writable_folder
 from reconciler.crypto import extended_key_usage, general_names, key_to_pem, same_public_key, signing_hash
@@ -45,14 +40,14 @@ class LocalCA:
 
     # -- read-only side, for observe/plan
 
-    def trust_roots(self) -> list[x509.Certificate]:
-        certs = []
+    def trust_pems(self) -> list[bytes]:
+        pems = []
         for name in (ROOT_CERT, INT_CERT):
             try:
-                certs.append(x509.load_pem_x509_certificate((self.folder / name).read_bytes()))
-            except (OSError, ValueError):
+                pems.append((self.folder / name).read_bytes())
+            except OSError:
                 return []
-        return certs
+        return pems
 
     def close(self) -> None:
         pass
@@ -98,6 +93,11 @@ class LocalCA:
             return self._signer
 
     def _load(self, now: datetime | None = None) -> tuple | None:
+        # cryptography is imported where it is used, never at the top (see crypto.py): a
+        # converged run reads the CA's certificates as bytes only (trust_pems)
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
         paths = [self.folder / n for n in (ROOT_CERT, INT_CERT, INT_KEY)]
         if not all(p.exists() for p in paths):
             return None
@@ -163,6 +163,11 @@ class LocalCA:
         )
 
     def _create(self) -> tuple:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
         if self.exists():
             raise self._incomplete()
         try:
@@ -199,6 +204,8 @@ class LocalCA:
 
     @staticmethod
     def _ca_builder(subject, issuer, public_key, now, lifetime, path_length):
+        from cryptography import x509
+
         return (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -212,6 +219,11 @@ class LocalCA:
         )
 
     def issue(self, request: IssueRequest, key) -> Issued:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
         root, inter, int_key, root_pem, int_pem = self._ensure()
         now = datetime.now(timezone.utc)
         not_after = min(now + request.duration, inter.not_valid_after_utc)

@@ -119,8 +119,8 @@ class StepCA:
             )
         return self.issue(request, key)
 
-    def trust_roots(self) -> list[x509.Certificate]:
-        return self.trust.roots()
+    def trust_pems(self) -> list[bytes]:
+        return [to_pem(c) for c in self.trust.roots()]
 
     def learn_intermediates(self, candidates: list[x509.Certificate], persist: bool) -> int:
         """Adopt the CA certificates found in certificate files on disk (the old script's
@@ -175,7 +175,7 @@ class StepCA:
         self.trust.root()
 
     def untrusted_reason(self) -> str:
-        """Why trust_roots() is empty, for the plan's note."""
+        """Why trust_pems() is empty, for the plan's note."""
         return self.trust.untrusted_reason()
 
     # ---- renew --------------------------------------------------------------------------------
