@@ -114,6 +114,8 @@ class CertOutcome:
     # (dev, inode, size, mtime, ctime) of the files as the pass left them: --watch compares
     # the events it gets against these, so its own writes do not wake it
     stamps: tuple[tuple, tuple] = ((), ())
+    ca_path: str | None = None  # and its `ca_path` file's, when it has one: a managed file too
+    ca_stamp: tuple = ()
     # from the status store
     last_issued: str | None = None
     last_hook: str | None = None
@@ -235,6 +237,8 @@ def _cert_outcome(cert, plan: CertPlan, o, record, owed: bool, ran, hook_ok, rew
         hook_owed=owed,
         hook_ok=hook_ok,
         stamps=(o.cert_file.stamp, o.key_file.stamp),
+        ca_path=cert.ca_path,
+        ca_stamp=o.ca_file.stamp if o.ca_file is not None else (),
         last_issued=record.last_issued,
         last_hook=record.hook.result if record.hook else None,
         last_hook_at=record.hook.at if record.hook else None,

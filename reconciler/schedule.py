@@ -246,6 +246,8 @@ class Schedule:
         for c in outcome.certificates:
             managed[c.cert_path] = (c.follow_symlinks, c.stamps[0])
             managed[c.key_path] = (c.follow_symlinks, c.stamps[1])
+            if c.ca_path is not None:  # often one file for many entries: their stamps agree
+                managed[c.ca_path] = (c.follow_symlinks, c.ca_stamp)
         nxt = outcome.next_renewal(datetime.fromtimestamp(self.clock.time(), timezone.utc))
         return PassReport(
             ran=True,

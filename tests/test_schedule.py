@@ -172,6 +172,20 @@ def test_a_deleted_key_starts_a_pass_that_names_it(schedule, clock, disk):
     assert job is not None and job.reasons == ["/srv/a.key changed (and 1 more files)"]
 
 
+def test_a_shared_ca_file_is_managed_too_its_deletion_starts_a_pass(schedule, clock, disk):
+    shared = dict(ca_path="/srv/ca/root.crt", ca_stamp=(5, 5))
+    settle_start(schedule, clock, disk, cert("a", **shared), cert("b", **shared))
+    disk.stamps["/srv/ca/root.crt"] = (5, 5)
+    assert schedule.on_event("/srv/ca/root.crt", "", "closed")
+    clock.advance(QUIET)
+    assert schedule.next_job() is None, "the stamp the last pass left: our own write"
+    del disk.stamps["/srv/ca/root.crt"]
+    schedule.on_event("/srv/ca/root.crt", "", "deleted")
+    clock.advance(QUIET)
+    job = schedule.next_job()
+    assert job is not None and job.reasons == ["/srv/ca/root.crt changed"]
+
+
 def test_a_watched_folder_deleted_starts_a_pass(schedule, clock, disk):
     settle_start(schedule, clock, disk, cert("a"))
     assert schedule.on_event("/srv", "", "deleted", folder_gone=True)

@@ -319,6 +319,23 @@ def test_a_deleted_key_comes_back_and_a_chmodded_key_is_restored(site, watch_fac
     w.stop()
 
 
+def test_a_deleted_or_chmodded_ca_file_comes_back(tmp_path, watch_factory):
+    """`ca_path` is a managed file like the certificate and key: its events count too. In a
+    folder of its own here, so that folder must be watched for it."""
+    out, ca = tmp_path / "out", tmp_path / "shared" / "root.crt"
+    manifest = tmp_path / "certificate-manifest.json"
+    write_json(manifest, manifest_doc([entry("first", out, ca_path=str(ca))]))
+    w = watch_factory(manifest)
+    wait_for(lambda: ca.exists() and (out / "first.crt").exists(), 15, "the first certificate and its CA file", w)
+    root = ca.read_bytes()
+
+    ca.unlink()
+    wait_for(lambda: ca.exists() and ca.read_bytes() == root, 10, "the deleted CA file to come back", w)
+    os.chmod(ca, 0o600)
+    wait_for(lambda: stat.S_IMODE(ca.stat().st_mode) == 0o644, 10, "the CA file's mode to be restored", w)
+    w.stop()
+
+
 def test_a_key_re_moded_while_a_recheck_pass_ends_is_still_repaired(site, watch_factory):
     """The race a busy machine hit: a file changed after a pass wrote it but before the pass
     re-read it. Its stamp then already holds the damage, so the change's event compares equal;
