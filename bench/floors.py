@@ -14,6 +14,11 @@ imports and are measured the same way (wall, CPU, peak RSS from wait4).
                                             generate, sign and write every certificate and key
                                             (EC P-256, the embedded CA's intermediate), as the
                                             reconciler's embedded CA would
+    python bench/floors.py durable MANIFEST CA_DIR
+                                            the issue floor, plus what a write that survives a
+                                            crash and an issuer that checks its own answer must
+                                            also do: fsync each file and its folder, verify each
+                                            signature (shown for information only)
 
 Paths in the manifest are relative to its folder, as the reconciler reads them.
 """
@@ -55,7 +60,7 @@ def parse_floor(manifest: Path, ca_dir: Path | None = None) -> int:
     return 1 if mismatched else 0
 
 
-def issue_floor(manifest: Path, ca_dir: Path) -> int:
+def issue_floor(manifest: Path, ca_dir: Path, durable: bool = False) -> int:
     import ipaddress
     from datetime import datetime, timedelta, timezone
 
@@ -93,6 +98,8 @@ def issue_floor(manifest: Path, ca_dir: Path) -> int:
             .add_extension(aki, critical=False)
             .sign(int_key, hashes.SHA256())
         )
+        if durable:
+            cert.verify_directly_issued_by(inter)
         key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
@@ -105,13 +112,23 @@ def issue_floor(manifest: Path, ca_dir: Path) -> int:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
             try:
                 os.write(fd, data)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
+            if durable:
+                folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(folder)
+                finally:
+                    os.close(folder)
     return 0
 
 
 if __name__ == "__main__":
     what, manifest_path, *rest = sys.argv[1:]
     floors = {"stat": stat_floor, "parse": parse_floor, "verify": parse_floor, "issue": issue_floor}
+    if what == "durable":
+        sys.exit(issue_floor(Path(manifest_path), *map(Path, rest), durable=True))
     sys.exit(floors[what](Path(manifest_path), *map(Path, rest)))
