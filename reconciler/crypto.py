@@ -155,16 +155,26 @@ def load_certificate(pem: bytes) -> x509.Certificate:
 
 def pem_fingerprint(pem: bytes) -> str:
     """fingerprint() of the certificate in `pem`. From the bytes alone when they are one
-    certificate in plain PEM armour (the embedded CA's files, what to_pem writes): the
-    fingerprint is the SHA-256 of the DER the armour holds. Otherwise the certificate is
-    parsed. ValueError when `pem` holds no certificate."""
+    certificate in plain PEM armour, exactly as to_pem and the embedded CA write it (64
+    characters a line): the fingerprint is the SHA-256 of the DER the armour holds. Anything
+    else is parsed, so that bytes cryptography would refuse (a stray character or a blank line
+    the base64 decoder skips) are never known by the fingerprint of the certificate they
+    damage. ValueError when `pem` holds no certificate."""
     body = pem.strip()
-    if body.startswith(PEM_BEGIN) and body.endswith(PEM_END) and body.count(b"-----") == 4:
+    if body.startswith(PEM_BEGIN) and body.endswith(PEM_END):
         try:
-            return hashlib.sha256(base64.b64decode(body[len(PEM_BEGIN) : -len(PEM_END)])).hexdigest()
+            der = base64.b64decode(body[len(PEM_BEGIN) : -len(PEM_END)])
         except binascii.Error:
-            pass  # not base64: parsing says what is wrong
+            der = b""  # not base64: parsing says what is wrong
+        if der and _armoured(der) == body:
+            return hashlib.sha256(der).hexdigest()
     return fingerprint(load_certificate(pem))
+
+
+def _armoured(der: bytes) -> bytes:
+    """`der` in the PEM armour cryptography writes, without the final newline."""
+    text = base64.b64encode(der)
+    return b"\n".join([PEM_BEGIN, *(text[i : i + 64] for i in range(0, len(text), 64)), PEM_END])
 
 
 def issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:

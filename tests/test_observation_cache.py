@@ -186,3 +186,37 @@ def test_a_converged_plan_parses_nothing_and_never_loads_cryptography(tmp_path):
     cert.write_bytes(cert.read_bytes() + b"\n")  # same certificate, new stamp: read and checked again
     out = plan()
     assert "No changes" in out[-2] and out[-1] == "exit 0 cryptography True"
+
+
+def _junk_character(pem: bytes) -> bytes:
+    lines = pem.split(b"\n")
+    lines[2] = lines[2][:10] + b"!" + lines[2][10:]  # a stray character a decoder might skip
+    return b"\n".join(lines)
+
+
+def _blank_line(pem: bytes) -> bytes:
+    lines = pem.split(b"\n")
+    lines[2] += b"\n"
+    return b"\n".join(lines)
+
+
+@pytest.mark.parametrize("damage", [_junk_character, _blank_line], ids=["junk-character", "blank-line"])
+def test_a_ca_file_damaged_around_an_intact_certificate_is_no_anchor_cached_or_not(host, damage):
+    """The cache key's trust digest must change with what is trusted: a CA file that does
+    not parse is no anchor, even when the base64 in its armour still decodes to the root's
+    DER (a stray character or a blank line in it). A cache filled before the damage must
+    not answer as if the root were still trusted."""
+    manifest, state = host
+    desired = build(json.loads(manifest.read_bytes()), manifest)
+    ca = LocalCA(state / "ca")
+    cache = ObservationCache(None)
+    assert all(
+        o.chains_to_issuer for o in observe_all(desired.certificates, Trust.of(ca.trust_pems(), True), cache).values()
+    )
+    root = state / "ca" / "root_ca.crt"
+    root.write_bytes(damage(root.read_bytes()))
+    damaged = Trust.of(ca.trust_pems(), authoritative=True)
+    assert damaged.anchors == ()
+    cold = observe_all(desired.certificates, damaged, ObservationCache(None))
+    assert not any(o.chains_to_issuer for o in cold.values())
+    assert observe_all(desired.certificates, damaged, cache) == cold
