@@ -193,7 +193,13 @@ def _rewritten_chain(cert: DesiredCert, action: Action, issuer: Issuer) -> bytes
         ) from None
     except OSError as exc:
         raise DeployError(os_error(exc, "read", cert.cert_path)) from None
-    known = {fingerprint(c): c for c in map(load_certificate, issuer.trust_pems())}
+    known = {}
+    for pem in issuer.trust_pems():
+        try:
+            c = load_certificate(pem)
+        except ValueError:  # damaged since the plan was made: no certificate the issuer knows
+            continue
+        known[fingerprint(c)] = c
     missing = [fp for fp in drift.desired if fp not in known]
     if missing:
         raise DeployError(

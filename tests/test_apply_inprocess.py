@@ -14,15 +14,19 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from fakes import FakeIssuer, InProcessPass, desired_from
 
+from reconciler.apply import ApplyContext, apply
+from reconciler.apply_reporter import ApplyReporter
 from reconciler.atomic import CommitRefused, Transaction
 from reconciler.crypto import fingerprint
 from reconciler.folders import open_folder
 from reconciler.issuers import IssuerError
 from reconciler.observe import Trust, observe
 from reconciler.parse import parse_leaf
+from reconciler.status import StatusStore
 
 
 def entry(out: Path, name: str, **extra) -> dict:
@@ -280,3 +284,26 @@ def test_a_folder_made_writable_by_every_user_while_the_ca_answers_is_refused_wh
     (res,) = result.certificates
     assert not res.ok and "every user" in res.error
     assert not (tmp_path / "site" / "newcerts" / "a.crt").exists()
+
+
+def test_a_chain_rewrite_whose_intermediate_the_issuer_no_longer_holds_intact_fails_with_a_clear_error(
+    site, monkeypatch
+):
+    """rewrite_chain takes the chain from the issuer's certificates (trust_pems): one damaged
+    since the plan was made (the embedded CA's intermediate_ca.crt) is no certificate the
+    issuer knows, a failure in words, not an unexpected ValueError."""
+    tmp, out, run = site
+    desired = desired_from(tmp, [entry(out, "a", include_ca=True)])
+    run.run(desired)
+    leaf = x509.load_pem_x509_certificates((out / "a.crt").read_bytes())[0]
+    (out / "a.crt").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))  # the chain is gone
+    root_pem, _intermediate = run.issuer.trust_pems()
+    plan, serials = run.plan(desired)
+    assert [a.action for p in plan.certificates for a in p.actions] == ["rewrite_chain"]
+    damaged = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    monkeypatch.setattr(run.issuer, "trust_pems", lambda: [root_pem, damaged])
+    ctx = ApplyContext(run.issuer, serials=serials, cwd=tmp)
+    result = apply(plan, ctx, ApplyReporter(StatusStore(run.state), progress=False))
+    (failed,) = result.certificates
+    assert not failed.ok
+    assert "the issuer no longer knows certificate" in failed.error, failed.error
