@@ -69,6 +69,10 @@ class Trust:
         except ValueError:  # a damaged CA file: nothing can be shown to chain to it (`anchors`)
             pems, fingerprints = [], ()
         digest = hashlib.sha256(",".join(sorted(fingerprints)).encode()).hexdigest()[:16]
+        if not fingerprints and not authoritative:
+            # "cannot tell" (chains_to_issuer None), where an embedded CA not made yet means
+            # "nothing chains to it" (False): the same empty set, other facts
+            digest = "unknown"
         return cls(tuple(pems), fingerprints, authoritative, digest)
 
     @cached_property

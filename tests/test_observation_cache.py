@@ -220,3 +220,20 @@ def test_a_ca_file_damaged_around_an_intact_certificate_is_no_anchor_cached_or_n
     cold = observe_all(desired.certificates, damaged, ObservationCache(None))
     assert not any(o.chains_to_issuer for o in cold.values())
     assert observe_all(desired.certificates, damaged, cache) == cold
+
+
+def test_rows_observed_when_the_issuer_could_not_be_checked_do_not_answer_for_an_embedded_ca_not_made_yet(host):
+    """No anchors means "cannot tell" for a step-ca whose root is not known (chains_to_issuer
+    None: the CA was down when the manifest still named it) but "nothing chains to it" for an
+    embedded CA not created yet (False: every certificate is issued from it). Both have no
+    fingerprints: the cache key must still tell them apart, or switching such a manifest to
+    the embedded CA, its old folder moved away, plans nothing (reproduced with real passes)."""
+    manifest, state = host
+    desired = build(json.loads(manifest.read_bytes()), manifest)
+    cache = ObservationCache(None)
+    unknown = observe_all(desired.certificates, Trust.of([], authoritative=False), cache)
+    assert {o.chains_to_issuer for o in unknown.values()} == {None}
+    not_yet = Trust.of([], authoritative=True)
+    cold = observe_all(desired.certificates, not_yet, ObservationCache(None))
+    assert {o.chains_to_issuer for o in cold.values()} == {False}
+    assert observe_all(desired.certificates, not_yet, cache) == cold
