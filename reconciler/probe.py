@@ -20,7 +20,8 @@ from typing import Callable, Iterable, NamedTuple
 from reconciler.endpoints import Endpoint, Served, stale_reason
 from reconciler.sans import display, ordered
 from reconciler.checks import Check
-from reconciler.crypto import cert_sans, load_certificate, public_key_id
+from reconciler.crypto import cert_sans, public_key_id
+from reconciler.parse import pem_certificates
 
 PROBE_TIMEOUT = 5.0  # seconds for one endpoint: connect, upgrade and handshake together
 PROBE_WORKERS = 8
@@ -213,12 +214,16 @@ class FileLeaf(NamedTuple):
 
 
 def file_leaf(path) -> FileLeaf | None:
-    """The leaf in a certificate file, as a probe compares it; None: none readable."""
+    """The leaf in a certificate file, as a probe compares it; None: none readable, or a
+    file that does not parse whole (as observe reads it: parse.parse_leaf)."""
     try:
         with open(path, "rb") as fh:
-            leaf = load_certificate(fh.read())
-    except (OSError, ValueError):
+            certs = pem_certificates(fh.read())
+    except OSError:
         return None
+    if not certs:
+        return None
+    leaf = certs[0]
     return FileLeaf(format(leaf.serial_number, "x"), public_key_id(leaf.public_key()), leaf.not_valid_after_utc)
 
 

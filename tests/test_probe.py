@@ -12,7 +12,7 @@ from tls_servers import LOOPBACK, self_signed
 
 from reconciler.endpoints import ConnectError, Endpoint, parse_connect
 from reconciler.crypto import public_key_id
-from reconciler.probe import await_leaf, probe
+from reconciler.probe import await_leaf, file_leaf, probe
 
 
 def _serial(cert) -> str:
@@ -214,3 +214,14 @@ def test_an_ipv6_endpoint_is_probed_and_the_server_name_picks_the_certificate(du
         by_name = probe(Endpoint(connect, host, port, "other.probe.test"))
         assert by_name.serial == _serial(other), connect
         assert by_name.sans == ("other.probe.test",)
+
+
+def test_the_file_leaf_is_read_from_a_file_that_parses_whole_or_not_at_all(tmp_path):
+    """As observe reads it (parse_leaf): a certificate file whose second block is damaged does
+    not parse, so a probe has no leaf of the file to compare a service against."""
+    cert = self_signed(tmp_path / "a.crt", tmp_path / "a.key", "a.example")
+    leaf = file_leaf(tmp_path / "a.crt")
+    assert leaf is not None and leaf.serial == format(cert.serial_number, "x")
+    good = (tmp_path / "a.crt").read_bytes()
+    (tmp_path / "a.crt").write_bytes(good + b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    assert file_leaf(tmp_path / "a.crt") is None
