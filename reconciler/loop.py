@@ -89,7 +89,9 @@ class Watcher:
         self.tracker = ManifestTracker(self.settings)
         self.cache = ObservationCache(self.settings.state_dir)  # kept across passes: unchanged files cost a stat
         self.lock = threading.Lock()
-        self.schedule = Schedule(watch.resync, SystemClock(), stamp_of, guest_poll=watch.guest_poll)
+        self.schedule = Schedule(
+            watch.resync, SystemClock(), stamp_of, guest_poll=watch.guest_poll, real_path=os.path.realpath
+        )
         self.watches = FolderWatches(self.on_event, poll=watch.poll)
         self.cancel = threading.Event()
         # main thread only

@@ -53,6 +53,7 @@ class Clock(Protocol):
 
 
 StampOf = Callable[[str, bool], tuple]  # (path, follow symlinks) -> stat stamp; () when absent
+RealPath = Callable[[str], str]  # a path -> where it leads, every symlink followed (os.path.realpath)
 
 
 @dataclass
@@ -87,8 +88,12 @@ class Schedule:
         stamp_of: StampOf,
         backoff: Callable[[], Backoff] = Backoff,
         guest_poll: float = GUEST_POLL,
+        real_path: RealPath | None = None,
     ):
+        """`real_path`: where an "allow_symlink" entry's files really are, to watch them there
+        too (the runner passes os.path.realpath; None: links are not followed)."""
         self.resync = resync
+        self.real_path = real_path
         self.guest_poll = guest_poll
         self.clock = clock
         self.stamp_of = stamp_of
@@ -242,12 +247,17 @@ class Schedule:
         """Feed a pass's outcome to the backoffs; what the runner hands to finish()."""
         self.passes.clear()
         run_again = self._record_failures(outcome, self.clock.time())
-        managed = {}
+        managed: dict[str, tuple[bool, tuple]] = {}
         for c in outcome.certificates:
-            managed[c.cert_path] = (c.follow_symlinks, c.stamps[0])
-            managed[c.key_path] = (c.follow_symlinks, c.stamps[1])
+            files = [(c.cert_path, c.stamps[0]), (c.key_path, c.stamps[1])]
             if c.ca_path is not None:  # often one file for many entries: their stamps agree
-                managed[c.ca_path] = (c.follow_symlinks, c.ca_stamp)
+                files.append((c.ca_path, c.ca_stamp))
+            for path, stamp in files:
+                managed[path] = (c.follow_symlinks, stamp)
+                if c.follow_symlinks and self.real_path is not None:
+                    # the writes land at the link's final target, maybe in another folder: a
+                    # change there is a change of the file (the stamp is the target's)
+                    managed.setdefault(self.real_path(path), (True, stamp))
         nxt = outcome.next_renewal(datetime.fromtimestamp(self.clock.time(), timezone.utc))
         return PassReport(
             ran=True,

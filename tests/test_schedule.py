@@ -186,6 +186,23 @@ def test_a_shared_ca_file_is_managed_too_its_deletion_starts_a_pass(schedule, cl
     assert job is not None and job.reasons == ["/srv/ca/root.crt changed"]
 
 
+def test_a_change_behind_an_allowed_symlink_starts_a_pass_and_its_folder_is_watched(clock, disk):
+    links = {"/srv/a.crt": "/data/tls/a.crt"}  # the key is no link: it stays where it is
+    schedule = Schedule(RESYNC, clock, disk, real_path=lambda p: links.get(p, p))
+    a = cert("a", follow_symlinks=True)
+    disk.stamps["/data/tls/a.crt"] = a.stamps[0]
+    settle_start(schedule, clock, disk, a)
+    assert "/data/tls" in schedule.folders and "/srv" in schedule.folders
+    assert schedule.on_event("/data/tls/a.crt", "", "closed")
+    clock.advance(QUIET)
+    assert schedule.next_job() is None, "the stamp the last pass left at the target: our own write"
+    disk.stamps["/data/tls/a.crt"] = (8, 8)
+    schedule.on_event("/data/tls/a.crt", "", "modified")
+    clock.advance(QUIET)
+    job = schedule.next_job()
+    assert job is not None and job.reasons == ["/data/tls/a.crt changed"]
+
+
 def test_a_watched_folder_deleted_starts_a_pass(schedule, clock, disk):
     settle_start(schedule, clock, disk, cert("a"))
     assert schedule.on_event("/srv", "", "deleted", folder_gone=True)

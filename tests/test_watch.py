@@ -336,6 +336,29 @@ def test_a_deleted_or_chmodded_ca_file_comes_back(tmp_path, watch_factory):
     w.stop()
 
 
+def test_a_damaged_file_behind_an_allowed_symlink_is_repaired(tmp_path, watch_factory):
+    """With "allow_symlink": true the writes land at the link's final target (another folder
+    here): the target's folder is watched too, and a change there counts like one at the link."""
+    out, real = tmp_path / "out", tmp_path / "real"
+    out.mkdir()
+    real.mkdir()
+    for name in ("first.crt", "first.key"):
+        (real / name).write_text("placeholder\n")
+        (out / name).symlink_to(real / name)
+    manifest = tmp_path / "certificate-manifest.json"
+    write_json(manifest, manifest_doc([entry("first", out, allow_symlink=True)]))
+    w = watch_factory(manifest)
+    crt = real / "first.crt"
+    wait_for(lambda: b"BEGIN CERTIFICATE" in crt.read_bytes(), 15, "the first certificate, behind the link", w)
+    assert (out / "first.crt").is_symlink()
+    w.wait_passes(1)
+
+    crt.write_text("")  # truncated where it really lives
+    wait_for(lambda: b"BEGIN CERTIFICATE" in crt.read_bytes(), 10, "the truncated target to be repaired", w)
+    assert (out / "first.crt").is_symlink()
+    w.stop()
+
+
 def test_a_key_re_moded_while_a_recheck_pass_ends_is_still_repaired(site, watch_factory):
     """The race a busy machine hit: a file changed after a pass wrote it but before the pass
     re-read it. Its stamp then already holds the damage, so the change's event compares equal;
