@@ -87,7 +87,7 @@ class ObservationCache:
                 o.key_public_id,
                 None,
                 o.chains_to_issuer,
-                issuer_root=trust.root if cert.holds_root else None,
+                issuer_root=trust.root_for(cert),
             )
             return hit, marks
         # a run that keeps nothing reads each row once: dropped as it becomes values, its
@@ -100,9 +100,7 @@ class ObservationCache:
         except (TypeError, ValueError, OverflowError):
             return None
         key_id = facts.public_key_id if row[4] is None else row[4]
-        hit = Observed(
-            cert_file, key_file, facts, None, key_id, None, row[5], issuer_root=trust.root if cert.holds_root else None
-        )
+        hit = Observed(cert_file, key_file, facts, None, key_id, None, row[5], issuer_root=trust.root_for(cert))
         return hit, None if row[6] is None else (row[6][0], row[6][1])
 
     def put(self, cert: DesiredCert, observed: Observed, trust: Trust, marks: Marks | None = None) -> None:

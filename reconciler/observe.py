@@ -135,7 +135,7 @@ def _check(cert: DesiredCert, read: _Read, trust: Trust) -> Observed:
         read.key_error,
         _chains(facts, trust),
         read.seen.problem,
-        issuer_root=trust.root if cert.holds_root else None,
+        issuer_root=trust.root_for(cert),
         **read.seen.ca,
     )
 

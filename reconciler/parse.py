@@ -22,7 +22,7 @@ from reconciler.crypto import (
     pem_fingerprint,
     public_key_id,
 )
-from reconciler.model import CertFacts, Written
+from reconciler.model import CertFacts, DesiredCert, Written
 
 # nothing the reconciler manages is this large; a bigger file is not read further
 LIMIT = 1024 * 1024
@@ -88,6 +88,11 @@ class Trust:
     def root(self) -> str | None:
         """Fingerprint of the self-signed anchor: what a `ca_path` file should hold."""
         return next((fp for c, fp in self.anchors if issued_by(c, c)), None)
+
+    def root_for(self, cert: DesiredCert) -> str | None:
+        """Observed.issuer_root: the root, for an entry with a file that holds it
+        (DesiredCert.holds_root); None for the others, whose observation parses nothing."""
+        return self.root if cert.holds_root else None
 
 
 def content_digest(data: bytes) -> str:
