@@ -296,9 +296,9 @@ def read(path: str | Path) -> tuple[bytes | None, str | None]:
     except OSError as exc:
         return None, exc.strerror or str(exc)
     try:
-        # one read holds any certificate or key file (no fstat to size it); a larger file is
-        # read on sized by the file: a read buffer of LIMIT for a 1 kB certificate is an mmap
-        # and munmap of 1 MiB per file, the slowest part of reading 10,000 of them
+        # one read holds any certificate or key file (no fstat to size it); only a larger file
+        # is read on, sized by the file: a read buffer of LIMIT for a 1 kB certificate is an
+        # mmap and munmap of 1 MiB per file, the slowest part of reading 10,000 of them
         chunks = [os.read(fd, FIRST_READ)]
         want = min(os.fstat(fd).st_size, LIMIT) + 1 - FIRST_READ if len(chunks[0]) == FIRST_READ else 0
         while want > 0:

@@ -16,7 +16,6 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Callable, Iterable, NamedTuple
 
-
 from reconciler.endpoints import Endpoint, Served, stale_reason
 from reconciler.sans import display, ordered
 from reconciler.checks import Check

@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Callable, Mapping
 
-
 from reconciler.crypto import fingerprint, load_certificate
 from reconciler.guestfacts import DELIVER, RELOAD, DeliveryRecord, GuestSeen, GuestSpec, guest_drifts, host_source
 from reconciler.guests.deliver import deliver, guest_of, look, reload
