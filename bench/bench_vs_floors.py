@@ -60,6 +60,14 @@ def row(label: str, ours: list[Measured], theirs: list[Measured], by: str, targe
     return met
 
 
+def info(label: str, what: str, ours: list[Measured], theirs: list[Measured], by: str) -> None:
+    """A floor shown for information, not a target: how far `ours` is from it."""
+    floor_time = median([getattr(m, by) for m in theirs])
+    ratio = median([getattr(m, by) for m in ours]) / floor_time
+    unit = "wall" if by == "wall" else "CPU"
+    print(f"{'  ' + label:<26} {floor_time:7.2f} s {unit}: {what} is {ratio:.2f}x it (information, not a target)")
+
+
 def plan_rows(tmp: Path, n: int, repeat: int) -> list[bool]:
     folder, state = tmp / "plan", tmp / "state"
     folder.mkdir()
@@ -80,11 +88,8 @@ def plan_rows(tmp: Path, n: int, repeat: int) -> list[bool]:
     met = [row(f"cold --plan {n:,}", *cold, "wall", 2.0), row(f"warm --plan {n:,}", *warm, "wall", 4.0)]
     # for information, not a target: the parse floor never checks a signature, and a plan
     # must (a certificate with our CA's name but another key's signature is not ours)
-    verify = [floor("verify", m, state / "ca") for _ in range(repeat)]
-    ratio = median([r.wall for r in cold[0]]) / median([r.wall for r in verify])
-    print(
-        f"{'  parse+verify floor':<26} {median([r.wall for r in verify]):7.2f} s wall: "
-        f"cold --plan is {ratio:.2f}x it (information, not a target)"
+    info(
+        "parse+verify floor", "cold --plan", cold[0], [floor("verify", m, state / "ca") for _ in range(repeat)], "wall"
     )
     return met
 
@@ -109,12 +114,7 @@ def issue_row(tmp: Path, n: int, repeat: int) -> bool:
     met = row(f"issue {n:,} (one pass)", *pairs, "cpu", 1.3)
     # for information, not a target: the issue floor neither fsyncs nor checks a signature,
     # and the reconciler must do both (nothing lost on a crash, never deploy an unchecked answer)
-    durable = [theirs("durable") for _ in range(repeat)]
-    ratio = median([m.cpu for m in pairs[0]]) / median([m.cpu for m in durable])
-    print(
-        f"{'  issue+fsync+verify floor':<26} {median([m.cpu for m in durable]):7.2f} s CPU: "
-        f"issuing is {ratio:.2f}x it (information, not a target)"
-    )
+    info("issue+fsync+verify floor", "issuing", pairs[0], [theirs("durable") for _ in range(repeat)], "cpu")
     return met
 
 
