@@ -25,6 +25,7 @@ Paths in the manifest are relative to its folder, as the reconciler reads them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -128,7 +129,6 @@ def issue_floor(manifest: Path, ca_dir: Path, durable: bool = False) -> int:
 
 if __name__ == "__main__":
     what, manifest_path, *rest = sys.argv[1:]
-    floors = {"stat": stat_floor, "parse": parse_floor, "verify": parse_floor, "issue": issue_floor}
-    if what == "durable":
-        sys.exit(issue_floor(Path(manifest_path), *map(Path, rest), durable=True))
+    durable = functools.partial(issue_floor, durable=True)
+    floors = {"stat": stat_floor, "parse": parse_floor, "verify": parse_floor, "issue": issue_floor, "durable": durable}
     sys.exit(floors[what](Path(manifest_path), *map(Path, rest)))
